@@ -1,0 +1,1 @@
+"""boot_serve: pipelines, export, Triton launcher, clients and benchmark for BOOT students."""

@@ -1,0 +1,225 @@
+"""BOOT (Gu et al., arXiv 2306.05544): teacher x0-wrapper, signal-space student, bootstrapping loss.
+
+Notation map (DESIGN.md §2 -> code):
+    t, s            integer teacher timesteps 0..T (T = num_train_timesteps - 1), s = max(t - Δ, 0)
+    α_t, σ_t        schedule.alpha[t], schedule.sigma[t]  (α_t² + σ_t² = 1; α_T = 0 allowed)
+    f_w(x_t, t, c)  TeacherX0(x_t, t, cond, uncond, w)    (x0-prediction with CFG)
+    g_θ(ε, t, c)    Student(ε, t, cond, w)                (predicted signal y_t)
+    δ(t, s)         schedule.delta(t, s) = 1 - σ_s α_t / (α_s σ_t)
+
+Nothing here divides by α_T: the student reads its UNet output at time T the way the teacher
+does (v: α_T ε - σ_T v; sample: out) and the DDIM step is written with α_t in the numerator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Student conditioning: sinusoidal features of the target time and of the guidance scale,
+# concatenated and fed through the UNet's zero-initialised `time_embedding.cond_proj`.
+EMBED_DIM = 128
+TIME_COND_PROJ_DIM = 2 * EMBED_DIM
+GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # w in [0, 16] spans the same range as t in [0, 1000]
+
+
+# --------------------------------------------------------------------------------------------
+# Noise schedule
+# --------------------------------------------------------------------------------------------
+class NoiseSchedule(nn.Module):
+    """α_t, σ_t of a discrete VP teacher, from its diffusers scheduler config."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        ac = alphas_cumprod.double().clamp(0.0, 1.0)
+        self.register_buffer("alpha", ac.sqrt().float(), persistent=False)
+        self.register_buffer("sigma", (1.0 - ac).sqrt().float(), persistent=False)
+        self.T = len(ac) - 1
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> NoiseSchedule:
+        from diffusers import DDPMScheduler
+
+        keep = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr"}
+        sched = DDPMScheduler(**{k: v for k, v in dict(config).items() if k in keep})
+        return cls(sched.alphas_cumprod)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return float(self.alpha[-1]) < 1e-6
+
+    def delta(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """δ = 1 - exp(λ_t - λ_s) = 1 - σ_s α_t / (α_s σ_t): the signal-ODE step from t to s < t."""
+        return 1.0 - (self.sigma[s] * self.alpha[t]) / (self.alpha[s] * self.sigma[t])
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
+          prediction_type: str) -> torch.Tensor:
+    """Read a UNet output as the clean-sample prediction (diffusers' pred_original_sample)."""
+    a, s = _bcast(schedule.alpha[t], x_t), _bcast(schedule.sigma[t], x_t)
+    if prediction_type == "v_prediction":
+        return a * x_t - s * out
+    if prediction_type == "sample":
+        return out
+    if prediction_type == "epsilon":
+        if bool((schedule.alpha[t] <= 0).any()):
+            raise ValueError("epsilon-prediction cannot give x0 where α_t = 0 (zero terminal SNR)")
+        return (x_t - s * out) / a
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------
+class TeacherX0(nn.Module):
+    """f_w(x_t, t, c): any diffusers UNet teacher as a guided x0-predictor. Frozen."""
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.unet = unet.eval().requires_grad_(False)
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float) -> torch.Tensor:
+        if uncond is None:
+            out = self.unet(x_t, t, cond).sample
+            return to_x0(out, x_t, t, self.schedule, self.prediction_type)
+        # One batched call for the conditional and unconditional branches.
+        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample
+        f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
+                         self.prediction_type).chunk(2)
+        w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
+        return f_u + _bcast(w, f_u) * (f_c - f_u)
+
+
+# --------------------------------------------------------------------------------------------
+# Student
+# --------------------------------------------------------------------------------------------
+def sinusoid(x: torch.Tensor, dim: int = EMBED_DIM) -> torch.Tensor:
+    """(B,) -> (B, dim) sinusoidal features, the same form as diffusers' timestep embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+def student_condition(t: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
+    """(B, TIME_COND_PROJ_DIM) features of (target time, guidance) for `timestep_cond`."""
+    return torch.cat([sinusoid(t), sinusoid(guidance_scale * GUIDANCE_EMBED_SCALE)], dim=-1)
+
+
+def add_condition_projection(unet: nn.Module) -> nn.Module:
+    """Give a teacher UNet the zero-initialised `time_embedding.cond_proj` of diffusers'
+    `time_cond_proj_dim`, so the student starts as the teacher at time T for every (t, w)."""
+    emb = unet.time_embedding
+    if getattr(emb, "cond_proj", None) is None:
+        emb.cond_proj = nn.Linear(TIME_COND_PROJ_DIM, emb.linear_1.in_features, bias=False)
+        unet.register_to_config(time_cond_proj_dim=TIME_COND_PROJ_DIM)
+    nn.init.zeros_(emb.cond_proj.weight)
+    return unet
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """How a student reads its UNet; stored in boot.json."""
+
+    prediction_type: str
+    input_timestep: int  # the UNet's own timestep input, always the teacher's T
+
+
+class Student(nn.Module):
+    """g_θ(ε, t, c, w): predicted signal y_t of the teacher's DDIM trajectory from noise ε.
+
+    Output parameterization: the UNet always sees its pretraining input at time T (pure noise
+    x_T = ε, timestep T); the target time t and guidance w arrive only through the zero-
+    initialised condition projection; the output is read as the teacher reads it at T. Hence
+    g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w, with no division by α_T.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+        super().__init__()
+        if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+            raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no "
+                             "x0 at T; use a v- or sample-prediction teacher")
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    @property
+    def spec(self) -> StudentSpec:
+        return StudentSpec(self.prediction_type, self.schedule.T)
+
+    def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                guidance_scale: torch.Tensor) -> torch.Tensor:
+        T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
+        cond = student_condition(t, guidance_scale).to(noise.dtype)
+        out = self.unet(noise, T, encoder_hidden_states, timestep_cond=cond).sample
+        return to_x0(out, noise, T, self.schedule, self.prediction_type)
+
+
+class OneStepGenerator(nn.Module):
+    """x_0 = g_θ(ε, 0, c, w): what export traces. Inputs (noise, text_states, guidance_scale)."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, noise: torch.Tensor, text_states: torch.Tensor,
+                guidance_scale: torch.Tensor) -> torch.Tensor:
+        t = torch.zeros(noise.shape[0], device=noise.device, dtype=torch.long)
+        return self.student(noise, t, text_states, guidance_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BootLoss:
+    """L = L_BS + β·L_BC (DESIGN.md §2), per sample.
+
+        ŷ_t  = stopgrad(g_target(ε, t, c))
+        tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
+        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²
+        L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
+    """
+
+    delta_steps: int = 20  # Δ
+    beta: float = 1.0  # β
+    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
+                 cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
+                 t: torch.Tensor) -> dict[str, torch.Tensor]:
+        sched = teacher.schedule
+        s = (t - self.delta_steps).clamp_min(0)
+        T = torch.full_like(t, sched.T)
+        # 1. Bootstrap target at t from the (stop-gradient) target student.
+        with torch.no_grad():
+            y_t = target(noise, t, cond, w)
+            x_t = _bcast(sched.alpha[t], noise) * y_t + _bcast(sched.sigma[t], noise) * noise
+            f_t = teacher(x_t, t, cond, uncond, w)
+            d = sched.delta(t, s)
+            tgt = y_t + _bcast(d, y_t) * (f_t - y_t)
+            # 2. Boundary target: the teacher at T on pure noise.
+            f_T = teacher(noise, T, cond, uncond, w)
+        # 3. Online student at s and at T (one batched call); the only graph with gradients.
+        pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
+                       torch.cat([w, w]))
+        g_s, g_T = pred.chunk(2)
+        dims = tuple(range(1, noise.ndim))
+        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+        l_bc = (g_T - f_T).pow(2).mean(dims)
+        return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}

