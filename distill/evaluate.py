@@ -1,0 +1,269 @@
+"""Judge-based evaluation of any generator on the shapes world (teacher at k steps or a student).
+
+    python -m distill.evaluate --teacher pretrained/shapes-teacher --steps 1,2,4,8,25,50
+    python -m distill.evaluate --student pretrained/shapes-boot --teacher pretrained/shapes-teacher --steps 1,2,4,8,50
+
+Every generator has one signature (STYLE.md 4):
+    gen(prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> list[PIL.Image]
+plus `name` and `nfe` (network evaluations per image, a CFG pair counted as 2), so the evaluator,
+the benchmark and the demo treat teacher-k-steps and the one-step student alike.
+Writes report.json, report.md and grid.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from distill import shapes
+from distill.models import check_folder, load_text_stack, read_meta
+
+ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
+
+
+class Generator(Protocol):
+    name: str
+    nfe: int
+
+    def __call__(self, prompts: list[str], seeds: list[int],
+                 guidance_scale: float | None = None) -> list[Image.Image]: ...
+
+
+def seed_noise(seeds: list[int], shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
+    """The project's noise contract: one numpy PCG64 stream per seed, independent of batching."""
+    return torch.from_numpy(np.stack([
+        np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds
+    ])) * init_noise_sigma
+
+
+def to_uint8(decoded: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) VAE output in [-1, 1] -> (B, H, W, 3) uint8, as diffusers postprocesses."""
+    x = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+class TeacherSampler:
+    """The teacher's deterministic DDIM sampler (diffusers' DDIMScheduler, eta=0) at k steps."""
+
+    def __init__(self, folder: str | Path, steps: int, guidance_scale: float | None = None,
+                 batch_size: int = 64):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        folder = check_folder(folder)
+        self.text = load_text_stack(folder)
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+        self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        meta = read_meta(folder)
+        self.steps = steps
+        self.default_guidance = guidance_scale or meta.get("guidance_scale", 1.0)
+        self.batch_size = batch_size
+        self.name = f"teacher-{steps}"
+        self.nfe = steps * (2 if self.default_guidance != 1.0 else 1)
+        c = self.unet.config
+        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self._uncond = self.text.encode([""])
+
+    @torch.no_grad()
+    def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float) -> torch.Tensor:
+        self.scheduler.set_timesteps(self.steps)
+        uncond = self._uncond.expand_as(states)
+        for t in self.scheduler.timesteps:
+            if w == 1.0:
+                out = self.unet(latents, t, states).sample
+            else:
+                out_u, out_c = self.unet(torch.cat([latents, latents]), t,
+                                         torch.cat([uncond, states])).sample.chunk(2)
+                out = out_u + w * (out_c - out_u)
+            latents = self.scheduler.step(out, t, latents, eta=0.0).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seeds: list[int],
+                 guidance_scale: float | None = None) -> list[Image.Image]:
+        w = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        images = []
+        for lo in range(0, len(prompts), self.batch_size):
+            p, s = prompts[lo:lo + self.batch_size], seeds[lo:lo + self.batch_size]
+            latents = seed_noise(s, self.latent_shape, self.scheduler.init_noise_sigma)
+            latents = self.sample_latents(self.text.encode(p), latents, w)
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            images += [Image.fromarray(a) for a in to_uint8(decoded)]
+        return images
+
+
+class StudentGenerator:
+    """A BOOT student folder as a Generator (one network evaluation per image)."""
+
+    def __init__(self, folder: str | Path):
+        from boot_serve.pipeline import BootPipeline
+
+        self.pipe = BootPipeline.from_pretrained(folder)
+        self.name, self.nfe = "student-1", 1
+
+    def __call__(self, prompts, seeds, guidance_scale=None):
+        return self.pipe(prompts, seeds, guidance_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    name: str
+    nfe: int
+    accuracy: float
+    single: float
+    two: float
+    attributes: dict[str, float]
+    seconds_per_image: float
+    psnr_vs_reference: float | None = None
+    n: int = 0
+    verdicts: list[bool] = field(default_factory=list, repr=False)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def evaluate(gen: Generator, captions: list[str], seeds: list[int], guidance_scale: float | None = None,
+             reference: list[Image.Image] | None = None, batch_size: int = 64,
+             ) -> tuple[Result, list[Image.Image]]:
+    """Judge `gen` on (caption, seed) pairs; PSNR against `reference` images if given."""
+    images: list[Image.Image] = []
+    t0 = time.perf_counter()
+    for lo in tqdm(range(0, len(captions), batch_size), desc=gen.name, leave=False):
+        images += gen(captions[lo:lo + batch_size], seeds[lo:lo + batch_size], guidance_scale)
+    seconds = (time.perf_counter() - t0) / max(len(captions), 1)
+    verdicts = [shapes.judge_detailed(c, im) for c, im in zip(captions, images)]
+    ok = [v.ok for v in verdicts]
+    two = [len(shapes.parse(c).objects) == 2 for c in captions]
+    attrs = {}
+    for a in ATTRIBUTES:
+        vals = [v.attributes[a] for v in verdicts if a in v.attributes]
+        if vals:
+            attrs[a] = float(np.mean(vals))
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    result = Result(
+        name=gen.name, nfe=gen.nfe, accuracy=mean(ok),
+        single=mean([o for o, t in zip(ok, two) if not t]), two=mean([o for o, t in zip(ok, two) if t]),
+        attributes=attrs, seconds_per_image=seconds, n=len(captions), verdicts=ok,
+        psnr_vs_reference=(float(np.mean([psnr(a, b) for a, b in zip(images, reference)]))
+                           if reference is not None else None),
+    )
+    return result, images
+
+
+def markdown(results: list[Result], title: str) -> str:
+    head = ("| generator | NFE | accuracy | single | two-object | " + " | ".join(ATTRIBUTES)
+            + " | PSNR vs ref (dB) | s/image |")
+    lines = [f"## {title}", "", head, "|" + "---|" * (7 + len(ATTRIBUTES))]
+    for r in results:
+        attrs = " | ".join(f"{100 * r.attributes[a]:.1f}" if a in r.attributes else "–" for a in ATTRIBUTES)
+        ps = f"{r.psnr_vs_reference:.2f}" if r.psnr_vs_reference is not None else "–"
+        lines.append(f"| {r.name} | {r.nfe} | {100 * r.accuracy:.1f} | {100 * r.single:.1f} | "
+                     f"{100 * r.two:.1f} | {attrs} | {ps} | {r.seconds_per_image:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_grid(columns: dict[str, list[Image.Image]], captions: list[str], rows: int = 12,
+                    scale: int = 2) -> Image.Image:
+    """Rows: captions; columns: generators (first column header = generator names)."""
+    from PIL import ImageDraw
+
+    names = list(columns)
+    cell = shapes.CANVAS * scale
+    label_w, head_h = 260, 18
+    sheet = Image.new("RGB", (label_w + len(names) * (cell + 4), head_h + rows * (cell + 4)), (30, 30, 30))
+    draw = ImageDraw.Draw(sheet)
+    for j, n in enumerate(names):
+        draw.text((label_w + j * (cell + 4) + 2, 3), n, fill=(240, 240, 240))
+    for i in range(min(rows, len(captions))):
+        y = head_h + i * (cell + 4)
+        draw.text((4, y + cell // 2 - 6), captions[i][:42], fill=(220, 220, 220))
+        for j, n in enumerate(names):
+            sheet.paste(columns[n][i].convert("RGB").resize((cell, cell), Image.NEAREST),
+                        (label_w + j * (cell + 4), y))
+    return sheet
+
+
+def write_report(results: list[Result], images: dict[str, list[Image.Image]], captions: list[str],
+                 out: Path, title: str, extra: dict | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, **(extra or {}), "results": [
+        {k: v for k, v in r.__dict__.items() if k != "verdicts"} for r in results]}
+    (out / "report.json").write_text(json.dumps(payload, indent=1))
+    (out / "report.md").write_text(markdown(results, title))
+    comparison_grid(images, captions).save(out / "grid.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, default=Path("pretrained/shapes-teacher"),
+                   help="teacher folder (default pretrained/shapes-teacher)")
+    p.add_argument("--student", type=Path, default=None, help="student folder to evaluate (optional)")
+    p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
+    p.add_argument("--n", type=int, default=300, help="eval-split captions (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the teacher's/student's recommended one)")
+    p.add_argument("--reference-steps", type=int, default=50,
+                   help="teacher steps whose images are the PSNR reference (default 50; 0 = none)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default runs/eval)")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    if any(s < 1 for s in steps):
+        p.error("--steps must all be >= 1")
+    captions = shapes.sample_captions(args.n, args.seed, "eval")
+    seeds = [1_000_000 + i for i in range(args.n)]
+    results, images = [], {}
+    reference = None
+    if args.reference_steps:
+        steps_order = [args.reference_steps] + [s for s in steps if s != args.reference_steps]
+    else:
+        steps_order = steps
+    for k in steps_order:
+        gen = TeacherSampler(args.teacher, k, args.guidance)
+        res, imgs = evaluate(gen, captions, seeds, args.guidance, reference)
+        if k == args.reference_steps and reference is None:
+            reference = imgs
+            res.psnr_vs_reference = None
+            if k not in steps:
+                continue
+        results.append(res)
+        images[gen.name] = imgs
+        print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}% (single {100 * res.single:.1f}%, "
+              f"two {100 * res.two:.1f}%)", flush=True)
+    if args.student:
+        gen = StudentGenerator(args.student)
+        res, imgs = evaluate(gen, captions, seeds, args.guidance, reference)
+        results.insert(0, res)
+        images = {gen.name: imgs, **images}
+        print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}%")
+    results.sort(key=lambda r: (r.name != "student-1", r.nfe))
+    title = f"shapes eval split, {args.n} captions, seed {args.seed}"
+    write_report(results, images, captions, args.out, title,
+                 {"teacher": str(args.teacher), "student": str(args.student) if args.student else None,
+                  "guidance_scale": args.guidance})
+    print((args.out / "report.md").read_text())
+    print(f"report written to {args.out}/report.{{json,md}} and grid.png")
+
+
+if __name__ == "__main__":
+    main()
