@@ -65,7 +65,8 @@ def check_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "vae", "s
         raise FileNotFoundError(f"model folder {folder} does not exist")
     missing = [p for p in parts if not (folder / p).is_dir()]
     if missing:
-        raise FileNotFoundError(f"model folder {folder} lacks {', '.join(missing)}/ (a diffusers pipeline folder is expected)")
+        raise FileNotFoundError(
+            f"model folder {folder} lacks {', '.join(missing)}/ (a diffusers pipeline folder is expected)")
     return folder
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import queue
 import re
 import threading
-import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import Image

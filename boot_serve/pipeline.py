@@ -1,0 +1,156 @@
+"""BootPipeline: a BOOT student folder as a one-step text-to-image pipeline (PyTorch reference).
+
+    pipe = BootPipeline.from_pretrained("pretrained/shapes-boot")
+    images = pipe(["a red circle"], seeds=[0], guidance_scale=4.0)   # list[PIL.Image]
+
+One image = one student evaluation (DESIGN.md §2, `x_0 = g_θ(ε, 0, c, w)`):
+  1. text states  c = text_encoder(tokenizer(prompt, padding="max_length"))   (docs/interfaces.md)
+  2. noise        ε = default_rng(seed).standard_normal(latent_shape, float32) * init_noise_sigma
+  3. latents      x_0 = OneStepGenerator(ε, c, w)
+  4. image        vae.decode(x_0 / scaling_factor) -> (x/2 + 0.5).clamp(0, 1) -> round(255 x) uint8
+
+Every step treats each image on its own, so an image depends only on (prompt, seed, guidance),
+not on batch size or position (up to float rounding of batched kernels: ≤ 1 uint8 level).
+The same contract is implemented by the ONNX pipeline and the Triton model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_SEED = 2**63 - 1
+STUDENT_FORMAT = "boot-student/1"
+
+
+class BootPipeline:
+    """Text stack + one-step generator + VAE decoder of a student folder.
+
+    Also an evaluator Generator (distill/evaluate.py): `name`, `nfe` and the shared signature
+    `pipe(prompts, seeds, guidance_scale=None) -> list[PIL.Image]`.
+    """
+
+    name = "student-1"
+    nfe = 1
+
+    def __init__(self, text, generator, vae, scheduler_config: dict, meta: dict, batch_size: int = 64):
+        from diffusers import DDIMScheduler
+
+        self.text = text  # distill.models.TextStack
+        self.generator = generator.eval()  # distill.boot.OneStepGenerator
+        self.vae = vae.eval() if vae is not None else None  # None: a pixel-space student
+        self.meta = meta
+        self.scheduler_config = dict(scheduler_config)
+        self.init_noise_sigma = float(DDIMScheduler.from_config(self.scheduler_config).init_noise_sigma)
+        self.latent_shape = tuple(int(v) for v in meta["latent_shape"])
+        lo, hi = (float(v) for v in meta["guidance_range"])
+        self.guidance_range = (lo, hi)
+        self.guidance_scale = float(meta.get("guidance_scale", lo))
+        self.batch_size = batch_size
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> BootPipeline:
+        """Load `students/<name>/` (docs/interfaces.md "Student folder")."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from distill.boot import NoiseSchedule, OneStepGenerator, Student
+        from distill.models import STUDENT_META, check_folder, load_text_stack
+
+        folder = check_folder(path, ("unet", "scheduler"))
+        if not (folder / STUDENT_META).is_file():
+            raise FileNotFoundError(f"{folder} has no {STUDENT_META}: not a BOOT student folder")
+        meta = json.loads((folder / STUDENT_META).read_text())
+        if meta.get("format") != STUDENT_FORMAT:
+            raise ValueError(f"{folder / STUDENT_META}: format {meta.get('format')!r}, expected {STUDENT_FORMAT!r}")
+        sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
+        if int(meta["input_timestep"]) != schedule.T:
+            raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").requires_grad_(False)
+        student = Student(unet, schedule, meta["prediction_type"])
+        generator = OneStepGenerator(student).to(device=device, dtype=dtype)
+        vae = None
+        if (folder / "vae").is_dir():
+            vae = AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False).to(device=device, dtype=dtype)
+        text = load_text_stack(folder)
+        text.text_encoder.to(device)
+        return cls(text, generator, vae, sched_cfg, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
+    # ----------------------------------------------------------------------------------------
+    def check_inputs(self, prompts: list[str], seeds: list[int], guidance_scale: float | None) -> float:
+        """Raise ValueError for anything outside the client contract; return the guidance scale."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+            raise ValueError("seeds must be a list of integers")
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; one seed per prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} must be a non-empty string, got {p!r}")
+        for i, s in enumerate(seeds):
+            if isinstance(s, bool) or not isinstance(s, Integral) or not 0 <= int(s) <= MAX_SEED:
+                raise ValueError(f"seed {i} must be an integer in [0, 2**63 - 1], got {s!r}")
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(float(w)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        lo, hi = self.guidance_range
+        if not lo <= float(w) <= hi:
+            raise ValueError(f"guidance_scale {float(w)} is outside this student's range [{lo}, {hi}]")
+        return float(w)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text states (docs/interfaces.md "Text states")."""
+        return self.text.encode(list(prompts)).to(self.device, self.dtype)
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """(B, C, h, w) initial latents: the noise contract, one PCG64 stream per seed."""
+        from distill.evaluate import seed_noise
+
+        return seed_noise([int(s) for s in seeds], self.latent_shape, self.init_noise_sigma)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, H, W, 3) uint8, exactly diffusers' postprocess."""
+        from distill.evaluate import to_uint8
+
+        if self.vae is None:
+            return to_uint8(latents.cpu())
+        decoded = self.vae.decode(latents.to(self.device, self.dtype) / self.vae.config.scaling_factor).sample
+        return to_uint8(decoded.cpu())
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> torch.Tensor:
+        """x_0 = g_θ(ε, 0, c, w) for each (prompt, seed): one student evaluation."""
+        w = self.check_inputs(prompts, seeds, guidance_scale)
+        noise = self.noise(seeds).to(self.device, self.dtype)
+        states = self.encode_prompt(prompts)
+        scale = torch.full((len(prompts),), w, device=self.device, dtype=torch.float32)
+        return self.generator(noise, states, scale)
+
+    def __call__(self, prompts: list[str], seeds: list[int],
+                 guidance_scale: float | None = None) -> list[Image.Image]:
+        self.check_inputs(prompts, seeds, guidance_scale)
+        images: list[Image.Image] = []
+        for lo in range(0, len(prompts), self.batch_size):
+            chunk = slice(lo, lo + self.batch_size)
+            arrays = self.decode(self.latents(list(prompts[chunk]), list(seeds[chunk]), guidance_scale))
+            images += [Image.fromarray(a) for a in arrays]
+        return images
