@@ -43,8 +43,8 @@ class BootPipeline:
         from diffusers import DDIMScheduler
 
         self.text = text  # distill.models.TextStack
-        self.generator = generator.eval()  # distill.boot.OneStepGenerator
-        self.vae = vae.eval() if vae is not None else None  # None: a pixel-space student
+        self.generator = generator  # distill.boot.OneStepGenerator
+        self.vae = vae  # None: a pixel-space student
         self.meta = meta
         self.scheduler_config = dict(scheduler_config)
         self.init_noise_sigma = float(DDIMScheduler.from_config(self.scheduler_config).init_noise_sigma)
@@ -76,10 +76,10 @@ class BootPipeline:
             raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet").requires_grad_(False)
         student = Student(unet, schedule, meta["prediction_type"])
-        generator = OneStepGenerator(student).to(device=device, dtype=dtype)
+        generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None
         if (folder / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(folder / "vae").requires_grad_(False).to(device=device, dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False).to(device, dtype)
         text = load_text_stack(folder)
         text.text_encoder.to(device)
         return cls(text, generator, vae, sched_cfg, meta)

@@ -155,11 +155,22 @@ def plot_losses(log_path: Path, png_path: Path, keys: list[str], title: str) -> 
 
 def _resume(ckpt_dir: Path, modules: dict, optimizer) -> int:
     last = checkpoint.latest(ckpt_dir)
-    if last is None:
-        return 0
-    info = checkpoint.load(last, modules, optimizer)
-    print(f"resumed {last} (step {info['step']})")
-    return int(info["step"])
+    step = 0
+    if last is not None:
+        step = int(checkpoint.load(last, modules, optimizer)["step"])
+        print(f"resumed {last} (step {step})")
+    # Drop log lines written after that checkpoint by the interrupted run: they are redone.
+    log = ckpt_dir / "loss.jsonl"
+    if log.exists():
+        kept = [r for r in _read_log(log) if r["step"] < step]
+        log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return step
+
+
+def _elapsed_before(log: Path) -> float:
+    """Wall time of the earlier pieces of a resumed stage, so logged times are cumulative."""
+    records = _read_log(log)
+    return float(records[-1]["time"]) if records else 0.0
 
 
 def _lr_lambda(cfg: TeacherConfig):
@@ -184,7 +195,7 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
         return
     data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="train")
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
-    t0 = time.time()
+    t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
     for step in bar:
         images, _ = next(data)
@@ -290,7 +301,7 @@ def train_unet(cfg: TeacherConfig, work: Path) -> None:
         group["lr"] = cfg.unet_lr * _lr_lambda(cfg)(start)
     sched.last_epoch = start
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
-    t0 = time.time()
+    t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet")
     for step in bar:
         # Everything random in a step is drawn from a generator seeded by the step, so a resumed
@@ -361,7 +372,7 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
                          "max_length": text.MAX_LENGTH, "hidden_size": text.HIDDEN_SIZE},
         "unet_steps_trained": info["step"],
         "weights": "EMA",
-        "wall_time_s_last_piece": wall,
+        "wall_time_s": wall,
         "recipe": dataclasses.asdict(cfg),
     }, indent=1))
     print(f"teacher written to {out} (UNet step {info['step']})")

