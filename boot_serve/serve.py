@@ -104,8 +104,8 @@ class TritonServer:
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None,
                  tritonserver: str | Path | None = None, bundled: bool = False, log_verbose: int = 0,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, echo: bool = False,
-                 check: bool = True):
+                 extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, exit_timeout: int = 30,
+                 echo: bool = False, check: bool = True):
         self.repository = Path(repository).resolve()
         self.host = host
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -114,6 +114,8 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
+        self.exit_timeout = exit_timeout
+        self.abort = threading.Event()  # set (e.g. from a signal handler) to give up waiting for readiness
         self.echo = echo
         self.check = check
         self.process: subprocess.Popen | None = None
@@ -168,16 +170,17 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             "--allow-metrics=true",
             f"--log-verbose={self.log_verbose}",
+            f"--exit-timeout-secs={self.exit_timeout}",
             *self.extra_args,
         ]
         return [str(binary), *args], env
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> TritonServer:
-        if self.check:
-            check_repository(self.repository)
         if self.host not in LOCAL_HOSTS:
             warn_public_bind(self.host)
+        if self.check:
+            check_repository(self.repository)
         cmd, env = self.command()
         self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -202,6 +205,8 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if self.abort.is_set():
+                raise ServerError("interrupted while tritonserver was starting")
             if self.process.poll() is not None:
                 self._reader.join(timeout=5)
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting "
@@ -220,8 +225,9 @@ class TritonServer:
         """Block until the server exits; its exit code."""
         return self.process.wait() if self.process is not None else 0
 
-    def stop(self, timeout: float = 60.0) -> int | None:
+    def stop(self, timeout: float | None = None) -> int | None:
         """Graceful shutdown (SIGINT: Triton finishes in-flight requests), then SIGKILL."""
+        timeout = self.exit_timeout + 30 if timeout is None else timeout
         code = None
         if self.process is not None:
             if self.process.poll() is None:
@@ -273,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundled", action="store_true", help="use the bundled CPU tritonserver even if one is on PATH")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    p.add_argument("--exit-timeout", type=int, default=30,
+                   help="seconds Triton waits for in-flight requests and open connections at shutdown")
     args = p.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, name) <= 65535:
@@ -281,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(args.repository, host=args.host, http_port=args.http_port or None,
                           grpc_port=args.grpc_port or None, metrics_port=args.metrics_port or None,
                           tritonserver=args.tritonserver, bundled=args.bundled, log_verbose=args.log_verbose,
-                          startup_timeout=args.startup_timeout, echo=True)
+                          startup_timeout=args.startup_timeout, exit_timeout=args.exit_timeout, echo=True)
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
         stopping.set()
+        server.abort.set()
 
     # Installed before start so that Ctrl-C during model loading also shuts the server down.
     signal.signal(signal.SIGINT, on_signal)
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RepositoryError, ServerError) as err:
         server.stop()
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 130 if stopping.is_set() else 2
     print(f"\nboot: Triton is ready on {server.repository}\n"
           f"  HTTP     {server.http_url}\n"
           f"  gRPC     {server.grpc_url}\n"

@@ -249,8 +249,8 @@ def check_repository(repository: str | Path) -> dict:
     if not tokenizer.is_file():
         problems.append(f"{tokenizer.relative_to(repo)} is missing")
     if problems:
-        raise RepositoryError(f"model repository {repo} is incomplete:\n  - " + "\n  - ".join(problems)
-                              + f"\nRe-run `python -m boot_serve.export --student <student folder> --repository {repo}`.")
+        raise RepositoryError(f"model repository {repo} is incomplete:\n  - " + "\n  - ".join(problems) + "\n"
+                              f"Re-run `python -m boot_serve.export --student <student folder> --repository {repo}`.")
     return manifest
 
 
@@ -259,7 +259,7 @@ def check_repository(repository: str | Path) -> dict:
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m boot_serve.triton_repo",
-                                description="Write the config.pbtxt files of a boot model repository from its manifest.",
+                                description="Write the config.pbtxt files of a boot repository from its manifest.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repository", default="model_repository", help="repository holding manifest.json")
     p.add_argument("--variant", choices=VARIANTS, default="cpu",

@@ -75,19 +75,24 @@ class RunConfig:
     checkpoint_every: int = 100
     sample_every: int = 100
     eval_n: int = 64  # held-out grammar captions judged at the end (0: none)
+    max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
-BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing")
+BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing",
+               "max_minutes")
 
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, shipped 7M-parameter teacher: ~1.1 s/step at batch 24 -> ~11 min of training,
-    # plus the 50-step teacher reference and the evaluation (DESIGN.md §2 scoping run).
-    "quick": dict(steps=600, batch_size=24, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
-                  checkpoint_every=100, sample_every=100, eval_n=64),
+    # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
+    # for batch 24 (target g(ε,t), 2 CFG teacher calls, online g at (s, T) forward + backward),
+    # i.e. 1.1-2.2 s depending on how fast that forward is (DESIGN.md §2 scoping run vs 0.3 s).
+    # Batch 16 x 600 steps is 7-15 min; the 15-minute cap keeps the whole command, with the
+    # 50-step teacher reference and the 64-caption evaluation, inside 20 minutes on a slow day.
+    "quick": dict(steps=600, batch_size=16, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
+                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0),
     # The quality recipe (hours on CPU, minutes on a GPU).
     "full": dict(steps=6000, batch_size=32, lr=2e-5, warmup=100, ema=0.999, num_prompts=16384,
-                 checkpoint_every=250, sample_every=500, eval_n=300),
+                 checkpoint_every=250, sample_every=500, eval_n=300, max_minutes=0.0),
 }
 
 
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint-every", type=int, help=f"steps between checkpoints {_preset_help('checkpoint_every')}")
     a("--sample-every", type=int, help=f"steps between sample grids, 0 = ends only {_preset_help('sample_every')}")
     a("--eval-n", type=int, help=f"held-out grammar captions judged at the end, 0 = none {_preset_help('eval_n')}")
+    a("--max-minutes", type=float,
+      help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
     return p
 
 
@@ -159,6 +166,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.num_prompts >= 1, "--num-prompts must be >= 1"), (cfg.seed >= 0, "--seed must be >= 0"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (cfg.sample_every >= 0, "--sample-every must be >= 0"), (cfg.eval_n >= 0, "--eval-n must be >= 0"),
+        (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -554,7 +562,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
               broadcast_buffers=False) if dist.world > 1 else student
 
-    t0 = time.time()
+    t0, done = time.time(), start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="boot", disable=not dist.main)
     for step in bar:
         # 1. This rank's slice of the global batch of `step`.
@@ -566,64 +574,81 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             terms = loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t)
         loss = terms["loss"].mean()
         # 3. AdamW with clipping, then EMA.
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.unet.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        optimizer_step(loss, opt, scaler, student.unet, lr_at(cfg, step), cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
-        # 4. Logs (averaged over ranks), samples, checkpoints.
-        logged = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean()]).float(),
-                          dist).tolist()
+        # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1
+        out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
+        *logged, stop = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean(),
+                                              torch.tensor(float(out_of_time) * dist.world)]).float(), dist).tolist()
+        last = done == cfg.steps or stop > 0
         if dist.main:
             record = dict(zip(("loss", "bootstrap", "boundary"), logged))
             bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",
                             bc=f"{record['boundary']:.4f}")
             _append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
-            if samples is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
+            if cfg.sample_every and done % cfg.sample_every == 0 and not last:
                 value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
                 tqdm.write(f"step {done}: sample PSNR vs teacher-{REFERENCE_STEPS} {value:.2f} dB")
                 plot_loss(log_path, work)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or last:
                 meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
                 checkpoint.save(ckpt_dir, done, modules, opt, meta)
+        if stop > 0:
+            if dist.main:
+                tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
+                           "continue with --resume")
+            break
     bar.close()
+    if dist.main:
+        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0)
+    return out
 
-    # 5. Student folder, evaluation summary (rank 0).
-    if not dist.main:
-        return out
-    wall = time.time() - t0
+
+def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: float, clip: float) -> None:
+    """Backward (loss-scaled under fp16), unscale, clip the global grad norm, AdamW step at `lr`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
+def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples,
+           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float) -> None:
+    """Rank 0 after training: last sample grid, student folder, losses and evaluation summary."""
+    log_path = work / "loss.jsonl"
     plot_loss(log_path, work)
-    psnr = samples.save(make_pipeline(teacher, exported, cfg, w_rec), cfg.steps) if samples else None
+    pipe = make_pipeline(teacher, exported, cfg, w_rec)
+    psnr = samples.save(pipe, done)
     losses = final_losses(log_path)
-    meta = student_meta(cfg, teacher, prompts_info, cfg.steps, w_rec, {
-        "world_size": dist.world, "device": str(dev), "wall_time_s_this_run": round(wall, 1),
+    meta = student_meta(cfg, teacher, prompts_info, done, w_rec, {
+        "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
         "final_losses": losses, "sample_psnr_vs_teacher": psnr})
     write_student(out, teacher, exported.unet, meta, work)
+    if done < cfg.steps:
+        print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")
     print("final losses (mean of last 20 steps): " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
-    if psnr is not None:
-        print(f"sample grid PSNR vs teacher-{REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
-              f"-> {work / 'samples.png'}")
+    print(f"sample grid PSNR vs teacher-{REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
+          f"-> {work / 'samples.png'}")
     if cfg.prompts == GRAMMAR and cfg.eval_n:
-        summary = evaluate_student(cfg, teacher, make_pipeline(teacher, exported, cfg, w_rec), w_rec, work)
+        summary = evaluate_student(cfg, teacher, pipe, w_rec, work)
         update_student_meta(out, evaluation=summary)
         print(f"student-1 accuracy {100 * summary['student_accuracy']:.1f}% vs teacher-{REFERENCE_STEPS} "
               f"{100 * summary[f'teacher{REFERENCE_STEPS}_accuracy']:.1f}%, PSNR vs teacher "
               f"{summary['psnr_vs_teacher']:.2f} dB ({cfg.eval_n} held-out captions)")
     print(f"student written to {out}")
-    return out
 
 
 def plot_loss(log_path: Path, work: Path) -> None:

@@ -68,6 +68,11 @@ def repo32(student, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def onnx_pipe(repo32):
+    return OnnxPipeline.from_pretrained(repo32[0])
+
+
+@pytest.fixture(scope="module")
 def repo16(student, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo16") / "model_repository"
     stale = [repo / "boot_unet" / "1" / "model.onnx.data", repo / "boot_unet" / "1" / "model-trt9.0.0-sm80.plan"]
@@ -80,11 +85,10 @@ def repo16(student, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # fp32: the acceptance criterion and the contract
 # --------------------------------------------------------------------------------------------
-def test_onnx_pipeline_matches_boot_pipeline(repo32, reference):
-    pipe = OnnxPipeline.from_pretrained(repo32[0])
+def test_onnx_pipeline_matches_boot_pipeline(onnx_pipe, reference):
     for prompt, seed, w in CASES:
         ref = _arrays(reference([prompt], [seed], w))
-        got = _arrays(pipe([prompt], [seed], w))
+        got = _arrays(onnx_pipe([prompt], [seed], w))
         assert got.shape == ref.shape == (1, 16, 16, 3)
         assert np.abs(got - ref).max() <= 2, (prompt, seed, w)
     # The check has power: guidance and seed both change the reference image.
@@ -155,10 +159,9 @@ def test_batch_invariance(repo32):
     (["a red circle"], [-1]), (["a red circle"], [2**63]), (["a red circle"], [True]), (["a red circle"], [1.5]),
     (["a red circle"], [0], float("nan")), (["a red circle"], [0], 5.5), (["a red circle"], [0], "3"),
 ])
-def test_input_validation_same_as_boot_pipeline(repo32, reference, args):
-    pipe = OnnxPipeline.from_pretrained(repo32[0])
+def test_input_validation_same_as_boot_pipeline(onnx_pipe, reference, args):
     with pytest.raises(ValueError) as ours:
-        pipe(*args)
+        onnx_pipe(*args)
     with pytest.raises(ValueError) as theirs:
         reference(*args)
     assert str(ours.value) == str(theirs.value)
@@ -194,6 +197,20 @@ def test_provider_selection(monkeypatch):
         runtime.default_providers.cache_clear()
 
 
+def test_sd_style_student_exports(tmp_path):
+    """Own text_encoder/ + tokenizer/ folders, epsilon prediction on SD's schedule (alpha_T > 0)."""
+    from boot_serve.pipeline import BootPipeline
+
+    teacher = make_tiny_teacher(tmp_path / "t", "epsilon", zero_snr=False, text_kind="folder")
+    student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1)
+    info = ex.export(student, tmp_path / "repo", "fp32", parity_batches=(2,), e2e_prompts=2)
+    assert info["hidden_size"] == 32 and info["student"]["prediction_type"] == "epsilon"
+    prompts, seeds = [c[0] for c in CASES], [c[1] for c in CASES]
+    got = _arrays(OnnxPipeline.from_pretrained(tmp_path / "repo")(prompts, seeds, 2.0))
+    ref = _arrays(BootPipeline.from_pretrained(student)(prompts, seeds, 2.0))
+    assert np.abs(got - ref).max() <= 2
+
+
 # --------------------------------------------------------------------------------------------
 # fp16
 # --------------------------------------------------------------------------------------------
@@ -206,9 +223,10 @@ def test_fp16_export_is_finite_close_and_really_fp16(repo16, repo32):
         for err in graph["parity"].values():
             assert err["max_abs"] <= (tol.image_levels if "tolerance_levels" in err else 1.0)
             print(f"fp16 {model}: {err}")  # the error vs PyTorch fp32, reported with -s
-        assert graph["bytes"] < 0.6 * repo32[1]["graphs"][model]["bytes"]  # weights really halved
-        model_proto = onnx.load(str(repo / graph["path"]))
-        dtypes = [t.data_type for t in model_proto.graph.initializer]
+        weights16 = onnx.load(str(repo / graph["path"])).graph.initializer
+        weights32 = onnx.load(str(repo32[0] / graph["path"])).graph.initializer
+        assert sum(t.ByteSize() for t in weights16) < 0.55 * sum(t.ByteSize() for t in weights32)  # really fp16
+        dtypes = [t.data_type for t in weights16]
         assert dtypes.count(onnx.TensorProto.FLOAT16) > dtypes.count(onnx.TensorProto.FLOAT)
         # inputs/outputs stay fp32 / int64 / uint8 at the boundary
         assert graph["inputs"] == repo32[1]["graphs"][model]["inputs"]

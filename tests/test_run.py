@@ -25,7 +25,7 @@ PROMPTS = ["a red circle", "a blue square at the top", "", "a green triangle lef
            "a large yellow square", "a red circle"]  # blank lines are skipped, repeats kept
 # A fast, sensitive recipe: lr 1e-3 without warmup moves the weights ~1e-3 per step, so a wrong
 # batch, a lost step or a mis-ordered resume shows; EMA makes the exported weights path-dependent.
-FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "--ema", "0.5",
+FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "--ema", "0.5", "--max-minutes", "0",
          "--checkpoint-every", "2", "--sample-every", "2", "--delta", "100", "--seed", "3"]
 
 # Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
@@ -265,3 +265,13 @@ def test_resume_refuses_a_changed_recipe(baseline, setup, tmp_path, capsys):
     argv[argv.index("--delta") + 1] = "50"
     err = _error(argv, capsys)
     assert "delta 100 -> 50" in err
+
+
+def test_max_minutes_stops_early_and_records_the_steps_done(setup, tmp_path):
+    root, teacher, prompts = setup
+    argv = _cli(root, teacher, prompts, "x", ["--max-minutes", "1e-6", "--steps", "50"])
+    argv[argv.index("--out") + 1], argv[argv.index("--work") + 1] = str(tmp_path / "s"), str(tmp_path / "w")
+    printed = _in_process(argv)
+    assert "stopped at step 1 of 50" in printed
+    assert json.loads((tmp_path / "s" / "boot.json").read_text())["steps"] == 1
+    assert checkpoint.latest(tmp_path / "w" / "checkpoints").name == "step-00000001"

@@ -34,6 +34,8 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
+        # Spinning worker threads burn the cores that the other models of the ensemble need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
         providers = [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",") if p.strip()]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
 

@@ -1,0 +1,1 @@
+"""Gradio demo of the boot product (python -m demo.app)."""

@@ -1,0 +1,492 @@
+"""Serving: model repository configs, the launcher, the client, and a real tritonserver.
+
+A tiny student is exported with `python -m boot_serve.export` and served by the real
+tritonserver (conftest.py). Checked against the server:
+- images equal OnnxPipeline's for the same (prompt, seed, guidance), within 2/255, over HTTP and gRPC;
+- concurrent requests are batched (Triton's statistics: fewer executions than inferences);
+- every kind of bad input gets its own error, and the server keeps serving after each;
+- a bad request batched with good ones fails alone.
+`-m slow`: 64 concurrent requests from 8 clients (prints latency and batch numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from boot_serve import triton_repo
+from boot_serve.client import Client, RequestError, ServerUnavailableError
+from boot_serve.serve import find_free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 2  # uint8 levels
+PROMPTS = ["a red circle", "a large blue square at the top left", "a green triangle left of a yellow circle",
+           "a small white square and a purple triangle"]
+SEEDS = [0, 1, 2**63 - 1, 12345]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs (no server)
+# --------------------------------------------------------------------------------------------
+def _committed_configs() -> dict[str, str]:
+    return {m: (ROOT / "model_repository" / m / "config.pbtxt").read_text() for m in triton_repo.MODELS}
+
+
+def test_committed_configs_are_valid_model_configs():
+    for name, text in _committed_configs().items():
+        config = triton_repo.parse_config(text)  # Triton's ModelConfig protobuf schema
+        assert config.name == name
+        assert config.max_batch_size >= 8
+        if name != triton_repo.ENSEMBLE:
+            assert config.HasField("dynamic_batching"), name
+
+
+def test_committed_configs_are_the_generator_output():
+    """model_repository/ holds what `triton_repo --shapes-defaults` writes (no hand edits)."""
+    generated = triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "cpu")
+    for name, text in _committed_configs().items():
+        assert text == triton_repo.render(generated[name], "cpu"), f"{name}: regenerate with --shapes-defaults"
+
+
+def test_client_facing_contract():
+    config = triton_repo.parse_config(_committed_configs()[triton_repo.ENSEMBLE])
+    inputs = {t.name: t for t in config.input}
+    assert list(inputs) == ["PROMPT", "SEED", "GUIDANCE_SCALE"]
+    assert (inputs["PROMPT"].data_type, list(inputs["PROMPT"].dims)) == (triton_repo_type("TYPE_STRING"), [1])
+    assert (inputs["SEED"].data_type, list(inputs["SEED"].dims)) == (triton_repo_type("TYPE_INT64"), [1])
+    assert inputs["GUIDANCE_SCALE"].optional and not inputs["SEED"].optional and not inputs["PROMPT"].optional
+    (image,) = config.output
+    assert (image.name, image.data_type, list(image.dims)) == ("IMAGE", triton_repo_type("TYPE_UINT8"), [64, 64, 3])
+
+
+def triton_repo_type(name: str) -> int:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Value(name)
+
+
+@pytest.mark.parametrize("variant", triton_repo.VARIANTS)
+def test_every_variant_renders_valid_configs(variant):
+    manifest = dict(triton_repo.SHAPES_MANIFEST, precision="fp16", max_batch=16, tensorrt={"plans": {
+        m: {"path": f"{m}/1/model-trt10.9-sm90.plan", "profile": {"min": 1, "opt": 4, "max": 16}}
+        for m in triton_repo.HEAVY_MODELS}})
+    configs = triton_repo.model_configs(manifest, variant)
+    for config in configs.values():
+        again = triton_repo.parse_config(triton_repo.render(config, variant))
+        assert again == config and again.max_batch_size == 16
+    # The composition and the client contract do not depend on the variant.
+    cpu = triton_repo.model_configs(manifest, "cpu")
+    for name in (triton_repo.ENSEMBLE, *triton_repo.PYTHON_MODELS):
+        assert configs[name] == cpu[name]
+    for name in triton_repo.HEAVY_MODELS:
+        assert [t.name for t in configs[name].input] == [t.name for t in cpu[name].input]
+        if variant == "gpu":
+            assert configs[name].platform == "onnxruntime_onnx"
+            (accel,) = configs[name].optimization.execution_accelerators.gpu_execution_accelerator
+            assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+            assert accel.parameters["trt_profile_max_shapes"].startswith(f"{configs[name].input[0].name}:16x")
+        elif variant == "tensorrt":
+            assert configs[name].platform == "tensorrt_plan"
+            assert configs[name].default_model_filename == "model-trt10.9-sm90.plan"
+    # guidance_scale is one scalar per request; the graph takes (B,)
+    unet = {t.name: t for t in configs["boot_unet"].input}
+    assert list(unet["guidance_scale"].dims) == [1] and list(unet["guidance_scale"].reshape.shape) == []
+
+
+def test_tensorrt_variant_needs_plans():
+    with pytest.raises(triton_repo.RepositoryError, match="--tensorrt"):
+        triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "tensorrt")
+
+
+def test_onnx_runner_is_one_file():
+    """text_encoder, boot_unet and vae_decoder run the same generic ONNX Runtime model.py."""
+    texts = {(ROOT / "model_repository" / m / "1" / "model.py").read_text() for m in triton_repo.HEAVY_MODELS}
+    assert len(texts) == 1
+
+
+def test_configs_match_exported_graphs(exported_repository):
+    """Tensor names and per-request dims in config.pbtxt are the ONNX graphs' (batch axis aside)."""
+    import onnx
+
+    manifest = json.loads((exported_repository / "manifest.json").read_text())
+    configs = triton_repo.model_configs(manifest)
+    for name in triton_repo.HEAVY_MODELS:
+        graph = onnx.load(str(exported_repository / name / "1" / "model.onnx"), load_external_data=False).graph
+        for tensors, values in ((configs[name].input, graph.input), (configs[name].output, graph.output)):
+            assert [t.name for t in tensors] == [v.name for v in values], name
+            for t, v in zip(tensors, values):
+                dims = [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+                expected = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+                # Dims the exporter left symbolic have dim_value 0.
+                assert all(d in (0, e) for d, e in zip(dims, expected)) and len(dims) == len(expected), (name, t.name)
+
+
+def test_write_configs_fills_a_fresh_repository(exported_repository, tmp_path):
+    manifest = json.loads((exported_repository / "manifest.json").read_text())
+    written = triton_repo.write_configs(tmp_path, "cpu", manifest)
+    assert {p.relative_to(tmp_path).as_posix() for p in written} >= {
+        "boot_txt2img/config.pbtxt", "tokenizer/1/model.py", "noise/1/model.py", "boot_unet/1/model.py"}
+
+
+# --------------------------------------------------------------------------------------------
+# Repository check and launcher errors (no server)
+# --------------------------------------------------------------------------------------------
+def test_check_repository_says_what_is_missing(tmp_path, exported_repository):
+    with pytest.raises(triton_repo.RepositoryError, match="does not exist.*boot_serve.export"):
+        triton_repo.check_repository(tmp_path / "nowhere")
+    with pytest.raises(triton_repo.RepositoryError, match="no manifest.json: it has not been exported yet"):
+        triton_repo.check_repository(ROOT / "docs")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported_repository, broken)
+    (broken / "boot_unet" / "1" / "model.onnx").unlink()
+    (broken / "noise" / "config.pbtxt").unlink()
+    with pytest.raises(triton_repo.RepositoryError) as err:
+        triton_repo.check_repository(broken)
+    assert "boot_unet/1/model.onnx is missing" in str(err.value)
+    assert "noise/config.pbtxt is missing" in str(err.value)
+    assert triton_repo.check_repository(exported_repository)["max_length"] == 16
+
+
+def test_serve_cli_refuses_a_repository_that_is_not_exported(tmp_path):
+    (tmp_path / "repo").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "boot_serve.serve", "--repository", str(tmp_path / "repo"),
+                           "--host", "0.0.0.0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "has not been exported yet" in proc.stderr and "python -m boot_serve.export" in proc.stderr
+    assert "WARNING: binding Triton to '0.0.0.0'" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The served model
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(exported_repository):
+    from boot_serve.onnx_pipeline import OnnxPipeline
+
+    return OnnxPipeline.from_pretrained(exported_repository, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def client(triton_server):
+    with Client(triton_server.http_url, "http", timeout=60) as c:
+        yield c
+
+
+def _arrays(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images])
+
+
+def _max_diff(a, b) -> int:
+    return int(np.abs(_arrays(a).astype(np.int16) - _arrays(b).astype(np.int16)).max())
+
+
+def assert_still_serving(client: Client, reference) -> None:
+    images = client.generate(PROMPTS[:1], SEEDS[:1])
+    assert _max_diff(images, reference(PROMPTS[:1], SEEDS[:1])) <= TOLERANCE
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("guidance", [None, 1.0, 4.5])
+def test_server_images_equal_onnx_pipeline(triton_server, reference, protocol, guidance):
+    url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
+    with Client(url, protocol) as c:
+        served = c.generate(PROMPTS, SEEDS, guidance)
+    expected = reference(PROMPTS, SEEDS, guidance)
+    assert served[0].size == expected[0].size == (16, 16) and served[0].mode == "RGB"
+    assert _max_diff(served, expected) <= TOLERANCE
+
+
+def test_guidance_and_seed_change_the_image(client):
+    """The equality test above would pass for a server that ignores GUIDANCE_SCALE or SEED
+    only if they had no effect: check that they do."""
+    base, other_w, other_seed = (_arrays(client.generate(PROMPTS[:1], [s], w))
+                                 for s, w in ((3, 1.0), (3, 5.0), (4, 1.0)))
+    assert np.abs(base.astype(int) - other_w).max() > TOLERANCE
+    assert np.abs(base.astype(int) - other_seed).max() > TOLERANCE
+
+
+def test_image_does_not_depend_on_batch(client, reference):
+    alone = client.generate(PROMPTS[2:3], SEEDS[2:3], 2.0)
+    batched = client.generate(PROMPTS, SEEDS, 2.0)[2:3]
+    many = client.generate_many(PROMPTS, SEEDS, 2.0)[2:3]
+    assert _max_diff(alone, batched) <= 1 and _max_diff(alone, many) <= 1
+
+
+def _stats(client: Client, model: str) -> tuple[int, int]:
+    s = client.statistics(model)["model_stats"][0]
+    return int(s.get("execution_count", 0)), int(s.get("inference_count", 0))
+
+
+def _counts_since(client: Client, before: dict, inferences: int, timeout: float = 10.0) -> dict:
+    """(executions, inferences) of each model since `before`, once all `inferences` are counted
+    (a model records its statistics just after it has sent its responses)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {m: _stats(client, m) for m in before}
+        delta = {m: (now[m][0] - before[m][0], now[m][1] - before[m][1]) for m in before}
+        if all(d[1] >= inferences for d in delta.values()) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.1)
+
+
+def test_concurrent_requests_are_batched(triton_server, reference):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    seeds = list(range(100, 132))
+    with Client(triton_server.grpc_url, "grpc", concurrency=32) as c:
+        before = {m: _stats(c, m) for m in triton_repo.HEAVY_MODELS}
+        images = c.generate_many(prompts, seeds)
+        counts = _counts_since(c, before, 32)
+    assert _max_diff(images, reference(prompts, seeds)) <= TOLERANCE
+    for m, (executions, inferences) in counts.items():
+        assert inferences == 32
+        assert executions < inferences, f"{m}: {executions} executions for {inferences} inferences: no batching"
+
+
+# --- bad input: each one a clear per-request error; the server keeps serving ----------------
+BAD_PROMPTS = {
+    "empty": ("", "PROMPT is empty"),
+    "whitespace": ("   \n", "PROMPT is empty"),
+    "too_long": ("a red circle " * 10, "tokens long .* at most 16. Over-long prompts are rejected, not truncated"),
+    "not_utf8": (b"a red \xff\xfe circle", "PROMPT is not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROMPTS, ids=list(BAD_PROMPTS))
+def test_bad_prompt(client, reference, case):
+    prompt, message = BAD_PROMPTS[case]
+    with pytest.raises(RequestError, match=message) as err:
+        client.generate([prompt], [0])
+    assert err.value.status == "400"
+    assert_still_serving(client, reference)
+
+
+def test_negative_seed(client, reference):
+    with pytest.raises(RequestError, match=r"SEED is -1; seeds are integers in \[0, 2\*\*63 - 1\]"):
+        client.generate(PROMPTS[:1], [-1])
+    assert_still_serving(client, reference)
+
+
+@pytest.mark.parametrize("guidance", [math.nan, math.inf, -math.inf, 0.5, 5.5], ids=str)
+def test_bad_guidance(client, reference, guidance):
+    message = "must be a finite number" if not math.isfinite(guidance) else r"outside this student's range \[1.0, 5.0\]"
+    with pytest.raises(RequestError, match=message):
+        client.generate(PROMPTS[:1], [0], guidance)
+    assert_still_serving(client, reference)
+
+
+def _raw(url: str, inputs: list[tuple[str, np.ndarray, str]]):
+    """A request with exactly these tensors (name, array, Triton datatype), over HTTP."""
+    import tritonclient.http as http
+
+    with http.InferenceServerClient(url) as c:
+        tensors = []
+        for name, array, datatype in inputs:
+            t = http.InferInput(name, list(array.shape), datatype)
+            t.set_data_from_numpy(array)
+            tensors.append(t)
+        return c.infer("boot_txt2img", tensors).as_numpy("IMAGE")
+
+
+def _prompt(n=1):
+    return np.array([[b"a red circle"]] * n, dtype=object)
+
+
+def _seed(n=1, dtype=np.int64):
+    return np.arange(n, dtype=dtype).reshape(n, 1)
+
+
+RAW_CASES = {  # Triton itself rejects these against the ensemble's config, before any model runs
+    "seed_uint64_over_int64": ([("PROMPT", _prompt(), "BYTES"), ("SEED", np.array([[2**63]], np.uint64), "UINT64")],
+                               "input 'SEED' data-type is 'UINT64', but model 'boot_txt2img' expects 'INT64'"),
+    "seed_float": ([("PROMPT", _prompt(), "BYTES"), ("SEED", np.array([[1.5]], np.float32), "FP32")],
+                   "input 'SEED' data-type is 'FP32'"),
+    "guidance_fp64": ([("PROMPT", _prompt(), "BYTES"), ("SEED", _seed(), "INT64"),
+                       ("GUIDANCE_SCALE", np.array([[2.0]], np.float64), "FP64")],
+                      "input 'GUIDANCE_SCALE' data-type is 'FP64', but model 'boot_txt2img' expects 'FP32'"),
+    "prompt_int": ([("PROMPT", np.array([[7]], np.int32), "INT32"), ("SEED", _seed(), "INT64")],
+                   "input 'PROMPT' data-type is 'INT32', but model 'boot_txt2img' expects 'BYTES'"),
+    "prompt_two_per_row": ([("PROMPT", np.array([[b"a", b"b"]], dtype=object), "BYTES"), ("SEED", _seed(), "INT64")],
+                           r"unexpected shape for input 'PROMPT' .* Expected \[-1,1\], got \[1,2\]"),
+    "seed_no_batch_axis": ([("PROMPT", _prompt(), "BYTES"), ("SEED", np.array([0], np.int64), "INT64")],
+                           r"unexpected shape for input 'SEED' .* Expected \[-1,1\], got \[1\]"),
+    "batch_sizes_differ": ([("PROMPT", _prompt(2), "BYTES"), ("SEED", _seed(3), "INT64")],
+                           "input 'PROMPT' batch size does not match other inputs"),
+    "missing_seed": ([("PROMPT", _prompt(), "BYTES")], r"missing required input\(s\) \['SEED'\]"),
+    "unknown_input": ([("PROMPT", _prompt(), "BYTES"), ("SEED", _seed(), "INT64"),
+                       ("STEPS", np.array([[4]], np.int64), "INT64")], "unexpected inference input 'STEPS'"),
+    "batch_over_max": ([("PROMPT", _prompt(9), "BYTES"), ("SEED", _seed(9), "INT64")],
+                       "batch-size must be <= 8 for 'boot_txt2img'"),
+}
+
+
+@pytest.mark.parametrize("case", RAW_CASES, ids=list(RAW_CASES))
+def test_malformed_request(triton_server, client, reference, case):
+    from tritonclient.utils import InferenceServerException
+
+    inputs, message = RAW_CASES[case]
+    with pytest.raises(InferenceServerException, match=message) as err:
+        _raw(triton_server.http_url, inputs)
+    assert err.value.status() == "400"
+    assert_still_serving(client, reference)
+
+
+def test_largest_batch_is_accepted(client, reference):
+    prompts, seeds = [PROMPTS[i % 4] for i in range(8)], list(range(8))
+    assert _max_diff(client.generate(prompts, seeds), reference(prompts, seeds)) <= TOLERANCE
+
+
+def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, reference):
+    """Good and bad requests in flight together (so in the same dynamic batches): each bad one
+    gets its own error, each good one its correct image."""
+    bad = {3: "", 7: "x " * 40, 11: b"\xc3\x28"}
+    prompts = [bad.get(i, PROMPTS[i % 4]) for i in range(16)]
+    seeds = list(range(200, 216))
+    with Client(triton_server.grpc_url, "grpc", concurrency=16) as c:
+        before = {"tokenizer": _stats(c, "tokenizer")}
+        results = c.generate_many(prompts, seeds, return_errors=True)
+        ((executions, inferences),) = _counts_since(c, before, 16).values()
+    assert inferences == 16 and executions < inferences, "the requests were not batched together"
+    for i, r in enumerate(results):
+        if i in bad:
+            assert isinstance(r, RequestError) and r.index == i and "PROMPT" in str(r)
+        else:
+            assert _max_diff([r], reference([prompts[i]], [seeds[i]])) <= TOLERANCE
+
+
+def test_client_reports_an_unreachable_server():
+    port = find_free_port()
+    for protocol in ("http", "grpc"):
+        with pytest.raises(ServerUnavailableError, match="no Triton server answers"):
+            Client(f"127.0.0.1:{port}", protocol, timeout=5).generate(["a red circle"], [0])
+        with pytest.raises(ConnectionError):
+            Client(f"127.0.0.1:{port}", protocol, timeout=5).generate_many(["a red circle"], [0])
+
+
+def test_client_rejects_unknown_model(triton_server):
+    with pytest.raises(ServerUnavailableError, match="not loaded or not ready"):
+        Client(triton_server.http_url, model="nope").generate(["a red circle"], [0])
+
+
+def test_client_cli(triton_server, reference, tmp_path):
+    out = tmp_path / "img.png"
+    proc = subprocess.run([sys.executable, "-m", "boot_serve.client", "a red circle", "--seed", "5", "--out", str(out),
+                           "--url", triton_server.grpc_url, "--protocol", "grpc", "--guidance", "2.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    assert _max_diff([Image.open(out).convert("RGB")], reference(["a red circle"], [5], 2.5)) <= TOLERANCE
+    proc = subprocess.run([sys.executable, "-m", "boot_serve.client", "", "--url", triton_server.http_url,
+                           "--out", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "PROMPT is empty" in proc.stderr
+
+
+def test_metrics_endpoint(triton_server):
+    import urllib.request
+
+    with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    assert 'nv_inference_request_success{model="boot_txt2img"' in text
+
+
+# --------------------------------------------------------------------------------------------
+# The serve CLI: ready message, SIGTERM -> clean exit
+# --------------------------------------------------------------------------------------------
+def test_serve_cli_starts_prints_endpoints_and_stops_on_sigterm(exported_repository):
+    ports = [str(find_free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "boot_serve.serve", "--repository", str(exported_repository),
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("Ctrl-C stops it" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        text = "".join(lines)
+        assert f"HTTP     127.0.0.1:{ports[0]}" in text and f"gRPC     127.0.0.1:{ports[1]}" in text
+        with Client(f"127.0.0.1:{ports[0]}") as c:
+            assert c.ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Load: 64 concurrent requests from 8 clients (slow; prints the numbers)
+# --------------------------------------------------------------------------------------------
+def run_load(url: str, clients: int = 8, per_client: int = 8) -> dict:
+    """`clients` gRPC clients (one thread each), each with `per_client` requests in flight at
+    once (async_infer); per-request latency from send to callback."""
+    import tritonclient.grpc as grpcclient
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def one_client(k: int) -> None:
+        done = threading.Semaphore(0)
+        with grpcclient.InferenceServerClient(url) as c:
+            for i in range(per_client):
+                seed = k * per_client + i
+                prompt = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
+                prompt.set_data_from_numpy(np.array([[PROMPTS[seed % 4].encode()]], dtype=object))
+                seed_in = grpcclient.InferInput("SEED", [1, 1], "INT64")
+                seed_in.set_data_from_numpy(np.array([[seed]], dtype=np.int64))
+
+                def callback(result, error, start=time.perf_counter()):
+                    with lock:
+                        latencies.append(time.perf_counter() - start)
+                        if error is not None:
+                            failures.append(str(error))
+                    done.release()
+
+                c.async_infer("boot_txt2img", [prompt, seed_in], callback)
+            for _ in range(per_client):
+                done.acquire()
+
+    with Client(url, "grpc") as c:
+        c.generate(PROMPTS, SEEDS)  # warm-up
+        before = {m: _stats(c, m) for m in triton_repo.MODELS}
+        threads = [threading.Thread(target=one_client, args=(k,)) for k in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        counts = _counts_since(c, before, clients * per_client)
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "failed": len(failures), "wall_s": round(wall, 2),
+            "throughput_rps": round(len(latencies) / wall, 1),
+            "latency_ms": {q: round(float(np.percentile(ms, int(q[1:])))) for q in ("p50", "p90", "p99")},
+            "executions/inferences": {m: f"{e}/{i}" for m, (e, i) in counts.items()},
+            "errors": failures[:3]}
+
+
+@pytest.mark.slow
+def test_64_concurrent_requests_from_8_clients(triton_server):
+    result = run_load(triton_server.grpc_url)
+    print(f"\n{json.dumps(result)}")
+    assert result["requests"] == 64 and result["failed"] == 0, result["errors"]
+    for m in triton_repo.HEAVY_MODELS:
+        executions, inferences = map(int, result["executions/inferences"][m].split("/"))
+        assert inferences == 64 and executions < inferences, m
