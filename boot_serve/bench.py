@@ -14,9 +14,11 @@ What is measured (wall times with time.perf_counter, always after a warm-up that
      Triton's own statistics, the difference over the measured part of the level, split each
      model's time into queue (waiting for the dynamic batcher / a free instance) and compute.
   2. compute floor: the same requests through OnnxPipeline in this process: the text encoder,
-     student and VAE-decoder graphs of --repository in ONNX Runtime, batch 1, no server. This is
-     what a request costs on the serving runtime with nothing around it;
-     serving overhead = served p50 at concurrency 1 / floor p50 - 1.
+     student and VAE-decoder graphs of --repository in ONNX Runtime with the server's session
+     settings, batch 1, no server. This is what a request costs on the serving runtime with
+     nothing around it. The floor is measured interleaved with served requests at concurrency 1
+     (blocks of --ab-block requests, floor then server, repeated), so that a drift in the
+     machine's load hits both alike; serving overhead = served p50 / floor p50 - 1 of that run.
   3. student vs teacher on one runtime (PyTorch eager, in this process, batch 1, one image per
      call, both end to end: prompt -> text encoder -> latents -> VAE decoder -> uint8 image):
      the teacher's DDIM at --teacher-steps k (TeacherSampler, with classifier-free guidance
@@ -273,7 +275,7 @@ def hardware() -> dict:
             pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "memory_gib": mem,
-            "gpus": gpus, "platform": platform.platform()}
+            "gpus": gpus, "platform": platform.platform(), "benchmark_process_nice": os.nice(0)}
 
 
 def load_average() -> list[float] | None:
@@ -388,6 +390,50 @@ def bench_pipeline(gen: Generate, prompts, seeds, guidance, n: int, warmup: int,
     return {**asdict(series.summary()), "error_samples": series.errors[:5], "latencies_ms": _ms_list(series)}
 
 
+def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, warmup: int, block: int,
+                max_seconds: float) -> dict[str, Series]:
+    """A/B(/C...) in the calling thread: `block` requests of each generator in turn, repeated
+    until each has made `n` (or `max_seconds` have passed for the measured part). Request i of
+    every generator uses the same prompt and seed."""
+    for gen in gens.values():
+        for i in range(warmup):
+            gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
+    series = {name: Series() for name in gens}
+    start = time.perf_counter()
+    done = 0
+    while done < n and time.perf_counter() - start < max_seconds:
+        size = min(block, n - done)
+        for name, gen in gens.items():
+            out = series[name]
+            for i in range(done, done + size):
+                t0 = time.perf_counter()
+                try:
+                    gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
+                except Exception as err:  # noqa: BLE001 - counted and reported
+                    out.errors.append(f"{type(err).__name__}: {err}")
+                    continue
+                elapsed = time.perf_counter() - t0
+                out.latencies_s.append(elapsed)
+                out.wall_s += elapsed  # one at a time: the wall time of this generator's requests
+        done += size
+    for name, out in series.items():
+        if not out.latencies_s:
+            raise BenchError(f"{name}: every request failed; first error: {out.errors[:1]}")
+    return series
+
+
+def bench_overhead(url: str, protocol: str, floor_pipe: Generate, prompts, seeds, guidance, n: int, warmup: int,
+                   block: int, max_seconds: float) -> dict[str, dict]:
+    """Compute floor and served-at-concurrency-1, interleaved (see `interleaved`)."""
+    from boot_serve.client import Client
+
+    with Client(url, protocol, concurrency=1) as client:
+        series = interleaved({"floor": floor_pipe, "served": client.generate}, prompts, seeds, guidance, n,
+                             warmup, block, max_seconds)
+    return {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
+            for name, s in series.items()}
+
+
 def _ms_list(series: Series) -> list[float]:
     return [round(x * 1000, 3) for x in series.latencies_s]
 
@@ -395,9 +441,10 @@ def _ms_list(series: Series) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # Headlines, report
 # --------------------------------------------------------------------------------------------
-def headlines(served: list[dict], floor: dict | None, student: dict | None, teacher: dict | None,
+def headlines(served: list[dict], ab: dict[str, dict] | None, student: dict | None, teacher: dict | None,
               teacher_steps: int) -> dict:
     by_c = {r["concurrency"]: r for r in served}
+    floor = ab["floor"] if ab else None
     out: dict = {}
     if teacher is not None and (student is not None or floor is not None):
         same = student is not None
@@ -412,12 +459,12 @@ def headlines(served: list[dict], floor: dict | None, student: dict | None, teac
             out["served_speedup_vs_teacher"] = {
                 "value": teacher["p50_ms"] / by_c[1]["p50_ms"],
                 "basis": f"p50 teacher DDIM-{teacher_steps} (PyTorch in-process) / p50 served student at concurrency 1"}
-    if floor is not None and 1 in by_c:
-        v = by_c[1]["p50_ms"] / floor["p50_ms"] - 1
+    if ab is not None:
+        v = ab["served"]["p50_ms"] / ab["floor"]["p50_ms"] - 1
         out["serving_overhead_c1"] = {
             "value": v, "goal": f"<= {100 * GOALS['serving_overhead_c1']:g}%", "met": v <= GOALS["serving_overhead_c1"],
-            "basis": "p50 served at concurrency 1 / p50 ONNX Runtime in-process "
-                     "(text encoder + student + VAE decoder) - 1"}
+            "basis": "p50 served at concurrency 1 / p50 ONNX Runtime in-process (text encoder + student + VAE "
+                     "decoder) - 1, measured interleaved"}
     if len(by_c) >= 2:
         hi, lo = (8, 1) if {1, 8} <= set(by_c) else (max(by_c), min(by_c))
         v = by_c[hi]["images_per_s"] / by_c[lo]["images_per_s"]
@@ -460,6 +507,13 @@ def markdown(report: dict) -> str:
         for model, s in r["server"].items():
             lines.append(f"| {r['concurrency']} | {model} | {s['requests']} | {s['mean_batch']:.2f} | "
                          f"{s['queue_ms']:.2f} | {s['compute_ms']:.2f} | {s['total_ms']:.2f} |")
+    ab = report["overhead_ab"]
+    lines += ["", f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, server, "
+              "floor, ...)", "", "| run | requests | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
+    for name, label in (("floor", "compute floor, ONNX Runtime in-process"), ("served", "served, concurrency 1")):
+        r = ab[name]
+        lines.append(f"| {label} | {r['count']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['mean_ms']:.1f} |")
     lines += ["", "`boot_txt2img` is the ensemble: its total is the server-side time of a whole request; the "
               "tokenizer and noise models run in parallel, the others one after the other.", "",
               "## In-process pipelines (batch 1, one call at a time)", "",
@@ -573,6 +627,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="warm-up requests before each level and each pipeline, not measured (default 8)")
     p.add_argument("--max-seconds", type=_positive(float), default=60.0,
                    help="time bound of each measured run; no new request after it (default 60)")
+    p.add_argument("--ab-block", type=_positive(int), default=8,
+                   help="block size of the interleaved floor / served-at-concurrency-1 run (default 8)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="the exported repository the server runs: compute floor in ONNX Runtime "
                         "(default model_repository)")
@@ -612,6 +668,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     load_start = load_average()
     warnings = []
     hw = hardware()
+    if hw["benchmark_process_nice"] > 0:
+        warnings.append(f"the benchmark ran at nice {hw['benchmark_process_nice']}: processes at a higher "
+                        "priority on the same CPUs got their time first")
     if load_start and hw["usable_cpus"] and load_start[0] > 0.5 * hw["usable_cpus"]:
         warnings.append(f"the machine was busy before the benchmark started (load average {load_start[0]} on "
                         f"{hw['usable_cpus']} CPUs): other processes shared the CPUs, so every number here is "
@@ -621,13 +680,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     served = bench_server(args.url, args.protocol, args.concurrency, prompts, seeds, guidance, args.requests,
                           args.warmup, args.max_seconds, log)
 
-    # 3. compute floor: ONNX Runtime in-process
+    # 3. compute floor: ONNX Runtime in-process, interleaved with served requests at concurrency 1
     pipelines = []
     onnx_pipe, floor_settings = floor_pipeline(args.repository, args.threads)
-    floor = bench_pipeline(onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup, args.max_seconds)
+    ab = bench_overhead(args.url, args.protocol, onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup,
+                        args.ab_block, args.max_seconds)
     pipelines.append({"key": "floor", "name": "student 1-step (compute floor)", "nfe": 1,
-                      "runtime": f"ONNX Runtime {', '.join(onnx_pipe.providers)}, in-process", "summary": floor})
-    log(f"[bench] compute floor: p50 {floor['p50_ms']:.1f} ms")
+                      "runtime": f"ONNX Runtime {', '.join(onnx_pipe.providers)}, in-process", "summary": ab["floor"]})
+    log(f"[bench] compute floor: p50 {ab['floor']['p50_ms']:.1f} ms; served at concurrency 1 in the same "
+        f"interleaved run: p50 {ab['served']['p50_ms']:.1f} ms")
     del onnx_pipe
 
     # 4. student vs teacher in PyTorch
@@ -670,8 +731,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
                    "prompts": f"distill.shapes.sample_captions(n, {PROMPT_SEED}, 'eval'), seeds {FIRST_SEED}+i"},
         "hardware": hw, "versions": versions(), "server": server_metadata(args.url, args.protocol),
         "threads": threads, "load_average": {"start": load_start, "end": load_average()}, "warnings": warnings,
-        "headlines": headlines(served, floor, student, teacher, args.teacher_steps),
-        "served": served, "pipelines": pipelines,
+        "headlines": headlines(served, ab, student, teacher, args.teacher_steps),
+        "served": served, "overhead_ab": {"block": args.ab_block, **ab}, "pipelines": pipelines,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))

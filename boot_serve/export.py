@@ -360,7 +360,7 @@ def to_fp16(src: Path, dst: Path) -> dict:
     blocked = keep | {n.name for n in model.graph.node if n.op_type in ops}
     _remove_cast_round_trips(model.graph, blocked)
     save_onnx(model, dst)
-    return {"fp32_nodes": len(blocked), "fp32_ops": sorted(FP32_OPS)}
+    return {"fp32_nodes": len(blocked), "nodes": len(model.graph.node), "fp32_ops": sorted(FP32_OPS)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def compare(name: str, output: str, got: np.ndarray, ref: np.ndarray, tol: Toler
 
 
 def _merge(a: dict | None, b: dict) -> dict:
-    """Worst case over several checks of one output."""
+    """Worst case over several checks of one output (mean_abs: the mean of the checks')."""
     if a is None:
         return dict(b)
     return {k: max(a[k], b[k]) if k != "mean_abs" else (a[k] + b[k]) / 2 for k in b}
@@ -670,23 +670,24 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", flush=True)
 
 
-def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> dict[str, float]:
-    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds per graph."""
-    timings = {}
+def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> dict[str, dict]:
+    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds (and fp16 facts) per graph."""
+    done = {}
     for model in MODELS:
         t0 = time.perf_counter()
         path = stage / model / "1" / "model.onnx"
         args, shapes = example_inputs(student, model, 2), io_shapes(student, model)
         if precision == "fp32":
             export_graph(student.modules[model], args, SPECS[model], path, opset, shapes)
+            done[model] = {}
         else:
             fp32 = stage / model / "fp32" / "model.onnx"
             export_graph(student.modules[model], args, SPECS[model], fp32, opset, shapes)
-            to_fp16(fp32, path)
+            done[model] = {"fp16": to_fp16(fp32, path)}
             shutil.rmtree(fp32.parent)
-        timings[model] = round(time.perf_counter() - t0, 2)
-        log(f"{model}: exported in {timings[model]} s")
-    return timings
+        done[model]["export_seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"{model}: exported in {done[model]['export_seconds']} s")
+    return done
 
 
 def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int) -> dict:
@@ -723,7 +724,7 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     student = load_student(student_dir)  # 1.
     stage = stage_dir(repository)
     try:
-        timings = export_graphs(student, stage, precision, opset)  # 2-3.
+        exported = export_graphs(student, stage, precision, opset)  # 2-3.
         write_tokenizer(student, stage / TOKENIZER_DIR)
         info = manifest(student, stage, precision, max_batch, opset)
         (stage / MANIFEST).write_text(json.dumps(info, indent=1))  # OnnxPipeline reads it in step 4
@@ -732,8 +733,7 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
             info["tensorrt"] = build_engines(stage, precision, max_batch, student, tol,
                                              Path(timing_cache) if timing_cache else None)
         for model in MODELS:
-            info["graphs"][model]["export_seconds"] = timings[model]
-            info["graphs"][model]["parity"] = info["parity"]["graphs"][model]
+            info["graphs"][model].update(exported[model], parity=info["parity"]["graphs"][model])
         info["export_seconds"] = round(time.perf_counter() - start, 1)
         (stage / MANIFEST).write_text(json.dumps(info, indent=1))
         install(stage, repository)  # 6.
