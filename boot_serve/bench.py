@@ -481,22 +481,27 @@ def _fmt_headline(name: str, h: dict) -> str:
     return f"| {name} | {value} | {h.get('goal', '–')} | {met} | {h['basis']} |"
 
 
-def markdown(report: dict) -> str:
+def _md_header(report: dict) -> list[str]:
     hw, cfg = report["hardware"], report["config"]
     lines = [f"# boot benchmark ({report['date']})", "",
              f"Server: Triton {report['server'].get('version', '?')} at {cfg['protocol']}://{cfg['url']}; "
-             f"repository `{cfg['repository']}`; guidance {cfg['guidance_scale']}; "
-             f"{cfg['requests']} requests per level (at most {cfg['max_seconds']:g} s), {cfg['warmup']} warm-up.", "",
+             f"repository `{cfg['repository']}` ({cfg['precision']}, images {cfg['image_shape']}); guidance "
+             f"{cfg['guidance_scale']}; {cfg['requests']} requests per level (at most {cfg['max_seconds']:g} s), "
+             f"{cfg['warmup']} warm-up.", "",
              f"Hardware: {hw['cpu']}, {hw['usable_cpus']} usable of {hw['logical_cpus']} logical CPUs, "
              f"{hw['memory_gib']} GiB; GPU: {', '.join(hw['gpus']) or 'none'}. "
              f"Load average at start {report['load_average']['start']}, at end {report['load_average']['end']}.", ""]
-    if report.get("warnings"):
-        lines += [f"> **Warning:** {w}" for w in report["warnings"]] + [""]
-    lines += ["## Headline", "", "| metric | value | goal | met | what is compared |", "|---|---|---|---|---|"]
-    lines += [_fmt_headline(k, h) for k, h in report["headlines"].items()] + [""]
-    lines += ["## Served (Triton, closed loop, one image per request)", "",
-              "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s |",
-              "|---|---|---|---|---|---|---|---|"]
+    if report.get("note"):
+        lines += [f"Note: {report['note']}", ""]
+    lines += [f"> **Warning:** {w}" for w in report.get("warnings", [])]
+    lines += ["", "## Headline", "", "| metric | value | goal | met | what is compared |", "|---|---|---|---|---|"]
+    return lines + [_fmt_headline(k, h) for k, h in report["headlines"].items()] + [""]
+
+
+def _md_served(report: dict) -> list[str]:
+    lines = ["## Served (Triton, closed loop, one image per request)", "",
+             "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["served"]:
         lines.append(f"| {r['concurrency']} | {r['count']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['images_per_s']:.2f} |")
@@ -504,37 +509,51 @@ def markdown(report: dict) -> str:
               "| concurrency | model | requests | mean batch | queue ms | compute ms | total ms |",
               "|---|---|---|---|---|---|---|"]
     for r in report["served"]:
-        for model, s in r["server"].items():
-            lines.append(f"| {r['concurrency']} | {model} | {s['requests']} | {s['mean_batch']:.2f} | "
-                         f"{s['queue_ms']:.2f} | {s['compute_ms']:.2f} | {s['total_ms']:.2f} |")
+        for model, st in r["server"].items():
+            lines.append(f"| {r['concurrency']} | {model} | {st['requests']} | {st['mean_batch']:.2f} | "
+                         f"{st['queue_ms']:.2f} | {st['compute_ms']:.2f} | {st['total_ms']:.2f} |")
+    lines += ["", "`boot_txt2img` is the ensemble: its total is the server-side time of a whole request. Queue: "
+              "waiting for the dynamic batcher (up to its max_queue_delay) or a free instance; the tokenizer and "
+              "noise models run in parallel, the others one after the other.", ""]
     ab = report["overhead_ab"]
-    lines += ["", f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, server, "
+    lines += [f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, server, "
               "floor, ...)", "", "| run | requests | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
     for name, label in (("floor", "compute floor, ONNX Runtime in-process"), ("served", "served, concurrency 1")):
         r = ab[name]
         lines.append(f"| {label} | {r['count']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['mean_ms']:.1f} |")
-    lines += ["", "`boot_txt2img` is the ensemble: its total is the server-side time of a whole request; the "
-              "tokenizer and noise models run in parallel, the others one after the other.", "",
-              "## In-process pipelines (batch 1, one call at a time)", "",
-              "| pipeline | runtime | network evaluations | requests | p50 ms | p90 ms | p99 ms | images/s |",
-              "|---|---|---|---|---|---|---|---|"]
+    return lines + [""]
+
+
+def _md_pipelines(report: dict) -> list[str]:
+    lines = ["## In-process pipelines (batch 1, one call at a time)", "",
+             "| pipeline | runtime | network evaluations | requests | p50 ms | p90 ms | p99 ms | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in report["pipelines"]:
-        s = row["summary"]
-        lines.append(f"| {row['name']} | {row['runtime']} | {row['nfe']} | {s['count']} | {s['p50_ms']:.1f} | "
-                     f"{s['p90_ms']:.1f} | {s['p99_ms']:.1f} | {s['images_per_s']:.2f} |")
-    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["versions"].items()]
+        st = row["summary"]
+        lines.append(f"| {row['name']} | {row['runtime']} | {row['nfe']} | {st['count']} | {st['p50_ms']:.1f} | "
+                     f"{st['p90_ms']:.1f} | {st['p99_ms']:.1f} | {st['images_per_s']:.2f} |")
+    return lines + ["", "Each pipeline runs end to end: prompt -> text encoder -> latents -> VAE decoder -> uint8 "
+                    "image. The teacher's network evaluations count both halves of classifier-free guidance.", ""]
+
+
+def _md_environment(report: dict) -> list[str]:
     th = report["threads"]
+    lines = ["## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["versions"].items()]
     lines += ["", "## Runtime settings", "",
               f"- PyTorch in-process: {th['torch_in_process']} intra-op threads",
-              "- ONNX Runtime, compute floor (intra_op_num_threads 0 = one per physical core): "
+              "- ONNX Runtime, compute floor (threads 0 = one per physical core): "
               + "; ".join(f"{m}: {_settings_text(v)}" for m, v in th["onnxruntime_floor"].items()),
               "- ONNX Runtime in the server: " + "; ".join(f"{m}: {_settings_text(v) or 'backend default'}"
                                                           for m, v in th["server_onnxruntime"].items()),
               f"- load generator: {th['client_threads']}", "",
               "Reproduce: `" + report["command"] + "`", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(report: dict) -> str:
+    return "\n".join(_md_header(report) + _md_served(report) + _md_pipelines(report) + _md_environment(report))
 
 
 def _settings_text(v: dict) -> str:
@@ -643,6 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="intra-op threads of the in-process runs, torch and ONNX Runtime (default 0: the "
                         "libraries' defaults, as the server's ONNX Runtime sessions use)")
+    p.add_argument("--note", default=None, help="a line about this run for the report (what model, which machine)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default docs/bench)")
     return p.parse_args(argv)
 
@@ -722,6 +742,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python -m boot_serve.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": args.note,
         "config": {"url": args.url, "protocol": args.protocol, "concurrency": args.concurrency,
                    "requests": args.requests, "warmup": args.warmup, "max_seconds": args.max_seconds,
                    "repository": str(args.repository), "student": str(student_dir) if student_dir else None,

@@ -17,15 +17,14 @@ The same contract is implemented by the ONNX pipeline and the Triton model.
 from __future__ import annotations
 
 import json
-import math
-from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-MAX_SEED = 2**63 - 1
+from boot_serve.runtime import MAX_SEED  # noqa: F401  (re-exported)
+
 STUDENT_FORMAT = "boot-student/1"
 
 
@@ -95,25 +94,9 @@ class BootPipeline:
     # ----------------------------------------------------------------------------------------
     def check_inputs(self, prompts: list[str], seeds: list[int], guidance_scale: float | None) -> float:
         """Raise ValueError for anything outside the client contract; return the guidance scale."""
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
-        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
-            raise ValueError("seeds must be a list of integers")
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; one seed per prompt")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} must be a non-empty string, got {p!r}")
-        for i, s in enumerate(seeds):
-            if isinstance(s, bool) or not isinstance(s, Integral) or not 0 <= int(s) <= MAX_SEED:
-                raise ValueError(f"seed {i} must be an integer in [0, 2**63 - 1], got {s!r}")
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(float(w)):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        lo, hi = self.guidance_range
-        if not lo <= float(w) <= hi:
-            raise ValueError(f"guidance_scale {float(w)} is outside this student's range [{lo}, {hi}]")
-        return float(w)
+        from boot_serve.runtime import check_inputs
+
+        return check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

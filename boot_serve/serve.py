@@ -105,7 +105,7 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None,
                  tritonserver: str | Path | None = None, bundled: bool = False, log_verbose: int = 0,
                  extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, exit_timeout: int = 30,
-                 echo: bool = False, check: bool = True):
+                 echo: bool = False, check: bool = True, log_path: str | Path | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -118,6 +118,7 @@ class TritonServer:
         self.abort = threading.Event()  # set (e.g. from a signal handler) to give up waiting for readiness
         self.echo = echo
         self.check = check
+        self.log_path = Path(log_path) if log_path else None  # the whole server log goes there too
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log: deque[str] = deque(maxlen=400)
@@ -195,11 +196,15 @@ class TritonServer:
 
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        for raw in iter(self.process.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
-            self._log.append(line)
-            if self.echo:
-                sys.stderr.write(line)
+        with open(self.log_path, "a") if self.log_path else contextlib.nullcontext() as sink:
+            for raw in iter(self.process.stdout.readline, b""):
+                line = raw.decode("utf-8", errors="replace")
+                self._log.append(line)
+                if self.echo:
+                    sys.stderr.write(line)
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

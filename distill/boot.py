@@ -71,7 +71,10 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
     if prediction_type == "sample":
         return out
     if prediction_type == "epsilon":
-        if bool((schedule.alpha[t] <= 0).any()):
+        # Data-dependent check, skipped while tracing for export (Student/TeacherX0 refuse
+        # epsilon on zero-terminal-SNR schedules at construction anyway).
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if not tracing and bool((schedule.alpha[t] <= 0).any()):
             raise ValueError("epsilon-prediction cannot give x0 where α_t = 0 (zero terminal SNR)")
         return (x_t - s * out) / a
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -87,6 +90,9 @@ class TeacherX0(nn.Module):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+            raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no x0 at T "
+                             "(α_T = 0); BOOT's boundary condition needs one")
         self.unet = unet.eval().requires_grad_(False)
         self.schedule = schedule
         self.prediction_type = prediction_type

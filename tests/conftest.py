@@ -49,11 +49,13 @@ def exported_repository(served_student, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton_server(exported_repository):
-    """A ready tritonserver on the exported repository (stopped after the module)."""
+def triton_server(exported_repository, tmp_path_factory):
+    """A ready tritonserver on the exported repository (stopped after the module); its log is
+    in `server.log_path`."""
     from boot_serve.serve import TritonServer
 
-    server = TritonServer(exported_repository, exit_timeout=5)
+    log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    server = TritonServer(exported_repository, exit_timeout=5, log_path=log)
     server.start()
     yield server
     server.stop()

@@ -90,6 +90,10 @@ def test_pipelines_and_headlines(run, exported_repository):
     rows = {row["key"]: row for row in report["pipelines"]}
     assert set(rows) == {"floor", "student_torch", "teacher"}
     assert rows["floor"]["summary"]["count"] == rows["student_torch"]["summary"]["count"] == REQUESTS
+    for key in ("floor", "student_torch", "teacher"):  # one call at a time: wall time = sum of latencies
+        s = rows[key]["summary"]
+        assert s["images_per_s"] == pytest.approx(s["count"] / s["wall_s"])
+        assert s["wall_s"] * 1000 >= s["mean_ms"] * s["count"] * 0.999
     assert rows["teacher"]["summary"]["count"] == 2
     manifest = json.loads((exported_repository / "manifest.json").read_text())
     assert report["config"]["guidance_scale"] == manifest["guidance_scale"] != 1.0
@@ -104,7 +108,10 @@ def test_pipelines_and_headlines(run, exported_repository):
     p50 = {k: row["summary"]["p50_ms"] for k, row in rows.items()}
     assert h["speedup_vs_teacher"]["value"] == pytest.approx(p50["teacher"] / p50["student_torch"])
     assert "both PyTorch" in h["speedup_vs_teacher"]["basis"]
-    assert h["serving_overhead_c1"]["value"] == pytest.approx(served[1]["p50_ms"] / p50["floor"] - 1)
+    ab = report["overhead_ab"]
+    assert ab["floor"]["count"] == ab["served"]["count"] == REQUESTS
+    assert ab["floor"]["p50_ms"] == p50["floor"]
+    assert h["serving_overhead_c1"]["value"] == pytest.approx(ab["served"]["p50_ms"] / p50["floor"] - 1)
     assert h["throughput_ratio"]["value"] == pytest.approx(served[3]["images_per_s"] / served[1]["images_per_s"])
     assert h["throughput_ratio"]["met"] is None  # the goal is about 8 vs 1; this sweep has no 8
     assert h["serving_overhead_c1"]["met"] == (h["serving_overhead_c1"]["value"] <= 0.10)
@@ -203,3 +210,13 @@ def test_closed_loop_reports_setup_failure():
 
     with pytest.raises(bench.BenchError, match="refused"):
         bench.closed_loop(broken, 2, ["p"], [1], None, n=3, warmup=0, max_seconds=5)
+
+
+def test_interleaved_alternates_blocks():
+    order = []
+    gens = {"a": lambda p, s, g: order.append(("a", s[0])), "b": lambda p, s, g: order.append(("b", s[0]))}
+    series = bench.interleaved(gens, ["p"], list(range(100)), None, n=5, warmup=1, block=2, max_seconds=30)
+    assert order[:2] == [("a", 0), ("b", 0)]  # warm-up: one each
+    assert order[2:] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2), ("a", 3), ("b", 2), ("b", 3),
+                         ("a", 4), ("b", 4)]
+    assert all(len(s.latencies_s) == 5 and s.wall_s == pytest.approx(sum(s.latencies_s)) for s in series.values())
