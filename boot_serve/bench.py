@@ -660,8 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale for every pipeline (default: the repository's recommended one)")
     p.add_argument("--threads", type=_non_negative, default=0,
-                   help="intra-op threads of the in-process runs, torch and ONNX Runtime (default 0: the "
-                        "libraries' defaults, as the server's ONNX Runtime sessions use)")
+                   help="intra-op threads of the in-process runs, torch and ONNX Runtime (default 0: torch's "
+                        "default, and for ONNX Runtime the server's own setting read from config.pbtxt)")
     p.add_argument("--note", default=None, help="a line about this run for the report (what model, which machine)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default docs/bench)")
     return p.parse_args(argv)
