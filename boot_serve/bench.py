@@ -222,6 +222,24 @@ def snapshot(client, models: Sequence[str]) -> dict[str, dict[str, int]]:
     return snap
 
 
+def settled_snapshot(client, before: dict[str, dict[str, int]], expected: int, timeout: float = 5.0
+                     ) -> dict[str, dict[str, int]]:
+    """A snapshot once the ensemble has counted all `expected` requests: Triton updates its
+    statistics after it has sent the response, so a snapshot taken right after the last answer
+    can miss that request."""
+    from boot_serve.triton_repo import ENSEMBLE
+
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = snapshot(client, SERVER_MODELS)
+        if ENSEMBLE not in snap or ENSEMBLE not in before:
+            return snap
+        done = sum(snap[ENSEMBLE][k] - before[ENSEMBLE][k] for k in ("success_count", "fail_count"))
+        if done >= expected or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.05)
+
+
 def _per_request_ms(n: int) -> Callable[[int], float]:
     return (lambda ns: ns / n / 1e6) if n else (lambda ns: float("nan"))
 
@@ -329,7 +347,7 @@ def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds,
             snaps: list[dict] = []
             series = closed_loop(client_generate, c, prompts, seeds, guidance, n, warmup, max_seconds,
                                  between=lambda snaps=snaps: snaps.append(snapshot(probe, SERVER_MODELS)))
-            after = snapshot(probe, SERVER_MODELS)
+            after = settled_snapshot(probe, snaps[0], len(series.latencies_s) + len(series.errors))
             if not series.latencies_s:
                 raise BenchError(f"concurrency {c}: every request failed; first error: {series.errors[:1]}")
             s = series.summary()

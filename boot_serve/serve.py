@@ -26,7 +26,9 @@ In Python (tests, benchmarks) the launcher is a context manager:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -183,8 +185,11 @@ class TritonServer:
         if self.check:
             check_repository(self.repository)
         cmd, env = self.command()
+        # Own process group (a Ctrl-C in the terminal reaches only us, and we stop Triton in
+        # order); SIGTERM to Triton if this process dies without stopping it.
         self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+        _RUNNING.add(self)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
         try:
@@ -243,6 +248,10 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait(timeout=30)
             code = self.process.returncode
+            # Python-backend stubs left behind by a server that had to exit hard (same group).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            _RUNNING.discard(self)
             if self._reader is not None:
                 self._reader.join(timeout=5)
         if self._tmp is not None:
@@ -255,6 +264,21 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+_RUNNING: set[TritonServer] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_RUNNING):
+        server.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent exits (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def warn_public_bind(host: str) -> None:

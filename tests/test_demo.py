@@ -221,6 +221,8 @@ def test_server_rejection_is_a_readable_error(triton_server):
     out = session.run("", 0, 1, None)
     assert out.errors and out.errors[0].startswith("The server rejected the request:")
     assert "PROMPT" in out.errors[0] and "empty" in out.errors[0]
+    long = session.run("a red circle left of a blue square " * 4, 0, 1, None)
+    assert long.errors and "tokens long" in long.errors[0] and "Traceback" not in long.errors[0]
     ok = session.run(PROMPT, 3, 2, 2.0)
     assert ok.ok and len(ok.images) == 2 and ok.student_seconds > 0
 
