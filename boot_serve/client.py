@@ -68,7 +68,8 @@ class Client:
     """Talks to `model` on the Triton server at `url` ("host:port", no scheme) over HTTP or gRPC.
 
     `concurrency`: requests in flight at once in generate_many. `timeout`: seconds for one
-    request (network timeout) and for connecting.
+    request (network timeout) and for connecting. Like tritonclient's clients underneath, a
+    Client is not meant to be shared between threads: one per thread.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = MODEL,

@@ -21,6 +21,10 @@ In Python (tests, benchmarks) the launcher is a context manager:
 
     with TritonServer("model_repository") as server:    # free ports, waits until ready
         Client(server.http_url).generate(["a red circle"], [0])
+
+tritonserver runs in its own process group and gets SIGTERM if the Python process that
+started it dies (Linux PR_SET_PDEATHSIG; strictly: if the starting *thread* exits, so start
+it from a thread that outlives it); `stop()` also kills any Python-backend stub left behind.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def test_write_configs_fills_a_fresh_repository(exported_repository, tmp_path):
     manifest = json.loads((exported_repository / "manifest.json").read_text())
     written = triton_repo.write_configs(tmp_path, "cpu", manifest)
     assert {p.relative_to(tmp_path).as_posix() for p in written} >= {
-        "boot_txt2img/config.pbtxt", "tokenizer/1/model.py", "noise/1/model.py", "boot_unet/1/model.py"}
+        "boot_txt2img/config.pbtxt", "preprocess/1/model.py", "boot_unet/1/model.py"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,11 +151,11 @@ def test_check_repository_says_what_is_missing(tmp_path, exported_repository):
     broken = tmp_path / "broken"
     shutil.copytree(exported_repository, broken)
     (broken / "boot_unet" / "1" / "model.onnx").unlink()
-    (broken / "noise" / "config.pbtxt").unlink()
+    (broken / "preprocess" / "config.pbtxt").unlink()
     with pytest.raises(triton_repo.RepositoryError) as err:
         triton_repo.check_repository(broken)
     assert "boot_unet/1/model.onnx is missing" in str(err.value)
-    assert "noise/config.pbtxt is missing" in str(err.value)
+    assert "preprocess/config.pbtxt is missing" in str(err.value)
     assert triton_repo.check_repository(exported_repository)["max_length"] == 16
 
 
@@ -342,9 +342,19 @@ def test_malformed_request(triton_server, client, reference, case):
     assert_still_serving(client, reference)
 
 
-def test_largest_batch_is_accepted(client, reference):
-    prompts, seeds = [PROMPTS[i % 4] for i in range(8)], list(range(8))
-    assert _max_diff(client.generate(prompts, seeds), reference(prompts, seeds)) <= TOLERANCE
+def test_largest_batch_is_accepted_and_the_client_splits_bigger_ones(client, reference):
+    for n in (8, 11):  # one request of 8 prompts; requests of 8 + 3
+        prompts, seeds = [PROMPTS[i % 4] for i in range(n)], list(range(n))
+        assert _max_diff(client.generate(prompts, seeds), reference(prompts, seeds)) <= TOLERANCE
+
+
+def test_one_bad_prompt_rejects_its_multi_prompt_request(client, reference):
+    with pytest.raises(RequestError, match=r"PROMPT\[1\] is empty") as err:
+        client.generate(["a red circle", " ", "a blue square"], [0, 1, 2])
+    assert err.value.index == 0
+    with pytest.raises(RequestError, match=r"SEED\[2\] is -5"):
+        client.generate(["a red circle"] * 3, [0, 1, -5])
+    assert_still_serving(client, reference)
 
 
 def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, reference):
@@ -354,7 +364,7 @@ def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, refer
     prompts = [bad.get(i, PROMPTS[i % 4]) for i in range(16)]
     seeds = list(range(200, 216))
     with Client(triton_server.grpc_url, "grpc", concurrency=16) as c:
-        before = {"tokenizer": _stats(c, "tokenizer")}
+        before = {"preprocess": _stats(c, "preprocess")}
         results = c.generate_many(prompts, seeds, return_errors=True)
         ((executions, inferences),) = _counts_since(c, before, 16).values()
     assert inferences == 16 and executions < inferences, "the requests were not batched together"
@@ -363,6 +373,19 @@ def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, refer
             assert isinstance(r, RequestError) and r.index == i and "PROMPT" in str(r)
         else:
             assert _max_diff([r], reference([prompts[i]], [seeds[i]])) <= TOLERANCE
+
+
+def test_mixed_good_and_bad_traffic_never_hangs(triton_server):
+    """Regression: with the checks split over two parallel ensemble steps, Triton 2.51 hung a
+    rejected request forever (or fed the other step freed memory) within 3 to 62 such rounds."""
+    with Client(triton_server.grpc_url, "grpc", concurrency=16, timeout=30) as c:
+        for round_ in range(25):
+            bad = {3: "", 7: "x " * 40, 11: b"\xc3\x28"}
+            prompts = [bad.get(i, PROMPTS[i % 4]) for i in range(16)]
+            seeds = [-1 if i in (5, 13) else i for i in range(16)]
+            results = c.generate_many(prompts, seeds, 4.0 if round_ % 2 else None, return_errors=True)
+            for i, r in enumerate(results):
+                assert isinstance(r, RequestError) == (i in bad or i in (5, 13)), (round_, i, r)
 
 
 def test_client_reports_an_unreachable_server():
