@@ -788,6 +788,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
                    metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
                    help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
+    p.add_argument("--configs", choices=["auto", "cpu", "gpu", "tensorrt", "none"], default="auto",
+                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = "
+                        "Python-backend models for the CPU tritonserver, gpu = onnxruntime backend with TensorRT "
+                        "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")
     return p.parse_args(argv)
@@ -806,6 +810,12 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as err:
         print(f"error: parity check failed: {err}", file=sys.stderr)
         return 1
+    if args.configs != "none":
+        from boot_serve.triton_repo import write_configs
+
+        variant = ("tensorrt" if args.tensorrt else "cpu") if args.configs == "auto" else args.configs
+        write_configs(args.repository, variant)
+        log(f"wrote the {variant} Triton configs of {args.repository}")
     return 0
 
 
