@@ -96,10 +96,23 @@ _TWO = re.compile(
 )
 
 
+# Small wording variations mapped onto the grammar's words (whole words only).
+_SYNONYMS = [
+    (r"\bcentre\b|\bmiddle\b", "center"), (r"\bbig\b", "large"), (r"\blittle\b", "small"),
+    (r"\bto the (left|right) of\b", r"\1 of"), (r"\bon the (left|right) of\b", r"\1 of"),
+    (r"\b(?:under|beneath|underneath)\b", "below"), (r"\bover\b", "above"),
+    (r"\bon the\b", "in the"), (r"\ban\b", "a"),
+]
+
+
 def normalize(caption: str) -> str:
-    """Lower-case, collapse whitespace, drop one trailing full stop."""
-    text = " ".join(caption.strip().lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
+    """Lower-case, collapse whitespace and hyphens, drop one trailing full stop, and map small
+    wording variations ("top-left", "centre", "to the left of", "big", ...) onto the grammar."""
+    text = " ".join(caption.strip().lower().replace("-", " ").split())
+    text = text[:-1].rstrip() if text.endswith(".") else text
+    for pattern, repl in _SYNONYMS:
+        text = re.sub(pattern, repl, text)
+    return text
 
 
 def parse(caption: str) -> SceneSpec:

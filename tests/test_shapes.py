@@ -124,11 +124,20 @@ def test_parse_and_errors():
     spec = S.parse("a red circle above a blue triangle")
     assert spec.relation == "above" and spec.objects[1].shape == "triangle"
     assert S.parse("a red circle and a blue triangle").relation is None
-    for bad in ("", "   ", "a red hexagon", "a pink circle", "two red circles", "a red circle in the middle"):
+    for bad in ("", "   ", "a red hexagon", "a pink circle", "two red circles", "a red circle in the corner"):
         with pytest.raises(ValueError, match="caption"):
             S.parse(bad)
     with pytest.raises(ValueError):
         S.parse(None)  # type: ignore[arg-type]
+
+
+def test_small_wording_variations_map_onto_the_grammar():
+    assert S.parse("A big red circle in the top-left.") == S.parse("a large red circle in the top left")
+    assert S.parse("a blue square to the left of a red circle").relation == "left of"
+    assert S.parse("a red circle under a blue square").relation == "below"
+    assert S.parse("a green square in the centre").objects[0].position == "center"
+    little = S.parse("a little white triangle on the right").objects[0]
+    assert little == S.ObjectSpec("white", "triangle", "small", "right")
 
 
 def test_sample_captions_grammar_and_splits():
