@@ -19,14 +19,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from boot_serve import runtime
 
 MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 
 
-class OnnxPipeline:
+class OnnxPipeline(runtime.ChunkedCall):
     """Tokenizer + three ONNX Runtime sessions of a repository written by boot_serve.export.
 
     Also an evaluator Generator (distill/evaluate.py): `name`, `nfe` and the shared signature
@@ -105,13 +104,3 @@ class OnnxPipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(B, C, h, w) latents -> (B, H, W, 3) uint8."""
         return self.sessions["vae_decoder"].run(["image"], {"latents": np.ascontiguousarray(latents)})[0]
-
-    def __call__(self, prompts: list[str], seeds: list[int],
-                 guidance_scale: float | None = None) -> list[Image.Image]:
-        self.check_inputs(prompts, seeds, guidance_scale)
-        images: list[Image.Image] = []
-        for lo in range(0, len(prompts), self.batch_size):
-            chunk = slice(lo, lo + self.batch_size)
-            arrays = self.decode(self.latents(list(prompts[chunk]), list(seeds[chunk]), guidance_scale))
-            images += [Image.fromarray(a) for a in arrays]
-        return images

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from boot_serve.runtime import MAX_SEED  # noqa: F401  (re-exported)
+from boot_serve.runtime import MAX_SEED, ChunkedCall  # noqa: F401  (MAX_SEED re-exported)
 
 STUDENT_FORMAT = "boot-student/1"
 
 
-class BootPipeline:
+class BootPipeline(ChunkedCall):
     """Text stack + one-step generator + VAE decoder of a student folder.
 
     Also an evaluator Generator (distill/evaluate.py): `name`, `nfe` and the shared signature
@@ -127,13 +126,3 @@ class BootPipeline:
         states = self.encode_prompt(prompts)
         scale = torch.full((len(prompts),), w, device=self.device, dtype=torch.float32)
         return self.generator(noise, states, scale)
-
-    def __call__(self, prompts: list[str], seeds: list[int],
-                 guidance_scale: float | None = None) -> list[Image.Image]:
-        self.check_inputs(prompts, seeds, guidance_scale)
-        images: list[Image.Image] = []
-        for lo in range(0, len(prompts), self.batch_size):
-            chunk = slice(lo, lo + self.batch_size)
-            arrays = self.decode(self.latents(list(prompts[chunk]), list(seeds[chunk]), guidance_scale))
-            images += [Image.fromarray(a) for a in arrays]
-        return images

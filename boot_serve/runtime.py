@@ -55,6 +55,23 @@ def check_inputs(prompts, seeds, guidance_scale, default_guidance: float,
     return float(w)
 
 
+class ChunkedCall:
+    """`pipe(prompts, seeds, guidance_scale=None) -> list[PIL.Image]` for a pipeline with
+    `check_inputs`, `latents`, `decode` and `batch_size`: validate everything first, then run
+    in chunks of `batch_size` (images do not depend on the chunking)."""
+
+    def __call__(self, prompts, seeds, guidance_scale=None):
+        from PIL import Image
+
+        self.check_inputs(prompts, seeds, guidance_scale)
+        images = []
+        for lo in range(0, len(prompts), self.batch_size):
+            chunk = slice(lo, lo + self.batch_size)
+            arrays = self.decode(self.latents(list(prompts[chunk]), list(seeds[chunk]), guidance_scale))
+            images += [Image.fromarray(a) for a in arrays]
+        return images
+
+
 def seed_noise(seeds, latent_shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> np.ndarray:
     """(B, C, h, w) float32 initial latents: one PCG64 stream per seed (docs/interfaces.md)."""
     noise = np.stack([np.random.default_rng(int(s)).standard_normal(tuple(latent_shape), dtype=np.float32)

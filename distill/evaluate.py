@@ -40,9 +40,9 @@ class Generator(Protocol):
 
 def seed_noise(seeds: list[int], shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
     """The project's noise contract: one numpy PCG64 stream per seed, independent of batching."""
-    return torch.from_numpy(np.stack([
-        np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds
-    ])) * init_noise_sigma
+    from boot_serve.runtime import seed_noise as numpy_noise
+
+    return torch.from_numpy(numpy_noise(seeds, shape, init_noise_sigma))
 
 
 def to_uint8(decoded: torch.Tensor) -> np.ndarray:
