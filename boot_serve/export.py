@@ -125,6 +125,10 @@ class ParityError(RuntimeError):
     """An exported graph disagrees with PyTorch beyond tolerance."""
 
 
+class StudentLoadError(ValueError):
+    """The --student folder is missing files or holds unreadable weights."""
+
+
 class TensorRTUnavailable(RuntimeError):
     """--tensorrt on a machine without an NVIDIA GPU or without TensorRT."""
 
@@ -178,7 +182,11 @@ def load_student(folder: str | Path) -> Student:
     from boot_serve.pipeline import BootPipeline
 
     folder = Path(folder)
-    pipe = BootPipeline.from_pretrained(folder)
+    try:
+        pipe = BootPipeline.from_pretrained(folder)
+    except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise StudentLoadError(f"cannot load the student from {folder}: {type(err).__name__}: {first}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
     hidden = int(enc.config.hidden_size)
     if pipe.vae is not None:
@@ -807,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.student, args.repository, args.precision, args.tensorrt, args.max_batch, args.opset,
                args.parity_batches, args.e2e_prompts, args.timing_cache)
+    except StudentLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ParityError as err:
         print(f"error: parity check failed: {err}", file=sys.stderr)
         return 1

@@ -241,14 +241,46 @@ class Teacher:
         return (self.latent_shape[1] * up, self.latent_shape[2] * up, 3)
 
 
+class TeacherLoadError(ValueError):
+    """A teacher folder whose files are missing or unreadable (message names the part)."""
+
+
 def load_teacher(folder: str | Path) -> Teacher:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = check_folder(folder)
-    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
-    return Teacher(folder, load_text_stack(folder), unet, vae, sched_cfg, read_meta(folder))
+    part = "scheduler"
+    try:
+        sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        part = "unet"
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+        part = "vae"
+        vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+        part = "text encoder"
+        text_stack = load_text_stack(folder)
+    except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
+        raise TeacherLoadError(f"cannot load the teacher from {folder}: its {part} is missing or corrupt "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    return Teacher(folder, text_stack, unet, vae, sched_cfg, read_meta(folder))
+
+
+def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
+    """Prompts over the text encoder's token limit are truncated by it (as diffusers does); say which."""
+    limit = getattr(text.tokenizer, "model_max_length", None)
+    if not limit or limit > 10**6:
+        return
+    lengths = text.tokenizer(prompts, truncation=False)["input_ids"]
+    long = [i for i, ids in enumerate(lengths) if len(ids) > limit]
+    if not long:
+        return
+    where = ""
+    if source:
+        lines = [i for i, raw in enumerate(Path(source).read_bytes().splitlines(), start=1) if raw.strip()]
+        shown = ", ".join(str(lines[i]) for i in long[:10]) + (", ..." if len(long) > 10 else "")
+        where = f" ({Path(source).name} line{'s' if len(long) > 1 else ''} {shown})"
+    print(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens"
+          f"{where}; they are truncated to {limit} tokens for distillation, and the served model rejects them",
+          file=sys.stderr)
 
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule) -> boot.Student:
@@ -700,6 +732,8 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     try:
         teacher = load_teacher(args.teacher)
+        if dist.main:
+            warn_long_prompts(teacher.text, prompts, None if cfg.prompts == GRAMMAR else cfg.prompts)
         boot.Student(teacher.unet, boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
                      teacher.prediction_type)  # fails early for teachers BOOT cannot distil here
         if dist.main:

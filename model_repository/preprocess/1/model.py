@@ -18,7 +18,8 @@ the failing step now.)
 3. GUIDANCE_SCALE absent -> the student's recommended scale (manifest "guidance_scale").
 
 Rejected with a per-request error (INVALID_ARG; the other requests of the batch go on):
-bytes that are not UTF-8; an empty or whitespace-only prompt; a prompt longer than L tokens
+a prompt over MAX_PROMPT_BYTES (checked before any decoding, so a megabyte prompt costs
+nothing to refuse); bytes that are not UTF-8; an empty or whitespace-only prompt; a prompt longer than L tokens
 (special tokens included; REJECTED, not truncated: truncation silently drops objects or
 positions from the picture); a negative seed (INT64 cannot exceed 2**63 - 1); a NaN/Inf
 guidance or one outside manifest "guidance_range".
@@ -30,6 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# Far above any prompt that fits the token limit (16-77 tokens are a few hundred bytes), far
+# below what would make tokenizing a rejected prompt cost more than serving a good one.
+MAX_PROMPT_BYTES = 4096
 
 
 class RequestRejected(ValueError):
@@ -89,6 +94,10 @@ class TritonPythonModel:
                 "guidance_scale": scales.reshape(-1, 1)}
 
     def _tokenize(self, raw, at: str) -> np.ndarray:
+        size = len(raw) if isinstance(raw, bytes) else len(str(raw).encode())
+        if size > MAX_PROMPT_BYTES:
+            raise RequestRejected(f"PROMPT{at} is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are accepted "
+                                  f"(and at most {self.max_length} tokens)")
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as err:
