@@ -21,6 +21,7 @@ prompt fails alone. Errors:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -80,16 +81,30 @@ class Client:
         self.model = model
         self.concurrency = max(1, int(concurrency))
         self.timeout = timeout
-        if protocol == "http":
-            self._client = self.lib.InferenceServerClient(
-                self.url, concurrency=self.concurrency, connection_timeout=timeout, network_timeout=timeout)
-        else:
-            self._client = self.lib.InferenceServerClient(self.url)
+        self._client = self._connect()
+        self._stale = False  # set when the server went away: reconnect before the next call
         self._max_batch_size: int | None = None
         self._checked = False
 
     # --- connection -----------------------------------------------------------------------------
+    def _connect(self):
+        if self.protocol == "http":
+            return self.lib.InferenceServerClient(self.url, concurrency=self.concurrency,
+                                                  connection_timeout=self.timeout, network_timeout=self.timeout)
+        return self.lib.InferenceServerClient(self.url)
+
+    def _fresh(self):
+        """The tritonclient client, rebuilt after the server went away: a gRPC channel that saw the
+        server die sits in exponential reconnect backoff (seconds to minutes) and fails calls
+        meanwhile, and an HTTP pool may hold dead sockets; a new one connects at once."""
+        if self._stale:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client, self._stale, self._checked = self._connect(), False, False
+        return self._client
+
     def _unavailable(self, err: Exception) -> ServerUnavailableError:
+        self._stale = True
         return ServerUnavailableError(
             f"no Triton server answers at {self.protocol}://{self.url} ({_message(err)}). Start one with "
             "`python -m boot_serve.serve --repository model_repository`")
@@ -97,7 +112,8 @@ class Client:
     def ready(self) -> bool:
         """Server live and the model ready (never raises)."""
         try:
-            return bool(self._client.is_server_live() and self._client.is_model_ready(self.model))
+            client = self._fresh()
+            return bool(client.is_server_live() and client.is_model_ready(self.model))
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
 
@@ -112,7 +128,7 @@ class Client:
     def check(self) -> None:
         """Raise ServerUnavailableError unless the server is live and the model ready."""
         try:
-            live = self._client.is_server_live()
+            live = self._fresh().is_server_live()
         except Exception as err:  # noqa: BLE001 - connection refused, DNS, timeouts: all "unavailable"
             raise self._unavailable(err) from err
         if not live:
@@ -182,7 +198,7 @@ class Client:
               index: int | None = None) -> np.ndarray:
         """One request: (B, H, W, 3) uint8 images, B = len(prompts) <= max_batch_size."""
         try:
-            result = self._client.infer(self.model, self._inputs(prompts, seeds, guidance_scale),
+            result = self._fresh().infer(self.model, self._inputs(prompts, seeds, guidance_scale),
                                         outputs=self._outputs(),
                                         **({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
         except Exception as err:  # noqa: BLE001 - mapped to this module's error types
@@ -208,6 +224,7 @@ class Client:
         """One request per prompt, up to `concurrency` in flight. Raises the first error, or
         with `return_errors=True` puts each request's error in its place in the list."""
         prompts, seeds, guidance = _check(prompts, seeds, guidance_scale)
+        self._fresh()
         if not self._checked:
             self.check()
         requests = [self._inputs([p], [s], None if guidance is None else guidance[i:i + 1])

@@ -186,3 +186,34 @@ def test_client_cli_bad_arguments(tmp_path):
                timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # 1 = request rejected
     assert "no Triton server answers at http://127.0.0.1:1" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: the server dies and comes back
+# --------------------------------------------------------------------------------------------
+def test_server_killed_then_restarted_client_recovers(exported_repository):
+    """kill -9 of tritonserver: the same Client gets a clear connection error (not a hang, not a
+    stack trace from deep inside tritonclient) while it is down, and works again after a restart
+    on the same ports."""
+    import signal
+
+    from boot_serve.client import ServerUnavailableError
+    from boot_serve.serve import TritonServer, find_free_port
+
+    ports = dict(http_port=find_free_port(), grpc_port=find_free_port(), metrics_port=find_free_port())
+    first = TritonServer(exported_repository, exit_timeout=5, **ports).start()
+    clients = [Client(first.http_url, "http", timeout=30), Client(first.grpc_url, "grpc", timeout=30)]
+    try:
+        before = [np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]) for c in clients]
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+        for c in clients:
+            with pytest.raises(ServerUnavailableError, match="no Triton server answers"):
+                c.generate([GOOD[0]], [GOOD[1]])
+    finally:
+        first.stop()
+    with TritonServer(exported_repository, exit_timeout=5, **ports):
+        for c, image in zip(clients, before):
+            assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), image)
+    for c in clients:
+        c.close()

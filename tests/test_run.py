@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +147,32 @@ def test_resume_after_kill_equals_uninterrupted(baseline, setup):
         assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
     assert [(r["step"], r["loss"]) for r in _losses(work)] == [
         (r["step"], r["loss"]) for r in _losses(baseline[0] / "work")]
+
+
+def test_sigkill_from_outside_then_resume_equals_uninterrupted(baseline, setup):
+    """`kill -9` at whatever the run is doing once its step-2 checkpoint is visible."""
+    root, teacher, prompts = setup
+    cli = _cli(root, teacher, prompts, "sigkill")
+    ckpts = root / "sigkill" / "work" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "distill.run", *cli], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpts / "step-00000002").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.latest(ckpts).name in ("step-00000002", "step-00000004")
+    resumed = _in_process([*cli, "--resume"])
+    assert "resumed" in resumed
+    ref, got = _tensors(baseline[0] / "work", 4), _tensors(root / "sigkill" / "work", 4)
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
+    exported = load_file(str(root / "sigkill" / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, ref[f"ema.{k}"]) for k, v in exported.items())
 
 
 def test_two_process_ddp_equals_one_process(baseline, setup):
