@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from boot_serve import demo_backend as db
+from boot_serve.serve import LOCAL_HOSTS
 
 CSS = """
 #gallery img, #teacher-gallery img { image-rendering: pixelated; }
@@ -105,15 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     from distill.shapes import sample_captions
 
     args = parse_args(argv)
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: the demo binds {args.host}, not 127.0.0.1: anyone who can reach it can generate "
+              "images (there is no authentication)", file=sys.stderr)
     try:
         backend = db.load_backend(args.url, args.protocol, args.repository, args.student)
         teacher = db.TeacherBackend(args.teacher) if args.teacher else None
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the demo binds {args.host}: anyone who can reach it can generate images",
-              file=sys.stderr)
     ui = build_ui(db.DemoSession(backend, teacher), sample_captions(N_EXAMPLES, args.examples_seed, "eval"))
     ui.queue(default_concurrency_limit=4)
     ui.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
