@@ -124,13 +124,25 @@ def _trt_profile(inputs: list[dict], max_batch: int) -> dict[str, str]:
 
 
 def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | None = None,
-                  queue_delay_us: dict[str, int] | None = None, instances: int = 1) -> dict:
-    """ModelConfig protobufs of every model of the repository, by name."""
+                  queue_delay_us: dict[str, int] | None = None, instances: int = 1,
+                  gpus: tuple[int, ...] | None = None) -> dict:
+    """ModelConfig protobufs of every model of the repository, by name.
+
+    `instances`: instance_group count, i.e. copies of each model per device. `gpus` (gpu and
+    tensorrt variants): the GPU ids to place those copies on, `instances` on each (Triton's
+    instance_group `gpus`); None = every GPU the server sees.
+    """
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    if gpus is not None and (variant == "cpu" or not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
+        raise ValueError(f"gpus must be distinct GPU ids >= 0 and needs the gpu or tensorrt variant, got {gpus} "
+                         f"for {variant}")
+    gpu_group = {"kind": "KIND_GPU", "count": instances, **({"gpus": list(gpus)} if gpus else {})}
     batch = int(max_batch_size or max(MIN_MAX_BATCH, int(manifest.get("max_batch", MIN_MAX_BATCH))))
     if batch < MIN_MAX_BATCH:
         raise ValueError(f"max_batch_size must be >= {MIN_MAX_BATCH}, got {batch}")
@@ -162,13 +174,13 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
                    "max_workspace_size_bytes": str(4 << 30), "trt_engine_cache_enable": "1",
                    "trt_engine_cache_path": f"/tmp/boot-trt-cache/{name}", **_trt_profile(inputs, batch)}
             cfg.update(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx",
-                       instance_group=[{"kind": "KIND_GPU", "count": instances}],
+                       instance_group=[gpu_group],
                        optimization={"execution_accelerators": {"gpu_execution_accelerator": [
                            {"name": "tensorrt", "parameters": trt}]}})
         else:  # tensorrt plans
             plan = Path(manifest["tensorrt"]["plans"][name]["path"]).name
             cfg.update(platform="tensorrt_plan", backend="tensorrt", default_model_filename=plan,
-                       instance_group=[{"kind": "KIND_GPU", "count": instances}])
+                       instance_group=[gpu_group])
         if name != ENSEMBLE:
             cfg["dynamic_batching"] = {"max_queue_delay_microseconds": int(delays[name])}
         configs[name] = json_format.ParseDict(cfg, model_config_pb2.ModelConfig())
@@ -264,6 +276,13 @@ def check_repository(repository: str | Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU ids like 0,1, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m boot_serve.triton_repo",
                                 description="Write the config.pbtxt files of a boot repository from its manifest.",
@@ -274,14 +293,19 @@ def main(argv: list[str] | None = None) -> int:
                         "tensorrt: TensorRT plans built by `export --tensorrt`")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help=f"max_batch_size of every model (default: manifest max_batch, at least {MIN_MAX_BATCH})")
-    p.add_argument("--instances", type=int, default=1, help="instances of every model (instance_group count)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="instances of every model per device (instance_group count)")
+    p.add_argument("--gpus", type=_gpu_list, default=None,
+                   help="gpu/tensorrt variants: comma-separated GPU ids to spread the instances over, "
+                        "--instances on each, e.g. 0,1,2,3 (default: every GPU the server sees). TensorRT plans "
+                        "only run on the GPU model they were built on")
     p.add_argument("--shapes-defaults", action="store_true",
                    help="no manifest needed: use the shipped shapes student's dims (regenerates the committed configs)")
     args = p.parse_args(argv)
     try:
         manifest = SHAPES_MANIFEST if args.shapes_defaults else read_manifest(args.repository)
         files = write_configs(args.repository, args.variant, manifest, max_batch_size=args.max_batch_size,
-                              instances=args.instances)
+                              instances=args.instances, gpus=args.gpus)
     except (RepositoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

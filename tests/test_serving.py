@@ -103,6 +103,27 @@ def test_every_variant_renders_valid_configs(variant):
     assert list(unet["guidance_scale"].dims) == [1] and list(unet["guidance_scale"].reshape.shape) == []
 
 
+@pytest.mark.parametrize("variant", ["gpu", "tensorrt"])
+def test_instance_groups_across_gpus(variant, tmp_path):
+    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt={"plans": {
+        m: {"path": f"{m}/1/model.plan", "profile": {"min": 1, "opt": 4, "max": 8}} for m in triton_repo.HEAVY_MODELS}})
+    configs = triton_repo.model_configs(manifest, variant, instances=2, gpus=(0, 1, 3))
+    for name in triton_repo.HEAVY_MODELS:
+        (group,) = configs[name].instance_group
+        assert (group.kind, group.count, list(group.gpus)) == (group.KIND_GPU, 2, [0, 1, 3])
+        assert triton_repo.parse_config(triton_repo.render(configs[name], variant)) == configs[name]
+    (pre,) = configs["preprocess"].instance_group  # Python preprocessing stays on the CPU
+    assert list(pre.gpus) == []
+    for bad in [(), (0, 0), (-1,)]:
+        with pytest.raises(ValueError, match="distinct GPU ids"):
+            triton_repo.model_configs(manifest, variant, gpus=bad)
+    with pytest.raises(ValueError, match="needs the gpu or tensorrt variant"):
+        triton_repo.model_configs(manifest, "cpu", gpus=(0,))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert triton_repo.main(["--repository", str(tmp_path), "--variant", variant, "--gpus", "0,1"]) == 0
+    assert "gpus: [0, 1]" in (tmp_path / "boot_unet" / "config.pbtxt").read_text()
+
+
 def test_tensorrt_variant_needs_plans():
     with pytest.raises(triton_repo.RepositoryError, match="--tensorrt"):
         triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "tensorrt")
