@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -217,3 +218,47 @@ def test_server_killed_then_restarted_client_recovers(exported_repository):
             assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), image)
     for c in clients:
         c.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Soak (boot_serve.soak): a short run by default, the 10-minute one with -m slow
+# --------------------------------------------------------------------------------------------
+def test_tree_rss_counts_children():
+    from boot_serve.soak import tree_rss_mb
+
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while tree_rss_mb(child.pid) < 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alone = tree_rss_mb(child.pid)
+        assert alone >= 200
+        assert tree_rss_mb(os.getpid()) >= alone  # the child is counted with its parent
+    finally:
+        child.kill()
+        child.wait()
+
+
+def run_soak(server, minutes: float, windows: int, out: Path) -> dict:
+    proc = cli("-m", "boot_serve.soak", "--url", server.http_url, "--minutes", str(minutes), "--windows",
+               str(windows), "--concurrency", "8", "--pid", str(server.process.pid), "--out", str(out),
+               timeout=minutes * 60 + 300)
+    report = json.loads((out / "soak.json").read_text())
+    print(f"\n{(out / 'soak.md').read_text()}")
+    assert (out / "soak.png").stat().st_size > 0
+    assert proc.returncode == (0 if report["verdicts"]["ok"] else 1), proc.stderr[-2000:]
+    return report
+
+
+def test_short_soak(triton_server, tmp_path):
+    report = run_soak(triton_server, 0.5, 2, tmp_path / "soak")
+    v = report["verdicts"]
+    assert v["errors"]["total"] == 0 and v["requests"] > 0
+    assert all(r["rss_mb"] > 0 for r in report["windows"])
+
+
+@pytest.mark.slow
+def test_soak_10_minutes_at_concurrency_8(triton_server, tmp_path):
+    out = Path(os.environ.get("BOOT_SOAK_OUT", tmp_path / "soak"))
+    report = run_soak(triton_server, float(os.environ.get("BOOT_SOAK_MINUTES", "10")), 10, out)
+    assert report["verdicts"]["ok"], report["verdicts"]
