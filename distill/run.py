@@ -253,9 +253,9 @@ def load_teacher(folder: str | Path) -> Teacher:
     try:
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval().requires_grad_(False)
         part = "vae"
-        vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
         part = "text encoder"
         text_stack = load_text_stack(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
@@ -287,7 +287,8 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule) -> boot.Studen
     """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection."""
     from diffusers import UNet2DConditionModel
 
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet"))
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet",
+                                                                           use_safetensors=True))
     return boot.Student(unet.train(), schedule, teacher.prediction_type)
 
 

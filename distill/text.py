@@ -48,7 +48,7 @@ def load_text_encoder(dtype: torch.dtype = torch.float32):
     from transformers import AutoModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModel.from_pretrained(encoder_dir(), local_files_only=True, dtype=dtype)
+    model = AutoModel.from_pretrained(encoder_dir(), local_files_only=True, dtype=dtype, use_safetensors=True)
     model.requires_grad_(False)
     return model.eval()
 
