@@ -139,6 +139,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
+    if any(int(v) < 0 for v in (queue_delay_us or {}).values()):
+        raise ValueError(f"queue delays must be >= 0 microseconds, got {queue_delay_us}")
     if gpus is not None and (variant == "cpu" or not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
         raise ValueError(f"gpus must be distinct GPU ids >= 0 and needs the gpu or tensorrt variant, got {gpus} "
                          f"for {variant}")
@@ -299,13 +301,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="gpu/tensorrt variants: comma-separated GPU ids to spread the instances over, "
                         "--instances on each, e.g. 0,1,2,3 (default: every GPU the server sees). TensorRT plans "
                         "only run on the GPU model they were built on")
+    p.add_argument("--queue-delay-us", type=int, default=None,
+                   help="max_queue_delay_microseconds of every composing model (default: per model, "
+                        f"{', '.join(f'{k} {v}' for k, v in QUEUE_DELAY_US.items())})")
     p.add_argument("--shapes-defaults", action="store_true",
                    help="no manifest needed: use the shipped shapes student's dims (regenerates the committed configs)")
     args = p.parse_args(argv)
     try:
         manifest = SHAPES_MANIFEST if args.shapes_defaults else read_manifest(args.repository)
         files = write_configs(args.repository, args.variant, manifest, max_batch_size=args.max_batch_size,
-                              instances=args.instances, gpus=args.gpus)
+                              instances=args.instances, gpus=args.gpus,
+                              queue_delay_us=None if args.queue_delay_us is None
+                              else dict.fromkeys(QUEUE_DELAY_US, args.queue_delay_us))
     except (RepositoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
