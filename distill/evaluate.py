@@ -2,6 +2,7 @@
 
     python -m distill.evaluate --teacher pretrained/shapes-teacher --steps 1,2,4,8,25,50
     python -m distill.evaluate --student pretrained/shapes-boot --teacher pretrained/shapes-teacher --steps 1,2,4,8,50
+    python -m distill.evaluate --student pretrained/shapes-boot --guidance-sweep 1,2,3,4,5,6 --n 100
 
 Every generator has one signature (STYLE.md 4):
     gen(prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> list[PIL.Image]
@@ -209,6 +210,54 @@ def write_report(results: list[Result], images: dict[str, list[Image.Image]], ca
     comparison_grid(images, captions).save(out / "grid.png")
 
 
+def guidance_sweep(gens: list[Generator], scales: list[float], captions: list[str], seeds: list[int],
+                   out: Path) -> dict:
+    """Accuracy of each generator at each guidance scale (same captions and seeds throughout);
+    writes guidance.json, guidance.md and guidance.png to `out`."""
+    rows = {g.name: [] for g in gens}
+    for w in scales:
+        for g in gens:
+            res, _ = evaluate(g, captions, seeds, w)
+            rows[g.name].append({"guidance_scale": w, "accuracy": res.accuracy, "single": res.single,
+                                 "two": res.two, **{f"attr_{k}": v for k, v in res.attributes.items()}})
+            print(f"guidance {w}: {g.name} accuracy {100 * res.accuracy:.1f}%", flush=True)
+    report = {"captions": len(captions), "scales": scales, "generators": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "guidance.json").write_text(json.dumps(report, indent=1))
+    head = "| generator | " + " | ".join(f"w={w:g}" for w in scales) + " |"
+    lines = [f"## Judge accuracy (%) vs guidance scale, {len(captions)} eval captions", "", head,
+             "|---|" + "---|" * len(scales)]
+    lines += [f"| {name} | " + " | ".join(f"{100 * r['accuracy']:.1f}" for r in rs) + " |" for name, rs in rows.items()]
+    (out / "guidance.md").write_text("\n".join(lines) + "\n")
+    _plot_sweep(rows, out / "guidance.png", len(captions))
+    return report
+
+
+def _plot_sweep(rows: dict[str, list[dict]], path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rs in rows.items():
+        ax.plot([r["guidance_scale"] for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=name)
+    ax.set(xlabel="guidance scale w", ylabel="judge accuracy (%)", ylim=(0, 100),
+           title=f"accuracy vs guidance ({n} eval captions)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", type=Path, default=Path("pretrained/shapes-teacher"),
@@ -222,9 +271,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference-steps", type=int, default=50,
                    help="teacher steps whose images are the PSNR reference (default 50; 0 = none)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default runs/eval)")
+    p.add_argument("--guidance-sweep", type=_floats, default=None, metavar="W1,W2,...",
+                   help="instead of the step comparison: accuracy of the student (if given) and of the teacher "
+                        "at --sweep-steps over these guidance scales -> guidance.{json,md,png}")
+    p.add_argument("--sweep-steps", type=int, default=50, help="teacher DDIM steps in the sweep (default 50)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
+    if args.guidance_sweep is not None:
+        if not args.guidance_sweep or args.sweep_steps < 1:
+            p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
+        gens = ([StudentGenerator(args.student)] if args.student else []) + [
+            TeacherSampler(args.teacher, args.sweep_steps)]
+        captions = shapes.sample_captions(args.n, args.seed, "eval")
+        guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
+        print((args.out / "guidance.md").read_text())
+        return
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
     except ValueError:

@@ -68,6 +68,24 @@ def test_evaluate_reports_attributes(tmp_path):
     assert res.psnr_vs_reference == float("inf")
 
 
+def test_guidance_sweep_reports_the_curve(tmp_path):
+    from distill.evaluate import guidance_sweep
+
+    class GuidedRender:  # right picture only at guidance >= 3, a black canvas below
+        name, nfe = "guided", 1
+
+        def __call__(self, prompts, seeds, guidance_scale=None):
+            if guidance_scale >= 3:
+                return [shapes.render(p, s) for p, s in zip(prompts, seeds)]
+            return [shapes.render(p, s).point(lambda v: 0) for p, s in zip(prompts, seeds)]
+
+    caps = shapes.sample_captions(12, 1, "eval")
+    report = guidance_sweep([GuidedRender()], [1.0, 3.0, 5.0], caps, list(range(12)), tmp_path)
+    assert [r["accuracy"] for r in report["generators"]["guided"]] == [0.0, 1.0, 1.0]
+    assert "| guided | 0.0 | 100.0 | 100.0 |" in (tmp_path / "guidance.md").read_text()
+    assert (tmp_path / "guidance.png").stat().st_size > 0
+
+
 def test_teacher_training_cli_end_to_end_and_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, "-m", "distill.teacher", "--work", str(tmp_path / "w"), "--out",
