@@ -3,6 +3,7 @@
     python -m distill.evaluate --teacher pretrained/shapes-teacher --steps 1,2,4,8,25,50
     python -m distill.evaluate --student pretrained/shapes-boot --teacher pretrained/shapes-teacher --steps 1,2,4,8,50
     python -m distill.evaluate --student pretrained/shapes-boot --guidance-sweep 1,2,3,4,5,6 --n 100
+    python -m distill.evaluate --url 127.0.0.1:8000 --student pretrained/shapes-boot --steps 50  # + the served model
 
 Every generator has one signature (STYLE.md 4):
     gen(prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> list[PIL.Image]
@@ -114,6 +115,20 @@ class StudentGenerator:
 
     def __call__(self, prompts, seeds, guidance_scale=None):
         return self.pipe(prompts, seeds, guidance_scale)
+
+
+class ServedGenerator:
+    """The model behind a Triton server (boot_serve.client) as a Generator: what users get."""
+
+    def __init__(self, url: str, protocol: str = "http"):
+        from boot_serve.client import Client
+
+        self.client = Client(url, protocol, concurrency=8)
+        self.client.check()
+        self.name, self.nfe = "served-1", 1
+
+    def __call__(self, prompts, seeds, guidance_scale=None):
+        return self.client.generate_many(prompts, seeds, guidance_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", type=Path, default=Path("pretrained/shapes-teacher"),
                    help="teacher folder (default pretrained/shapes-teacher)")
     p.add_argument("--student", type=Path, default=None, help="student folder to evaluate (optional)")
+    p.add_argument("--url", default=None,
+                   help="also evaluate the model served by Triton at this host:port (boot_serve.client)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
     p.add_argument("--n", type=int, default=300, help="eval-split captions (default 300)")
     p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
@@ -313,16 +331,18 @@ def main(argv: list[str] | None = None) -> None:
         images[gen.name] = imgs
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}% (single {100 * res.single:.1f}%, "
               f"two {100 * res.two:.1f}%)", flush=True)
-    if args.student:
-        gen = StudentGenerator(args.student)
+    extra = ([StudentGenerator(args.student)] if args.student else []) + (
+        [ServedGenerator(args.url, args.protocol)] if args.url else [])
+    for gen in extra:
         res, imgs = evaluate(gen, captions, seeds, args.guidance, reference)
         results.insert(0, res)
         images = {gen.name: imgs, **images}
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}%")
-    results.sort(key=lambda r: (r.name != "student-1", r.nfe))
+    results.sort(key=lambda r: (r.name not in ("student-1", "served-1"), r.nfe, r.name))
     title = f"shapes eval split, {args.n} captions, seed {args.seed}"
     write_report(results, images, captions, args.out, title,
                  {"teacher": str(args.teacher), "student": str(args.student) if args.student else None,
+                  "served": args.url,
                   "guidance_scale": args.guidance})
     print((args.out / "report.md").read_text())
     print(f"report written to {args.out}/report.{{json,md}} and grid.png")

@@ -534,3 +534,16 @@ def test_64_concurrent_requests_from_8_clients(triton_server):
     for m in triton_repo.HEAVY_MODELS:
         executions, inferences = map(int, result["executions/inferences"][m].split("/"))
         assert inferences == 64 and executions < inferences, m
+
+
+def test_served_model_as_an_evaluation_generator(triton_server, reference):
+    """distill.evaluate --url: the served model judged like any generator, PSNR vs the in-process one."""
+    from distill import shapes
+    from distill.evaluate import ServedGenerator, evaluate
+
+    captions = shapes.sample_captions(12, 3, "eval")
+    seeds = list(range(100, 112))
+    gen = ServedGenerator(triton_server.http_url)
+    res, images = evaluate(gen, captions, seeds, None, reference(captions, seeds))
+    assert (res.name, res.nfe, res.n, len(images)) == ("served-1", 1, 12, 12)
+    assert res.psnr_vs_reference > 40  # within 2/255 per pixel, i.e. > 42 dB
