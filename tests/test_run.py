@@ -199,6 +199,18 @@ def test_two_process_ddp_equals_one_process(baseline, setup):
     assert meta["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(baseline, setup):
+    root, teacher, prompts = setup
+    _in_process([*_cli(root, teacher, prompts, "compiled"), "--compile"])
+    ref, got = _tensors(baseline[0] / "work", 4), _tensors(root / "compiled" / "work", 4)
+    norm = lambda d: sum(v.double().pow(2).sum() for v in d.values()).sqrt().item()  # noqa: E731
+    mid = _tensors(baseline[0] / "work", 2)
+    moved = norm({k: ref[k] - mid[k] for k in ref if k.startswith("unet.")})
+    diff = norm({k: ref[k] - got[k] for k in ref if k.startswith("unet.")})
+    assert diff < 1e-2 * moved, (moved, diff)
+
+
 def test_global_batch_is_sharded_not_redrawn():
     cfg = run.RunConfig(batch_size=6, seed=1)
     full = run.draw_batch(cfg, 5, 10, LATENT, 999)
