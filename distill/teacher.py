@@ -380,6 +380,19 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
         "recipe": dataclasses.asdict(cfg),
     }, indent=1))
     print(f"teacher written to {out} (UNet step {info['step']})")
+    sample_grid(out, work / "samples.png")
+
+
+def sample_grid(folder: Path, path: Path, n: int = 16) -> None:
+    """The exported teacher at its recommended steps and guidance on held-out captions (PNG)."""
+    from distill.evaluate import TeacherSampler
+
+    meta = json.loads((folder / "boot_teacher.json").read_text())
+    captions = shapes.sample_captions(n, 0, "eval")
+    images = TeacherSampler(folder, meta["num_inference_steps"])(captions, list(range(1_000_000, 1_000_000 + n)))
+    shapes.grid(images, captions).save(path)
+    print(f"sample grid ({n} eval captions, {meta['num_inference_steps']} DDIM steps, guidance "
+          f"{meta['guidance_scale']}): {path}")
 
 
 def _wall_time(log: Path) -> float | None:

@@ -98,6 +98,7 @@ def test_teacher_training_cli_end_to_end_and_resume(tmp_path):
     meta = json.loads((tmp_path / "out" / "boot_teacher.json").read_text())
     assert meta["unet_steps_trained"] == 2 and meta["recipe"]["prediction_type"] == "v_prediction"
     assert not (tmp_path / "out" / "text_encoder").exists()  # third-party weights never copied
+    assert (tmp_path / "w" / "samples.png").stat().st_size > 0 and "sample grid (16 eval captions" in run.stdout
     pipe = load_teacher_pipeline(tmp_path / "out")
     image = pipe(["a red circle"], num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
