@@ -185,8 +185,9 @@ def load_student(folder: str | Path) -> Student:
     try:
         pipe = BootPipeline.from_pretrained(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise StudentLoadError(f"cannot load the student from {folder}: {type(err).__name__}: {first}") from err
+        from distill.models import describe_error
+
+        raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
     hidden = int(enc.config.hidden_size)
     if pipe.vae is not None:

@@ -59,6 +59,12 @@ def load_text_stack(folder: str | Path) -> TextStack:
     )
 
 
+def describe_error(err: Exception) -> str:
+    """`Type: first line of the message`: a loader's failure, short enough for one error line."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def check_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "vae", "scheduler")) -> Path:
     folder = Path(folder)
     if not folder.is_dir():

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from distill import boot, checkpoint
-from distill.models import STUDENT_META, TEACHER_META, check_folder, load_text_stack, read_meta
+from distill.models import STUDENT_META, TEACHER_META, check_folder, describe_error, load_text_stack, read_meta
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
@@ -265,7 +265,7 @@ def load_teacher(folder: str | Path) -> Teacher:
         text_stack = load_text_stack(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise TeacherLoadError(f"cannot load the teacher from {folder}: its {part} is missing or corrupt "
-                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+                               f"({describe_error(err)})") from err
     return Teacher(folder, text_stack, unet, vae, sched_cfg, read_meta(folder))
 
 
