@@ -622,8 +622,9 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1
         out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
+        flag = torch.tensor(float(out_of_time) * dist.world, device=dev)
         *logged, stop = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean(),
-                                              torch.tensor(float(out_of_time) * dist.world)]).float(), dist).tolist()
+                                              flag]).float(), dist).tolist()
         last = done == cfg.steps or stop > 0
         if dist.main:
             record = dict(zip(("loss", "bootstrap", "boundary"), logged))

@@ -230,28 +230,40 @@ def load_trained_vae(cfg: TeacherConfig, work: Path):
 # --------------------------------------------------------------------------------------------
 # Stage 2: cached latents and text states
 # --------------------------------------------------------------------------------------------
+def _render_chunk(job: tuple[list[str], int]) -> np.ndarray:
+    captions, first_seed = job
+    return np.stack([shapes.render_array(c, first_seed + i) for i, c in enumerate(captions)])
+
+
 @torch.no_grad()
-def cache_latents(cfg: TeacherConfig, work: Path) -> None:
+def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.device("cpu"),
+                  workers: int = 1) -> None:
     from safetensors.torch import save_file
 
     out = work / "latents.safetensors"
     if out.exists():
         return
-    vae = load_trained_vae(cfg, work)
-    tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder()
+    import multiprocessing
+
+    # Workers fork before any CUDA context exists in this process; they only render.
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    vae = load_trained_vae(cfg, work).to(device)
+    tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder().to(device)
     captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="train")
     vocab = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(vocab)}
     means, stds = [], []
     chunk = 256
-    for lo in tqdm(range(0, len(captions), chunk), desc="encode images"):
-        caps = captions[lo:lo + chunk]
-        images = np.stack([shapes.render_array(c, cfg.seed * 1_000_003 + lo + i)
-                           for i, c in enumerate(caps)])
-        dist = vae.encode(to_model_range(images)).latent_dist
-        means.append(dist.mean.half().contiguous())
-        stds.append(dist.std.half().contiguous())
-    states = torch.cat([text.encode(vocab[i:i + 256], tokenizer, encoder)
+    # Image i is rendered with seed `seed * 1_000_003 + i` whatever the chunking or worker count.
+    jobs = [(captions[lo:lo + chunk], cfg.seed * 1_000_003 + lo) for lo in range(0, len(captions), chunk)]
+    rendered = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
+    for images in tqdm(rendered, total=len(jobs), desc="encode images"):
+        dist = vae.encode(to_model_range(images).to(device)).latent_dist
+        means.append(dist.mean.half().cpu().contiguous())
+        stds.append(dist.std.half().cpu().contiguous())
+    if pool:
+        pool.close()
+    states = torch.cat([text.encode(vocab[i:i + 256], tokenizer, encoder).cpu()
                         for i in range(0, len(vocab), 256)])
     mean = torch.cat(means)
     scaling = 1.0 / float(mean.float().std())
@@ -275,15 +287,17 @@ def _noise_tables(cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return abar.sqrt().float(), (1 - abar).sqrt().float()
 
 
-def train_unet(cfg: TeacherConfig, work: Path) -> None:
+def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.device("cpu"),
+               fit_minutes: float = 0.0) -> TeacherConfig:
+    """Train (or resume) the UNet; returns the config, whose unet_steps `fit_minutes` may have set."""
     from safetensors.torch import load_file
 
     cache = load_file(str(work / "latents.safetensors"))
     meta = json.loads((work / "latents.json").read_text())
-    mean, std = cache["mean"].float(), cache["std"].float()
-    states, cap_idx = cache["states"].float(), cache["caption_index"]
+    mean, std = cache["mean"].float().to(device), cache["std"].float().to(device)
+    states, cap_idx = cache["states"].float().to(device), cache["caption_index"].to(device)
     scaling, empty = meta["scaling_factor"], meta["empty_index"]
-    alpha, sigma = _noise_tables(cfg)
+    alpha, sigma = (x.to(device) for x in _noise_tables(cfg))
     snr = (alpha / sigma.clamp_min(1e-8)) ** 2
     # Min-SNR-gamma (Hang et al. 2023) written for the v-loss as min(SNR + 1, gamma) / (SNR + 1):
     # it only down-weights the easy low-noise steps. The usual min(SNR, gamma) / (SNR + 1) is 0
@@ -291,8 +305,9 @@ def train_unet(cfg: TeacherConfig, work: Path) -> None:
     # step (pure noise -> the caption's mean image).
     weight = torch.minimum(snr + 1, torch.full_like(snr, cfg.min_snr_gamma)) / (snr + 1)
 
-    unet, ema = build_unet(cfg).train(), build_unet(cfg).eval().requires_grad_(False)
+    unet, ema = build_unet(cfg).train().to(device), build_unet(cfg).eval().requires_grad_(False).to(device)
     ema.load_state_dict(unet.state_dict())
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ckpt_dir, log_path = work / "unet", work / "unet" / "loss.jsonl"
@@ -302,17 +317,34 @@ def train_unet(cfg: TeacherConfig, work: Path) -> None:
     sched.last_epoch = start
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
     t0 = time.time() - _elapsed_before(log_path)
+    fit_from = (start + 20, start + 120) if fit_minutes > 0 else None
     bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet")
     for step in bar:
+        if step >= cfg.unet_steps:  # cut by --fit-minutes
+            break
+        if fit_from and step in fit_from:
+            # --fit-minutes: time steps fit_from[0]..fit_from[1], then set the step count (and with
+            # it the LR schedule, not yet past warmup) so that the stage ends in about that time.
+            if step == fit_from[0]:
+                fit_t = time.time()
+            else:
+                rate = (fit_from[1] - fit_from[0]) / (time.time() - fit_t)
+                steps = int(rate * (60 * fit_minutes - (time.time() - t0)) + step)
+                cfg = dataclasses.replace(cfg, unet_steps=max(step + 1, min(cfg.unet_steps, steps)))
+                sched.lr_lambdas[0] = _lr_lambda(cfg)
+                bar.total = cfg.unet_steps
+                tqdm.write(f"--fit-minutes {fit_minutes}: {rate:.1f} steps/s -> {cfg.unet_steps} steps")
         # Everything random in a step is drawn from a generator seeded by the step, so a resumed
         # run sees exactly the batches an uninterrupted one would.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        eps0 = torch.randn(mean[idx].shape, generator=gen)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
-        context = states[torch.where(drop, torch.full_like(idx, empty), cap_idx[idx])]
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.unet_batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(eps0.shape, generator=gen)
+        idx, eps0, drop, t, noise = (x.to(device, non_blocking=True) for x in (idx, eps0, drop, t, noise))
+        x0 = (mean[idx] + std[idx] * eps0) * scaling
+        context = states[torch.where(drop, torch.full_like(idx, empty), cap_idx[idx])]
         a, s = alpha[t].view(-1, 1, 1, 1), sigma[t].view(-1, 1, 1, 1)
         x_t = a * x0 + s * noise
         v_target = a * noise - s * x0
@@ -326,10 +358,9 @@ def train_unet(cfg: TeacherConfig, work: Path) -> None:
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             _log(log_path, {"step": step, "loss": loss.item(), "mse": per_sample.mean().item(),
                             "lr": sched.get_last_lr()[0], "time": time.time() - t0})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
@@ -337,6 +368,7 @@ def train_unet(cfg: TeacherConfig, work: Path) -> None:
                             dataclasses.asdict(cfg))
             plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
     plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,15 +378,21 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     meta = json.loads((work / "latents.json").read_text())
-    vae = load_trained_vae(cfg, work)
-    vae.register_to_config(scaling_factor=meta["scaling_factor"])
-    unet = build_unet(cfg)
     last = checkpoint.latest(work / "unet")
     if last is None:
         raise FileNotFoundError(f"no UNet checkpoint in {work / 'unet'}")
+    # The recipe the checkpoint was trained with (architecture, --set and --fit-minutes included).
+    stored = json.loads((last / "meta.json").read_text())["meta"]
+    cfg = TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    vae = load_trained_vae(cfg, work)
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    unet = build_unet(cfg)
     info = checkpoint.load(last, {"ema": unet})
+    # The text encoder and tokenizer are never shipped (third-party weights): the folder is saved
+    # without them, and model_index.json names their classes so that diffusers' from_pretrained
+    # takes them as arguments.
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text.load_text_encoder(), tokenizer=text.load_tokenizer(),
+        vae=vae, text_encoder=None, tokenizer=None,
         unet=unet.eval(), scheduler=DDIMScheduler(**scheduler_config(cfg)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -364,10 +402,9 @@ def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
     pipe.unet.half()
     pipe.vae.half()
     pipe.save_pretrained(out, safe_serialization=True)
-    import shutil
-
-    for third_party in ("text_encoder", "tokenizer"):  # never ship third-party weights
-        shutil.rmtree(out / third_party, ignore_errors=True)
+    index = json.loads((out / "model_index.json").read_text())
+    index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
     (out / "boot_teacher.json").write_text(json.dumps({
         "guidance_scale": cfg.guidance_scale,
@@ -412,22 +449,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset-size", type=int, default=cfg.dataset_size,
                    help=f"cached images for the UNet stage (default {cfg.dataset_size})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the latents and unet stages (default cpu)")
+    p.add_argument("--workers", type=int, default=1, help="rendering processes for the latents stage (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override any recipe field, e.g. --set unet_batch=128 "
+                        "--set 'unet_down=[\"CrossAttnDownBlock2D\",\"CrossAttnDownBlock2D\"]' (repeatable)")
+    p.add_argument("--fit-minutes", type=float, default=0.0,
+                   help="time the first UNet steps, then cut --unet-steps so the stage ends in about this "
+                        "many minutes (for a lent GPU; 0 = off)")
     args = p.parse_args(argv)
     for name in ("vae_steps", "unet_steps", "dataset_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     cfg = dataclasses.replace(cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                               dataset_size=args.dataset_size)
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            p.error(f"--set {item}: unknown recipe field {key!r} (one of {', '.join(fields)})")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        cfg = dataclasses.replace(cfg, **{key: tuple(parsed) if isinstance(parsed, list) else parsed})
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     stages = ["vae", "latents", "unet", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
         t0 = time.time()
-        {"vae": lambda: train_vae(cfg, args.work), "latents": lambda: cache_latents(cfg, args.work),
-         "unet": lambda: train_unet(cfg, args.work),
-         "export": lambda: export(cfg, args.work, args.out)}[stage]()
+        if stage == "vae":
+            train_vae(cfg, args.work)
+        elif stage == "latents":
+            cache_latents(cfg, args.work, device, args.workers)
+        elif stage == "unet":
+            cfg = train_unet(cfg, args.work, device, args.fit_minutes)
+        else:
+            export(cfg, args.work, args.out)
         print(f"stage {stage}: {time.time() - t0:.0f} s")
 
 
