@@ -70,6 +70,7 @@ class RunConfig:
     ema: float = 0.99  # EMA decay; 0 disables EMA (the student is the online network)
     target: str = "online"  # network giving the stop-gradient bootstrap target ŷ_t
     seed: int = 0
+    init_from: str | None = None  # a student folder whose UNet starts the student (and EMA) instead of the teacher's
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student and teacher forwards of the training loop
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-prompts", type=int, help=f"grammar captions when --prompts is not given {_preset_help('num_prompts')}")
     a("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --work (default: start fresh)")
+    a("--init-from", type=Path, default=None,
+      help="start from this student folder's weights instead of the teacher's (a new run: fresh optimizer, "
+           "step 0; e.g. to go on distilling a student trained elsewhere) (default: none)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
       help="autocast dtype; fp16 needs a GPU (default no)")
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (default off)")
@@ -158,7 +162,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         beta=args.beta, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        compile=args.compile,
+        compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -172,6 +176,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (cfg.sample_every >= 0, "--sample-every must be >= 0"), (cfg.eval_n >= 0, "--eval-n must be >= 0"),
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
+        (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
+         f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -288,13 +294,21 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
           file=sys.stderr)
 
 
-def build_student(teacher: Teacher, schedule: boot.NoiseSchedule) -> boot.Student:
-    """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection."""
+def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None) -> boot.Student:
+    """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection,
+    or the UNet of the student folder `init_from` (same architecture as the teacher's)."""
     from diffusers import UNet2DConditionModel
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet",
                                                                            use_safetensors=True))
-    return boot.Student(unet.train(), schedule, teacher.prediction_type)
+    if init_from:
+        try:
+            trained = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", use_safetensors=True)
+            unet.load_state_dict(trained.state_dict())
+        except Exception as err:
+            raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
+                                   f"{describe_error(err)}") from err
+    return boot.Student(unet.float().train(), schedule, teacher.prediction_type)
 
 
 @torch.no_grad()
@@ -574,10 +588,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
-    student = build_student(teacher, schedule).to(dev)
+    student = build_student(teacher, schedule, cfg.init_from).to(dev)
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
-    ema = build_student(teacher, schedule).to(dev).eval().requires_grad_(False) if cfg.ema > 0 else None
+    ema = build_student(teacher, schedule, cfg.init_from).to(dev).eval().requires_grad_(False) if cfg.ema > 0 else None
     target = ema if cfg.target == "ema" else student
     exported = ema if ema is not None else student
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -315,3 +315,21 @@ def test_max_minutes_stops_early_and_records_the_steps_done(setup, tmp_path):
     assert "stopped at step 1 of 50" in printed
     assert json.loads((tmp_path / "s" / "boot.json").read_text())["steps"] == 1
     assert checkpoint.latest(tmp_path / "w" / "checkpoints").name == "step-00000001"
+
+
+def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, capsys):
+    root, teacher, prompts = setup
+    start = baseline[0] / "student"
+    argv = _cli(root, teacher, prompts, "x", ["--init-from", str(start), "--steps", "1", "--lr", "1e-12"])
+    argv[argv.index("--out") + 1], argv[argv.index("--work") + 1] = str(tmp_path / "s"), str(tmp_path / "w")
+    _in_process(argv)
+    given = load_file(str(start / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = _tensors(tmp_path / "w", 1)
+    # The online net and its EMA begin at the given student (a 1e-12 step moves nothing), not at the
+    # teacher, whose condition projection is all zeros.
+    for prefix in ("unet.", "ema."):
+        assert all(torch.allclose(after[prefix + k], v, atol=1e-6) for k, v in given.items())
+    assert given["time_embedding.cond_proj.weight"].abs().max() > 1e-4
+    assert json.loads((tmp_path / "s" / "boot.json").read_text())["hyperparameters"]["init_from"] == str(start)
+    err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
+    assert "--init-from" in err and "no unet/ folder there" in err
