@@ -151,6 +151,18 @@ class Client:
             self._max_batch_size = int(config.get("max_batch_size", config.get("config", {}).get("max_batch_size", 1)))
         return self._max_batch_size
 
+    def guidance(self) -> tuple[tuple[float, float], float] | None:
+        """(guidance range, default guidance) the served student takes, from the parameters of the
+        model's config (written by `python -m boot_serve.triton_repo`); None if the config has none."""
+        self.check()
+        config = self._client.get_model_config(self.model)
+        config = config if self.protocol == "http" else self._grpc_json(config)
+        params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
+        try:
+            return (float(params["guidance_min"]), float(params["guidance_max"])), float(params["guidance_scale"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
     @staticmethod
     def _grpc_json(message) -> dict:
         from google.protobuf import json_format

@@ -92,10 +92,21 @@ class TritonBackend:
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.timeout = timeout
+        if guidance is None:  # ask the server; a server that is down now is reported at the first request
+            guidance = self._served_guidance()
         self.guidance_known = guidance is not None
         self.guidance_range, self.guidance_scale = guidance or FALLBACK_GUIDANCE
         self.label = f"Triton {protocol}://{self.url}"
         self._local = threading.local()
+
+    def _served_guidance(self) -> tuple[tuple[float, float], float] | None:
+        from boot_serve.client import Client, ClientError
+
+        try:
+            with Client(self.url, self.protocol, timeout=10.0) as client:
+                return client.guidance()
+        except (ClientError, OSError):
+            return None
 
     def client(self):
         from boot_serve.client import Client

@@ -252,3 +252,18 @@ def test_backend_choice(exported_repository, tmp_path):
     assert triton.guidance_range == tuple(manifest["guidance_range"])
     with pytest.raises(FileNotFoundError, match="--url"):
         db.load_backend(None, "http", tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_guidance_range_comes_from_the_server(triton_server, exported_repository, protocol):
+    """With only --url (no repository on this machine), the slider still spans the student's range."""
+    from boot_serve.client import Client
+
+    manifest = json.loads((exported_repository / "manifest.json").read_text())
+    want = (tuple(manifest["guidance_range"]), manifest["guidance_scale"])
+    url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
+    with Client(url, protocol) as client:
+        assert client.guidance() == want
+    backend = db.load_backend(url, protocol, None)
+    assert backend.guidance_known and (backend.guidance_range, backend.guidance_scale) == want
+    assert manifest["guidance_range"] != list(db.FALLBACK_GUIDANCE[0])  # a real test: the tiny student's range
