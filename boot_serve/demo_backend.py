@@ -100,12 +100,14 @@ class TritonBackend:
         self._local = threading.local()
 
     def _served_guidance(self) -> tuple[tuple[float, float], float] | None:
+        from tritonclient.utils import InferenceServerException
+
         from boot_serve.client import Client, ClientError
 
         try:
             with Client(self.url, self.protocol, timeout=10.0) as client:
                 return client.guidance()
-        except (ClientError, OSError):
+        except (ClientError, InferenceServerException, OSError):
             return None
 
     def client(self):

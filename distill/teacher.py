@@ -472,7 +472,11 @@ def main(argv: list[str] | None = None) -> None:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        cfg = dataclasses.replace(cfg, **{key: tuple(parsed) if isinstance(parsed, list) else parsed})
+        default = getattr(cfg, key)
+        kinds = {tuple: (list,), bool: (bool,), float: (int, float), int: (int,), str: (str,)}[type(default)]
+        if not isinstance(parsed, kinds) or (isinstance(parsed, bool) and not isinstance(default, bool)):
+            p.error(f"--set {item}: {key} must be JSON of type {type(default).__name__}, like {json.dumps(default)}")
+        cfg = dataclasses.replace(cfg, **{key: type(default)(parsed)})
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

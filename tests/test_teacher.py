@@ -104,6 +104,38 @@ def test_teacher_training_cli_end_to_end_and_resume(tmp_path):
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
+def test_teacher_cli_recipe_overrides_reach_the_exported_folder(tmp_path):
+    """--set changes the architecture, --workers renders in processes; export rebuilds from the checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    attn = '["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"]'
+    run = subprocess.run(
+        [sys.executable, "-m", "distill.teacher", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+         "--dataset-size", "300", "--vae-steps", "1", "--unet-steps", "2", "--workers", "2",
+         "--set", "unet_batch=4", "--set", f"unet_down={attn}", "--set", f"unet_up={attn.replace('Down', 'Up')}"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "boot_teacher.json").read_text())
+    assert meta["recipe"]["unet_batch"] == 4 and meta["recipe"]["unet_down"] == json.loads(attn)
+    unet = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+    assert unet["down_block_types"] == json.loads(attn)
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "BertModel"] and not (tmp_path / "out" / "text_encoder").exists()
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nonsense=1", "unknown recipe field 'nonsense'"),
+    ("unet_batch=abc", "unet_batch must be JSON of type int"),
+    ("unet_lr=true", "unet_lr must be JSON of type float"),
+    ("unet_down=3", "unet_down must be JSON of type tuple"),
+])
+def test_teacher_cli_refuses_bad_overrides(item, message, capsys, tmp_path):
+    from distill import teacher
+
+    with pytest.raises(SystemExit) as exc:
+        teacher.main(["--work", str(tmp_path), "--set", item])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "unet").is_dir(), reason="shipped teacher not trained yet")
 
 
