@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import checkpoint, run
+from distill import boot, checkpoint, run
 from tests.tiny import LATENT, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 # Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
 KILL = """
 import os, sys
-from distill import checkpoint, run
+from distill import boot, checkpoint, run
 real = checkpoint.save_file
 def dying_save_file(tensors, path):
     if len(os.listdir(os.path.dirname(os.path.dirname(path)))) >= 2:
@@ -200,15 +200,41 @@ def test_two_process_ddp_equals_one_process(baseline, setup):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(baseline, setup):
-    root, teacher, prompts = setup
-    _in_process([*_cli(root, teacher, prompts, "compiled"), "--compile"])
-    ref, got = _tensors(baseline[0] / "work", 4), _tensors(root / "compiled" / "work", 4)
-    norm = lambda d: sum(v.double().pow(2).sum() for v in d.values()).sqrt().item()  # noqa: E731
-    mid = _tensors(baseline[0] / "work", 2)
-    moved = norm({k: ref[k] - mid[k] for k in ref if k.startswith("unet.")})
-    diff = norm({k: ref[k] - got[k] for k in ref if k.startswith("unet.")})
-    assert diff < 1e-2 * moved, (moved, diff)
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="torch 2.13 CPU inductor: compiled student gradients differ from eager by ~47% "
+                          "(forward equal); --compile is refused on the CPU until this passes")
+def test_compiled_gradients_match_eager(setup):
+    """One BOOT loss backward through torch.compile(student) vs eager, same weights and batch."""
+    import copy
+
+    _, teacher_dir, _ = setup
+    teacher = run.load_teacher(teacher_dir)
+    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
+    cond = teacher.text.encode(PROMPTS[:4]).float()
+    uncond = teacher.text.encode([""]).float().expand(4, -1, -1)
+    noise = torch.randn((4, *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
+    t, w = torch.tensor([900, 500, 300, 100]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    loss_fn = boot.BootLoss(delta_steps=100)
+
+    def grads(student, net):
+        loss = loss_fn(net, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean()
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in student.unet.named_parameters() if p.grad is not None}
+
+    eager = run.build_student(teacher, sched)
+    compiled = copy.deepcopy(eager)
+    loss_e, g_e = grads(eager, eager)
+    loss_c, g_c = grads(compiled, torch.compile(compiled))
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    norm = lambda gs: sum(g.double().pow(2).sum() for g in gs).sqrt().item()  # noqa: E731
+    assert norm(g_e[k] - g_c[k] for k in g_e) < 1e-3 * norm(g_e.values())
+
+
+def test_compile_is_refused_on_the_cpu(tiny_teacher, capsys, tmp_path):
+    err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), "--compile",
+                  "--device", "cpu"], capsys)
+    assert "--compile is refused on the CPU" in err
 
 
 def test_global_batch_is_sharded_not_redrawn():
