@@ -145,23 +145,24 @@ class Client:
     @property
     def max_batch_size(self) -> int:
         if self._max_batch_size is None:
-            self.check()
-            config = self._client.get_model_config(self.model)
-            config = config if self.protocol == "http" else self._grpc_json(config)
+            config = self._config()
             self._max_batch_size = int(config.get("max_batch_size", config.get("config", {}).get("max_batch_size", 1)))
         return self._max_batch_size
 
     def guidance(self) -> tuple[tuple[float, float], float] | None:
         """(guidance range, default guidance) the served student takes, from the parameters of the
         model's config (written by `python -m boot_serve.triton_repo`); None if the config has none."""
-        self.check()
-        config = self._client.get_model_config(self.model)
-        config = config if self.protocol == "http" else self._grpc_json(config)
-        params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
+        params = {k: v.get("string_value") for k, v in self._config().get("parameters", {}).items()}
         try:
             return (float(params["guidance_min"]), float(params["guidance_max"])), float(params["guidance_scale"])
         except (KeyError, TypeError, ValueError):
             return None
+
+    def _config(self) -> dict:
+        """The model's config as JSON (both protocols), once the server is checked."""
+        self.check()
+        config = self._client.get_model_config(self.model)
+        return config if self.protocol == "http" else self._grpc_json(config)
 
     @staticmethod
     def _grpc_json(message) -> dict:

@@ -288,8 +288,8 @@ def _noise_tables(cfg: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.device("cpu"),
-               fit_minutes: float = 0.0) -> TeacherConfig:
-    """Train (or resume) the UNet; returns the config, whose unet_steps `fit_minutes` may have set."""
+               fit_minutes: float = 0.0) -> None:
+    """Train (or resume) the UNet; the checkpoints record the recipe, unet_steps as `fit_minutes` set it."""
     from safetensors.torch import load_file
 
     cache = load_file(str(work / "latents.safetensors"))
@@ -338,7 +338,7 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
         # run sees exactly the batches an uninterrupted one would.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(mean), (cfg.unet_batch,), generator=gen)
-        eps0 = torch.randn(mean[idx].shape, generator=gen)
+        eps0 = torch.randn((cfg.unet_batch, *mean.shape[1:]), generator=gen)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noise = torch.randn(eps0.shape, generator=gen)
@@ -368,13 +368,12 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
                             dataclasses.asdict(cfg))
             plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
     plot_losses(log_path, work / "unet" / "loss.png", ["loss"], "UNet (min-SNR weighted v-MSE)")
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------
 # Stage 4: export the pipeline folder
 # --------------------------------------------------------------------------------------------
-def export(cfg: TeacherConfig, work: Path, out: Path) -> None:
+def export(work: Path, out: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     meta = json.loads((work / "latents.json").read_text())
@@ -463,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     cfg = dataclasses.replace(cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                               dataset_size=args.dataset_size)
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    fields = [f.name for f in dataclasses.fields(cfg)]
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in fields:
@@ -492,9 +491,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "latents":
             cache_latents(cfg, args.work, device, args.workers)
         elif stage == "unet":
-            cfg = train_unet(cfg, args.work, device, args.fit_minutes)
+            train_unet(cfg, args.work, device, args.fit_minutes)
         else:
-            export(cfg, args.work, args.out)
+            export(args.work, args.out)
         print(f"stage {stage}: {time.time() - t0:.0f} s")
 
 

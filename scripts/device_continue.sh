@@ -30,12 +30,7 @@ rm $W/student-start/unet/*.xz
 python3 -m distill.run --preset full --device "$DEV" --init-from $W/student-start --max-minutes "$MINUTES" \
     --eval-n 0 "${EXTRA[@]}" --out $W/student --work $W/boot > $W/boot.log 2>&1
 rc=$?
-python3 - "$W/student" <<'EOF'
-import sys
-from safetensors.torch import load_file, save_file
-path = sys.argv[1] + "/unet/diffusion_pytorch_model.safetensors"
-save_file({k: v.half().contiguous() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-EOF
+python3 scripts/halve_unet.py "$W/student"
 tar -C $W --exclude "*/vae" -cf "$RESULTS/student.tar" student boot/loss.jsonl boot/samples.png boot/loss.png
 tr '\r' '\n' < $W/boot.log | grep -v 'it/s\]$\|s/it\]$' > "$RESULTS/boot.log.txt"
 tail -5 "$RESULTS/boot.log.txt"

@@ -32,12 +32,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
 pack_student() {  # $1 student folder, $2 name: UNet to fp16 (as the teacher ships), one tarball
-    python3 - "$1" <<'EOF'
-import sys
-from safetensors.torch import load_file, save_file
-path = sys.argv[1] + "/unet/diffusion_pytorch_model.safetensors"
-save_file({k: v.half().contiguous() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-EOF
+    python3 scripts/halve_unet.py "$1"
     # the VAE is the teacher's own (copied back from it), the PNGs travel in logs.tar.gz
     tar -C "$(dirname "$1")" --exclude "*/vae" --exclude "*.png" -cf "$RESULTS/$2.tar" "$(basename "$1")"
     stamp "packed $2: $(du -h "$RESULTS/$2.tar" | cut -f1)"
