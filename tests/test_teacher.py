@@ -172,3 +172,37 @@ def test_shipped_teacher_sampler_matches_diffusers():
                guidance_scale=sampler.default_guidance, output_type="np").images
     ours = np.stack([np.asarray(i) for i in sampler(["a red circle", "a large blue square at the top"], [0, 1])])
     assert np.abs(ours.astype(int) - (ref * 255).round().astype(int)).max() <= 1
+
+
+@needs_shipped
+def test_teacher_init_from_continues_the_shipped_teacher(tmp_path, capsys):
+    """--init-from keeps the folder's VAE, latent scale and UNet (lr 0: the export equals the folder)."""
+    from safetensors.torch import load_file
+
+    from distill import teacher
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "distill.teacher", "--init-from", str(SHIPPED), "--work", str(tmp_path / "w"),
+         "--out", str(tmp_path / "out"), "--dataset-size", "64", "--unet-steps", "2",
+         "--set", "unet_batch=2", "--set", "unet_lr=0.0"],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "boot_teacher.json").read_text())
+    shipped = json.loads((SHIPPED / "boot_teacher.json").read_text())
+    assert meta["unet_steps_trained"] == shipped["unet_steps_trained"] + 2
+    assert meta["continued_from"] == shipped and meta["recipe"]["init_from"] == str(SHIPPED)
+    assert meta["recipe"]["unet_channels"] == shipped["recipe"]["unet_channels"] and meta["recipe"]["unet_batch"] == 2
+    for part in ("unet", "vae"):
+        new = load_file(str(tmp_path / "out" / part / "diffusion_pytorch_model.safetensors"))
+        old = load_file(str(SHIPPED / part / "diffusion_pytorch_model.safetensors"))
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old), part
+    scale = lambda folder: json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
+    assert scale(tmp_path / "out") == scale(SHIPPED)
+
+    with pytest.raises(SystemExit) as exc:
+        teacher.main(["--init-from", str(SHIPPED), "--work", str(tmp_path / "x"), "--set", "unet_channels=[32,64,64]"])
+    assert exc.value.code == 2 and "cannot change unet_channels" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        teacher.main(["--init-from", str(tmp_path), "--work", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "not a teacher folder" in capsys.readouterr().err
