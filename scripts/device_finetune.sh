@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Third GPU run (one lent GPU, ~9 minutes, no internet, no MiniLM package): go on training the shipped
+# teacher at a large batch (`distill.teacher --init-from`), then go on distilling the shipped student
+# against that new teacher (`distill.run --init-from`) for whatever time is left before $DEADLINE s.
+# If the teacher stage fails, the student goes on against the shipped teacher instead.
+# Inputs: .devdata/textpk (scripts/pack_states.py pack of `python -m distill.text precompute`),
+# diffusers as a wheel in .whl/. Results go to $1 (default runs/device): fp16 UNets as tarballs, logs.
+set -u
+RESULTS=${1:-runs/device}
+TEACHER_MIN=${TEACHER_MIN:-4.0}
+DEADLINE=${DEADLINE:-530}
+DEV=${DEVICE:-cuda}
+W=${WORK:-/tmp/boot-work}
+SIZES=(--dataset-size 200000 --unet-steps 40000 --set unet_batch=512)
+BOOTX=(--batch-size 64)
+if [ -n "${SMOKE:-}" ]; then  # a few steps of everything, to check the script on a CPU
+    SIZES=(--dataset-size 600 --unet-steps 4 --set unet_batch=4); BOOTX=(--steps 3 --batch-size 4)
+fi
+mkdir -p "$RESULTS" $W
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+python3 scripts/pack_states.py unpack .devdata/textpk $W/text || exit 1
+nvidia-smi -L 2>/dev/null
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'cuda', torch.cuda.is_available())" || exit 1
+
+stamp "teacher: go on training pretrained/shapes-teacher"
+python3 -m distill.teacher --device "$DEV" --workers 14 --init-from pretrained/shapes-teacher \
+    --work $W/t3 --out $W/teacher-v3 --fit-minutes "$TEACHER_MIN" "${SIZES[@]}" \
+    --set unet_warmup=200 --set checkpoint_every=1000 > $W/teacher.log 2>&1
+TEACHER=$W/teacher-v3
+if [ -f $TEACHER/boot_teacher.json ]; then
+    tar -C $W -cf "$RESULTS/teacher.tar" teacher-v3 t3/unet/loss.jsonl t3/unet/loss.png t3/samples.png t3/latents.json
+    stamp "teacher done: $(grep -o 'fit-minutes.*steps$' $W/teacher.log | tail -1)"
+else
+    TEACHER=pretrained/shapes-teacher
+    stamp "teacher FAILED; the student goes on against the shipped teacher"
+fi
+
+BOOT_MIN=$(python3 -c "print(max(0.5, ($DEADLINE - $(( $(date +%s) - t0 )) - 50) / 60))")
+stamp "student: go on distilling pretrained/shapes-boot against $TEACHER for $BOOT_MIN min"
+python3 -m distill.run --preset full --device "$DEV" --teacher $TEACHER --init-from pretrained/shapes-boot \
+    --max-minutes "$BOOT_MIN" --eval-n 0 "${BOOTX[@]}" --out $W/student --work $W/boot > $W/boot.log 2>&1
+rc=$?
+if [ -d $W/student/unet ]; then
+    python3 scripts/halve_unet.py $W/student
+    tar -C $W --exclude "*/vae" -cf "$RESULTS/student.tar" student boot/loss.jsonl boot/samples.png boot/loss.png
+fi
+for f in teacher boot; do tr '\r' '\n' < $W/$f.log | grep -v 'it/s\]$\|s/it\]$' > "$RESULTS/$f.log.txt"; done
+stamp "all done (student rc $rc)"
+tail -4 "$RESULTS/boot.log.txt"
+ls -la "$RESULTS"
+exit $rc
