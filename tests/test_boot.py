@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import math
 from types import SimpleNamespace
 
@@ -345,3 +346,6 @@ def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, stude
         BootPipeline.from_pretrained(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="boot.json"):
         BootPipeline.from_pretrained(teacher)
+    shutil.rmtree(folder / "vae")  # a latent student without its VAE would return latents as "images"
+    with pytest.raises(FileNotFoundError, match="no vae/ folder, but its UNet makes 4-channel latents"):
+        BootPipeline.from_pretrained(folder)
