@@ -520,6 +520,21 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     return meta
 
 
+def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
+    """With --init-from: the starting student's boot.json (kept in `work` the first time, so that
+    writing over that same folder does not lose it) and the steps of the whole chain."""
+    if not cfg.init_from:
+        return {}
+    kept = work / "init_from.json"
+    if not kept.is_file():
+        source = Path(cfg.init_from) / STUDENT_META
+        kept.write_text(source.read_text() if source.is_file() else "{}")
+    prior = json.loads(kept.read_text())
+    if not prior:  # a student folder without boot.json: its history is unknown
+        return {"continued_from": None}
+    return {"continued_from": prior, "steps_total": prior.get("steps_total", prior["steps"]) + steps}
+
+
 def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
     """Write the student folder under a temporary name and rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -590,6 +605,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from).to(dev)
+    if dist.main:
+        lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
     ema = build_student(teacher, schedule, cfg.init_from).to(dev).eval().requires_grad_(False) if cfg.ema > 0 else None
@@ -693,7 +710,7 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, done, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
-        "final_losses": losses, "sample_psnr_vs_teacher": psnr})
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **lineage(cfg, work, done)})
     write_student(out, teacher, exported.unet, meta, work)
     if done < cfg.steps:
         print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")

@@ -356,6 +356,8 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
     for prefix in ("unet.", "ema."):
         assert all(torch.allclose(after[prefix + k], v, atol=1e-6) for k, v in given.items())
     assert given["time_embedding.cond_proj.weight"].abs().max() > 1e-4
-    assert json.loads((tmp_path / "s" / "boot.json").read_text())["hyperparameters"]["init_from"] == str(start)
+    meta, prior = (json.loads((folder / "boot.json").read_text()) for folder in (tmp_path / "s", start))
+    assert meta["hyperparameters"]["init_from"] == str(start)
+    assert meta["continued_from"] == prior and meta["steps_total"] == prior["steps"] + 1
     err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
     assert "--init-from" in err and "no unet/ folder there" in err
