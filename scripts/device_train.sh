@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run that made the shipped models, on one lent GPU with no internet and no MiniLM package:
-# text states come precomputed (`python -m distill.text precompute .devdata/text`, BOOT_TEXT_STATES),
+# text states come precomputed (`python -m distill.text precompute DIR`, packed into .devdata/textpk by
+# scripts/pack_states.py; BOOT_TEXT_STATES),
 # diffusers travels as a wheel in .whl/, and the VAE is the shipped one (.devdata/teacher2/vae, a
 # model-only checkpoint of the VAE stage). Three jobs in one ~9-minute window:
 #   A  teacher v2: latents of 200k renders, then the UNet (cross-attention at every level, batch 256)
@@ -26,7 +27,8 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$PWD/.devdata/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+python3 scripts/pack_states.py unpack .devdata/textpk $W/text || exit 1
 nvidia-smi -L 2>/dev/null
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
