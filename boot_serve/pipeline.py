@@ -80,8 +80,9 @@ class BootPipeline(ChunkedCall):
             vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
             vae = vae.eval().requires_grad_(False).to(device, dtype)
         elif unet.config.out_channels != 3:  # else its latents would come back as a tiny "image"
-            raise FileNotFoundError(f"{folder} has no vae/ folder, but its UNet makes {unet.config.out_channels}-channel "
-                                    "latents, not RGB: copy the teacher's vae/ folder into it")
+            raise FileNotFoundError(f"{folder} has no vae/ folder, but its UNet makes "
+                                    f"{unet.config.out_channels}-channel latents, not RGB: "
+                                    "copy the teacher's vae/ folder into it")
         text = load_text_stack(folder)
         text.text_encoder.to(device)
         return cls(text, generator, vae, sched_cfg, meta)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import shutil
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
