@@ -227,10 +227,19 @@ class TritonServer:
                                   f"on {self.repository}; its log ends with:\n{self.log_tail()}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, OSError):
                 with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
+                    # HTTP can answer "ready" a moment before the gRPC port listens (seen after a
+                    # restart on the same ports): ready means both endpoints take connections.
+                    if response.status == 200 and self._grpc_listens():
                         return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def _grpc_listens(self) -> bool:
+        try:
+            socket.create_connection((_url_host(self.host).strip("[]"), self.ports["grpc"]), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
