@@ -292,9 +292,10 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
     states = torch.cat([text.encode(vocab[i:i + 256], tokenizer, encoder).cpu()
                         for i in range(0, len(vocab), 256)])
     mean = torch.cat(means)
-    scaling = 1.0 / float(mean.float().std())
     if cfg.init_from:  # the UNet being continued saw latents at the folder's scale
         scaling = json.loads((Path(cfg.init_from) / "vae" / "config.json").read_text())["scaling_factor"]
+    else:
+        scaling = 1.0 / float(mean.float().std())
     save_file({"mean": mean, "std": torch.cat(stds), "states": states.half(),
                "caption_index": torch.tensor([index[c] for c in captions])}, str(out))
     (work / "latents.json").write_text(json.dumps(
@@ -510,9 +511,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="time the first UNet steps, then cut --unet-steps so the stage ends in about this "
                         "many minutes (for a lent GPU; 0 = off)")
     args = p.parse_args(argv)
+    kept = None  # the continued folder's recipe, read once
     if args.init_from:
         try:
-            cfg = _recipe_of(args.init_from)
+            cfg = kept = _recipe_of(args.init_from)
         except (OSError, KeyError, TypeError, ValueError) as exc:
             p.error(f"--init-from {args.init_from}: not a teacher folder written by distill.teacher ({exc})")
     for name in ("vae_steps", "unet_steps", "dataset_size"):
@@ -535,8 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(parsed, kinds) or (isinstance(parsed, bool) and not isinstance(default, bool)):
             p.error(f"--set {item}: {key} must be JSON of type {type(default).__name__}, like {json.dumps(default)}")
         cfg = dataclasses.replace(cfg, **{key: type(default)(parsed)})
-    if args.init_from:
-        kept = _recipe_of(args.init_from)
+    if kept is not None:
         changed = [k for k in ARCHITECTURE if getattr(cfg, k) != getattr(kept, k)]
         if changed:
             p.error(f"--init-from {args.init_from}: cannot change {', '.join(changed)} of the model being continued")
