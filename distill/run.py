@@ -46,6 +46,7 @@ DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
 N_SAMPLES = 8  # fixed prompts in the sample grid
 SAMPLE_SEED0 = 1_000_000  # seeds of the sample grid and evaluation: SAMPLE_SEED0 + i
+VAL_SEED0 = 2_000_000  # noise seeds of the periodic validation: VAL_SEED0 + i
 REFERENCE_STEPS = 50  # the teacher's DDIM steps the student is compared against
 
 
@@ -78,11 +79,14 @@ class RunConfig:
     sample_every: int = 100
     eval_n: int = 64  # held-out grammar captions judged at the end (0: none)
     max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
+    val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
+    val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
+    keep: str = "last"  # exported weights: "last", or "best" (highest validation accuracy)
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes")
+               "max_minutes", "val_every", "val_n", "keep")
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
@@ -150,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-n", type=int, help=f"held-out grammar captions judged at the end, 0 = none {_preset_help('eval_n')}")
     a("--max-minutes", type=float,
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
+    a("--val-every", type=int, default=d.val_every,
+      help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
+           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never (default 0)")
+    a("--val-n", type=int, default=d.val_n,
+      help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
+           f"{VAL_SEED0}, so they are not the --eval-n report's (default {d.val_n})")
+    a("--keep", choices=("last", "best"), default=d.keep,
+      help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
+           f"(default {d.keep})")
     return p
 
 
@@ -164,6 +177,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
+        val_every=args.val_every, val_n=args.val_n, keep=args.keep,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -177,6 +191,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (cfg.sample_every >= 0, "--sample-every must be >= 0"), (cfg.eval_n >= 0, "--eval-n must be >= 0"),
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
+        (cfg.val_every >= 0, "--val-every must be >= 0"), (cfg.val_n >= 1, "--val-n must be >= 1"),
+        (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
+        (cfg.val_every == 0 or cfg.prompts == GRAMMAR,
+         "--val-every judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -453,6 +471,75 @@ class Samples:
         return value
 
 
+class Validation:
+    """Periodic judge accuracy of the exported student on fixed validation captions (val.jsonl,
+    val.png), keeping the weights of the best one in `work/best/` for --keep best. The captions
+    are eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
+    the best step on them does not bias the final --eval-n report."""
+
+    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int):
+        from distill import shapes
+
+        self.captions = shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval")
+        self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
+        self.two = np.array([len(shapes.parse(c).objects) == 2 for c in self.captions])
+        self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
+        if start == 0:  # a fresh run: forget an earlier run's validations and best weights
+            self.log.unlink(missing_ok=True)
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+        # Validations run right after a checkpoint, so a resumed run keeps those up to its start.
+        records = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        self.records = [r for r in records if r["step"] <= start]
+        self.log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    @property
+    def best(self) -> dict | None:
+        """The best record whose weights are in best/ (the first of equal accuracies)."""
+        return max(self.records, key=lambda r: r["accuracy"]) if self.records else None
+
+    def run(self, pipe, step: int, unet: torch.nn.Module) -> dict:
+        from distill import shapes
+
+        images = pipe(self.captions, self.seeds, self.w)
+        ok = np.array([shapes.judge(c, im) for c, im in zip(self.captions, images)])
+        record = {"step": step, "accuracy": float(ok.mean()),
+                  "single": float(ok[~self.two].mean()) if (~self.two).any() else None,
+                  "two": float(ok[self.two].mean()) if self.two.any() else None}
+        previous = self.best
+        self.records.append(record)
+        _append_jsonl(self.log, record)
+        if previous is None or record["accuracy"] > previous["accuracy"]:
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            (tmp / "val.json").write_text(json.dumps(record))
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(tmp, self.best_dir)
+        self.plot()
+        return record
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in self.records]
+        for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
+            vals = [r[key] for r in self.records]
+            if any(v is not None for v in vals):
+                ax.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3, label=key)
+        best = self.best
+        ax.axvline(best["step"], color="g", lw=0.8, label=f"best: step {best['step']}")
+        ax.set(xlabel="step", ylabel="judge accuracy (%)", ylim=(0, 100),
+               title=f"validation: student-1 on {len(self.captions)} captions, guidance {self.w}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(self.work / "val.png", dpi=100)
+        plt.close(fig)
+
+
 def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path) -> dict:
     """Judge accuracy of student-1 and teacher-50 on held-out grammar captions (same noise)."""
     from distill import evaluate, shapes
@@ -553,6 +640,12 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
     return out
 
 
+def load_unet_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
 def update_student_meta(out: Path, **fields) -> None:
     meta = json.loads((out / STUDENT_META).read_text())
     meta.update(fields)
@@ -625,8 +718,13 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
     modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
     start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
+    val = None
     if dist.main:
         _truncate_log(log_path, start)
+        if cfg.val_every:
+            val = Validation(cfg, w_rec, work, start)
+            if start == 0:
+                val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
     if dist.world > 1:
         torch.distributed.barrier()
     net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -667,9 +765,14 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                 value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
                 tqdm.write(f"step {done}: sample PSNR vs teacher-{REFERENCE_STEPS} {value:.2f} dB")
                 plot_loss(log_path, work)
-            if done % cfg.checkpoint_every == 0 or last:
+            validate = val is not None and (done % cfg.val_every == 0 or last)
+            if done % cfg.checkpoint_every == 0 or last or validate:
                 meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
                 checkpoint.save(ckpt_dir, done, modules, opt, meta)
+            if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
+                record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
+                tqdm.write(f"step {done}: validation accuracy {100 * record['accuracy']:.1f}% "
+                           f"(best {100 * val.best['accuracy']:.1f}% at step {val.best['step']})")
         if stop > 0:
             if dist.main:
                 tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
@@ -677,7 +780,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             break
     bar.close()
     if dist.main:
-        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0)
+        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0, val)
     return out
 
 
@@ -701,16 +804,27 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
 
 
 def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples,
-           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float) -> None:
+           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
+           val: Validation | None = None) -> None:
     """Rank 0 after training: last sample grid, student folder, losses and evaluation summary."""
     log_path = work / "loss.jsonl"
     plot_loss(log_path, work)
+    steps, extra = done, {}
+    if val is not None:
+        extra["validation"] = {"captions": cfg.val_n, "every": cfg.val_every, "best": val.best,
+                               "last": val.records[-1] if val.records else None}
+        if cfg.keep == "best":
+            exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
+            steps = val.best["step"]
+            extra["steps_run"] = done
+            print(f"--keep best: exporting step {steps} (validation accuracy {100 * val.best['accuracy']:.1f}%, "
+                  f"last step {done}: {100 * val.records[-1]['accuracy']:.1f}%)")
     pipe = make_pipeline(teacher, exported, cfg, w_rec)
-    psnr = samples.save(pipe, done)
+    psnr = samples.save(pipe, steps)
     losses = final_losses(log_path)
-    meta = student_meta(cfg, teacher, prompts_info, done, w_rec, {
+    meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
-        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **lineage(cfg, work, done)})
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)})
     write_student(out, teacher, exported.unet, meta, work)
     if done < cfg.steps:
         print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")

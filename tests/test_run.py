@@ -361,3 +361,40 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
     assert meta["continued_from"] == prior and meta["steps_total"] == prior["steps"] + 1
     err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
     assert "--init-from" in err and "no unet/ folder there" in err
+
+
+def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypatch, capsys):
+    """--val-every judges the exported student at steps 0, 2, 4 (val.jsonl, val.png); with --keep best
+    the student folder gets the best step's weights, which here the judge says is step 2."""
+    from distill import shapes
+
+    calls = {"n": 0}
+
+    def judge(caption, image):  # 3 captions per validation: calls 3..5 are step 2's
+        calls["n"] += 1
+        return 4 <= calls["n"] <= 6
+
+    monkeypatch.setattr(shapes, "judge", judge)
+    _, teacher, _ = setup
+    work, out = tmp_path / "w", tmp_path / "s"
+    run.main(["--teacher", str(teacher), "--num-prompts", "12", *FLAGS, "--sample-every", "0", "--eval-n", "0",
+              "--val-every", "2", "--val-n", "3", "--keep", "best", "--out", str(out), "--work", str(work)])
+    records = [json.loads(line) for line in (work / "val.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["accuracy"]) for r in records] == [(0, 0.0), (2, 1.0), (4, 0.0)]
+    assert (work / "val.png").stat().st_size > 0
+    meta = json.loads((out / "boot.json").read_text())
+    assert meta["steps"] == 2 and meta["steps_run"] == 4 and meta["validation"]["best"]["step"] == 2
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = {step: {k[4:]: v for k, v in load_file(work / "checkpoints" / name / "tensors.safetensors").items()
+                  if k.startswith("ema.")} for step, name in ((2, "step-00000002"), (4, "step-00000004"))}
+    assert all(torch.equal(exported[k], ema[2][k]) for k in ema[2])
+    assert not all(torch.equal(exported[k], ema[4][k]) for k in ema[4])
+    assert "--keep best: exporting step 2" in capsys.readouterr().out
+
+
+def test_keep_best_needs_validation(tmp_path, tiny_teacher, capsys):
+    err = _error(["--teacher", str(tiny_teacher), "--keep", "best"], capsys)
+    assert "--keep best needs --val-every > 0" in err
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--val-every", "5"], capsys)
+    assert "needs the shapes grammar prompts" in err
