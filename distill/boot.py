@@ -198,12 +198,18 @@ class BootLoss:
 
         ŷ_t  = stopgrad(g_target(ε, t, c))
         tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
-        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²
+        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)
         L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
+
+    With solver_steps K > 1 the target is the same signal-ODE step taken as K teacher DDIM steps
+    t = u_0 > u_1 > ... > u_K = s (evenly spaced): y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y),
+    starting from ŷ_t. K = 1 is the paper's single step. A larger Δ then needs fewer bootstrap
+    hops from T to 0 (less accumulated student error) without a coarser teacher step.
     """
 
     delta_steps: int = 20  # Δ
     beta: float = 1.0  # β
+    solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
@@ -212,13 +218,16 @@ class BootLoss:
         sched = teacher.schedule
         s = (t - self.delta_steps).clamp_min(0)
         T = torch.full_like(t, sched.T)
-        # 1. Bootstrap target at t from the (stop-gradient) target student.
+        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, K teacher DDIM steps to s.
         with torch.no_grad():
-            y_t = target(noise, t, cond, w)
-            x_t = _bcast(sched.alpha[t], noise) * y_t + _bcast(sched.sigma[t], noise) * noise
-            f_t = teacher(x_t, t, cond, uncond, w)
+            tgt = target(noise, t, cond, w)
+            for k in range(self.solver_steps):
+                u = t - (t - s) * k // self.solver_steps
+                v = t - (t - s) * (k + 1) // self.solver_steps
+                x_u = _bcast(sched.alpha[u], noise) * tgt + _bcast(sched.sigma[u], noise) * noise
+                f_u = teacher(x_u, u, cond, uncond, w)
+                tgt = tgt + _bcast(sched.delta(u, v), tgt) * (f_u - tgt)
             d = sched.delta(t, s)
-            tgt = y_t + _bcast(d, y_t) * (f_t - y_t)
             # 2. Boundary target: the teacher at T on pure noise.
             f_T = teacher(noise, T, cond, uncond, w)
         # 3. Online student at s and at T (one batched call); the only graph with gradients.

@@ -65,6 +65,7 @@ class RunConfig:
     grad_clip: float = 1.0
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     beta: float = 1.0  # β: weight of the boundary loss
+    solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
+    a("--solver-steps", type=int, default=d.solver_steps,
+      help=f"K, teacher DDIM steps that make one bootstrap target from t to s; K > 1 lets a larger Δ keep "
+           f"the teacher's step size (default {d.solver_steps}, the paper's single step)")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -173,7 +177,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, guidance_min=args.guidance_min, guidance_max=args.guidance_max,
+        beta=args.beta, solver_steps=args.solver_steps, guidance_min=args.guidance_min,
+        guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
@@ -183,6 +188,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
         (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (cfg.delta >= 1, "--delta must be >= 1"),
+        (1 <= cfg.solver_steps <= cfg.delta, "--solver-steps must be in [1, --delta]"),
         (cfg.beta >= 0, "--beta must be >= 0"), (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
@@ -671,7 +677,9 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
         return 0
     info = checkpoint.load(last, modules, opt)
     stored = info["meta"]["config"]
-    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING and stored.get(k) != v]
+    defaults = dataclasses.asdict(RunConfig())  # for fields newer than the checkpoint
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in BOOKKEEPING and stored.get(k, defaults[k]) != v]
     if changed:
         raise ValueError(f"--resume: {', '.join(f'{k} {stored.get(k)!r} -> {getattr(cfg, k)!r}' for k in changed)}"
                          f" differ from the checkpoint {last}; use the same flags or a new --work")
@@ -708,7 +716,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta)
+    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
