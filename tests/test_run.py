@@ -398,3 +398,16 @@ def test_keep_best_needs_validation(tmp_path, tiny_teacher, capsys):
     (tmp_path / "p.txt").write_text("a red circle\n")
     err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--val-every", "5"], capsys)
     assert "needs the shapes grammar prompts" in err
+
+
+def test_full_preset_validates_and_keeps_the_best_for_grammar_prompts_only(tmp_path):
+    p = run.build_parser()
+    cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
+    assert (cfg().val_every, cfg().keep) == (0, "last")
+    full = cfg("--preset", "full")
+    assert (full.val_every, full.keep, full.lr, full.batch_size) == (250, "best", 1e-4, 128)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    own = cfg("--preset", "full", "--prompts", str(tmp_path / "p.txt"))
+    assert (own.val_every, own.keep) == (0, "last")
+    assert cfg("--preset", "full", "--keep", "last").keep == "last"
+    assert cfg("--val-every", "50").keep == "best"
