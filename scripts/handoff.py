@@ -1,0 +1,66 @@
+"""Where along the teacher's trajectory does a BOOT student go wrong?
+
+    PYTHONPATH=. python scripts/handoff.py STUDENT_DIR [--n 96] [--t 999,899,799,599,399,199,99,0]
+
+For each handoff time t: the student's signal y_t = g(ε, t, c) gives x̂_t = α_t·y_t + σ_t·ε, the
+teacher finishes from x̂_t on its 50-step DDIM grid (steps at or below t), and the judge scores the
+images (eval-split captions, seeds 1,000,000 + i, guidance 4). t = T is the teacher alone; t = 0 is
+the student's own one-step image. A drop between two times says the student's trajectory is off there.
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from boot_serve.pipeline import BootPipeline
+from distill import shapes
+from distill.evaluate import TeacherSampler, seed_noise, to_uint8
+
+
+@torch.no_grad()
+def handoff_images(student, teacher: TeacherSampler, captions, seeds, t: int, w: float) -> list[Image.Image]:
+    sched = teacher.scheduler
+    sched.set_timesteps(50)
+    alpha, sigma = student.schedule.alpha, student.schedule.sigma
+    eps = seed_noise(seeds, teacher.latent_shape, 1.0)
+    states = teacher.text.encode(captions)
+    n = len(captions)
+    x = student(eps, torch.full((n,), t, dtype=torch.long), states, torch.full((n,), w))  # y_t
+    if t > 0:
+        x = alpha[t] * x + sigma[t] * eps  # x̂_t
+        uncond = teacher._uncond.expand_as(states)
+        for u in (int(u) for u in sched.timesteps if int(u) <= t):
+            out_u, out_c = teacher.unet(torch.cat([x, x]), u, torch.cat([uncond, states])).sample.chunk(2)
+            x = sched.step(out_u + w * (out_c - out_u), u, x, eta=0.0).prev_sample
+    decoded = teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample
+    return [Image.fromarray(a) for a in to_uint8(decoded)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("student", help="student folder")
+    p.add_argument("--teacher", default="pretrained/shapes-teacher", help="teacher folder")
+    p.add_argument("--n", type=int, default=96, help="eval-split captions (default 96)")
+    p.add_argument("--t", default="999,899,799,599,399,199,99,0", help="handoff times")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
+    args = p.parse_args()
+    student = BootPipeline.from_pretrained(args.student).generator.student
+    teacher = TeacherSampler(args.teacher, 50)
+    captions = shapes.sample_captions(args.n, 0, "eval")
+    seeds = [1_000_000 + i for i in range(args.n)]
+    two = np.array([len(shapes.parse(c).objects) == 2 for c in captions])
+    print("| handoff t | accuracy | single | two objects |\n|---|---|---|---|")
+    for t in (int(x) for x in args.t.split(",")):
+        ok = []
+        for lo in range(0, args.n, 48):
+            images = handoff_images(student, teacher, captions[lo:lo + 48], seeds[lo:lo + 48], t, args.guidance)
+            ok += [shapes.judge(c, im) for c, im in zip(captions[lo:lo + 48], images)]
+        ok = np.array(ok)
+        print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
