@@ -14,7 +14,9 @@ batches an uninterrupted one would, and every rank draws the same global batch a
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
 sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
 folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
-With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+With the shapes grammar as prompts, the student is judged on held-out captions at the end, and
+--val-every N (the full preset: 250) judges it every N steps on validation captions of its own;
+--keep best (the default when validating) exports the best-validated step, not the last.
 
 Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
 so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
@@ -103,8 +105,7 @@ PRESETS: dict[str, dict] = {
     "full": dict(steps=6000, batch_size=128, lr=1e-4, warmup=100, ema=0.999, num_prompts=16384,
                  checkpoint_every=250, sample_every=500, eval_n=300, max_minutes=0.0, val_every=250),
 }
-# Presets without val_every do not validate; a preset's val_every applies to grammar prompts only.
-VALIDATING = "val_every"
+VALIDATING = "val_every"  # a preset key applied to grammar prompts only (a --prompts run does not validate)
 
 
 # --------------------------------------------------------------------------------------------
