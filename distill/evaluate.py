@@ -77,10 +77,14 @@ class TeacherSampler:
         self._uncond = self.text.encode([""])
 
     @torch.no_grad()
-    def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float) -> torch.Tensor:
+    def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float,
+                       start: int | None = None) -> torch.Tensor:
+        """DDIM from pure noise, or with `start` from latents x_start: the grid's steps at or below it."""
         self.scheduler.set_timesteps(self.steps)
         uncond = self._uncond.expand_as(states)
         for t in self.scheduler.timesteps:
+            if start is not None and int(t) > start:
+                continue
             if w == 1.0:
                 out = self.unet(latents, t, states).sample
             else:

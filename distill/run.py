@@ -98,14 +98,13 @@ PRESETS: dict[str, dict] = {
     # Batch 16 x 600 steps is 7-15 min; the 15-minute cap keeps the whole command, with the
     # 50-step teacher reference and the 64-caption evaluation, inside 20 minutes on a slow day.
     "quick": dict(steps=600, batch_size=16, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
-                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0),
+                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0, val_every=0),
     # The quality recipe (hours on CPU, minutes on a GPU).
     # lr 1e-4 at batch 128: 80.3% where lr 2e-5 gave 72.7% after the same 6.2 GPU minutes
     # (docs/ablations.md, "Learning rate and solver steps"); the validation picks the exported step.
     "full": dict(steps=6000, batch_size=128, lr=1e-4, warmup=100, ema=0.999, num_prompts=16384,
                  checkpoint_every=250, sample_every=500, eval_n=300, max_minutes=0.0, val_every=250),
 }
-VALIDATING = "val_every"  # a preset key applied to grammar prompts only (a --prompts run does not validate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
     a("--val-every", type=int, default=None,
       help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
-           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never "
-           f"(default: quick 0, full {PRESETS['full']['val_every']}; 0 with --prompts)")
+           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never, as with --prompts "
+           f"{_preset_help('val_every')}")
     a("--val-n", type=int, default=d.val_n,
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
            f"{VAL_SEED0}, so they are not the --eval-n report's (default {d.val_n})")
@@ -178,12 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
-    preset = {k: v for k, v in PRESETS[args.preset].items() if k != VALIDATING}
+    preset = dict(PRESETS[args.preset])
+    if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
+        preset["val_every"] = 0
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
-    val_every = args.val_every
-    if val_every is None:
-        val_every = PRESETS[args.preset].get(VALIDATING, 0) if args.prompts is None else 0
-    keep = args.keep or ("best" if val_every else "last")
+    keep = args.keep or ("best" if pick("val_every") else "last")
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
@@ -192,7 +190,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        val_every=val_every, val_n=args.val_n, keep=keep,
+        val_n=args.val_n, keep=keep,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),

@@ -21,19 +21,13 @@ from distill.evaluate import TeacherSampler, seed_noise, to_uint8
 
 @torch.no_grad()
 def handoff_images(student, teacher: TeacherSampler, captions, seeds, t: int, w: float) -> list[Image.Image]:
-    sched = teacher.scheduler
-    sched.set_timesteps(50)
     alpha, sigma = student.schedule.alpha, student.schedule.sigma
     eps = seed_noise(seeds, teacher.latent_shape, 1.0)
     states = teacher.text.encode(captions)
     n = len(captions)
     x = student(eps, torch.full((n,), t, dtype=torch.long), states, torch.full((n,), w))  # y_t
     if t > 0:
-        x = alpha[t] * x + sigma[t] * eps  # x̂_t
-        uncond = teacher._uncond.expand_as(states)
-        for u in (int(u) for u in sched.timesteps if int(u) <= t):
-            out_u, out_c = teacher.unet(torch.cat([x, x]), u, torch.cat([uncond, states])).sample.chunk(2)
-            x = sched.step(out_u + w * (out_c - out_u), u, x, eta=0.0).prev_sample
+        x = teacher.sample_latents(states, alpha[t] * x + sigma[t] * eps, w, start=t)  # from x̂_t
     decoded = teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample
     return [Image.fromarray(a) for a in to_uint8(decoded)]
 
