@@ -205,28 +205,48 @@ class BootLoss:
     t = u_0 > u_1 > ... > u_K = s (evenly spaced): y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y),
     starting from ŷ_t. K = 1 is the paper's single step. A larger Δ then needs fewer bootstrap
     hops from T to 0 (less accumulated student error) without a coarser teacher step.
+
+    With final_hop F > 0 every t <= F hops straight to s = 0, its target taken as ceil(F·K/Δ)
+    teacher DDIM steps (none longer than Δ/K): the image g(ε, 0) is then trained against the
+    teacher finishing its own sampler from the student's ŷ_t, rather than through the last
+    F/Δ bootstrap hops, where a student's errors pile up most (docs/ablations.md). The caller
+    draws such t from (F − Δ, F], whose ŷ_t the ordinary hops from (F, F + Δ] train.
     """
 
     delta_steps: int = 20  # Δ
     beta: float = 1.0  # β
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
+    final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    def _steps(self, t: torch.Tensor) -> torch.Tensor:
+        """Teacher DDIM steps inside each sample's target: K, or ceil(F·K/Δ) on the final hop."""
+        k = torch.full_like(t, self.solver_steps)
+        if self.final_hop:
+            k = torch.where(t <= self.final_hop, -(-self.final_hop * self.solver_steps // self.delta_steps), k)
+        return k
 
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                  t: torch.Tensor) -> dict[str, torch.Tensor]:
         sched = teacher.schedule
         s = (t - self.delta_steps).clamp_min(0)
+        if self.final_hop:
+            s = torch.where(t <= self.final_hop, 0, s)
         T = torch.full_like(t, sched.T)
-        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, K teacher DDIM steps to s.
+        n = self._steps(t)
+        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s
+        #    (teacher called only on the samples whose target still has steps to go).
         with torch.no_grad():
             tgt = target(noise, t, cond, w)
-            for k in range(self.solver_steps):
-                u = t - (t - s) * k // self.solver_steps
-                v = t - (t - s) * (k + 1) // self.solver_steps
-                x_u = _bcast(sched.alpha[u], noise) * tgt + _bcast(sched.sigma[u], noise) * noise
-                f_u = teacher(x_u, u, cond, uncond, w)
-                tgt = tgt + _bcast(sched.delta(u, v), tgt) * (f_u - tgt)
+            for k in range(int(n.max())):
+                i = (k < n).nonzero().squeeze(1)
+                ti, si, ni = t[i], s[i], n[i]
+                u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
+                y = tgt[i]
+                x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
+                f_u = teacher(x_u, u, cond[i], None if uncond is None else uncond[i], w[i])
+                tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
             d = sched.delta(t, s)
             # 2. Boundary target: the teacher at T on pure noise.
             f_T = teacher(noise, T, cond, uncond, w)

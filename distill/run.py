@@ -7,7 +7,8 @@
 
 Per step (all random draws from a generator seeded by (seed, step), so a resumed run sees the
 batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
-  1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max];
+  1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max] (with --final-hop F,
+     --final-fraction of the t from (F − Δ, F], hopping straight to 0, the rest from (F, T]);
   2. L = L_BS + β·L_BC from distill.boot.BootLoss (target network: --target online | ema);
   3. AdamW step with gradient clipping, then the EMA update.
 
@@ -68,6 +69,8 @@ class RunConfig:
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     beta: float = 1.0  # β: weight of the boundary loss
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
+    final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)
+    final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -136,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--solver-steps", type=int, default=d.solver_steps,
       help=f"K, teacher DDIM steps that make one bootstrap target from t to s; K > 1 lets a larger Δ keep "
            f"the teacher's step size (default {d.solver_steps}, the paper's single step)")
+    a("--final-hop", type=int, default=d.final_hop,
+      help="F: every t <= F hops straight to s = 0, its target the teacher's DDIM finishing from the "
+           "student's y_t in ceil(F·K/Δ) steps, so the image is trained against the teacher's own last steps "
+           "rather than F/Δ chained bootstrap hops; t is then drawn from (F - Δ, T] with --final-fraction of "
+           f"each batch in (F - Δ, F] (default {d.final_hop}: off)")
+    a("--final-fraction", type=float, default=d.final_fraction,
+      help=f"with --final-hop: share of each batch drawn as final hops (default {d.final_fraction})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -185,7 +195,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, solver_steps=args.solver_steps, guidance_min=args.guidance_min,
+        beta=args.beta, solver_steps=args.solver_steps, final_hop=args.final_hop,
+        final_fraction=args.final_fraction, guidance_min=args.guidance_min,
         guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -197,6 +208,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
         (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (cfg.delta >= 1, "--delta must be >= 1"),
         (1 <= cfg.solver_steps <= cfg.delta, "--solver-steps must be in [1, --delta]"),
+        (cfg.final_hop == 0 or cfg.final_hop >= cfg.delta, "--final-hop must be 0 (off) or >= --delta"),
+        (0 < cfg.final_fraction < 1, "--final-fraction must be in (0, 1)"),
         (cfg.beta >= 0, "--beta must be >= 0"), (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
@@ -360,7 +373,7 @@ def encode_prompts(text, prompts: list[str], chunk: int = 256) -> tuple[torch.Te
 class Batch:
     prompt: torch.Tensor  # (B,) index into the prompt list
     noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
-    t: torch.Tensor  # (B,) long, uniform in [1, T]
+    t: torch.Tensor  # (B,) long, uniform in [1, T] (with --final-hop: see draw_batch)
     w: torch.Tensor  # (B,) guidance scale
 
     def shard(self, rank: int, world: int) -> Batch:
@@ -383,6 +396,10 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
     noise = torch.randn((b, *latent_shape), generator=gen)
     t = torch.randint(1, T + 1, (b,), generator=gen)
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
+    if cfg.final_hop:  # final hops from (F - Δ, F] (their y_t trained by the hops from (F, F + Δ]), the rest (F, T]
+        final = torch.rand(b, generator=gen) < cfg.final_fraction
+        t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
+        t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
     return Batch(prompt, noise, t, w)
 
 
@@ -707,6 +724,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     w_rec = recommended_guidance(cfg, teacher)
     # 0a. Frozen teacher f_w and cached text states (one per distinct prompt; uncond = "").
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
+    if cfg.final_hop >= schedule.T:
+        raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
     teacher.text.text_encoder.to(dev)
     states, rows = encode_prompts(teacher.text, prompts)
     uncond = teacher.text.encode([""]).float().to(dev)  # (1, L, D)
@@ -724,7 +743,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps)
+    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
+                            final_hop=cfg.final_hop)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.

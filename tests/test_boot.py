@@ -126,30 +126,32 @@ class ScaledNoise(nn.Module):
         return self.p * noise + self.q * (t.float() / self.T).view(-1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("final_hop", [0, 40])
 @pytest.mark.parametrize("solver_steps", [1, 3])
 @pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
-def test_boot_loss_matches_hand_computation(zero_snr, solver_steps):
+def test_boot_loss_matches_hand_computation(zero_snr, solver_steps, final_hop):
     sched = schedule_of(zero_snr)
     abar = ddim("sample", zero_snr).alphas_cumprod.double().numpy()
     teacher = TeacherX0(LinearX0UNet(), sched, "sample")
     student, target = ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4)
     gen = torch.Generator().manual_seed(2)
-    noise = torch.randn((3, 1, 2, 2), generator=gen)
-    cond, uncond = torch.randn((3, 4, 5), generator=gen), torch.randn((3, 4, 5), generator=gen)
-    t, w = torch.tensor([999, 400, 12]), torch.tensor([1.0, 3.0, 5.5])
-    loss = BootLoss(delta_steps=20, beta=0.5, solver_steps=solver_steps)(student, target, teacher, noise, cond,
-                                                                         uncond, w, t)
+    noise = torch.randn((4, 1, 2, 2), generator=gen)
+    cond, uncond = torch.randn((4, 4, 5), generator=gen), torch.randn((4, 4, 5), generator=gen)
+    t, w = torch.tensor([999, 400, 35, 12]), torch.tensor([1.0, 3.0, 2.0, 5.5])
+    loss = BootLoss(delta_steps=20, beta=0.5, solver_steps=solver_steps, final_hop=final_hop)(
+        student, target, teacher, noise, cond, uncond, w, t)
     ab = lambda u: (math.sqrt(abar[u]), math.sqrt(1 - abar[u]))  # noqa: E731  (α_u, σ_u)
 
     e = noise.double().numpy()
     m_c, m_u = cond.double().mean((1, 2)).numpy(), uncond.double().mean((1, 2)).numpy()
     for i, (ti, wi) in enumerate(zip(t.tolist(), w.tolist())):
-        si = max(ti - 20, 0)
+        final = ti <= final_hop  # straight to 0 in ceil(F·K/Δ) = 2K teacher steps
+        si, n = (0, 2 * solver_steps) if final else (max(ti - 20, 0), solver_steps)
         a_t, s_t, a_s, s_s = (math.sqrt(abar[ti]), math.sqrt(1 - abar[ti]), math.sqrt(abar[si]),
                               math.sqrt(1 - abar[si]))
         shift = m_u[i] + wi * (m_c[i] - m_u[i])
         tgt = 0.5 * e[i] - 0.4 * ti / 999  # ŷ_t, then K DDIM steps of the teacher on the grid t -> s
-        grid = [ti - (ti - si) * k // solver_steps for k in range(solver_steps + 1)]
+        grid = [ti - (ti - si) * k // n for k in range(n + 1)]
         for u, v in zip(grid[:-1], grid[1:]):
             (a_u, s_u), (a_v, s_v) = ab(u), ab(v)
             f_u = LinearX0UNet.A * (a_u * tgt + s_u * e[i]) + shift
@@ -173,9 +175,9 @@ def test_boot_loss_is_zero_on_the_teachers_trajectory():
 
     teacher = TeacherX0(Constant(), schedule_of(True), "sample")
     noise, cond = torch.randn(4, 1, 2, 2), torch.zeros(4, 3, 2)
-    for k in (1, 4):
-        out = BootLoss(solver_steps=k)(Constant(), Constant(), teacher, noise, cond, None, torch.ones(4),
-                                       torch.tensor([999, 500, 30, 5]))
+    for k, final_hop in ((1, 0), (4, 0), (1, 100), (2, 100)):
+        out = BootLoss(solver_steps=k, final_hop=final_hop)(Constant(), Constant(), teacher, noise, cond, None,
+                                                             torch.ones(4), torch.tensor([999, 500, 90, 5]))
         assert out["loss"].abs().max() < 1e-10
 
 

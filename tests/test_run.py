@@ -249,6 +249,17 @@ def test_global_batch_is_sharded_not_redrawn():
     assert full.t.min() >= 1 and full.t.max() <= 999 and full.w.min() >= 1.0 and full.w.max() <= 6.0
 
 
+def test_final_hop_draws_its_share_from_below_f_and_the_rest_above():
+    plain = run.draw_batch(run.RunConfig(batch_size=400, seed=2), 3, 10, LATENT, 999)
+    cfg = run.RunConfig(batch_size=400, seed=2, delta=20, final_hop=100, final_fraction=0.3)
+    b = run.draw_batch(cfg, 3, 10, LATENT, 999)
+    final = b.t <= 100
+    assert b.t[final].min() >= 81 and b.t[final].max() <= 100 and b.t[~final].max() <= 999
+    assert 0.2 < final.float().mean() < 0.4
+    # the same prompts, noise and guidance as without --final-hop: only t is drawn differently
+    assert torch.equal(b.noise, plain.noise) and torch.equal(b.prompt, plain.prompt) and torch.equal(b.w, plain.w)
+
+
 def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     """An SD-style folder (own text_encoder/, epsilon prediction, SD's schedule), default prompts,
     the judged evaluation at the end; in-process."""
@@ -315,6 +326,9 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--target", "ema", "--ema", "0"], "--target ema needs --ema > 0"),
     (["--ema", "1"], "--ema must be in"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
+    (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
+    (["--final-hop", "999"], "must be below the teacher's last timestep 999"),
 ])
 def test_bad_flags(tiny_teacher, flags, message, capsys, tmp_path):
     err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), *flags], capsys)
