@@ -219,22 +219,17 @@ class BootLoss:
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
-    def _steps(self, t: torch.Tensor) -> torch.Tensor:
-        """Teacher DDIM steps inside each sample's target: K, or ceil(F·K/Δ) on the final hop."""
-        k = torch.full_like(t, self.solver_steps)
-        if self.final_hop:
-            k = torch.where(t <= self.final_hop, -(-self.final_hop * self.solver_steps // self.delta_steps), k)
-        return k
-
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                  t: torch.Tensor) -> dict[str, torch.Tensor]:
         sched = teacher.schedule
-        s = (t - self.delta_steps).clamp_min(0)
-        if self.final_hop:
-            s = torch.where(t <= self.final_hop, 0, s)
+        # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
+        # final hop; with F = 0 there is none, since t >= 1).
+        final = t <= self.final_hop
+        s = torch.where(final, 0, (t - self.delta_steps).clamp_min(0))
+        n = torch.where(final, -(-self.final_hop * self.solver_steps // self.delta_steps),
+                        torch.full_like(t, self.solver_steps))
         T = torch.full_like(t, sched.T)
-        n = self._steps(t)
         # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s
         #    (teacher called only on the samples whose target still has steps to go).
         with torch.no_grad():
