@@ -91,12 +91,25 @@ class Client:
         if self.protocol == "http":
             return self.lib.InferenceServerClient(self.url, concurrency=self.concurrency,
                                                   connection_timeout=self.timeout, network_timeout=self.timeout)
-        return self.lib.InferenceServerClient(self.url)
+        # tritonclient's own channel options plus a subchannel pool of this channel's own: gRPC
+        # shares connections between channels to the same address by default, so a rebuilt
+        # channel would inherit the dead server's reconnect backoff and fail with "connection
+        # refused" for a while after the server is back.
+        keepalive = self.lib.KeepAliveOptions()
+        options = [("grpc.max_send_message_length", self.lib.MAX_GRPC_MESSAGE_SIZE),
+                   ("grpc.max_receive_message_length", self.lib.MAX_GRPC_MESSAGE_SIZE),
+                   ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                   ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                   ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                   ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                   ("grpc.use_local_subchannel_pool", 1)]
+        return self.lib.InferenceServerClient(self.url, channel_args=options)
 
     def _fresh(self):
         """The tritonclient client, rebuilt after the server went away: a gRPC channel that saw the
         server die sits in exponential reconnect backoff (seconds to minutes) and fails calls
-        meanwhile, and an HTTP pool may hold dead sockets; a new one connects at once."""
+        meanwhile, and an HTTP pool may hold dead sockets; a new one (with its own connections,
+        see _connect) connects at once."""
         if self._stale:
             with contextlib.suppress(Exception):
                 self._client.close()
@@ -115,6 +128,7 @@ class Client:
             client = self._fresh()
             return bool(client.is_server_live() and client.is_model_ready(self.model))
         except Exception:  # noqa: BLE001 - any failure means "not ready"
+            self._stale = True  # the next probe or call starts from a fresh connection
             return False
 
     def wait_ready(self, timeout: float = 60.0) -> Client:

@@ -220,6 +220,49 @@ def test_server_killed_then_restarted_client_recovers(exported_repository):
         c.close()
 
 
+def test_grpc_client_reconnects_at_once_after_a_quick_restart():
+    """A server back on the same port within gRPC's reconnect backoff (about a second after the
+    failed call): the Client's next probe answers at once. gRPC shares connections between
+    channels to one address unless told not to, so a rebuilt channel would inherit the backoff
+    and report "connection refused" from a live server (the cause of an intermittent failure of
+    the test above under CPU load). A stand-in server answers the two calls ready() makes."""
+    from concurrent import futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    from boot_serve.serve import find_free_port
+
+    def handler(request_type, response):
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: response,
+                                                   request_deserializer=request_type.FromString,
+                                                   response_serializer=type(response).SerializeToString)
+
+    port = find_free_port()
+
+    def start():
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ServerLive": handler(service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse(live=True)),
+            "ModelReady": handler(service_pb2.ModelReadyRequest, service_pb2.ModelReadyResponse(ready=True)),
+        }),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        return server
+
+    server = start()
+    client = Client(f"127.0.0.1:{port}", "grpc", timeout=10)
+    try:
+        assert client.ready()
+        server.stop(grace=None).wait()
+        assert not client.ready()
+        server = start()
+        assert client.ready()
+    finally:
+        server.stop(grace=None)
+        client.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Soak (boot_serve.soak): a short run by default, the 10-minute one with -m slow
 # --------------------------------------------------------------------------------------------
