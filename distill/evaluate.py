@@ -222,8 +222,11 @@ def comparison_grid(columns: dict[str, list[Image.Image]], captions: list[str], 
 def write_report(results: list[Result], images: dict[str, list[Image.Image]], captions: list[str],
                  out: Path, title: str, extra: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # Per caption, in order: the captions and each generator's judge verdicts (1 = correct), so two
+    # reports on the same captions and seeds can be compared pair by pair, not only by their totals.
     payload = {"title": title, **(extra or {}), "results": [
-        {k: v for k, v in r.__dict__.items() if k != "verdicts"} for r in results]}
+        {**{k: v for k, v in r.__dict__.items() if k != "verdicts"}, "correct": [int(v) for v in r.verdicts]}
+        for r in results], "captions": list(captions)}
     (out / "report.json").write_text(json.dumps(payload, indent=1))
     (out / "report.md").write_text(markdown(results, title))
     comparison_grid(images, captions).save(out / "grid.png")

@@ -68,6 +68,26 @@ def test_evaluate_reports_attributes(tmp_path):
     assert res.psnr_vs_reference == float("inf")
 
 
+def test_report_keeps_per_caption_verdicts(tmp_path):
+    import json
+
+    from distill.evaluate import write_report
+
+    class EvenSeedsRight:  # the right picture for even seeds, a black canvas for odd ones
+        name, nfe = "even", 1
+
+        def __call__(self, prompts, seeds, guidance_scale=None):
+            return [shapes.render(p, s) if s % 2 == 0 else shapes.render(p, s).point(lambda v: 0)
+                    for p, s in zip(prompts, seeds)]
+
+    caps = shapes.sample_captions(10, 0, "eval")
+    res, images = evaluate(EvenSeedsRight(), caps, list(range(10)))
+    write_report([res], {"even": images}, caps, tmp_path, "t")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["captions"] == caps
+    assert report["results"][0]["correct"] == [1, 0] * 5 and report["results"][0]["accuracy"] == 0.5
+
+
 def test_guidance_sweep_reports_the_curve(tmp_path):
     from distill.evaluate import guidance_sweep
 
