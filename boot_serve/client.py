@@ -91,17 +91,12 @@ class Client:
         if self.protocol == "http":
             return self.lib.InferenceServerClient(self.url, concurrency=self.concurrency,
                                                   connection_timeout=self.timeout, network_timeout=self.timeout)
-        # tritonclient's own channel options plus a subchannel pool of this channel's own: gRPC
-        # shares connections between channels to the same address by default, so a rebuilt
-        # channel would inherit the dead server's reconnect backoff and fail with "connection
-        # refused" for a while after the server is back.
-        keepalive = self.lib.KeepAliveOptions()
+        # tritonclient's message-size limits (its keepalive options are gRPC's defaults) plus a
+        # subchannel pool of this channel's own: gRPC shares connections between channels to the
+        # same address by default, so a rebuilt channel would inherit the dead server's reconnect
+        # backoff and fail with "connection refused" for a while after the server is back.
         options = [("grpc.max_send_message_length", self.lib.MAX_GRPC_MESSAGE_SIZE),
                    ("grpc.max_receive_message_length", self.lib.MAX_GRPC_MESSAGE_SIZE),
-                   ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-                   ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-                   ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-                   ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
                    ("grpc.use_local_subchannel_pool", 1)]
         return self.lib.InferenceServerClient(self.url, channel_args=options)
 
