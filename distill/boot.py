@@ -192,6 +192,26 @@ class OneStepGenerator(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, cond: torch.Tensor,
+                     uncond: torch.Tensor | None, w: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                     n: torch.Tensor) -> torch.Tensor:
+    """stopgrad(tgt) of BootLoss: from the target student's ŷ_t, n teacher DDIM steps of the signal
+    ODE to s, per sample, y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y) on evenly spaced
+    t = u_0 > ... > u_n = s (the teacher is called only on samples whose target still has steps to go)."""
+    sched = teacher.schedule
+    tgt = target(noise, t, cond, w)
+    for k in range(int(n.max())):
+        i = (k < n).nonzero().squeeze(1)
+        ti, si, ni = t[i], s[i], n[i]
+        u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
+        y = tgt[i]
+        x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
+        f_u = teacher(x_u, u, cond[i], None if uncond is None else uncond[i], w[i])
+        tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
+    return tgt
+
+
 @dataclass
 class BootLoss:
     """L = L_BS + β·L_BC (DESIGN.md §2), per sample.
@@ -230,18 +250,9 @@ class BootLoss:
         n = torch.where(final, -(-self.final_hop * self.solver_steps // self.delta_steps),
                         torch.full_like(t, self.solver_steps))
         T = torch.full_like(t, sched.T)
-        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s
-        #    (teacher called only on the samples whose target still has steps to go).
+        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
         with torch.no_grad():
-            tgt = target(noise, t, cond, w)
-            for k in range(int(n.max())):
-                i = (k < n).nonzero().squeeze(1)
-                ti, si, ni = t[i], s[i], n[i]
-                u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
-                y = tgt[i]
-                x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
-                f_u = teacher(x_u, u, cond[i], None if uncond is None else uncond[i], w[i])
-                tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
+            tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n)
             d = sched.delta(t, s)
             # 2. Boundary target: the teacher at T on pure noise.
             f_T = teacher(noise, T, cond, uncond, w)
@@ -253,3 +264,25 @@ class BootLoss:
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
         l_bc = (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
+
+
+@dataclass
+class FinalHopRegression:
+    """L_BS of final hops only, against stored targets (distill.run --refine N), per sample:
+
+        L = ‖g(ε, 0, c) − y‖² / δ(t, 0)²,   y = bootstrap_target(g_frozen, f_w, ε, t → 0)
+
+    BootLoss with β = 0, every t drawn from (F − Δ, F], and the target network frozen at the
+    starting student: each sample's target is then a fixed function of (ε, c, w, t), so N of them
+    are computed once and the loop calls no teacher (docs/ablations.md, "Final-hop refinement").
+    """
+
+    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
+                 w: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        zero = torch.zeros_like(t)
+        g_0 = student(noise, zero, cond, w)
+        d = schedule.delta(t, zero)
+        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, noise.ndim))) / d.clamp_min(self.min_delta).pow(2)
+        return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}

@@ -10,6 +10,8 @@ batches an uninterrupted one would, and every rank draws the same global batch a
   1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max] (with --final-hop F,
      --final-fraction of the t from (F − Δ, F], hopping straight to 0, the rest from (F, T]);
   2. L = L_BS + β·L_BC from distill.boot.BootLoss (target network: --target online | ema);
+     with --refine N (a second stage from --init-from STUDENT), L_BS of final hops only, against N
+     targets of the frozen starting student computed once (distill.boot.FinalHopRegression);
   3. AdamW step with gradient clipping, then the EMA update.
 
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
@@ -71,6 +73,7 @@ class RunConfig:
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
     final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
+    refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -146,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
            f"each batch in (F - Δ, F] (default {d.final_hop}: off)")
     a("--final-fraction", type=float, default=d.final_fraction,
       help=f"with --final-hop: share of each batch drawn as final hops (default {d.final_fraction})")
+    a("--refine", type=int, default=d.refine, metavar="N",
+      help="final-hop refinement of a distilled student (needs --init-from and --final-hop): the target network "
+           "is frozen at that student, so N final-hop targets (ε, c, w, t in (F - Δ, F] -> the teacher's DDIM "
+           "from its ŷ_t to 0) are computed once into --work, and the loop trains only g(ε, 0) on them with "
+           "FinalHopRegression, calling no teacher (docs/ablations.md) (default 0: off)")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -196,7 +204,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps, final_hop=args.final_hop,
-        final_fraction=args.final_fraction, guidance_min=args.guidance_min,
+        final_fraction=args.final_fraction, refine=args.refine, guidance_min=args.guidance_min,
         guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -210,6 +218,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (1 <= cfg.solver_steps <= cfg.delta, "--solver-steps must be in [1, --delta]"),
         (cfg.final_hop == 0 or cfg.final_hop >= cfg.delta, "--final-hop must be 0 (off) or >= --delta"),
         (0 < cfg.final_fraction < 1, "--final-fraction must be in (0, 1)"),
+        (cfg.refine >= 0, "--refine must be >= 0"),
+        (cfg.refine == 0 or (cfg.final_hop > 0 and cfg.init_from is not None),
+         "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
+        (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),
         (cfg.beta >= 0, "--beta must be >= 0"), (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
@@ -413,6 +425,76 @@ def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step
     d = min(decay, (1 + step) / (10 + step))
     for pe, p in zip(ema.parameters(), online.parameters()):
         pe.lerp_(p.detach(), 1 - d)
+
+
+# --------------------------------------------------------------------------------------------
+# Final-hop refinement (--refine N)
+# --------------------------------------------------------------------------------------------
+REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final_hop", "delta", "solver_steps",
+              "guidance_min", "guidance_max", "seed")
+
+
+@dataclass
+class FinalHopTargets:
+    """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
+    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (distill.boot.bootstrap_target)."""
+
+    prompt: torch.Tensor  # (N,) index into the prompt list
+    noise: torch.Tensor  # (N, C, h, w)
+    t: torch.Tensor  # (N,) long
+    w: torch.Tensor  # (N,)
+    y: torch.Tensor  # (N, C, h, w)
+
+    def rows(self, cfg: RunConfig, step: int, dist: Dist) -> torch.Tensor:
+        """This rank's slice of `step`'s global batch of target rows (same on every rank, resume-invariant)."""
+        idx = torch.randint(0, len(self.t), (cfg.batch_size,), generator=step_generator(cfg.seed, step))
+        n = cfg.batch_size // dist.world
+        return idx[dist.rank * n:(dist.rank + 1) * n]
+
+
+def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, states: torch.Tensor,
+                      rows: torch.Tensor, uncond: torch.Tensor, dist: Dist, work: Path,
+                      chunk: int = 64) -> FinalHopTargets:
+    """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path, dev = work / "final_hop_targets.safetensors", dist.device
+    weights = Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors"
+    key = json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY},
+                      "init_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}, sort_keys=True)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return FinalHopTargets(**load_file(path))
+    # 1. The draws of final_hop rows, from a stream of their own (not any step's).
+    n, F = cfg.refine, cfg.final_hop
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed], spawn_key=(1,)).generate_state(
+        1, np.uint64)[0]))
+    prompt = torch.randint(0, len(rows), (n,), generator=gen)
+    noise = torch.randn((n, *teacher.latent_shape), generator=gen)
+    t = torch.randint(F - cfg.delta + 1, F + 1, (n,), generator=gen)
+    w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=gen)
+    # 2. Targets from the frozen starting student (the target network, never updated).
+    frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from).to(dev).eval().requires_grad_(False)
+    steps = torch.tensor(-(-F * cfg.solver_steps // cfg.delta))
+    y = torch.zeros_like(noise, device=dev)
+    mine = range(dist.rank * chunk, n, dist.world * chunk)
+    for i in tqdm(mine, desc="final-hop targets", disable=not dist.main):
+        j = slice(i, min(i + chunk, n))
+        b = j.stop - j.start
+        y[j] = boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states[rows[prompt[j]]].to(dev),
+                                     uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
+                                     torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev))
+    if dist.world > 1:  # each row was filled by one rank, zeros elsewhere: the sum is exact
+        torch.distributed.all_reduce(y)
+    targets = FinalHopTargets(prompt, noise, t, w, y.cpu())
+    if dist.main:
+        tmp = path.with_suffix(".tmp")
+        save_file(dataclasses.asdict(targets), tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    return targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,6 +827,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
+    refine = final_hop_targets(cfg, teacher, teacher_x0, states, rows, uncond, dist, work) if cfg.refine else None
+    refine_loss = boot.FinalHopRegression()
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
@@ -773,13 +857,17 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     t0, done = time.time(), start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="boot", disable=not dist.main)
     for step in bar:
-        # 1. This rank's slice of the global batch of `step`.
-        b = draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world)
+        # 1. This rank's slice of the global batch of `step` (--refine: of the stored final hops).
+        r = refine.rows(cfg, step, dist) if refine is not None else None
+        b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
+             draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
         cond = states[rows[b.prompt]].to(dev)
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
-        # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches.
+        # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
+        #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t)
+            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev)) if refine is not None else
+                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t))
         loss = terms["loss"].mean()
         # 3. AdamW with clipping, then EMA.
         optimizer_step(loss, opt, scaler, student.unet, lr_at(cfg, step), cfg.grad_clip)

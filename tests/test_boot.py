@@ -181,6 +181,25 @@ def test_boot_loss_is_zero_on_the_teachers_trajectory():
         assert out["loss"].abs().max() < 1e-10
 
 
+def test_final_hop_regression_is_boot_losss_final_hop_with_a_frozen_target():
+    """--refine's loss on a stored target equals BootLoss's L_BS when every t is a final hop and the
+    target network is that frozen student; only the student at s = 0 gets gradients."""
+    sched = schedule_of(True)
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    frozen, student = ScaledNoise(0.5, -0.4).requires_grad_(False), ScaledNoise(0.3, 0.2)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn((3, 1, 2, 2), generator=gen)
+    cond, uncond = torch.randn((3, 4, 5), generator=gen), torch.randn((3, 4, 5), generator=gen)
+    t, w = torch.tensor([100, 93, 81]), torch.tensor([1.0, 4.0, 6.0])
+    boot_loss = BootLoss(delta_steps=20, beta=0.0, final_hop=100)(student, frozen, teacher, noise, cond, uncond, w, t)
+    y = boot.bootstrap_target(frozen, teacher, noise, cond, uncond, w, t, torch.zeros_like(t), torch.full_like(t, 5))
+    out = boot.FinalHopRegression()(student, sched, noise, cond, w, t, y)
+    assert torch.allclose(out["loss"], boot_loss["bootstrap"], rtol=1e-5)
+    assert out["boundary"].abs().max() == 0 and not out["bootstrap"].requires_grad
+    out["loss"].mean().backward()
+    assert student.p.grad.abs() > 0 and student.q.grad == 0  # g(ε, 0): the t-term q·t/T is 0 there
+
+
 # --------------------------------------------------------------------------------------------
 # Stop-gradients and initialisation on real (tiny) UNets
 # --------------------------------------------------------------------------------------------

@@ -199,6 +199,86 @@ def test_two_process_ddp_equals_one_process(baseline, setup):
     assert meta["world_size"] == 2
 
 
+# --------------------------------------------------------------------------------------------
+# --refine: the final hop alone, against stored targets of the frozen starting student
+# --------------------------------------------------------------------------------------------
+def _refine_cli(setup, baseline, name, extra=()):
+    return _cli(*setup, name, ["--init-from", str(baseline[0] / "student"), "--final-hop", "200", "--refine", "12",
+                               *extra])
+
+
+@pytest.fixture(scope="module")
+def refined(baseline, setup):
+    return setup[0] / "refine", _in_process(_refine_cli(setup, baseline, "refine"))
+
+
+def _targets(work: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(work / "final_hop_targets.safetensors"))
+
+
+def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
+    _, teacher_dir, prompts = setup
+    out, stdout = refined
+    stored = _targets(out / "work")
+    assert len(stored["t"]) == 12 and stored["t"].min() > 100 and stored["t"].max() <= 200  # (F − Δ, F]
+    assert stored["w"].min() >= 1.0 and stored["w"].max() <= 6.0
+    # Each target: the teacher's DDIM from the frozen starting student's ŷ_t to 0 in ceil(F/Δ) = 2 steps.
+    teacher = run.load_teacher(teacher_dir)
+    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    frozen = run.build_student(teacher, sched, str(baseline[0] / "student")).eval()
+    states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
+    expected = boot.bootstrap_target(
+        frozen, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), stored["noise"],
+        states[rows[stored["prompt"]]], teacher.text.encode([""]).float().expand(12, -1, -1), stored["w"],
+        stored["t"], torch.zeros(12, dtype=torch.long), torch.full((12,), 2))
+    assert torch.allclose(stored["y"], expected, atol=1e-5)
+    # The loop trains only the final hop's term, and the student moves off its start.
+    losses = _losses(out / "work")
+    assert [r["step"] for r in losses] == [0, 1, 2, 3]
+    assert all(r["boundary"] == 0 and r["bootstrap"] > 0 for r in losses)
+    meta = json.loads((out / "student" / "boot.json").read_text())
+    assert (meta["hyperparameters"]["refine"], meta["hyperparameters"]["final_hop"]) == (12, 200)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    start, after = load_file(str(baseline[0] / "student" / unet)), load_file(str(out / "student" / unet))
+    assert max((after[k] - start[k]).abs().max().item() for k in start) > 1e-4
+
+
+def test_refine_resumes_to_the_same_weights_and_reuses_only_matching_targets(refined, baseline, setup):
+    import shutil
+
+    work = setup[0] / "refine-resumed" / "work"
+    work.mkdir(parents=True)
+    shutil.copy(refined[0] / "work" / "final_hop_targets.safetensors", work)
+    stamp = (work / "final_hop_targets.safetensors").stat().st_mtime_ns
+    argv = _refine_cli(setup, baseline, "refine-resumed")
+    _in_process([*argv, "--steps", "2"])
+    assert "(step 2)" in _in_process([*argv, "--resume"])
+    assert (work / "final_hop_targets.safetensors").stat().st_mtime_ns == stamp, "same recipe: targets reused"
+    ref, got = _tensors(refined[0] / "work", 4), _tensors(work, 4)
+    for k in ref:  # model, EMA and optimizer state
+        assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
+    # Another final hop makes other targets: they are recomputed, not reused.
+    _in_process([*_refine_cli(setup, baseline, "refine-resumed", ["--final-hop", "300"]), "--steps", "1"])
+    stored = _targets(work)
+    assert stored["t"].min() > 200 and stored["t"].max() <= 300
+
+
+def test_refine_two_process_ddp_equals_one_process(refined, baseline, setup):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "distill.run", *_refine_cli(setup, baseline, "refine-ddp")]
+    proc = _run(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = setup[0] / "refine-ddp" / "work"
+    ref, got = _targets(refined[0] / "work"), _targets(work)  # each rank computed half the rows
+    assert torch.equal(ref["t"], got["t"]) and torch.allclose(ref["y"], got["y"], atol=1e-5)
+    ref, got, mid = _tensors(refined[0] / "work", 4), _tensors(work, 4), _tensors(refined[0] / "work", 2)
+    norm = lambda d: sum(v.double().pow(2).sum() for v in d.values()).sqrt().item()  # noqa: E731
+    for prefix in ("unet.", "ema."):
+        moved = norm({k: ref[k] - mid[k] for k in ref if k.startswith(prefix)})
+        diff = norm({k: ref[k] - got[k] for k in ref if k.startswith(prefix)})
+        assert moved > 0.01 and diff < 1e-2 * moved, (prefix, moved, diff)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="torch 2.13 CPU inductor: compiled student gradients differ from eager by ~47% "
@@ -329,6 +409,7 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
     (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
     (["--final-hop", "999"], "must be below the teacher's last timestep 999"),
+    (["--refine", "8"], "--refine needs --final-hop F and --init-from STUDENT"),
 ])
 def test_bad_flags(tiny_teacher, flags, message, capsys, tmp_path):
     err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), *flags], capsys)
