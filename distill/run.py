@@ -468,7 +468,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
         with safe_open(path, "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return FinalHopTargets(**load_file(path))
-    # 1. The draws of final_hop rows, from a stream of their own (not any step's).
+    # 1. N final hops drawn as draw_batch draws them, from a random stream of their own (not any step's).
     n, F = cfg.refine, cfg.final_hop
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed], spawn_key=(1,)).generate_state(
         1, np.uint64)[0]))
