@@ -239,6 +239,11 @@ class BootLoss:
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
+    @property
+    def final_steps(self) -> int:
+        """Teacher DDIM steps in a final hop's target: ceil(F·K/Δ), so none is longer than Δ/K."""
+        return -(-self.final_hop * self.solver_steps // self.delta_steps)
+
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                  t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,8 +252,7 @@ class BootLoss:
         # final hop; with F = 0 there is none, since t >= 1).
         final = t <= self.final_hop
         s = torch.where(final, 0, (t - self.delta_steps).clamp_min(0))
-        n = torch.where(final, -(-self.final_hop * self.solver_steps // self.delta_steps),
-                        torch.full_like(t, self.solver_steps))
+        n = torch.where(final, self.final_steps, torch.full_like(t, self.solver_steps))
         T = torch.full_like(t, sched.T)
         # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
         with torch.no_grad():

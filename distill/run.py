@@ -452,8 +452,8 @@ class FinalHopTargets:
         return idx[dist.rank * n:(dist.rank + 1) * n]
 
 
-def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, states: torch.Tensor,
-                      rows: torch.Tensor, uncond: torch.Tensor, dist: Dist, work: Path,
+def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
+                      states: torch.Tensor, rows: torch.Tensor, uncond: torch.Tensor, dist: Dist, work: Path,
                       chunk: int = 64) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
     from safetensors.torch import load_file, save_file
@@ -478,7 +478,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=gen)
     # 2. Targets from the frozen starting student (the target network, never updated).
     frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from).to(dev).eval().requires_grad_(False)
-    steps = torch.tensor(-(-F * cfg.solver_steps // cfg.delta))
+    steps = torch.tensor(loss_fn.final_steps)  # the final hop's teacher steps, as BootLoss takes them
     y = torch.zeros_like(noise, device=dev)
     mine = range(dist.rank * chunk, n, dist.world * chunk)
     for i in tqdm(mine, desc="final-hop targets", disable=not dist.main):
@@ -827,7 +827,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
-    refine = final_hop_targets(cfg, teacher, teacher_x0, states, rows, uncond, dist, work) if cfg.refine else None
+    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, rows, uncond, dist, work)
+              if cfg.refine else None)
     refine_loss = boot.FinalHopRegression()
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
