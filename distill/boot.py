@@ -14,6 +14,7 @@ does (v: α_T ε - σ_T v; sample: out) and the DDIM step is written with α_t i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -279,14 +280,25 @@ class FinalHopRegression:
     BootLoss with β = 0, every t drawn from (F − Δ, F], and the target network frozen at the
     starting student: each sample's target is then a fixed function of (ε, c, w, t), so N of them
     are computed once and the loop calls no teacher (docs/ablations.md, "Final-hop refinement").
+
+    With `decode` (a frozen latent -> image map, e.g. the teacher's VAE decoder), the squared error
+    is taken between the decoded images, D(g(ε, 0, c)) and D(y), instead of between latents; the
+    gradient still reaches only the student, through D.
     """
 
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.decode = decode
 
     def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
                  w: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         zero = torch.zeros_like(t)
         g_0 = student(noise, zero, cond, w)
+        if self.decode is not None:
+            with torch.no_grad():
+                y = self.decode(y)
+            g_0 = self.decode(g_0)
         d = schedule.delta(t, zero)
-        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, noise.ndim))) / d.clamp_min(self.min_delta).pow(2)
+        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
         return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}

@@ -74,6 +74,7 @@ class RunConfig:
     final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
     refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
+    refine_space: str = "latent"  # --refine's squared error between latents, or between VAE-decoded images
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
            "is frozen at that student, so N final-hop targets (ε, c, w, t in (F - Δ, F] -> the teacher's DDIM "
            "from its ŷ_t to 0) are computed once into --work, and the loop trains only g(ε, 0) on them with "
            "FinalHopRegression, calling no teacher (docs/ablations.md) (default 0: off)")
+    a("--refine-space", choices=("latent", "image"), default=d.refine_space,
+      help="with --refine: take the squared error between latents, or between the images the teacher's "
+           f"frozen VAE decodes from them (default {d.refine_space})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -204,8 +208,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps, final_hop=args.final_hop,
-        final_fraction=args.final_fraction, refine=args.refine, guidance_min=args.guidance_min,
-        guidance_max=args.guidance_max,
+        final_fraction=args.final_fraction, refine=args.refine, refine_space=args.refine_space,
+        guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
@@ -495,6 +499,12 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
         save_file(dataclasses.asdict(targets), tmp, metadata={"key": key})
         os.replace(tmp, path)
     return targets
+
+
+def image_decoder(teacher: Teacher):
+    """The teacher's frozen VAE decoder as a latent -> image map that gradients pass through."""
+    vae = teacher.vae
+    return lambda z: vae.decode(z / vae.config.scaling_factor).sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -829,7 +839,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                             final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, rows, uncond, dist, work)
               if cfg.refine else None)
-    refine_loss = boot.FinalHopRegression()
+    refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.

@@ -200,6 +200,31 @@ def test_final_hop_regression_is_boot_losss_final_hop_with_a_frozen_target():
     assert student.p.grad.abs() > 0 and student.q.grad == 0  # g(ε, 0): the t-term q·t/T is 0 there
 
 
+def test_final_hop_regression_in_image_space_compares_decoded_images():
+    """--refine-space image: the squared error between D(g(ε, 0)) and D(y), per sample and /δ²; the
+    gradient reaches the student through the decoder and nothing reaches the decoder or y."""
+    sched = schedule_of(True)
+    student = ScaledNoise(0.3, 0.2)
+    decoder = nn.Conv2d(1, 3, 1).requires_grad_(False)  # latent (1 channel) -> "image" (3 channels)
+    with torch.no_grad():
+        decoder.weight.copy_(torch.tensor([2.0, -1.0, 0.5]).view(3, 1, 1, 1))
+        decoder.bias.copy_(torch.tensor([0.1, 0.0, -0.3]))
+    gen = torch.Generator().manual_seed(6)
+    noise, y = torch.randn((3, 1, 2, 2), generator=gen), torch.randn((3, 1, 2, 2), generator=gen).requires_grad_()
+    cond, w, t = torch.zeros(3, 4, 5), torch.tensor([1.0, 4.0, 6.0]), torch.tensor([100, 93, 81])
+    out = boot.FinalHopRegression(decode=decoder)(student, sched, noise, cond, w, t, y)
+    # By hand: D is per-pixel affine, so D(a) − D(b) = k·(a − b) per channel k; the bias cancels.
+    err = 0.3 * noise - y.detach()  # g(ε, 0) = p·ε with p = 0.3
+    k2 = torch.tensor([4.0, 1.0, 0.25]).view(1, 3, 1, 1)
+    d = sched.delta(t, torch.zeros_like(t))
+    expected = (k2 * err.pow(2)).mean((1, 2, 3)) / d.pow(2)
+    assert torch.allclose(out["loss"], expected, rtol=1e-5)
+    latent = boot.FinalHopRegression()(student, sched, noise, cond, w, t, y.detach())["loss"]
+    assert not torch.allclose(out["loss"], latent)  # the image-space loss is not the latent one
+    out["loss"].mean().backward()
+    assert student.p.grad.abs() > 0 and y.grad is None and decoder.weight.grad is None
+
+
 # --------------------------------------------------------------------------------------------
 # Stop-gradients and initialisation on real (tiny) UNets
 # --------------------------------------------------------------------------------------------
