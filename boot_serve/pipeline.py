@@ -59,7 +59,7 @@ class BootPipeline(ChunkedCall):
         """Load `students/<name>/` (docs/interfaces.md "Student folder")."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        from distill.boot import NoiseSchedule, OneStepGenerator, Student
+        from distill.boot import PARAMETERIZATIONS, NoiseSchedule, OneStepGenerator, Student
         from distill.models import STUDENT_META, check_folder, load_text_stack
 
         folder = check_folder(path, ("unet", "scheduler"))
@@ -70,10 +70,13 @@ class BootPipeline(ChunkedCall):
             raise ValueError(f"{folder / STUDENT_META}: format {meta.get('format')!r}, expected {STUDENT_FORMAT!r}")
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
-        if int(meta["input_timestep"]) != schedule.T:
+        parameterization = meta.get("parameterization", "teacher-at-T")  # absent before it was recorded
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"boot.json parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+        if parameterization != "unet-at-t" and int(meta["input_timestep"]) != schedule.T:
             raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).requires_grad_(False)
-        student = Student(unet, schedule, meta["prediction_type"])
+        student = Student(unet, schedule, meta["prediction_type"], parameterization)
         generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None
         if (folder / "vae").is_dir():

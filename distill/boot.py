@@ -21,6 +21,11 @@ import torch
 from torch import nn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# How the student reads its UNet (Student; docs/ablations.md "Output parameterization"):
+#   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
+#   direct        UNet(ε, T), the output taken as the signal itself
+#   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
+PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t")
 # Student conditioning: sinusoidal features of the target time and of the guidance scale,
 # concatenated and fed through the UNet's zero-initialised `time_embedding.cond_proj`.
 EMBED_DIM = 128
@@ -144,36 +149,46 @@ class StudentSpec:
     """How a student reads its UNet; stored in boot.json."""
 
     prediction_type: str
-    input_timestep: int  # the UNet's own timestep input, always the teacher's T
+    input_timestep: int | None  # the UNet's own timestep input: the teacher's T, or None for the target t
+    parameterization: str = "teacher-at-T"
 
 
 class Student(nn.Module):
     """g_θ(ε, t, c, w): predicted signal y_t of the teacher's DDIM trajectory from noise ε.
 
-    Output parameterization: the UNet always sees its pretraining input at time T (pure noise
-    x_T = ε, timestep T); the target time t and guidance w arrive only through the zero-
-    initialised condition projection; the output is read as the teacher reads it at T. Hence
-    g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w, with no division by α_T.
+    Output parameterization ("teacher-at-T", the default): the UNet always sees its pretraining
+    input at time T (pure noise x_T = ε, timestep T); the target time t and guidance w arrive only
+    through the zero-initialised condition projection; the output is read as the teacher reads it
+    at T. Hence g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w, with no division
+    by α_T. The alternatives of PARAMETERIZATIONS change one of those choices each, for ablations.
     """
 
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                 parameterization: str = "teacher-at-T"):
         super().__init__()
         if prediction_type == "epsilon" and schedule.zero_terminal_snr:
             raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no "
                              "x0 at T; use a v- or sample-prediction teacher")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
+        self.parameterization = parameterization
 
     @property
     def spec(self) -> StudentSpec:
-        return StudentSpec(self.prediction_type, self.schedule.T)
+        at_t = self.parameterization == "unet-at-t"
+        return StudentSpec(self.prediction_type, None if at_t else self.schedule.T, self.parameterization)
 
     def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 guidance_scale: torch.Tensor) -> torch.Tensor:
         T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
         cond = student_condition(t, guidance_scale).to(noise.dtype)
-        out = self.unet(noise, T, encoder_hidden_states, timestep_cond=cond).sample
+        unet_time = t if self.parameterization == "unet-at-t" else T
+        out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond).sample
+        if self.parameterization == "direct":
+            return out
         return to_x0(out, noise, T, self.schedule, self.prediction_type)
 
 

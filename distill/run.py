@@ -75,6 +75,7 @@ class RunConfig:
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
     refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
     refine_space: str = "latent"  # --refine's squared error between latents, or between VAE-decoded images
+    parameterization: str = "teacher-at-T"  # how the student reads its UNet (distill.boot.PARAMETERIZATIONS)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
+    a("--parameterization", choices=boot.PARAMETERIZATIONS, default=d.parameterization,
+      help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
+           "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
+           "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t "
+           f"(default {d.parameterization})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps, final_hop=args.final_hop,
         final_fraction=args.final_fraction, refine=args.refine, refine_space=args.refine_space,
+        parameterization=args.parameterization,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -356,10 +363,20 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
           file=sys.stderr)
 
 
-def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None) -> boot.Student:
+def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
+                  parameterization: str = "teacher-at-T") -> boot.Student:
     """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection,
-    or the UNet of the student folder `init_from` (same architecture as the teacher's)."""
+    or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
+    output parameterization)."""
     from diffusers import UNet2DConditionModel
+
+    if init_from:
+        meta_path = Path(init_from) / STUDENT_META
+        theirs = (json.loads(meta_path.read_text()).get("parameterization", "teacher-at-T")
+                  if meta_path.is_file() else "teacher-at-T")
+        if theirs != parameterization:
+            raise ValueError(f"--init-from {init_from} reads its UNet as {theirs!r}, "
+                             f"not --parameterization {parameterization!r}")
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet",
                                                                            use_safetensors=True))
@@ -370,7 +387,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
                                    f"{describe_error(err)}") from err
-    return boot.Student(unet.float().train(), schedule, teacher.prediction_type)
+    return boot.Student(unet.float().train(), schedule, teacher.prediction_type, parameterization)
 
 
 @torch.no_grad()
@@ -481,7 +498,8 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     t = torch.randint(F - cfg.delta + 1, F + 1, (n,), generator=gen)
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=gen)
     # 2. Targets from the frozen starting student (the target network, never updated).
-    frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from).to(dev).eval().requires_grad_(False)
+    frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from, cfg.parameterization)
+    frozen = frozen.to(dev).eval().requires_grad_(False)
     steps = torch.tensor(loss_fn.final_steps)  # the final hop's teacher steps, as BootLoss takes them
     y = torch.zeros_like(noise, device=dev)
     mine = range(dist.rank * chunk, n, dist.world * chunk)
@@ -715,7 +733,10 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "steps": steps,
         "weights": "ema" if cfg.ema > 0 else "online",
         "prediction_type": teacher.prediction_type,
-        "input_timestep": int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1,  # T
+        # The UNet's own timestep input: T, or null where it is the target time (unet-at-t).
+        "input_timestep": (None if cfg.parameterization == "unet-at-t"
+                           else int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
+        "parameterization": cfg.parameterization,
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
@@ -824,12 +845,13 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
-    student = build_student(teacher, schedule, cfg.init_from).to(dev)
+    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev)
     if dist.main:
         lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
-    ema = build_student(teacher, schedule, cfg.init_from).to(dev).eval().requires_grad_(False) if cfg.ema > 0 else None
+    ema = (build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev).eval().requires_grad_(False)
+           if cfg.ema > 0 else None)
     target = ema if cfg.target == "ema" else student
     exported = ema if ema is not None else student
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)

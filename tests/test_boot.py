@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 from types import SimpleNamespace
@@ -289,6 +290,26 @@ def test_student_equals_teacher_at_T_at_initialisation(prediction_type, zero_snr
     assert student.unet.time_embedding.cond_proj.weight.abs().sum() == 0
 
 
+def test_ablation_parameterizations_read_the_unet_as_documented():
+    """direct: the UNet's output at T is the signal; unet-at-t: the UNet is called at the target t
+    (read as at T); both differ from the default, which starts as the teacher's f(ε, T)."""
+    teacher, student, b = tiny_setup("v_prediction", True, perturb=0.0)
+    sched, unet, T = student.schedule, student.unet, torch.full((2,), 999)
+    direct = Student(unet, sched, "v_prediction", "direct")
+    at_t = Student(unet, sched, "v_prediction", "unet-at-t")
+    with torch.no_grad():
+        raw_T = unet(b["noise"], T, b["cond"]).sample
+        raw_t = unet(b["noise"], b["t"], b["cond"]).sample
+        assert torch.allclose(direct(b["noise"], b["t"], b["cond"], b["w"]), raw_T, atol=1e-6)
+        # v-prediction read at T on a zero-terminal-SNR schedule (α_T = 0, σ_T = 1): x0 = −v.
+        assert torch.allclose(at_t(b["noise"], b["t"], b["cond"], b["w"]), -raw_t, atol=1e-6)
+        assert torch.allclose(student(b["noise"], b["t"], b["cond"], b["w"]), -raw_T, atol=1e-6)
+        assert (raw_t - raw_T).abs().max() > 1e-3  # the timestep input matters
+    assert direct.spec.input_timestep == 999 and at_t.spec.input_timestep is None
+    with pytest.raises(ValueError, match="parameterization must be one of"):
+        Student(unet, sched, "v_prediction", "x0-at-t")
+
+
 def test_trained_student_depends_on_t_and_guidance():
     _, student, b = tiny_setup(perturb=0.05)
     with torch.no_grad():
@@ -401,4 +422,24 @@ def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, stude
         BootPipeline.from_pretrained(teacher)
     shutil.rmtree(folder / "vae")  # a latent student without its VAE would return latents as "images"
     with pytest.raises(FileNotFoundError, match="no vae/ folder, but its UNet makes 4-channel latents"):
+        BootPipeline.from_pretrained(folder)
+
+
+def test_pipeline_reads_the_recorded_parameterization(tmp_path, student_folder):
+    """boot.json's `parameterization` decides how the loaded student reads its UNet; unknown ones fail."""
+    from boot_serve.pipeline import BootPipeline
+
+    folder = tmp_path / "direct"
+    shutil.copytree(student_folder, folder)
+    meta = json.loads((folder / "boot.json").read_text())
+    default = BootPipeline.from_pretrained(student_folder)
+    assert default.generator.student.parameterization == "teacher-at-T"  # absent: the default
+    for name in ("direct", "unet-at-t"):
+        (folder / "boot.json").write_text(json.dumps({**meta, "parameterization": name,
+                                                      **({"input_timestep": None} if name == "unet-at-t" else {})}))
+        pipe = BootPipeline.from_pretrained(folder)
+        assert pipe.generator.student.parameterization == name
+        assert not np.array_equal(_arr(pipe(["a red circle"], [3])), _arr(default(["a red circle"], [3])))
+    (folder / "boot.json").write_text(json.dumps({**meta, "parameterization": "x0-at-t"}))
+    with pytest.raises(ValueError, match="parameterization 'x0-at-t' is not one of"):
         BootPipeline.from_pretrained(folder)

