@@ -214,6 +214,7 @@ def test_sd_style_student_exports(tmp_path):
     student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1)
     info = ex.export(student, tmp_path / "repo", "fp32", parity_batches=(2,), e2e_prompts=2)
     assert info["hidden_size"] == 32 and info["student"]["prediction_type"] == "epsilon"
+    assert info["student"]["parameterization"] == "teacher-at-T"
     prompts, seeds = [c[0] for c in CASES], [c[1] for c in CASES]
     got = _arrays(OnnxPipeline.from_pretrained(tmp_path / "repo")(prompts, seeds, 2.0))
     ref = _arrays(BootPipeline.from_pretrained(student)(prompts, seeds, 2.0))
