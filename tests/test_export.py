@@ -181,8 +181,14 @@ def test_onnx_pipeline_needs_no_torch(repo32):
 
 
 def test_provider_selection(monkeypatch):
-    def choose(gpus: int, libs: bool, trt_env: str = "") -> tuple[str, ...]:
+    import onnxruntime
+
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def choose(gpus: int, libs: bool, trt_env: str = "", listed=gpu_build) -> tuple[str, ...]:
         runtime.default_providers.cache_clear()
+        # The providers onnxruntime-gpu lists (CPU machines install the CPU build, which lists none of them).
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(listed))
         monkeypatch.setattr(runtime, "cuda_device_count", lambda: gpus)
         monkeypatch.setattr(runtime, "_cuda_libraries", lambda: libs)
         monkeypatch.setattr(runtime, "_loadable", lambda *names: True)
@@ -194,6 +200,7 @@ def test_provider_selection(monkeypatch):
         assert choose(1, False) == ("CPUExecutionProvider",)  # GPU, but no CUDA runtime / cuDNN
         assert choose(1, True) == ("CUDAExecutionProvider", "CPUExecutionProvider")
         assert choose(1, True, "1") == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+        assert choose(1, True, "1", listed=["CPUExecutionProvider"]) == ("CPUExecutionProvider",)  # the CPU build
     finally:
         runtime.default_providers.cache_clear()
 
