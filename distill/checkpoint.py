@@ -88,6 +88,16 @@ def latest(directory: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(_PREFIX):]), default=None)
 
 
+def _module_part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def module_state(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The state dict that `save` stored for modules[name] in a checkpoint folder (empty if none)."""
+    return _module_part(load_file(str(Path(path) / "tensors.safetensors")), name)
+
+
 def load(
     path: str | Path,
     modules: dict[str, torch.nn.Module],
@@ -98,9 +108,7 @@ def load(
     info = json.loads((path / "meta.json").read_text())
     tensors = load_file(str(path / "tensors.safetensors"))
     for name, module in modules.items():
-        prefix = f"{name}."
-        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(sub)
+        module.load_state_dict(_module_part(tensors, name))
     if optimizer is not None and "optimizer" in info:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
     return info

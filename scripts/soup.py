@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill import checkpoint
+
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
 def weights(source: Path) -> dict[str, torch.Tensor]:
     if (source / UNET).exists():
         return {k: v.float() for k, v in load_file(source / UNET).items()}
-    tensors = load_file(source / "tensors.safetensors")
-    ema = {k.removeprefix("ema."): v.float() for k, v in tensors.items() if k.startswith("ema.")}
+    ema = {k: v.float() for k, v in checkpoint.module_state(source, "ema").items()}
     if not ema:
         raise SystemExit(f"{source}: neither a student folder ({UNET}) nor a checkpoint with EMA weights")
     return ema
