@@ -634,7 +634,7 @@ def manifest(student: Student, stage: Path, precision: str, max_batch: int, opse
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_student": str(student.folder),
         "student": {**{k: meta.get(k) for k in ("format", "teacher", "prediction_type", "input_timestep", "steps")},
-                    "parameterization": meta.get("parameterization", "teacher-at-T")},
+                    "parameterization": student.pipe.generator.student.parameterization},
         "precision": precision,
         "latent_shape": list(student.latent_shape),
         "image_shape": list(student.image_shape),

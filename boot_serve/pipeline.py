@@ -59,7 +59,14 @@ class BootPipeline(ChunkedCall):
         """Load `students/<name>/` (docs/interfaces.md "Student folder")."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        from distill.boot import PARAMETERIZATIONS, NoiseSchedule, OneStepGenerator, Student
+        from distill.boot import (
+            PARAMETERIZATIONS,
+            NoiseSchedule,
+            OneStepGenerator,
+            Student,
+            recorded_parameterization,
+            unet_input_timestep,
+        )
         from distill.models import STUDENT_META, check_folder, load_text_stack
 
         folder = check_folder(path, ("unet", "scheduler"))
@@ -70,10 +77,11 @@ class BootPipeline(ChunkedCall):
             raise ValueError(f"{folder / STUDENT_META}: format {meta.get('format')!r}, expected {STUDENT_FORMAT!r}")
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
-        parameterization = meta.get("parameterization", "teacher-at-T")  # absent before it was recorded
+        parameterization = recorded_parameterization(meta)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"boot.json parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
-        if parameterization != "unet-at-t" and int(meta["input_timestep"]) != schedule.T:
+        expected = unet_input_timestep(parameterization, schedule.T)
+        if expected is not None and int(meta["input_timestep"]) != expected:
             raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).requires_grad_(False)
         student = Student(unet, schedule, meta["prediction_type"], parameterization)

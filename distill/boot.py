@@ -26,6 +26,18 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #   direct        UNet(ε, T), the output taken as the signal itself
 #   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
 PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t")
+DEFAULT_PARAMETERIZATION = PARAMETERIZATIONS[0]
+
+
+def recorded_parameterization(meta: dict) -> str:
+    """A student's parameterization from its boot.json (absent in folders written before it was recorded)."""
+    return meta.get("parameterization", DEFAULT_PARAMETERIZATION)
+
+
+def unet_input_timestep(parameterization: str, T: int) -> int | None:
+    """The UNet's own timestep input as boot.json records it: T, or None where it is the target t."""
+    return None if parameterization == "unet-at-t" else T
+
 # Student conditioning: sinusoidal features of the target time and of the guidance scale,
 # concatenated and fed through the UNet's zero-initialised `time_embedding.cond_proj`.
 EMBED_DIM = 128
@@ -150,7 +162,7 @@ class StudentSpec:
 
     prediction_type: str
     input_timestep: int | None  # the UNet's own timestep input: the teacher's T, or None for the target t
-    parameterization: str = "teacher-at-T"
+    parameterization: str = DEFAULT_PARAMETERIZATION
 
 
 class Student(nn.Module):
@@ -164,7 +176,7 @@ class Student(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 parameterization: str = "teacher-at-T"):
+                 parameterization: str = DEFAULT_PARAMETERIZATION):
         super().__init__()
         if prediction_type == "epsilon" and schedule.zero_terminal_snr:
             raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no "
@@ -178,8 +190,8 @@ class Student(nn.Module):
 
     @property
     def spec(self) -> StudentSpec:
-        at_t = self.parameterization == "unet-at-t"
-        return StudentSpec(self.prediction_type, None if at_t else self.schedule.T, self.parameterization)
+        return StudentSpec(self.prediction_type, unet_input_timestep(self.parameterization, self.schedule.T),
+                           self.parameterization)
 
     def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 guidance_scale: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ class RunConfig:
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
     refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
     refine_space: str = "latent"  # --refine's squared error between latents, or between VAE-decoded images
-    parameterization: str = "teacher-at-T"  # how the student reads its UNet (distill.boot.PARAMETERIZATIONS)
+    parameterization: str = boot.DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.PARAMETERIZATIONS)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
@@ -364,7 +364,7 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
-                  parameterization: str = "teacher-at-T") -> boot.Student:
+                  parameterization: str = boot.DEFAULT_PARAMETERIZATION) -> boot.Student:
     """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization)."""
@@ -372,8 +372,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
 
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
-        theirs = (json.loads(meta_path.read_text()).get("parameterization", "teacher-at-T")
-                  if meta_path.is_file() else "teacher-at-T")
+        theirs = boot.recorded_parameterization(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
         if theirs != parameterization:
             raise ValueError(f"--init-from {init_from} reads its UNet as {theirs!r}, "
                              f"not --parameterization {parameterization!r}")
@@ -733,9 +732,8 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "steps": steps,
         "weights": "ema" if cfg.ema > 0 else "online",
         "prediction_type": teacher.prediction_type,
-        # The UNet's own timestep input: T, or null where it is the target time (unet-at-t).
-        "input_timestep": (None if cfg.parameterization == "unet-at-t"
-                           else int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
+        "input_timestep": boot.unet_input_timestep(
+            cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
         "parameterization": cfg.parameterization,
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
