@@ -473,8 +473,8 @@ class FinalHopTargets:
 
 
 def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
-                      states: torch.Tensor, rows: torch.Tensor, uncond: torch.Tensor, dist: Dist, work: Path,
-                      chunk: int = 64) -> FinalHopTargets:
+                      states: torch.Tensor, rows: torch.Tensor, uncond: torch.Tensor, dist: Dist,
+                      work: Path) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
     from safetensors.torch import load_file, save_file
 
@@ -501,6 +501,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     frozen = frozen.to(dev).eval().requires_grad_(False)
     steps = torch.tensor(loss_fn.final_steps)  # the final hop's teacher steps, as BootLoss takes them
     y = torch.zeros_like(noise, device=dev)
+    chunk = 1024 if dev.type == "cuda" else 64  # each chunk is 1 + 2·ceil(F·K/Δ) UNet calls at that batch
     mine = range(dist.rank * chunk, n, dist.world * chunk)
     for i in tqdm(mine, desc="final-hop targets", disable=not dist.main):
         j = slice(i, min(i + chunk, n))
@@ -546,6 +547,9 @@ def setup_distributed(device: str) -> Dist:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        # TF32 matmuls and convolutions (as distill.teacher trains): the student's UNet is small enough that
+        # fp32 steps are bound by matmul throughput on a GPU, and BOOT's targets do not need fp32's mantissa.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         # Long timeout: rank 0 renders the teacher reference while the others wait.
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))

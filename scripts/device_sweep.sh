@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Several BOOT recipes side by side on one GPU, each distilled fresh from pretrained/shapes-teacher
-# with periodic judge validation (--val-every, --keep best) and the 300-caption evaluation at the end.
-# Inputs: .devdata/textpk (scripts/pack_states.py pack of `python -m distill.text precompute`), diffusers
-# as a wheel in .whl/. VARIANTS: one "name flags..." per line. Results go to $1 (default runs/sweep):
-# reports.tar (every run's log, val.jsonl/png, loss, samples, eval report) and the KEEP best students
-# (by the final evaluation) as fp16 tarballs.
+# Several BOOT recipes side by side on one GPU, each distilled from pretrained/shapes-teacher (fresh, or
+# --init-from a student) with periodic judge validation (--val-every, --keep best) and, unless EVAL_N=0,
+# the 300-caption evaluation at the end. Inputs: .devdata/textpk (scripts/pack_states.py pack of
+# `python -m distill.text precompute`), diffusers in .whl/ (see below). VARIANTS: one "name flags..." per
+# line. Results go to $1 (default runs/sweep): reports.tar (every run's log, val.jsonl/png, loss, samples,
+# eval report) and the KEEP best students (by the final evaluation, else by validation): the best one's
+# folder without weights plus its fp32 UNet split into fp32-NAME.part-* (cat them back together), the
+# others as fp16 tarballs.
 set -u
 RESULTS=${1:-runs/sweep}
 MINUTES=${MINUTES:-6}
@@ -12,12 +14,19 @@ KEEP=${KEEP:-2}
 DEV=${DEVICE:-cuda}
 W=${WORK:-/tmp/boot-sweep}
 VARIANTS=${VARIANTS:-"base --delta 20 --solver-steps 1"}
-COMMON=(--preset full --device "$DEV" --max-minutes "$MINUTES" --batch-size 128 --val-every 250 --val-n 128
-        --keep best --eval-n 300 --sample-every 1000)
+VAL_EVERY=${VAL_EVERY:-250}
+VAL_N=${VAL_N:-128}
+EVAL_N=${EVAL_N:-300}
+COMMON=(--preset full --device "$DEV" --max-minutes "$MINUTES" --batch-size 128 --val-every "$VAL_EVERY"
+        --val-n "$VAL_N" --keep best --eval-n "$EVAL_N" --sample-every 1000)
 [ -n "${SMOKE:-}" ] && COMMON=(--preset full --device "$DEV" --steps 3 --batch-size 4 --val-every 2 --val-n 4
-                               --keep best --eval-n 4 --sample-every 0)
+                               --keep best --eval-n "$([ "$EVAL_N" = 0 ] && echo 0 || echo 4)" --sample-every 0)
 mkdir -p "$RESULTS" $W
-if [ -d .whl ]; then
+# Packages the GPU image lacks: wheels in .whl/, or (smaller, when the 64 MiB tree is tight) a tar.xz of
+# an installed site folder (`pip install --no-deps --target D WHEELS; tar -C D -cJf .whl/site.tar.xz .`).
+mkdir -p /tmp/site
+for f in .whl/*.tar.xz; do [ -f "$f" ] && { tar -C /tmp/site -xJf "$f" || exit 1; }; done
+if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
@@ -34,12 +43,29 @@ for name in "${names[@]}"; do
     tr '\r' '\n' < $W/$name.log | grep -v 'it/s\]$\|s/it\]$' > $W/$name/log.txt
     echo "$name: $(grep 'student-1 accuracy' $W/$name/log.txt || tail -2 $W/$name/log.txt)"
 done
-tar -C $W -cf "$RESULTS/reports.tar" --exclude '*/checkpoints' --exclude '*/best' --exclude '*/student' \
+tar -C $W -cf "$RESULTS/reports.tar" --exclude '*.safetensors' --exclude '*/checkpoints' --exclude '*/best' --exclude '*/student' \
     --exclude '*/samples/*' "${names[@]}"
-# The KEEP students with the highest final student-1 accuracy, fp16, without the teacher's VAE.
-for name in $(for n in "${names[@]}"; do
-                  acc=$(python3 -c "import json,sys; print(json.load(open('$W/$n/student/boot.json'))['evaluation']['student_accuracy'])" 2>/dev/null || echo -1)
-                  echo "$acc $n"; done | sort -rn | head -n "$KEEP" | awk '{print $2}'); do
+# The KEEP students with the highest final student-1 accuracy (with EVAL_N=0: best validation), fp16,
+# without the teacher's VAE.
+score() {  # final evaluation's student-1 accuracy, else the best validation accuracy, else -1
+    python3 - "$1" <<'PY' 2>/dev/null || echo -1
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+ev = json.loads((run / "student/boot.json").read_text()).get("evaluation")
+if ev:
+    print(ev["student_accuracy"])
+else:
+    print(max(json.loads(line)["accuracy"] for line in (run / "work/val.jsonl").read_text().splitlines() if line))
+PY
+}
+for name in $(for n in "${names[@]}"; do echo "$(score $W/$n) $n"; done | sort -rn | head -n "$KEEP" | awk '{print $2}'); do
+    if [ -z "${top:-}" ]; then  # the best one as its fp32 UNet (to go on from), in parts under 16 MiB
+        top=$name
+        split -b 15M "$W/$name/student/unet/diffusion_pytorch_model.safetensors" "$RESULTS/fp32-$name.part-"
+        tar -C $W/$name --exclude "*/vae" --exclude "*.safetensors" -cf "$RESULTS/student-$name.tar" student
+        continue
+    fi
     python3 scripts/halve_unet.py "$W/$name/student"
     tar -C $W/$name --exclude "*/vae" -cf "$RESULTS/student-$name.tar" student
 done
