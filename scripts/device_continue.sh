@@ -12,11 +12,9 @@ W=${WORK:-/tmp/boot-work}
 EXTRA=(--batch-size 64)
 [ -n "${SMOKE:-}" ] && EXTRA=(--steps 3 --batch-size 4)
 mkdir -p "$RESULTS" $W
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-python3 scripts/pack_states.py unpack .devdata/textpk $W/text || exit 1
+export OMP_NUM_THREADS=8
+# shellcheck source=scripts/device_env.sh
+. scripts/device_env.sh
 python3 -m distill.run --preset full --device "$DEV" --init-from "$START" --max-minutes "$MINUTES" \
     --eval-n 0 "${EXTRA[@]}" --out $W/student --work $W/boot > $W/boot.log 2>&1
 rc=$?

@@ -19,11 +19,9 @@ fi
 mkdir -p "$RESULTS" $W
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-python3 scripts/pack_states.py unpack .devdata/textpk $W/text || exit 1
+export OMP_NUM_THREADS=4
+# shellcheck source=scripts/device_env.sh
+. scripts/device_env.sh
 nvidia-smi -L 2>/dev/null
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'cuda', torch.cuda.is_available())" || exit 1

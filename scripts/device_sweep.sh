@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Several BOOT recipes side by side on one GPU, each distilled from pretrained/shapes-teacher (fresh, or
 # --init-from a student) with periodic judge validation (--val-every, --keep best) and, unless EVAL_N=0,
-# the 300-caption evaluation at the end. Inputs: .devdata/textpk (scripts/pack_states.py pack of
-# `python -m distill.text precompute`), diffusers in .whl/ (see below). VARIANTS: one "name flags..." per
-# line. Results go to $1 (default runs/sweep): reports.tar (every run's log, val.jsonl/png, loss, samples,
-# eval report) and the KEEP best students (by the final evaluation, else by validation): the best one's
-# folder without weights plus its fp32 UNet split into fp32-NAME.part-* (cat them back together), the
-# others as fp16 tarballs.
+# the 300-caption evaluation at the end. Inputs: .devdata/textpk and diffusers in .whl/ (see
+# scripts/device_env.sh). VARIANTS: one "name flags..." per line. Results go to $1 (default runs/sweep):
+# reports.tar (every run's log, val.jsonl/png, loss, samples, eval report) and the KEEP best students (by
+# the final evaluation, else by validation): the best one's folder without weights plus its fp32 UNet
+# split into fp32-NAME.part-* (cat them back together), the others as fp16 tarballs.
 set -u
 RESULTS=${1:-runs/sweep}
 MINUTES=${MINUTES:-6}
@@ -22,15 +21,9 @@ COMMON=(--preset full --device "$DEV" --max-minutes "$MINUTES" --batch-size 128 
 [ -n "${SMOKE:-}" ] && COMMON=(--preset full --device "$DEV" --steps 3 --batch-size 4 --val-every 2 --val-n 4
                                --keep best --eval-n "$([ "$EVAL_N" = 0 ] && echo 0 || echo 4)" --sample-every 0)
 mkdir -p "$RESULTS" $W
-# Packages the GPU image lacks: wheels in .whl/, or (smaller, when the 64 MiB tree is tight) a tar.xz of
-# an installed site folder (`pip install --no-deps --target D WHEELS; tar -C D -cJf .whl/site.tar.xz .`).
-mkdir -p /tmp/site
-for f in .whl/*.tar.xz; do [ -f "$f" ] && { tar -C /tmp/site -xJf "$f" || exit 1; }; done
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
-python3 scripts/pack_states.py unpack .devdata/textpk $W/text || exit 1
+export OMP_NUM_THREADS=3
+# shellcheck source=scripts/device_env.sh
+. scripts/device_env.sh
 names=()
 while read -r name flags; do
     [ -z "$name" ] && continue
