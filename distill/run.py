@@ -547,8 +547,8 @@ def setup_distributed(device: str) -> Dist:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-        # TF32 matmuls and convolutions (as distill.teacher trains): the student's UNet is small enough that
-        # fp32 steps are bound by matmul throughput on a GPU, and BOOT's targets do not need fp32's mantissa.
+        # TF32 matmuls and convolutions, as distill.teacher trains; the GPU refinements that made the
+        # shipped student ran with them (docs/ablations.md, session 10).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         # Long timeout: rank 0 renders the teacher reference while the others wait.
