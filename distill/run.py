@@ -2,6 +2,7 @@
 
     python -m distill.run                                   # shipped shapes teacher, quick preset, CPU
     python -m distill.run --preset full                     # the quality recipe
+    python -m distill.run --preset refine --init-from DIR   # then its final-hop refinement (a GPU stage)
     python -m distill.run --teacher DIR --prompts FILE      # any SD-style teacher, one prompt per line
     torchrun --nproc_per_node=N -m distill.run ...          # DDP (gloo on CPU, nccl on GPU)
 
@@ -112,14 +113,28 @@ PRESETS: dict[str, dict] = {
     # (docs/ablations.md, "Learning rate and solver steps"); the validation picks the exported step.
     "full": dict(steps=6000, batch_size=128, lr=1e-4, warmup=100, ema=0.999, num_prompts=16384,
                  checkpoint_every=250, sample_every=500, eval_n=300, max_minutes=0.0, val_every=250),
+    # A second stage for a GPU: the final-hop refinement of a distilled student (--init-from) at the scale
+    # that made the shipped student (docs/ablations.md, "Refinement at GPU scale": 84.8 -> 88.2% validation,
+    # best at step 2,800). On 2 CPU cores its targets alone take about 2 h.
+    "refine": dict(steps=3500, batch_size=256, lr=2e-5, warmup=50, ema=0.995, num_prompts=16384,
+                   checkpoint_every=250, sample_every=1000, eval_n=300, max_minutes=0.0, val_every=200,
+                   final_hop=100, refine=65536, val_n=600),
 }
+# Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
+PRESET_EXTRAS = ("final_hop", "refine", "val_n")
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 def _preset_help(key: str) -> str:
-    return f"(default: quick {PRESETS['quick'][key]}, full {PRESETS['full'][key]})"
+    return "(default: " + ", ".join(f"{name} {preset[key]}" for name, preset in PRESETS.items()) + ")"
+
+
+def _extra_help(key: str) -> str:
+    """Default of a PRESET_EXTRAS flag: RunConfig's, and the presets that set their own."""
+    own = ", ".join(f"{name} preset {preset[key]}" for name, preset in PRESETS.items() if key in preset)
+    return f"(default {getattr(RunConfig(), key)}" + (f"; {own})" if own else ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, default=None, help="student folder (default students/<teacher name>-boot)")
     a("--work", type=Path, default=None, help="checkpoints, logs and sample grids (default runs/boot/<name>)")
     a("--preset", choices=list(PRESETS), default="quick",
-      help="quick: <= 20 min on 2 CPU cores for the shipped teacher; full: the quality recipe (default quick)")
+      help="quick: <= 20 min on 2 CPU cores for the shipped teacher; full: the quality recipe; refine: the "
+           "final-hop refinement of a distilled student at GPU scale, a second stage after full (needs "
+           "--init-from) (default quick)")
     a("--steps", type=int, help=f"optimizer steps {_preset_help('steps')}")
     a("--batch-size", type=int, help=f"global batch, split across processes {_preset_help('batch_size')}")
     a("--lr", type=float, help=f"AdamW learning rate {_preset_help('lr')}")
@@ -144,18 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--solver-steps", type=int, default=d.solver_steps,
       help=f"K, teacher DDIM steps that make one bootstrap target from t to s; K > 1 lets a larger Δ keep "
            f"the teacher's step size (default {d.solver_steps}, the paper's single step)")
-    a("--final-hop", type=int, default=d.final_hop,
+    a("--final-hop", type=int, default=None,
       help="F: every t <= F hops straight to s = 0, its target the teacher's DDIM finishing from the "
            "student's y_t in ceil(F·K/Δ) steps, so the image is trained against the teacher's own last steps "
            "rather than F/Δ chained bootstrap hops; t is then drawn from (F - Δ, T] with --final-fraction of "
-           f"each batch in (F - Δ, F] (default {d.final_hop}: off)")
+           f"each batch in (F - Δ, F]; 0 = off {_extra_help('final_hop')}")
     a("--final-fraction", type=float, default=d.final_fraction,
       help=f"with --final-hop: share of each batch drawn as final hops (default {d.final_fraction})")
-    a("--refine", type=int, default=d.refine, metavar="N",
+    a("--refine", type=int, default=None, metavar="N",
       help="final-hop refinement of a distilled student (needs --init-from and --final-hop): the target network "
            "is frozen at that student, so N final-hop targets (ε, c, w, t in (F - Δ, F] -> the teacher's DDIM "
            "from its ŷ_t to 0) are computed once into --work, and the loop trains only g(ε, 0) on them with "
-           "FinalHopRegression, calling no teacher (docs/ablations.md) (default 0: off)")
+           f"FinalHopRegression, calling no teacher (docs/ablations.md); 0 = off {_extra_help('refine')}")
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
@@ -194,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
            "student on --val-n validation captions -> val.jsonl, val.png; 0 = never, as with --prompts "
            f"{_preset_help('val_every')}")
-    a("--val-n", type=int, default=d.val_n,
+    a("--val-n", type=int, default=None,
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
-           f"{VAL_SEED0}, so they are not the --eval-n report's (default {d.val_n})")
+           f"{VAL_SEED0}, so they are not the --eval-n report's {_extra_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
       help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
            "(default: best when validating, else last)")
@@ -208,19 +225,22 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     preset = dict(PRESETS[args.preset])
     if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
         preset["val_every"] = 0
+    defaults = RunConfig()
+    for name in PRESET_EXTRAS:
+        preset.setdefault(name, getattr(defaults, name))
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, solver_steps=args.solver_steps, final_hop=args.final_hop,
-        final_fraction=args.final_fraction, refine=args.refine, refine_space=args.refine_space,
+        beta=args.beta, solver_steps=args.solver_steps,
+        final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        val_n=args.val_n, keep=keep,
+        keep=keep,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),

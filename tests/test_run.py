@@ -509,3 +509,25 @@ def test_full_preset_validates_and_keeps_the_best_for_grammar_prompts_only(tmp_p
     assert (own.val_every, own.keep) == (0, "last")
     assert cfg("--preset", "full", "--keep", "last").keep == "last"
     assert cfg("--val-every", "50").keep == "best"
+
+
+def test_refine_preset_is_the_recorded_stage_4_recipe(tmp_path, capsys):
+    """--preset refine sets what the shipped student's stage 4 ran with (its boot.json record under
+    continued_from), needs --init-from, and leaves the other presets' final hop and refine off."""
+    p = run.build_parser()
+    cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
+    (tmp_path / "s" / "unet").mkdir(parents=True)
+    refine = cfg("--preset", "refine", "--init-from", str(tmp_path / "s"))
+    meta = json.loads((ROOT / "pretrained" / "shapes-boot" / "boot.json").read_text())
+    stage4 = meta["continued_from"]["hyperparameters"]
+    assert stage4["refine"] == 65536  # the record this test reads is stage 4's
+    keys = ("batch_size", "lr", "warmup", "ema", "num_prompts", "final_hop", "refine", "refine_space", "delta",
+            "solver_steps", "beta", "guidance_min", "guidance_max", "target", "val_every", "val_n", "keep",
+            "parameterization")
+    assert {k: getattr(refine, k) for k in keys} == {k: stage4[k] for k in keys}
+    assert cfg("--preset", "refine", "--init-from", str(tmp_path / "s"), "--refine", "1024").refine == 1024
+    for preset in ("quick", "full"):
+        assert (cfg("--preset", preset).final_hop, cfg("--preset", preset).refine) == (0, 0)
+    assert cfg("--preset", "full").val_n == 128
+    err = _error(["--preset", "refine"], capsys)
+    assert "--refine needs --final-hop F and --init-from STUDENT" in err
