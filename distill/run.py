@@ -127,14 +127,14 @@ PRESET_EXTRAS = ("final_hop", "refine", "val_n")
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+def preset_values(name: str) -> dict:
+    """A preset's values, with RunConfig's for the PRESET_EXTRAS it does not set."""
+    defaults = RunConfig()
+    return {**{key: getattr(defaults, key) for key in PRESET_EXTRAS}, **PRESETS[name]}
+
+
 def _preset_help(key: str) -> str:
-    return "(default: " + ", ".join(f"{name} {preset[key]}" for name, preset in PRESETS.items()) + ")"
-
-
-def _extra_help(key: str) -> str:
-    """Default of a PRESET_EXTRAS flag: RunConfig's, and the presets that set their own."""
-    own = ", ".join(f"{name} preset {preset[key]}" for name, preset in PRESETS.items() if key in preset)
-    return f"(default {getattr(RunConfig(), key)}" + (f"; {own})" if own else ")")
+    return "(default: " + ", ".join(f"{name} {preset_values(name)[key]}" for name in PRESETS) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="F: every t <= F hops straight to s = 0, its target the teacher's DDIM finishing from the "
            "student's y_t in ceil(F·K/Δ) steps, so the image is trained against the teacher's own last steps "
            "rather than F/Δ chained bootstrap hops; t is then drawn from (F - Δ, T] with --final-fraction of "
-           f"each batch in (F - Δ, F]; 0 = off {_extra_help('final_hop')}")
+           f"each batch in (F - Δ, F]; 0 = off {_preset_help('final_hop')}")
     a("--final-fraction", type=float, default=d.final_fraction,
       help=f"with --final-hop: share of each batch drawn as final hops (default {d.final_fraction})")
     a("--refine", type=int, default=None, metavar="N",
       help="final-hop refinement of a distilled student (needs --init-from and --final-hop): the target network "
            "is frozen at that student, so N final-hop targets (ε, c, w, t in (F - Δ, F] -> the teacher's DDIM "
            "from its ŷ_t to 0) are computed once into --work, and the loop trains only g(ε, 0) on them with "
-           f"FinalHopRegression, calling no teacher (docs/ablations.md); 0 = off {_extra_help('refine')}")
+           f"FinalHopRegression, calling no teacher (docs/ablations.md); 0 = off {_preset_help('refine')}")
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
            f"{_preset_help('val_every')}")
     a("--val-n", type=int, default=None,
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
-           f"{VAL_SEED0}, so they are not the --eval-n report's {_extra_help('val_n')}")
+           f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
       help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
            "(default: best when validating, else last)")
@@ -222,12 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
-    preset = dict(PRESETS[args.preset])
+    preset = preset_values(args.preset)
     if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
         preset["val_every"] = 0
-    defaults = RunConfig()
-    for name in PRESET_EXTRAS:
-        preset.setdefault(name, getattr(defaults, name))
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
     cfg = RunConfig(
