@@ -5,6 +5,8 @@ an fp16 export. `-m slow`: the full-size SD-1.5 architecture at 512² (one BOOT 
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -118,8 +120,9 @@ def test_teacher_is_cast_to_the_run_precision_and_reference_grid_runs_in_it(root
 
 
 def test_bf16_loss_is_finite_and_close_to_fp32(tiny):
-    """Same weights and batch: the BOOT loss under bf16 autocast with a bf16 teacher, within 5% of fp32's
-    (measured on this tiny teacher: about 1%; the UNet outputs are read in fp32 before x0, residual, 1/δ²)."""
+    """Same weights and batch: the BOOT loss under bf16 autocast with a bf16 teacher within 2% of fp32's and
+    gradients at cosine > 0.99 (measured on this tiny teacher: 0.26% and 0.9994; on the tiny SD-1.5
+    fixture 0.02% and 0.9997). The UNet outputs are read in fp32 before the x0 read, residual and 1/δ²."""
     batch = _batch(run.load_teacher(tiny))
     loss_fn = boot.BootLoss(delta_steps=100)
     _, _, t32, s32 = _setup(tiny)
@@ -127,11 +130,11 @@ def test_bf16_loss_is_finite_and_close_to_fp32(tiny):
     l32, g32 = _grads(s32, loss_fn, t32, batch)
     l16, g16 = _grads(s16, loss_fn, t16, batch, "bf16")
     assert np.isfinite(l16) and l16 > 0
-    assert abs(l16 - l32) <= 0.05 * l32, (l16, l32)
+    assert abs(l16 - l32) <= 0.02 * l32, (l16, l32)
     cos = sum((g32[k].double() * g16[k].double()).sum() for k in g32) / (
         sum(v.double().pow(2).sum() for v in g32.values()).sqrt() * sum(v.double().pow(2).sum()
                                                                          for v in g16.values()).sqrt())
-    assert cos > 0.9, float(cos)
+    assert cos > 0.99, float(cos)
 
 
 def test_unet_outputs_are_read_in_fp32_under_autocast(tiny):
@@ -373,31 +376,51 @@ def sd15_full(tmp_path_factory):
     return fixtures.make_teacher("sd15", "full", tmp_path_factory.mktemp("sd15") / "teacher", dtype="fp16")
 
 
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("amp", ["no", "bf16"])
-def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp):
+@pytest.mark.parametrize("amp,teacher_dtype,needs_gb", [("no", "fp32", 18), ("no", "bf16", 16), ("bf16", "bf16", 16)])
+def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teacher_dtype, needs_gb):
     """One BOOT step (target, CFG teacher at t and at T, student s/T branches forward + backward with
-    gradient checkpointing, AdamW) at batch 1, 4x64x64 latents; prints seconds and peak memory."""
-    teacher = run.load_teacher(sd15_full, precision.teacher_dtype("auto", amp))
+    gradient checkpointing, clipping, AdamW; no EMA) at batch 1, 4x64x64 latents; prints seconds and peak
+    resident memory of each phase. Run each case in its own process: ru_maxrss is the process's peak.
+    Weights alone: student + gradients + AdamW state 17.2 GB fp32, the teacher 3.4 GB (fp32) or 1.7 GB (bf16)."""
+    if _available_gb() < needs_gb:
+        pytest.skip(f"needs about {needs_gb} GB of free memory, {_available_gb():.1f} GB available")
+    t0 = time.perf_counter()
+    teacher = run.load_teacher(sd15_full, precision.DTYPES[teacher_dtype])
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
     student = run.build_student(teacher, sched)
     student.unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(student.unet.parameters(), lr=1e-5)
-    assert teacher.latent_shape == (4, 64, 64)
+    opt = torch.optim.AdamW(student.unet.parameters(), lr=1e-5, weight_decay=0.0)
+    assert teacher.latent_shape == (4, 64, 64) and teacher.image_shape == (512, 512, 3)
     cond = teacher.text.encode(["a photograph of an astronaut riding a horse"]).float()
     uncond = teacher.text.encode([""]).float()
     noise = torch.randn((1, 4, 64, 64), generator=torch.Generator().manual_seed(0))
     t, w = torch.tensor([500]), torch.tensor([7.5])
+    teacher.text = teacher.vae = None  # a step needs neither; give their memory (and the loaders') back
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    record = {"amp": amp, "teacher_dtype": teacher_dtype, "load_s": round(time.perf_counter() - t0, 1),
+              "rss_after_load_gb": round(_peak_rss_gb(), 2)}
     t0 = time.perf_counter()
     with precision.autocast(torch.device("cpu"), amp):
         terms = boot.BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)
+    record["loss_forward_s"] = round(time.perf_counter() - t0, 1)
+    t1 = time.perf_counter()
     run.optimizer_step(terms["loss"].mean(), opt, None, student.unet, 1e-5, 1.0)  # backward, clip, AdamW
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"amp": amp, "seconds": round(seconds, 1), "peak_rss_gb": round(_peak_rss_gb(), 2),
-                      "loss": terms["loss"].item(), "load": os.getloadavg()}))
-    assert np.isfinite(terms["loss"].item())
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in student.unet.parameters())
+    record.update(backward_and_adamw_s=round(time.perf_counter() - t1, 1), step_s=round(time.perf_counter() - t0, 1),
+                  peak_rss_gb=round(_peak_rss_gb(), 2), loss=terms["loss"].item(), loadavg=os.getloadavg(),
+                  threads=torch.get_num_threads())
+    print("SCALE " + json.dumps(record))
+    assert np.isfinite(record["loss"])
+    assert all(p.grad is not None for p in student.unet.parameters())
 
 
 @pytest.mark.slow
