@@ -424,19 +424,51 @@ def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teac
 
 
 @pytest.mark.slow
-def test_full_size_sd15_student_exports_with_parity(sd15_full, tmp_path):
-    """The SD-1.5 architecture end to end: CLIP at 77 tokens, the full UNet, the full VAE decoder at 512²."""
+def test_full_size_sd15_student_exports_with_parity_and_serves(sd15_full, tmp_path):
+    """The SD-1.5 architecture end to end: CLIP at 77 tokens, the full UNet, the full VAE decoder at 512²,
+    exported with parity, then served by the CPU tritonserver. Prints the export time, one served request's
+    latency, and each graph's time in ONNX Runtime in this process (the teacher's 50-step CFG pipeline on
+    that runtime is 50 UNet calls at batch 2 + the text encoder + the VAE decoder: composed from them)."""
     from boot_serve import export as ex
+    from boot_serve import runtime
+    from boot_serve.client import Client
+    from boot_serve.serve import TritonServer
+    from boot_serve.triton_repo import write_configs
 
-    student = tmp_path / "student"
+    student, repo = tmp_path / "student", Path(os.environ.get("BOOT_SCALE_REPO", tmp_path / "repo"))
     teacher = run.load_teacher(sd15_full)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    unet = run.build_student(teacher, sched).unet
-    meta = run.student_meta(run.RunConfig(teacher=str(sd15_full), lr=1e-5), teacher,
-                            {"source": "test"}, 0, 7.5, {})
-    run.write_student(student, teacher, unet, meta, tmp_path)
+    meta = run.student_meta(run.RunConfig(teacher=str(sd15_full)), teacher, {"source": "test"}, 0, 7.5, {})
+    run.write_student(student, teacher, run.build_student(teacher, sched).unet, meta, tmp_path)
+    del teacher
     t0 = time.perf_counter()
-    info = ex.export(student, tmp_path / "repo", "fp32", parity_batches=(1,), e2e_prompts=1)
-    print(json.dumps({"export_seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(_peak_rss_gb(), 2),
-                      "image_shape": info["image_shape"], "parity": info["parity"]}, indent=1))
+    info = ex.export(student, repo, "fp32", parity_batches=(1,), e2e_prompts=1)
+    record = {"export_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(_peak_rss_gb(), 2),
+              "image_shape": info["image_shape"], "max_length": info["max_length"],
+              "parity_end_to_end": info["parity"]["end_to_end"]["image"]}
     assert info["image_shape"] == [512, 512, 3] and info["max_length"] == 77
+    write_configs(repo, "cpu")
+    with TritonServer(repo, exit_timeout=5, log_path=tmp_path / "tritonserver.log") as server:
+        client = Client(server.http_url, timeout=1800.0)
+        client.generate(["a red circle"], [0])  # warm-up
+        latencies = []
+        for seed in (1, 2):
+            t1 = time.perf_counter()
+            image = client.generate(["a photograph of an astronaut riding a horse"], [seed])[0]
+            latencies.append(time.perf_counter() - t1)
+        assert image.size == (512, 512)
+    record["served_latency_s"] = [round(v, 1) for v in latencies]
+    graphs, loaded = {}, ex.load_student(student)
+    for model, batch in (("text_encoder", 1), ("boot_unet", 1), ("boot_unet", 2), ("vae_decoder", 1)):
+        sess = runtime.session(repo / info["graphs"][model]["path"], providers=["CPUExecutionProvider"])
+        feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), ex.example_inputs(loaded, model, batch))}
+        sess.run(None, feeds)
+        t1 = time.perf_counter()
+        sess.run(None, feeds)
+        graphs[f"{model}_b{batch}_s"] = round(time.perf_counter() - t1, 2)
+        del sess
+    record["ort_graphs"] = graphs
+    record["teacher50_composed_s"] = round(50 * graphs["boot_unet_b2_s"] + graphs["text_encoder_b1_s"]
+                                           + graphs["vae_decoder_b1_s"], 1)
+    record["loadavg"] = os.getloadavg()
+    print("SCALE " + json.dumps(record))
