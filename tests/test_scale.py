@@ -99,6 +99,11 @@ def test_fp16_teacher_folder_distils_in_bf16_with_checkpointing_and_no_samples(r
     # The student is saved in fp32 (AdamW's master weights), whatever the teacher folder stores.
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.float32}
+    # Its copied text encoder and VAE are stored in fp16 as the teacher's were; the export reads them in fp32.
+    from boot_serve import export as ex
+
+    info = ex.export(out, root / "fp16-bf16" / "repo", "fp32", parity_batches=(2,), e2e_prompts=1)
+    assert info["max_length"] == 77 and info["image_shape"] == [64, 64, 3]
 
 
 def test_teacher_is_cast_to_the_run_precision_and_reference_grid_runs_in_it(root, sd15_fp16, monkeypatch):
