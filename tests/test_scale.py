@@ -443,7 +443,8 @@ def test_full_size_sd15_student_exports_with_parity_and_serves(sd15_full, tmp_pa
     student, repo = tmp_path / "student", Path(os.environ.get("BOOT_SCALE_REPO", tmp_path / "repo"))
     teacher = run.load_teacher(sd15_full)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    meta = run.student_meta(run.RunConfig(teacher=str(sd15_full)), teacher, {"source": "test"}, 0, 7.5, {})
+    cfg = run.RunConfig(teacher=str(sd15_full), guidance_max=8.0)
+    meta = run.student_meta(cfg, teacher, {"source": "test"}, 0, 7.5, {})
     run.write_student(student, teacher, run.build_student(teacher, sched).unet, meta, tmp_path)
     del teacher
     t0 = time.perf_counter()
