@@ -7,8 +7,16 @@ Notation map (DESIGN.md §2 -> code):
     g_θ(ε, t, c)    Student(ε, t, cond, w)                (predicted signal y_t)
     δ(t, s)         schedule.delta(t, s) = 1 - σ_s α_t / (α_s σ_t)
 
-Nothing here divides by α_T: the student reads its UNet output at time T the way the teacher
-does (v: α_T ε - σ_T v; sample: out) and the DDIM step is written with α_t in the numerator.
+The student reads its UNet output at time T the way the teacher does (v: α_T ε − σ_T v; sample:
+out; epsilon: (ε − σ_T out)/α_T) and the DDIM step is written with α_t in the numerator. Only the
+epsilon reading divides by α_T (≈ 0.068 for SD's scaled_linear schedule): there ∂g/∂out =
+−σ_T/α_T, so a change of the UNet's output moves the student's signal about 15x as far as a
+v-prediction student's, and its squared losses come out about 200x larger. Any linear reading
+that starts at the teacher's x0 for every ε has that slope (the x0 it must reproduce is
+(ε − σ_T out)/α_T), so the "preconditioned" parameterization keeps the reading and scales the
+training instead: each optimizer step on the UNet by κ = α_T/σ_T and the losses by κ²
+(`Student.update_scale`). With Adam (no weight decay) that is training θ = θ_0 + κ·φ in φ:
+the student's signal then moves per step, and its losses read, as a v-prediction student's.
 """
 
 from __future__ import annotations
@@ -25,8 +33,15 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
 #   direct        UNet(ε, T), the output taken as the signal itself
 #   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
-PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t")
+#   preconditioned  read as teacher-at-T; trained with steps scaled by κ = α_T/σ_T and losses by κ²
+#                 where the teacher predicts epsilon (the default for such teachers), else as teacher-at-T
+PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t", "preconditioned")
 DEFAULT_PARAMETERIZATION = PARAMETERIZATIONS[0]
+
+
+def parameterization_for(prediction_type: str) -> str:
+    """The parameterization a new student of a teacher with this prediction type gets by default."""
+    return "preconditioned" if prediction_type == "epsilon" else DEFAULT_PARAMETERIZATION
 
 
 def recorded_parameterization(meta: dict) -> str:
@@ -96,6 +111,15 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
             raise ValueError("epsilon-prediction cannot give x0 where α_t = 0 (zero terminal SNR)")
         return (x_t - s * out) / a
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def update_scale(schedule: NoiseSchedule, prediction_type: str, parameterization: str) -> float:
+    """κ = α_T/σ_T for a "preconditioned" student of an epsilon teacher, else 1: training scales
+    each optimizer step on the UNet by κ and the losses by κ² (module docstring), so that
+    κ·∂g/∂out = −1, the slope of a v-prediction student's reading at T (−σ_T ≈ −1)."""
+    if parameterization != "preconditioned" or prediction_type != "epsilon":
+        return 1.0
+    return float(schedule.alpha[schedule.T] / schedule.sigma[schedule.T])
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +195,9 @@ class Student(nn.Module):
     Output parameterization ("teacher-at-T", the default): the UNet always sees its pretraining
     input at time T (pure noise x_T = ε, timestep T); the target time t and guidance w arrive only
     through the zero-initialised condition projection; the output is read as the teacher reads it
-    at T. Hence g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w, with no division
-    by α_T. The alternatives of PARAMETERIZATIONS change one of those choices each, for ablations.
+    at T. Hence g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w (for an epsilon
+    teacher the reading divides by α_T: see the module docstring and `update_scale`). The
+    alternatives of PARAMETERIZATIONS change one of those choices each, for ablations.
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
@@ -187,6 +212,11 @@ class Student(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.parameterization = parameterization
+
+    @property
+    def update_scale(self) -> float:
+        """κ of `update_scale` for this student (1 unless preconditioned with an epsilon teacher)."""
+        return update_scale(self.schedule, self.prediction_type, self.parameterization)
 
     @property
     def spec(self) -> StudentSpec:
@@ -266,6 +296,7 @@ class BootLoss:
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+    scale: float = 1.0  # both terms times this: κ² of a preconditioned epsilon student (Student.update_scale)
 
     @property
     def final_steps(self) -> int:
@@ -293,8 +324,8 @@ class BootLoss:
                        torch.cat([w, w]))
         g_s, g_T = pred.chunk(2)
         dims = tuple(range(1, noise.ndim))
-        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-        l_bc = (g_T - f_T).pow(2).mean(dims)
+        l_bs = self.scale * (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+        l_bc = self.scale * (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
 
 
@@ -315,8 +346,9 @@ class FinalHopRegression:
 
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0):
         self.decode = decode
+        self.scale = scale  # L times this: κ² of a preconditioned epsilon student (Student.update_scale)
 
     def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
                  w: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -327,5 +359,5 @@ class FinalHopRegression:
                 y = self.decode(y)
             g_0 = self.decode(g_0)
         d = schedule.delta(t, zero)
-        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
+        l_bs = self.scale * (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
         return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}

@@ -1,0 +1,256 @@
+"""The SD-1.5 and SD-2.x families end to end on tiny random-weight folders (distill.fixtures).
+
+Per family: `distill.run --teacher DIR --prompts FILE` for a few steps -> student folder ->
+BootPipeline image -> `boot_serve.export` -> OnnxPipeline image within 2/255 -> the same image
+from a real tritonserver on the exported repository. Then the folders BOOT refuses at load (one
+line, exit code 2, no traceback), in distill.run and in boot_serve.export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill import fixtures, run
+from distill.models import FolderError, check_model_folder
+
+PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn"]
+SEEDS = [0, 7]
+TOLERANCE = 2  # uint8 levels
+# The family's text stack: width of the token states, pad token id of its tokenizer.
+FAMILIES = {"sd15": {"pad_id": 49407, "prediction_type": "epsilon"},
+            "sd2": {"pad_id": 0, "prediction_type": "v_prediction"}}
+
+
+def _quiet(fn, *args):
+    """Call with stdout captured (the tests read files, not logs), one thread as on the CI's 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _diff(a, b) -> int:
+    return max(int(np.abs(np.asarray(x).astype(np.int16) - np.asarray(y)).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {arch: fixtures.make_teacher(arch, "tiny", root / arch) for arch in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def students(teachers, prompts_file, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for arch, teacher in teachers.items():
+        root = tmp_path_factory.mktemp(f"{arch}-run")
+        out[arch] = _quiet(run.main, ["--teacher", str(teacher), "--prompts", str(prompts_file), "--steps", "2",
+                                      "--batch-size", "2", "--sample-every", "0", "--out", str(root / "student"),
+                                      "--work", str(root / "work")])
+    return out
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_family_end_to_end(arch, teachers, students, tmp_path):
+    from boot_serve import export
+    from boot_serve.client import Client
+    from boot_serve.onnx_pipeline import OnnxPipeline
+    from boot_serve.pipeline import BootPipeline
+    from boot_serve.serve import TritonServer
+
+    student = students[arch]
+    meta = json.loads((student / "boot.json").read_text())
+    assert meta["prediction_type"] == FAMILIES[arch]["prediction_type"]
+    assert meta["latent_shape"] == [4, 8, 8] and meta["image_shape"] == [64, 64, 3]  # 8x VAE
+    assert (student / "tokenizer").is_dir() and (student / "text_encoder").is_dir()
+    sched = json.loads((student / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "leading" and sched["steps_offset"] == 1
+
+    # PyTorch reference: CLIP text stack, 77 token states.
+    pipe = BootPipeline.from_pretrained(student)
+    states = pipe.encode_prompt(PROMPTS[:2])
+    assert states.shape == (2, 77, 32)
+    ids = pipe.text.tokenizer(PROMPTS[0], padding="max_length", max_length=77)["input_ids"]
+    assert ids[:2] == [49406, 320] and ids[-1] == FAMILIES[arch]["pad_id"]
+    reference = pipe(PROMPTS[:2], SEEDS, 3.0)
+    assert reference[0].size == (64, 64) and float(np.asarray(reference[0]).std()) > 0
+
+    # Export: a CLIP text encoder graph and the CLIP tokenizer in the repository.
+    repo = tmp_path / "model_repository"
+    assert _quiet(export.main, ["--student", str(student), "--repository", str(repo), "--parity-batches", "1",
+                                "--e2e-prompts", "2"]) == 0
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["max_length"] == 77 and manifest["hidden_size"] == 32 and manifest["image_shape"] == [64, 64, 3]
+    tokenizer = json.loads((repo / manifest["tokenizer"] / "tokenizer.json").read_text())
+    assert tokenizer["padding"]["pad_id"] == FAMILIES[arch]["pad_id"]
+    onnx_pipe = OnnxPipeline.from_pretrained(repo, providers=["CPUExecutionProvider"])
+    onnx_images = onnx_pipe(PROMPTS[:2], SEEDS, 3.0)
+    assert _diff(onnx_images, reference) <= TOLERANCE
+
+    # Served by the real tritonserver.
+    with TritonServer(repo, exit_timeout=5, log_path=tmp_path / "tritonserver.log") as server, \
+            Client(server.http_url, "http", timeout=60) as client:
+        served = client.generate(PROMPTS[:2], SEEDS, 3.0)
+    assert _diff(served, onnx_images) <= TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals at load
+# --------------------------------------------------------------------------------------------
+def _copy(folder: Path, dst: Path) -> Path:
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _edit(path: Path, **values) -> None:
+    cfg = json.loads(path.read_text())
+    cfg.update(values)
+    path.write_text(json.dumps(cfg))
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """distill.run's one error line (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        _quiet(run.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _wide_text_encoder(folder: Path, width: int) -> None:
+    """Replace the folder's text encoder with a real CLIP text model of another width."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shutil.rmtree(folder / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(**dict(fixtures.text_config("L", "tiny"), hidden_size=width))).save_pretrained(
+        folder / "text_encoder")
+
+
+def bad_folders(teacher: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Copies of a good teacher, each with one problem, and the words its error must contain."""
+    cases = {}
+    wide = _copy(teacher, root / "wide")
+    _wide_text_encoder(wide, 48)
+    cases["cross-attention"] = (wide, "cross-attention width is 32 but its text encoder states are 48 wide")
+    unknown = _copy(teacher, root / "unknown")
+    _edit(unknown / "scheduler" / "scheduler_config.json", prediction_type="flow")
+    cases["prediction type"] = (unknown, "unknown prediction type 'flow'")
+    zero = _copy(teacher, root / "zero-snr")
+    _edit(zero / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    cases["zero SNR"] = (zero, "epsilon prediction on a zero-terminal-SNR schedule")
+    for part in ("text_encoder", "vae", "unet", "tokenizer"):
+        folder = _copy(teacher, root / f"no-{part}")
+        shutil.rmtree(folder / part)
+        cases[f"no {part}"] = (folder, f"lacks {part}/")
+    return cases
+
+
+def test_distill_run_refuses_folders_it_cannot_distil(teachers, prompts_file, tmp_path, capsys):
+    cases = bad_folders(teachers["sd15"], tmp_path)
+    capsys.readouterr()  # the copies' own save logs
+    for name, (folder, words) in cases.items():
+        err = _refused(["--teacher", str(folder), "--prompts", str(prompts_file), "--work", str(tmp_path / "w")],
+                       capsys)
+        assert words in err, (name, err)
+        assert str(folder) in err
+
+
+def test_cross_attention_check_sums_every_text_encoder(tmp_path):
+    """Two text encoders (SDXL): the UNet reads their states concatenated."""
+    folder = fixtures.make_teacher("sdxl", "tiny", tmp_path / "sdxl")
+    assert check_model_folder(folder) == folder  # 32 + 32 = 64
+    _edit(folder / "text_encoder_2" / "config.json", hidden_size=48)
+    with pytest.raises(FolderError, match=r"cross-attention width is 64 but its text encoder states are 80 wide "
+                                          r"\(text_encoder 32 \+ text_encoder_2 48 = 80\)"):
+        check_model_folder(folder)
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(FolderError, match="lacks tokenizer_2/"):
+        check_model_folder(folder)
+
+
+def test_export_refuses_student_folders_it_cannot_load(students, tmp_path, capsys):
+    from boot_serve import export
+
+    student = students["sd15"]
+    wide = _copy(student, tmp_path / "wide")
+    _wide_text_encoder(wide, 48)
+    no_text = _copy(student, tmp_path / "no-text")
+    shutil.rmtree(no_text / "text_encoder")
+    unknown = _copy(student, tmp_path / "unknown")
+    _edit(unknown / "boot.json", prediction_type="flow")
+    cases = {wide: "cross-attention width is 32 but its text encoder states are 48 wide",
+             no_text: "lacks text_encoder/", unknown: "unknown prediction type 'flow'"}
+    capsys.readouterr()
+    for folder, words in cases.items():
+        assert _quiet(export.main, ["--student", str(folder), "--repository", str(tmp_path / "repo")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "repo" / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence: a few dozen steps on each family's tiny fixture
+# --------------------------------------------------------------------------------------------
+def _fixed_batch_losses(teacher_dir: Path, unet_dir: Path, parameterization: str) -> dict[str, float]:
+    """BootLoss of the student whose UNet is in `unet_dir` (online = target) on one fixed batch."""
+    from diffusers import UNet2DConditionModel
+
+    from distill import boot
+
+    teacher = run.load_teacher(teacher_dir)
+    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True)
+    if unet.config.time_cond_proj_dim is None:  # the teacher's: the student it starts as
+        unet = boot.add_condition_projection(unet)
+    student = boot.Student(unet.eval(), schedule, teacher.prediction_type, parameterization)
+    g = torch.Generator().manual_seed(99)
+    n = 16
+    noise = torch.randn(n, *teacher.latent_shape, generator=g)
+    t = torch.randint(1, schedule.T + 1, (n,), generator=g)
+    w = 1 + 5 * torch.rand(n, generator=g)
+    cond = teacher.text.encode([PROMPTS[i % len(PROMPTS)] for i in range(n)]).float()
+    uncond = teacher.text.encode([""]).float().expand(n, -1, -1)
+    loss = boot.BootLoss(scale=student.update_scale**2)
+    with torch.no_grad():
+        terms = loss(student, student, boot.TeacherX0(teacher.unet, schedule, teacher.prediction_type),
+                     noise, cond, uncond, w, t)
+    return {k: float(v.mean()) for k, v in terms.items()}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_family_converges(arch, teachers, prompts_file, tmp_path):
+    """Over a few dozen steps the bootstrap loss (on a fixed batch) falls and the student's images
+    come closer to the teacher's 50-step DDIM ones (sample PSNR, the run's own record)."""
+    teacher = teachers[arch]
+    out = _quiet(run.main, ["--teacher", str(teacher), "--prompts", str(prompts_file), "--steps", "30",
+                            "--batch-size", "8", "--lr", "1e-3", "--warmup", "0", "--ema", "0", "--sample-every", "0",
+                            "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
+    meta = json.loads((out / "boot.json").read_text())
+    expected = "preconditioned" if FAMILIES[arch]["prediction_type"] == "epsilon" else "teacher-at-T"
+    assert meta["parameterization"] == expected
+    psnr = [json.loads(line)["psnr_vs_teacher"] for line in (tmp_path / "work" / "samples.jsonl").open()]
+    before = _fixed_batch_losses(teacher, teacher / "unet", meta["parameterization"])
+    after = _fixed_batch_losses(teacher, out / "unet", meta["parameterization"])
+    print(arch, "bootstrap", before["bootstrap"], "->", after["bootstrap"], "boundary", before["boundary"], "->",
+          after["boundary"], "PSNR", psnr)
+    assert after["bootstrap"] < 0.8 * before["bootstrap"]
+    assert psnr[-1] > psnr[0] + 0.1
