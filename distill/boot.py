@@ -10,13 +10,13 @@ Notation map (DESIGN.md §2 -> code):
 The student reads its UNet output at time T the way the teacher does (v: α_T ε − σ_T v; sample:
 out; epsilon: (ε − σ_T out)/α_T) and the DDIM step is written with α_t in the numerator. Only the
 epsilon reading divides by α_T (≈ 0.068 for SD's scaled_linear schedule): there ∂g/∂out =
-−σ_T/α_T, so a change of the UNet's output moves the student's signal about 15x as far as a
-v-prediction student's, and its squared losses come out about 200x larger. Any linear reading
-that starts at the teacher's x0 for every ε has that slope (the x0 it must reproduce is
-(ε − σ_T out)/α_T), so the "preconditioned" parameterization keeps the reading and scales the
-training instead: each optimizer step on the UNet by κ = α_T/σ_T and the losses by κ²
-(`Student.update_scale`). With Adam (no weight decay) that is training θ = θ_0 + κ·φ in φ:
-the student's signal then moves per step, and its losses read, as a v-prediction student's.
+−σ_T/α_T, so a change of the UNet's output moves the student's signal about 15x as far as it
+moves a v-prediction student's (−σ_T ≈ −1). Any reading linear in the UNet's output that starts
+at the teacher's x0 for every ε has that slope (the x0 it must reproduce is (ε − σ_T out)/α_T),
+so the "preconditioned" parameterization keeps the reading and scales each optimizer step on
+the UNet by κ = α_T/σ_T instead (`update_scale`). With Adam and no weight decay that is training
+θ = θ_0 + κ·φ in φ: an update then moves the student's signal as far as a v-prediction
+student's. The losses stay in latent-x0 units, the same units for every prediction type.
 """
 
 from __future__ import annotations
@@ -33,15 +33,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
 #   direct        UNet(ε, T), the output taken as the signal itself
 #   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
-#   preconditioned  read as teacher-at-T; trained with steps scaled by κ = α_T/σ_T and losses by κ²
-#                 where the teacher predicts epsilon (the default for such teachers), else as teacher-at-T
+#   preconditioned  read as teacher-at-T; its optimizer steps scaled by κ = α_T/σ_T where the teacher
+#                 predicts epsilon, else exactly teacher-at-T (docs/byo-teacher.md, "Epsilon-prediction teachers")
 PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t", "preconditioned")
 DEFAULT_PARAMETERIZATION = PARAMETERIZATIONS[0]
-
-
-def parameterization_for(prediction_type: str) -> str:
-    """The parameterization a new student of a teacher with this prediction type gets by default."""
-    return "preconditioned" if prediction_type == "epsilon" else DEFAULT_PARAMETERIZATION
 
 
 def recorded_parameterization(meta: dict) -> str:
@@ -115,8 +110,8 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
 
 def update_scale(schedule: NoiseSchedule, prediction_type: str, parameterization: str) -> float:
     """κ = α_T/σ_T for a "preconditioned" student of an epsilon teacher, else 1: training scales
-    each optimizer step on the UNet by κ and the losses by κ² (module docstring), so that
-    κ·∂g/∂out = −1, the slope of a v-prediction student's reading at T (−σ_T ≈ −1)."""
+    each optimizer step on the UNet by κ (module docstring), so that κ·∂g/∂out = −1, the slope
+    of a v-prediction student's reading at T (−σ_T ≈ −1)."""
     if parameterization != "preconditioned" or prediction_type != "epsilon":
         return 1.0
     return float(schedule.alpha[schedule.T] / schedule.sigma[schedule.T])
@@ -296,7 +291,6 @@ class BootLoss:
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
-    scale: float = 1.0  # both terms times this: κ² of a preconditioned epsilon student (Student.update_scale)
 
     @property
     def final_steps(self) -> int:
@@ -324,8 +318,8 @@ class BootLoss:
                        torch.cat([w, w]))
         g_s, g_T = pred.chunk(2)
         dims = tuple(range(1, noise.ndim))
-        l_bs = self.scale * (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-        l_bc = self.scale * (g_T - f_T).pow(2).mean(dims)
+        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+        l_bc = (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
 
 
@@ -346,9 +340,8 @@ class FinalHopRegression:
 
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None, scale: float = 1.0):
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.decode = decode
-        self.scale = scale  # L times this: κ² of a preconditioned epsilon student (Student.update_scale)
 
     def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
                  w: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -359,5 +352,5 @@ class FinalHopRegression:
                 y = self.decode(y)
             g_0 = self.decode(g_0)
         d = schedule.delta(t, zero)
-        l_bs = self.scale * (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
+        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
         return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}

@@ -131,9 +131,11 @@ def check_model_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "va
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
     listed = [k for k, v in index.items() if not k.startswith("_") and k not in UNUSED_COMPONENTS
               and isinstance(v, list) and len(v) == 2 and v[0] is not None]
-    missing = [k for k in listed if not (folder / k).is_dir()]
+    # A text encoder named in boot_teacher.json / boot.json comes from its package, not the folder.
+    packaged = "package" in read_meta(folder).get("text_encoder", {})
+    missing = [k for k in listed if not (folder / k).is_dir() and not (packaged and k in ("text_encoder", "tokenizer"))]
     encoders = text_encoder_parts(folder)
-    if not encoders and "package" not in read_meta(folder).get("text_encoder", {}):
+    if not encoders and not packaged:
         missing.append("text_encoder")
     for part in encoders:
         tokenizer = "tokenizer" + part[len("text_encoder"):]

@@ -176,13 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
-    a("--parameterization", choices=boot.PARAMETERIZATIONS, default=None,
+    a("--parameterization", choices=boot.PARAMETERIZATIONS, default=d.parameterization,
       help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
            "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
            "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t; "
-           "preconditioned = read as teacher-at-T, trained with steps scaled by α_T/σ_T and losses by (α_T/σ_T)² "
-           "where the teacher predicts epsilon (distill/boot.py) (default: preconditioned for epsilon teachers, "
-           f"else {d.parameterization})")
+           "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
+           "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
+           f"(default {d.parameterization})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -234,7 +234,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
-        parameterization=args.parameterization or boot.DEFAULT_PARAMETERIZATION,  # main() picks per teacher
+        parameterization=args.parameterization,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -880,14 +880,12 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    # κ: a preconditioned epsilon student's steps are scaled by κ, its losses by κ² (distill/boot.py).
-    kappa = student.update_scale
+    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (distill/boot.py)
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
-                            final_hop=cfg.final_hop, scale=kappa**2)
+                            final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, rows, uncond, dist, work)
               if cfg.refine else None)
-    refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None,
-                                          scale=kappa**2)
+    refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
@@ -1062,10 +1060,6 @@ def main(argv: list[str] | None = None) -> Path:
     except (OSError, ValueError) as err:
         print(f"error: teacher: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.parameterization is None:  # the teacher's prediction type picks the default
-        sched = json.loads((Path(args.teacher) / "scheduler" / "scheduler_config.json").read_text())
-        cfg = dataclasses.replace(cfg, parameterization=boot.parameterization_for(sched.get("prediction_type",
-                                                                                              "epsilon")))
     dist = setup_distributed(args.device)
     if cfg.batch_size % dist.world:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
