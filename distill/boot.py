@@ -118,11 +118,16 @@ class TeacherX0(nn.Module):
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float) -> torch.Tensor:
+        # The frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
+        # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
+        # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
+        dtype = next(self.unet.parameters()).dtype
         if uncond is None:
-            out = self.unet(x_t, t, cond).sample
+            out = self.unet(x_t.to(dtype), t, cond.to(dtype)).sample.float()
             return to_x0(out, x_t, t, self.schedule, self.prediction_type)
         # One batched call for the conditional and unconditional branches.
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample
+        out = self.unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
+                        torch.cat([cond, uncond]).to(dtype)).sample.float()
         f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
                          self.prediction_type).chunk(2)
         w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
@@ -198,7 +203,9 @@ class Student(nn.Module):
         T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
         cond = student_condition(t, guidance_scale).to(noise.dtype)
         unet_time = t if self.parameterization == "unet-at-t" else T
-        out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond).sample
+        # fp32 before the x0 read: under autocast the UNet returns bf16/fp16, and the bootstrap residual
+        # (a small difference of two passes, weighted by up to 1/δ² ≈ 250²) must not inherit that rounding.
+        out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond).sample.float()
         if self.parameterization == "direct":
             return out
         return to_x0(out, noise, T, self.schedule, self.prediction_type)
@@ -286,13 +293,18 @@ class BootLoss:
         with torch.no_grad():
             tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n)
             d = sched.delta(t, s)
-            # 2. Boundary target: the teacher at T on pure noise.
+        dims = tuple(range(1, noise.ndim))
+        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
+            g_s = student(noise, s, cond, w)
+            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
+        # 2. Boundary target: the teacher at T on pure noise.
+        with torch.no_grad():
             f_T = teacher(noise, T, cond, uncond, w)
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
         pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
                        torch.cat([w, w]))
         g_s, g_T = pred.chunk(2)
-        dims = tuple(range(1, noise.ndim))
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
         l_bc = (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
