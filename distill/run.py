@@ -18,9 +18,11 @@ batches an uninterrupted one would, and every rank draws the same global batch a
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
 sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
 folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
-With the shapes grammar as prompts, the student is judged on held-out captions at the end, and
---val-every N (the full preset: 250) judges it every N steps on validation captions of its own;
---keep best (the default when validating) exports the best-validated step, not the last.
+With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+--val-every N (the full preset: 250) validates it every N steps on prompts and noise of its own: the
+PSNR of its images against the teacher's 50-step DDIM images from the same noise, and with grammar
+prompts the judge's accuracy; --keep best (the default when validating) exports the best step by
+--select (psnr, the default, for any teacher; judge for the shapes world), not the last.
 
 Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
 so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
@@ -93,12 +95,13 @@ class RunConfig:
     max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
     val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
     val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
-    keep: str = "last"  # exported weights: "last", or "best" (highest validation accuracy)
+    keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
+    select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes", "val_every", "val_n", "keep")
+               "max_minutes", "val_every", "val_n", "keep", "select")
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
@@ -215,15 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
            f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
-      help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
+      help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
+    a("--select", choices=("psnr", "judge"), default=d.select,
+      help="validation rule that picks the best step: psnr = mean PSNR of the student's images against the "
+           f"teacher's {REFERENCE_STEPS}-step DDIM images from the same noise (any teacher, any prompts; "
+           "distill/selection.py); judge = the shapes judge's accuracy (grammar prompts only) "
+           f"(default {d.select})")
     return p
 
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
     preset = preset_values(args.preset)
-    if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
+    if args.prompts is not None and args.select == "judge":  # the judge needs grammar captions
         preset["val_every"] = 0
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
@@ -237,7 +245,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        keep=keep,
+        keep=keep, select=args.select,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -260,8 +268,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
         (cfg.val_every >= 0, "--val-every must be >= 0"), (cfg.val_n >= 1, "--val-n must be >= 1"),
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
-        (cfg.val_every == 0 or cfg.prompts == GRAMMAR,
-         "--val-every judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
+         "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -633,17 +641,23 @@ class Samples:
 
 
 class Validation:
-    """Periodic judge accuracy of the exported student on fixed validation captions (val.jsonl,
-    val.png), keeping the weights of the best one in `work/best/` for --keep best. The captions
-    are eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
-    the best step on them does not bias the final --eval-n report."""
+    """Periodic validation of the exported student on fixed prompts and noise seeds (val.jsonl,
+    val.png), keeping the weights of the best step by the --select rule in `work/best/` for
+    --keep best (distill/selection.py). Every record holds the mean PSNR against the teacher's
+    REFERENCE_STEPS-step DDIM images from the same noise (computed once, cached in
+    work/val_teacher.safetensors), and with grammar prompts the judge's accuracy too. Grammar runs
+    validate on eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
+    the best step on them does not bias the final --eval-n report; --prompts runs on --val-n prompts of
+    the file."""
 
-    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int):
-        from distill import shapes
+    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
+        from distill import selection, shapes
 
-        self.captions = shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval")
+        self.captions = (shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+                         else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
         self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
-        self.two = np.array([len(shapes.parse(c).objects) == 2 for c in self.captions])
+        self.judged = cfg.prompts == GRAMMAR
+        self.rule, self.key = cfg.select, selection.METRIC[cfg.select]
         self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
         if start == 0:  # a fresh run: forget an earlier run's validations and best weights
             self.log.unlink(missing_ok=True)
@@ -652,24 +666,38 @@ class Validation:
         records = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
         self.records = [r for r in records if r["step"] <= start]
         self.log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.reference = selection.TeacherReference(teacher, REFERENCE_STEPS, work / "val_teacher.safetensors"
+                                                    ).images(self.captions, self.seeds, w)
 
     @property
     def best(self) -> dict | None:
-        """The best record whose weights are in best/ (the first of equal accuracies)."""
-        return max(self.records, key=lambda r: r["accuracy"]) if self.records else None
+        """The best record by the rule, whose weights are in best/ (the first of equal values)."""
+        from distill import selection
+
+        return selection.pick(self.records, self.rule)
+
+    def describe(self, record: dict) -> str:
+        text = (f"PSNR vs teacher {record['psnr_vs_teacher']:.2f} dB" if record.get("psnr_vs_teacher") is not None
+                else "no PSNR")
+        return text + (f", judge accuracy {100 * record['accuracy']:.1f}%" if record.get("accuracy") is not None
+                       else "")
+
+    def selection(self) -> dict:
+        """boot.json's record of the rule that chose the exported step, and its value there."""
+        best = self.best
+        return {"rule": self.rule, "metric": self.key, "value": best[self.key], "step": best["step"],
+                "prompts": len(self.captions), "teacher_steps": REFERENCE_STEPS, "guidance_scale": self.w}
 
     def run(self, pipe, step: int, unet: torch.nn.Module) -> dict:
-        from distill import shapes
+        from distill import selection
 
         images = pipe(self.captions, self.seeds, self.w)
-        ok = np.array([shapes.judge(c, im) for c, im in zip(self.captions, images)])
-        record = {"step": step, "accuracy": float(ok.mean()),
-                  "single": float(ok[~self.two].mean()) if (~self.two).any() else None,
-                  "two": float(ok[self.two].mean()) if self.two.any() else None}
+        record = {"step": step, "psnr_vs_teacher": selection.mean_psnr(images, self.reference),
+                  **(selection.judge_scores(self.captions, images) if self.judged else {})}
         previous = self.best
         self.records.append(record)
         _append_jsonl(self.log, record)
-        if previous is None or record["accuracy"] > previous["accuracy"]:
+        if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
             (tmp / "val.json").write_text(json.dumps(record))
@@ -686,16 +714,22 @@ class Validation:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in self.records]
-        for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
-            vals = [r[key] for r in self.records]
-            if any(v is not None for v in vals):
-                ax.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3, label=key)
+        ax.plot(steps, [r["psnr_vs_teacher"] for r in self.records], "m-o", ms=3, label="PSNR vs teacher (dB)")
+        ax.set(xlabel="step", ylabel="PSNR vs teacher (dB)")
+        if self.judged:
+            right = ax.twinx()
+            for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
+                vals = [r.get(key) for r in self.records]
+                if any(v is not None for v in vals):
+                    right.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3,
+                               label=f"judge {key} (%)")
+            right.set(ylabel="judge accuracy (%)", ylim=(0, 100))
+            right.legend(loc="lower right", fontsize=8)
         best = self.best
-        ax.axvline(best["step"], color="g", lw=0.8, label=f"best: step {best['step']}")
-        ax.set(xlabel="step", ylabel="judge accuracy (%)", ylim=(0, 100),
-               title=f"validation: student-1 on {len(self.captions)} captions, guidance {self.w}")
+        ax.axvline(best["step"], color="g", lw=0.8, label=f"best by {self.rule}: step {best['step']}")
+        ax.set_title(f"validation: student-1 on {len(self.captions)} prompts, guidance {self.w}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(self.work / "val.png", dpi=100)
         plt.close(fig)
@@ -894,7 +928,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     if dist.main:
         _truncate_log(log_path, start)
         if cfg.val_every:
-            val = Validation(cfg, w_rec, work, start)
+            val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:
                 val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
     if dist.world > 1:
@@ -947,8 +981,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                 checkpoint.save(ckpt_dir, done, modules, opt, meta)
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
                 record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
-                tqdm.write(f"step {done}: validation accuracy {100 * record['accuracy']:.1f}% "
-                           f"(best {100 * val.best['accuracy']:.1f}% at step {val.best['step']})")
+                tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
+                           f"{val.describe(val.best)} at step {val.best['step']})")
         if stop > 0:
             if dist.main:
                 tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
@@ -993,8 +1027,9 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done
-            print(f"--keep best: exporting step {steps} (validation accuracy {100 * val.best['accuracy']:.1f}%, "
-                  f"last step {done}: {100 * val.records[-1]['accuracy']:.1f}%)")
+            extra["selection"] = val.selection()
+            print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
+                  f"last step {done}: {val.describe(val.records[-1])})")
     pipe = make_pipeline(teacher, exported, cfg, w_rec)
     psnr = samples.save(pipe, steps)
     losses = final_losses(log_path)
