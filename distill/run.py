@@ -479,6 +479,20 @@ REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final
               "guidance_min", "guidance_max", "seed")
 
 
+def refine_key(cfg: RunConfig) -> str:
+    """What the stored final-hop targets depend on: the recipe's fields, and the contents (not only the
+    paths) of the prompts, the teacher's UNet and the starting student's UNet."""
+    from distill.selection import file_sha256, unet_sha256
+
+    if cfg.prompts == GRAMMAR:
+        prompts = hashlib.sha256("\n".join(load_prompts(cfg)[0]).encode()).hexdigest()
+    else:
+        prompts = file_sha256(cfg.prompts)
+    return json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY}, "prompts_sha256": prompts,
+                       "teacher_unet_sha256": unet_sha256(cfg.teacher), "init_unet_sha256": unet_sha256(cfg.init_from)},
+                      sort_keys=True)
+
+
 @dataclass
 class FinalHopTargets:
     """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
@@ -504,9 +518,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     from safetensors.torch import load_file, save_file
 
     path, dev = work / "final_hop_targets.safetensors", dist.device
-    weights = Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors"
-    key = json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY},
-                      "init_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}, sort_keys=True)
+    key = refine_key(cfg)
     if path.is_file():
         from safetensors import safe_open
 
@@ -636,8 +648,21 @@ class Samples:
         grid.save(self.work / "samples" / f"step-{step:08d}.png")
         grid.save(self.work / "samples.png")
         value = float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, self.teacher)]))
-        _append_jsonl(self.work / "samples.jsonl", {"step": step, "psnr_vs_teacher": value})
+        self._keep(lambda r: r["step"] != step, {"step": step, "psnr_vs_teacher": value})
         return value
+
+    def truncate(self, start: int) -> None:
+        """Drop the records of steps a resumed run redoes (a fresh run, start 0: all but step 0's)."""
+        self._keep(lambda r: r["step"] <= start)
+
+    def _keep(self, keep, new: dict | None = None) -> None:
+        """Rewrite samples.jsonl with the records `keep` accepts (+ `new`), one per step, in step order."""
+        path = self.work / "samples.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = sorted([r for r in records if keep(r)] + ([new] if new else []), key=lambda r: r["step"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
 
 
 class Validation:
@@ -804,13 +829,14 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     return meta
 
 
-def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
-    """With --init-from: the starting student's boot.json (kept in `work` the first time, so that
-    writing over that same folder does not lose it) and the steps of the whole chain."""
+def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict:
+    """With --init-from: the starting student's boot.json (kept in `work` when a run starts, so that
+    writing over that same folder does not lose it; a resumed run keeps what its start kept, a fresh
+    run in a used work folder keeps its own) and the steps of the whole chain."""
     if not cfg.init_from:
         return {}
     kept = work / "init_from.json"
-    if not kept.is_file():
+    if fresh or not kept.is_file():
         source = Path(cfg.init_from) / STUDENT_META
         kept.write_text(source.read_text() if source.is_file() else "{}")
     prior = json.loads(kept.read_text())
@@ -900,7 +926,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev)
     if dist.main:
-        lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
+        lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
     ema = (build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev).eval().requires_grad_(False)
@@ -927,6 +953,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     val = None
     if dist.main:
         _truncate_log(log_path, start)
+        samples.truncate(start)
         if cfg.val_every:
             val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:

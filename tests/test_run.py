@@ -4,6 +4,7 @@ resume after a kill == uninterrupted, 2-process DDP == 1 process, and clear inpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -87,7 +88,11 @@ def _tensors(work: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def _losses(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    return _records(work / "loss.jsonl")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_end_to_end_writes_a_loadable_student(baseline, setup):
@@ -148,6 +153,10 @@ def test_resume_after_kill_equals_uninterrupted(baseline, setup):
         assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
     assert [(r["step"], r["loss"]) for r in _losses(work)] == [
         (r["step"], r["loss"]) for r in _losses(baseline[0] / "work")]
+    # One sample record per step, as uninterrupted (the resumed run re-renders step 0's "student init").
+    ref_s, got_s = (_records(w / "samples.jsonl") for w in (baseline[0] / "work", work))
+    assert [r["step"] for r in got_s] == [r["step"] for r in ref_s] == [0, 2, 4]
+    assert [r["psnr_vs_teacher"] for r in got_s] == pytest.approx([r["psnr_vs_teacher"] for r in ref_s], abs=1e-6)
 
 
 def test_sigkill_from_outside_then_resume_equals_uninterrupted(baseline, setup):
@@ -174,6 +183,7 @@ def test_sigkill_from_outside_then_resume_equals_uninterrupted(baseline, setup):
         assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
     exported = load_file(str(root / "sigkill" / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(v, ref[f"ema.{k}"]) for k, v in exported.items())
+    assert [r["step"] for r in _records(root / "sigkill" / "work" / "samples.jsonl")] == [0, 2, 4]
 
 
 def test_two_process_ddp_equals_one_process(baseline, setup):
@@ -230,11 +240,31 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     with pytest.raises(ValueError, match="reads its UNet as 'teacher-at-T', not --parameterization 'direct'"):
         run.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
     states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
-    expected = boot.bootstrap_target(
-        frozen, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), stored["noise"],
-        states[rows[stored["prompt"]]], teacher.text.encode([""]).float().expand(12, -1, -1), stored["w"],
-        stored["t"], torch.zeros(12, dtype=torch.long), torch.full((12,), 2))
-    assert torch.allclose(stored["y"], expected, atol=1e-5)
+    cond, uncond = states[rows[stored["prompt"]]], teacher.text.encode([""]).float()
+    # Written out here with the teacher's UNet and diffusers' ᾱ (not distill.boot): x-space DDIM (η = 0) with
+    # CFG on the v-prediction, t -> t - t // 2 -> 0, from x_t = α_t ŷ_t + σ_t ε; the target is the signal
+    # of the last x, y_0 = (x_0 − σ_0 ε) / α_0.
+    from diffusers import DDIMScheduler
+
+    abar = DDIMScheduler.from_pretrained(teacher_dir / "scheduler").alphas_cumprod.double()
+    expected = []
+    with torch.no_grad():
+        y_t = frozen(stored["noise"], stored["t"], cond, stored["w"]).double()
+        for i in range(12):
+            eps, w, t = stored["noise"][i:i + 1].double(), float(stored["w"][i]), int(stored["t"][i])
+            y = y_t[i:i + 1]
+            for u, v in ((t, t - t // 2), (t - t // 2, 0)):
+                x_u = abar[u].sqrt() * y + (1 - abar[u]).sqrt() * eps
+                pred = teacher.unet(x_u.float().expand(2, -1, -1, -1), torch.tensor([u, u]),
+                                    torch.cat([uncond, cond[i:i + 1]])).sample.double()
+                v_hat = pred[:1] + w * (pred[1:] - pred[:1])
+                x0 = abar[u].sqrt() * x_u - (1 - abar[u]).sqrt() * v_hat
+                e_hat = (1 - abar[u]).sqrt() * x_u + abar[u].sqrt() * v_hat
+                x_v = abar[v].sqrt() * x0 + (1 - abar[v]).sqrt() * e_hat
+                y = (x_v - (1 - abar[v]).sqrt() * eps) / abar[v].sqrt()
+            expected.append(y.float())
+    assert torch.allclose(stored["y"], torch.cat(expected), atol=1e-4)
+    assert (stored["y"] - y_t.float()).abs().max() > 1e-3  # the teacher's two steps moved ŷ_t
     # The loop trains only the final hop's term, and the student moves off its start.
     losses = _losses(out / "work")
     assert [r["step"] for r in losses] == [0, 1, 2, 3]
@@ -264,6 +294,32 @@ def test_refine_resumes_to_the_same_weights_and_reuses_only_matching_targets(ref
     _in_process([*_refine_cli(setup, baseline, "refine-resumed", ["--final-hop", "300"]), "--steps", "1"])
     stored = _targets(work)
     assert stored["t"].min() > 200 and stored["t"].max() <= 300
+
+
+def test_refine_targets_are_keyed_on_the_contents_of_prompts_and_unets(baseline, setup, tmp_path):
+    """The stored targets are reused only for the same prompts file contents and the same teacher and
+    starting-student UNets, even when every path stays the same."""
+    import shutil
+
+    _, teacher, prompts = setup
+    teacher2, start, file = tmp_path / "teacher", tmp_path / "start", tmp_path / "prompts.txt"
+    shutil.copytree(teacher, teacher2)
+    shutil.copytree(baseline[0] / "student", start)
+    shutil.copy(prompts, file)
+    p = run.build_parser()
+    cfg = run.config_from_args(p.parse_args(["--teacher", str(teacher2), "--prompts", str(file), "--init-from",
+                                             str(start), "--final-hop", "200", "--refine", "12", "--batch-size", "4"]),
+                               p)
+    key = run.refine_key(cfg)
+    assert run.refine_key(cfg) == key
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    for changed, path in ((file, file), (teacher2, teacher2 / unet), (start, start / unet)):
+        original = path.read_bytes()
+        path.write_bytes(original + b" ")  # same path, other contents
+        assert run.refine_key(cfg) != key, changed
+        path.write_bytes(original)
+    assert run.refine_key(cfg) == key
+    assert run.refine_key(dataclasses.replace(cfg, refine=16)) != key
 
 
 def test_refine_two_process_ddp_equals_one_process(refined, baseline, setup):
@@ -457,6 +513,12 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
     meta, prior = (json.loads((folder / "boot.json").read_text()) for folder in (tmp_path / "s", start))
     assert meta["hyperparameters"]["init_from"] == str(start)
     assert meta["continued_from"] == prior and meta["steps_total"] == prior["steps"] + 1
+    # A fresh run in the same work folder from another student records that student, not the first one.
+    argv[argv.index("--init-from") + 1], argv[argv.index("--out") + 1] = str(tmp_path / "s"), str(tmp_path / "s2")
+    _in_process(argv)
+    second, first = (json.loads((tmp_path / name / "boot.json").read_text()) for name in ("s2", "s"))
+    assert second["continued_from"] == first and second["continued_from"]["continued_from"] == prior
+    assert second["steps_total"] == prior["steps"] + 2
     err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
     assert "--init-from" in err and "no unet/ folder there" in err
 
