@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="also evaluate the model served by Triton at this host:port (boot_serve.client)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
-    p.add_argument("--n", type=int, default=300, help="eval-split captions (default 300)")
+    p.add_argument("--n", type=int, default=300, help="captions of --split (default 300)")
+    p.add_argument("--split", choices=shapes.SPLITS, default="eval",
+                   help="caption split: eval (the reports' captions), unseen (every caption holds a composition the "
+                        "train split never does: distill.shapes.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
+                        "does), train, all (default eval)")
     p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the teacher's/student's recommended one)")
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
         gens = ([StudentGenerator(args.student)] if args.student else []) + [
             TeacherSampler(args.teacher, args.sweep_steps)]
-        captions = shapes.sample_captions(args.n, args.seed, "eval")
+        captions = shapes.sample_captions(args.n, args.seed, args.split)
         guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
         print((args.out / "guidance.md").read_text())
         return
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if any(s < 1 for s in steps):
         p.error("--steps must all be >= 1")
-    captions = shapes.sample_captions(args.n, args.seed, "eval")
+    captions = shapes.sample_captions(args.n, args.seed, args.split)
     seeds = [1_000_000 + i for i in range(args.n)]
     results, images = [], {}
     reference = None
@@ -362,10 +366,10 @@ def main(argv: list[str] | None = None) -> None:
         images = {gen.name: imgs, **images}
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}%")
     results.sort(key=lambda r: (r.name not in ("student-1", "served-1"), r.nfe, r.name))
-    title = f"shapes eval split, {args.n} captions, seed {args.seed}"
+    title = f"shapes {args.split} split, {args.n} captions, seed {args.seed}"
     write_report(results, images, captions, args.out, title,
                  {"teacher": str(args.teacher), "student": str(args.student) if args.student else None,
-                  "served": args.url,
+                  "served": args.url, "split": args.split,
                   "guidance_scale": args.guidance})
     print((args.out / "report.md").read_text())
     print(f"report written to {args.out}/report.{{json,md}} and grid.png")

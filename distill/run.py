@@ -18,9 +18,11 @@ batches an uninterrupted one would, and every rank draws the same global batch a
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
 sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
 folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
-With the shapes grammar as prompts, the student is judged on held-out captions at the end, and
---val-every N (the full preset: 250) judges it every N steps on validation captions of its own;
---keep best (the default when validating) exports the best-validated step, not the last.
+With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+--val-every N (the full preset: 250) validates it every N steps on prompts and noise of its own: the
+PSNR of its images against the teacher's 50-step DDIM images from the same noise, and with grammar
+prompts the judge's accuracy; --keep best (the default when validating) exports the best step by
+--select (psnr, the default, for any teacher; judge for the shapes world), not the last.
 
 Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
 so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
@@ -100,12 +102,13 @@ class RunConfig:
     max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
     val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
     val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
-    keep: str = "last"  # exported weights: "last", or "best" (highest validation accuracy)
+    keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
+    select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget")
+               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
@@ -241,15 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
            f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
-      help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
+      help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
+    a("--select", choices=("psnr", "judge"), default=d.select,
+      help="validation rule that picks the best step: psnr = mean PSNR of the student's images against the "
+           f"teacher's {REFERENCE_STEPS}-step DDIM images from the same noise (any teacher, any prompts; "
+           "distill/selection.py); judge = the shapes judge's accuracy (grammar prompts only) "
+           f"(default {d.select})")
     return p
 
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
     preset = preset_values(args.preset)
-    if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
+    if args.prompts is not None and args.select == "judge":  # the judge needs grammar captions
         preset["val_every"] = 0
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
@@ -265,7 +273,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         teacher_dtype=args.teacher_dtype, lora_rank=args.lora_rank, text_states=args.text_states,
         ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        keep=keep,
+        keep=keep, select=args.select,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -293,8 +301,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
         (cfg.val_every >= 0, "--val-every must be >= 0"), (cfg.val_n >= 1, "--val-n must be >= 1"),
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
-        (cfg.val_every == 0 or cfg.prompts == GRAMMAR,
-         "--val-every judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
+         "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -514,6 +522,20 @@ REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final
               "guidance_min", "guidance_max", "seed", "teacher_dtype", "mixed_precision", "text_states")
 
 
+def refine_key(cfg: RunConfig) -> str:
+    """What the stored final-hop targets depend on: the recipe's fields, and the contents (not only the
+    paths) of the prompts, the teacher's UNet and the starting student's UNet."""
+    from distill.selection import file_sha256, unet_sha256
+
+    if cfg.prompts == GRAMMAR:
+        prompts = hashlib.sha256("\n".join(load_prompts(cfg)[0]).encode()).hexdigest()
+    else:
+        prompts = file_sha256(cfg.prompts)
+    return json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY}, "prompts_sha256": prompts,
+                       "teacher_unet_sha256": unet_sha256(cfg.teacher), "init_unet_sha256": unet_sha256(cfg.init_from)},
+                      sort_keys=True)
+
+
 @dataclass
 class FinalHopTargets:
     """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
@@ -538,9 +560,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     from safetensors.torch import load_file, save_file
 
     path, dev = work / "final_hop_targets.safetensors", dist.device
-    weights = Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors"
-    key = json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY},
-                      "init_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}, sort_keys=True)
+    key = refine_key(cfg)
     if path.is_file():
         from safetensors import safe_open
 
@@ -677,22 +697,41 @@ class Samples:
         grid.save(self.work / "samples" / f"step-{step:08d}.png")
         grid.save(self.work / "samples.png")
         value = float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, self.teacher)]))
-        _append_jsonl(self.work / "samples.jsonl", {"step": step, "psnr_vs_teacher": value})
+        self._keep(lambda r: r["step"] != step, {"step": step, "psnr_vs_teacher": value})
         return value
+
+    def truncate(self, start: int) -> None:
+        """Drop the records of steps a resumed run redoes (a fresh run, start 0: all but step 0's)."""
+        self._keep(lambda r: r["step"] <= start)
+
+    def _keep(self, keep, new: dict | None = None) -> None:
+        """Rewrite samples.jsonl with the records `keep` accepts (+ `new`), one per step, in step order."""
+        path = self.work / "samples.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = sorted([r for r in records if keep(r)] + ([new] if new else []), key=lambda r: r["step"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
 
 
 class Validation:
-    """Periodic judge accuracy of the exported student on fixed validation captions (val.jsonl,
-    val.png), keeping the weights of the best one in `work/best/` for --keep best. The captions
-    are eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
-    the best step on them does not bias the final --eval-n report."""
+    """Periodic validation of the exported student on fixed prompts and noise seeds (val.jsonl,
+    val.png), keeping the weights of the best step by the --select rule in `work/best/` for
+    --keep best (distill/selection.py). Every record holds the mean PSNR against the teacher's
+    REFERENCE_STEPS-step DDIM images from the same noise (computed once, cached in
+    work/val_teacher.safetensors), and with grammar prompts the judge's accuracy too. Grammar runs
+    validate on eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
+    the best step on them does not bias the final --eval-n report; --prompts runs on --val-n prompts of
+    the file."""
 
-    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int):
-        from distill import shapes
+    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
+        from distill import selection, shapes
 
-        self.captions = shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval")
+        self.captions = (shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+                         else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
         self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
-        self.two = np.array([len(shapes.parse(c).objects) == 2 for c in self.captions])
+        self.judged = cfg.prompts == GRAMMAR
+        self.rule, self.key = cfg.select, selection.METRIC[cfg.select]
         self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
         if start == 0:  # a fresh run: forget an earlier run's validations and best weights
             self.log.unlink(missing_ok=True)
@@ -701,24 +740,38 @@ class Validation:
         records = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
         self.records = [r for r in records if r["step"] <= start]
         self.log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.reference = selection.TeacherReference(teacher, REFERENCE_STEPS, work / "val_teacher.safetensors"
+                                                    ).images(self.captions, self.seeds, w)
 
     @property
     def best(self) -> dict | None:
-        """The best record whose weights are in best/ (the first of equal accuracies)."""
-        return max(self.records, key=lambda r: r["accuracy"]) if self.records else None
+        """The best record by the rule, whose weights are in best/ (the first of equal values)."""
+        from distill import selection
+
+        return selection.pick(self.records, self.rule)
+
+    def describe(self, record: dict) -> str:
+        text = (f"PSNR vs teacher {record['psnr_vs_teacher']:.2f} dB" if record.get("psnr_vs_teacher") is not None
+                else "no PSNR")
+        return text + (f", judge accuracy {100 * record['accuracy']:.1f}%" if record.get("accuracy") is not None
+                       else "")
+
+    def selection(self) -> dict:
+        """boot.json's record of the rule that chose the exported step, and its value there."""
+        best = self.best
+        return {"rule": self.rule, "metric": self.key, "value": best[self.key], "step": best["step"],
+                "prompts": len(self.captions), "teacher_steps": REFERENCE_STEPS, "guidance_scale": self.w}
 
     def run(self, pipe, step: int, unet: torch.nn.Module) -> dict:
-        from distill import shapes
+        from distill import selection
 
         images = pipe(self.captions, self.seeds, self.w)
-        ok = np.array([shapes.judge(c, im) for c, im in zip(self.captions, images)])
-        record = {"step": step, "accuracy": float(ok.mean()),
-                  "single": float(ok[~self.two].mean()) if (~self.two).any() else None,
-                  "two": float(ok[self.two].mean()) if self.two.any() else None}
+        record = {"step": step, "psnr_vs_teacher": selection.mean_psnr(images, self.reference),
+                  **(selection.judge_scores(self.captions, images) if self.judged else {})}
         previous = self.best
         self.records.append(record)
         _append_jsonl(self.log, record)
-        if previous is None or record["accuracy"] > previous["accuracy"]:
+        if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
             (tmp / "val.json").write_text(json.dumps(record))
@@ -735,16 +788,22 @@ class Validation:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in self.records]
-        for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
-            vals = [r[key] for r in self.records]
-            if any(v is not None for v in vals):
-                ax.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3, label=key)
+        ax.plot(steps, [r["psnr_vs_teacher"] for r in self.records], "m-o", ms=3, label="PSNR vs teacher (dB)")
+        ax.set(xlabel="step", ylabel="PSNR vs teacher (dB)")
+        if self.judged:
+            right = ax.twinx()
+            for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
+                vals = [r.get(key) for r in self.records]
+                if any(v is not None for v in vals):
+                    right.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3,
+                               label=f"judge {key} (%)")
+            right.set(ylabel="judge accuracy (%)", ylim=(0, 100))
+            right.legend(loc="lower right", fontsize=8)
         best = self.best
-        ax.axvline(best["step"], color="g", lw=0.8, label=f"best: step {best['step']}")
-        ax.set(xlabel="step", ylabel="judge accuracy (%)", ylim=(0, 100),
-               title=f"validation: student-1 on {len(self.captions)} captions, guidance {self.w}")
+        ax.axvline(best["step"], color="g", lw=0.8, label=f"best by {self.rule}: step {best['step']}")
+        ax.set_title(f"validation: student-1 on {len(self.captions)} prompts, guidance {self.w}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(self.work / "val.png", dpi=100)
         plt.close(fig)
@@ -819,13 +878,14 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     return meta
 
 
-def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
-    """With --init-from: the starting student's boot.json (kept in `work` the first time, so that
-    writing over that same folder does not lose it) and the steps of the whole chain."""
+def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict:
+    """With --init-from: the starting student's boot.json (kept in `work` when a run starts, so that
+    writing over that same folder does not lose it; a resumed run keeps what its start kept, a fresh
+    run in a used work folder keeps its own) and the steps of the whole chain."""
     if not cfg.init_from:
         return {}
     kept = work / "init_from.json"
-    if not kept.is_file():
+    if fresh or not kept.is_file():
         source = Path(cfg.init_from) / STUDENT_META
         kept.write_text(source.read_text() if source.is_file() else "{}")
     prior = json.loads(kept.read_text())
@@ -915,7 +975,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
     if dist.main:
-        lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
+        lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
            if cfg.ema > 0 else None)
     if cfg.gradient_checkpointing:
@@ -944,8 +1004,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     val = None
     if dist.main:
         _truncate_log(log_path, start)
+        if samples is not None:
+            samples.truncate(start)
         if cfg.val_every:
-            val = Validation(cfg, w_rec, work, start)
+            val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:
                 with memory.placed(exported, dev):
                     val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
@@ -1001,8 +1063,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
                 with memory.placed(exported, dev):
                     record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
-                tqdm.write(f"step {done}: validation accuracy {100 * record['accuracy']:.1f}% "
-                           f"(best {100 * val.best['accuracy']:.1f}% at step {val.best['step']})")
+                tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
+                           f"{val.describe(val.best)} at step {val.best['step']})")
         if stop > 0:
             if dist.main:
                 tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
@@ -1047,8 +1109,9 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done
-            print(f"--keep best: exporting step {steps} (validation accuracy {100 * val.best['accuracy']:.1f}%, "
-                  f"last step {done}: {100 * val.records[-1]['accuracy']:.1f}%)")
+            extra["selection"] = val.selection()
+            print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
+                  f"last step {done}: {val.describe(val.records[-1])})")
     exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
     pipe = make_pipeline(teacher, exported, cfg, w_rec)
     psnr = samples.save(pipe, steps) if samples is not None else None

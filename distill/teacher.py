@@ -204,7 +204,7 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
     start = _resume(ckpt_dir, {"vae": vae}, opt)
     if start >= cfg.vae_steps:
         return
-    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="train")
+    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="all")
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
     t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
@@ -275,7 +275,7 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     vae = load_trained_vae(cfg, work).to(device)
     tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder().to(device)
-    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="train")
+    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="all")
     vocab = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(vocab)}
     means, stds = [], []
