@@ -168,8 +168,8 @@ def guidance_embedding(w: torch.Tensor, dim: int = TIME_COND_PROJ_DIM) -> torch.
     """E(w): (B,) -> (B, dim), diffusers' `get_guidance_scale_embedding(w)` (VDM's sinusoid of 1000·w),
     the same float32 operations, so that a pipeline feeding E(w - 1) reproduces the student exactly."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=w.device, dtype=torch.float32)
-                      * -(math.log(10000.0) / (half - 1)))
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32, as diffusers rounds it
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
     args = (w.float() * 1000.0)[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
