@@ -47,7 +47,7 @@ def one_step_scheduler_config(teacher_config: dict, parameterization: str, predi
     cfg = {k: teacher_config[k] for k in SCHEDULE_KEYS if k in teacher_config}
     return {"_class_name": "DDIMScheduler", **cfg,
             "prediction_type": "sample" if parameterization == "direct" else prediction_type,
-            "timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 0,
+            "timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 1,
             "clip_sample": False, "thresholding": False}
 
 

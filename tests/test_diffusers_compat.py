@@ -19,11 +19,19 @@ from distill.models import read_meta
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(1)  # tiny models: more threads than free cores only add contention
 SHIPPED_TEACHER = ROOT / "pretrained" / "shapes-teacher"
 PROMPTS = ["a red circle", "a blue square left of a green triangle", "a small yellow triangle"]
 SEEDS = [0, 1, 2]
 GUIDANCE = (1.0, 2.0, 3.0, 4.0, 5.0)  # the tiny students' whole range, (1, 5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: more threads than free cores only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def minilm():
@@ -183,7 +191,29 @@ def test_shipped_teacher_in_plain_diffusers_tokenizes_to_16_and_draws_single_obj
     assert ids.shape == (1, 16)
     captions = [c for c in shapes.sample_captions(40, 3, "eval") if len(shapes.parse(c).objects) == 1][:4]
     assert len(captions) == 4
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     images = pipe(captions, num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"],
                   generator=torch.Generator().manual_seed(0)).images
     assert [shapes.judge(c, im) for c, im in zip(captions, images)] == [True] * 4
+
+
+SHIPPED_STUDENT = ROOT / "pretrained" / "shapes-boot"
+
+
+@pytest.mark.skipif(boot.recorded_conditioning(read_meta(SHIPPED_STUDENT)) != boot.DEFAULT_CONDITIONING,
+                    reason="the shipped student is a 'sinusoid' one")
+def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
+    """docs/diffusers.md's snippet, as written; then the same latents through both pipelines."""
+    from boot_serve.pipeline import BootPipeline
+
+    doc = (ROOT / "docs" / "diffusers.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/diffusers.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    assert scope["image"].size == (64, 64) and shapes.judge("a red circle", scope["image"])
+    pipe, ref = scope["pipe"], BootPipeline.from_pretrained(SHIPPED_STUDENT)
+    pipe.set_progress_bar_config(disable=True)
+    captions = shapes.sample_captions(4, 5, "eval")
+    latents = ref.noise(SEEDS + [3])
+    for w in (1.0, 3.5, 6.0):  # the recorded range, (1, 6)
+        expected = np.stack([np.asarray(im) for im in ref(captions, SEEDS + [3], w)]).astype(int)
+        assert np.abs(diffusers_images(pipe, captions, latents, w).astype(int) - expected).max() <= 1
