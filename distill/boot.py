@@ -182,8 +182,9 @@ def student_condition(t: torch.Tensor, guidance_scale: torch.Tensor, kind: str =
         return torch.cat([sinusoid(t), sinusoid(guidance_scale * GUIDANCE_EMBED_SCALE)], dim=-1)
     if kind != DEFAULT_CONDITIONING:
         raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {kind!r}")
-    # w - 1 in float64 then float32, as diffusers forms `torch.tensor(guidance_scale - 1)` from a Python float.
-    guidance = guidance_embedding((guidance_scale.double() - 1.0).float())
+    # In float32 (no float64 for TensorRT): exact for w >= 1, so E(w - 1) differs from diffusers' E(float32(w_py - 1))
+    # only where float32(w) itself rounded the Python float w.
+    guidance = guidance_embedding(guidance_scale.float() - 1.0)
     return torch.cat([guidance, sinusoid(t) - sinusoid(torch.zeros_like(t))], dim=-1)
 
 
