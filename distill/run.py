@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import boot, checkpoint, memory, precision
+from distill import boot, checkpoint, diffusers_folder, memory, precision
 from distill.models import STUDENT_META, TEACHER_META, check_folder, describe_error, load_text_stack, read_meta
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
@@ -430,21 +430,24 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
                   parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0) -> boot.Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
-    output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora)."""
+    output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
+    get boot.DEFAULT_CONDITIONING; `init_from` keeps its own."""
     from diffusers import UNet2DConditionModel
 
+    conditioning = boot.DEFAULT_CONDITIONING
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
-        theirs = boot.recorded_parameterization(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
-        if theirs != parameterization:
-            raise ValueError(f"--init-from {init_from} reads its UNet as {theirs!r}, "
+        theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if boot.recorded_parameterization(theirs) != parameterization:
+            raise ValueError(f"--init-from {init_from} reads its UNet as {boot.recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
+        conditioning = boot.recorded_conditioning(theirs)
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
-        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32))
+        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning)
     if init_from:
         try:
-            trained = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", use_safetensors=True)
+            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)
             unet.load_state_dict(trained.state_dict())
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
@@ -773,7 +776,7 @@ class Validation:
         _append_jsonl(self.log, record)
         if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            boot.save_student_unet(unet, tmp / "unet")
             (tmp / "val.json").write_text(json.dumps(record))
             shutil.rmtree(self.best_dir, ignore_errors=True)
             os.replace(tmp, self.best_dir)
@@ -851,7 +854,7 @@ def package_version() -> str:
 
 
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
-                 extra: dict) -> dict:
+                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING) -> dict:
     """boot.json (docs/interfaces.md "Student folder")."""
     meta = {
         "format": "boot-student/1",
@@ -868,8 +871,7 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": {"time_cond_proj_dim": boot.TIME_COND_PROJ_DIM, "embed_dim": boot.EMBED_DIM,
-                         "guidance_embed_scale": boot.GUIDANCE_EMBED_SCALE},
+        "conditioning": boot.conditioning_record(conditioning),
         "package_version": package_version(),
         **extra,
     }
@@ -895,10 +897,11 @@ def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict
 
 
 def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
-    """Write the student folder under a temporary name and rename it into place."""
+    """Write the student folder under a temporary name and rename it into place; it is also a
+    diffusers pipeline folder where diffusers can run the student (distill.diffusers_folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    boot.save_student_unet(unet, tmp / "unet")
     for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
         if (teacher.folder / part).is_dir():
             shutil.copytree(teacher.folder / part, tmp / part)
@@ -906,6 +909,7 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
         if (work / png).is_file():
             shutil.copy(work / png, tmp / png)
     (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
+    diffusers_folder.write_student_files(tmp, teacher.folder, teacher.scheduler_config)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -913,9 +917,13 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
 
 
 def load_unet_weights(folder: Path) -> dict:
+    """A state dict as boot.save_student_unet wrote it (with the t weights of a "diffusers-guidance" UNet)."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    if (folder / boot.TIME_WEIGHTS).is_file():
+        weights.update(load_file(str(folder / boot.TIME_WEIGHTS)))
+    return weights
 
 
 def update_student_meta(out: Path, **fields) -> None:
@@ -1118,7 +1126,8 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
-        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)})
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
+        exported.conditioning)
     unet = exported.unet
     if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
         from distill import lora

@@ -115,15 +115,19 @@ def test_end_to_end_writes_a_loadable_student(baseline, setup):
     assert (hp["lr"], hp["batch_size"], hp["delta"], hp["beta"], hp["ema"], hp["target"]) == (
         1e-3, 4, 100, 1.0, 0.5, "online")
     assert set(meta["final_losses"]) == {"loss", "bootstrap", "boundary"}
-    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "samples.png", "scheduler",
-                                                         "unet", "vae"]
+    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "model_index.json", "samples.png",
+                                                         "scheduler", "tokenizer", "unet", "vae"]
     unet_cfg = json.loads((student / "unet" / "config.json").read_text())
-    assert unet_cfg["time_cond_proj_dim"] == 256
-    # The exported weights are the EMA of checkpoint 4, and training moved them off the teacher.
+    assert unet_cfg["time_cond_proj_dim"] == 256 and meta["conditioning"]["kind"] == "diffusers-guidance"
+    # The exported weights (diffusers' UNet + the t weights beside it) are the EMA of checkpoint 4, and
+    # training moved both parts of the condition projection off zero.
     exported = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
+    time_weights = load_file(str(student / "unet" / "boot_time_condition.safetensors"))
     ckpt = _tensors(base / "work", 4)
-    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in exported.items())
+    assert {k for k in ckpt if k.startswith("ema.")} == {f"ema.{k}" for k in (*exported, *time_weights)}
+    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in {**exported, **time_weights}.items())
     assert exported["time_embedding.cond_proj.weight"].abs().max() > 1e-4
+    assert time_weights["time_embedding.cond_proj.time_weight"].abs().max() > 1e-4
     # Logs, loss curve, sample grids.
     work = base / "work"
     assert [r["step"] for r in _losses(work)] == [0, 1, 2, 3]
@@ -595,7 +599,8 @@ def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypa
     meta = json.loads((out / "boot.json").read_text())
     assert meta["steps"] == 2 and meta["steps_run"] == 4 and meta["validation"]["best"]["step"] == 2
     assert meta["selection"]["rule"] == "judge" and meta["selection"]["value"] == 1.0
-    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = {**load_file(out / "unet" / "diffusion_pytorch_model.safetensors"),
+                **load_file(out / "unet" / "boot_time_condition.safetensors")}
     ema = {step: {k[4:]: v for k, v in load_file(work / "checkpoints" / name / "tensors.safetensors").items()
                   if k.startswith("ema.")} for step, name in ((2, "step-00000002"), (4, "step-00000004"))}
     assert all(torch.equal(exported[k], ema[2][k]) for k in ema[2])
