@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from distill import shapes
+from distill import sdxl, shapes
 from distill.models import check_folder, load_text_stack, read_meta
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
@@ -54,7 +54,11 @@ def to_uint8(decoded: torch.Tensor) -> np.ndarray:
 
 
 class TeacherSampler:
-    """The teacher's deterministic DDIM sampler (diffusers' DDIMScheduler, eta=0) at k steps."""
+    """The teacher's deterministic DDIM sampler (diffusers' DDIMScheduler, eta=0) at k steps.
+
+    SDXL-family teachers get their pipeline's added conditioning: the pooled text embeddings and
+    the time ids of the default image size, and zeros as the unconditional context where the
+    folder forces them (distill.sdxl)."""
 
     def __init__(self, folder: str | Path, steps: int, guidance_scale: float | None = None,
                  batch_size: int = 64):
@@ -74,22 +78,31 @@ class TeacherSampler:
         self.nfe = steps * (2 if self.default_guidance != 1.0 else 1)
         c = self.unet.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-        self._uncond = self.text.encode([""])
+        self._uncond, self._uncond_pooled = self.text.unconditional()
+        self.time_ids = None
+        if sdxl.uses_text_time(self.unet):
+            up = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.time_ids = sdxl.time_ids((c.sample_size * up, c.sample_size * up))
 
     @torch.no_grad()
     def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float,
-                       start: int | None = None) -> torch.Tensor:
-        """DDIM from pure noise, or with `start` from latents x_start: the grid's steps at or below it."""
+                       start: int | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM from pure noise, or with `start` from latents x_start: the grid's steps at or below it.
+        `pooled`: the prompts' pooled embeddings (SDXL family)."""
         self.scheduler.set_timesteps(self.steps)
         uncond = self._uncond.expand_as(states)
+        added = sdxl.added_cond_kwargs(pooled, self.time_ids)
+        added_both = (None if pooled is None else
+                      sdxl.added_cond_kwargs(torch.cat([self._uncond_pooled.expand_as(pooled), pooled]),
+                                             self.time_ids))
         for t in self.scheduler.timesteps:
             if start is not None and int(t) > start:
                 continue
             if w == 1.0:
-                out = self.unet(latents, t, states).sample
+                out = self.unet(latents, t, states, added_cond_kwargs=added).sample
             else:
-                out_u, out_c = self.unet(torch.cat([latents, latents]), t,
-                                         torch.cat([uncond, states])).sample.chunk(2)
+                out_u, out_c = self.unet(torch.cat([latents, latents]), t, torch.cat([uncond, states]),
+                                         added_cond_kwargs=added_both).sample.chunk(2)
                 out = out_u + w * (out_c - out_u)
             latents = self.scheduler.step(out, t, latents, eta=0.0).prev_sample
         return latents
@@ -102,7 +115,8 @@ class TeacherSampler:
         for lo in range(0, len(prompts), self.batch_size):
             p, s = prompts[lo:lo + self.batch_size], seeds[lo:lo + self.batch_size]
             latents = seed_noise(s, self.latent_shape, self.scheduler.init_noise_sigma)
-            latents = self.sample_latents(self.text.encode(p), latents, w)
+            states, pooled = self.text.encode_pooled(p)
+            latents = self.sample_latents(states, latents, w, pooled=pooled)
             decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
             images += [Image.fromarray(a) for a in to_uint8(decoded)]
         return images
