@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distill.sdxl import pooled_args, unet_kwargs
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # How the student reads its UNet (Student; docs/ablations.md "Output parameterization"):
 #   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
@@ -125,15 +127,13 @@ class TeacherX0(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float,
                 pooled: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
-        from distill.sdxl import added_cond_kwargs
-
         if uncond is None:
-            out = self.unet(x_t, t, cond, added_cond_kwargs=added_cond_kwargs(pooled, self.time_ids)).sample
+            out = self.unet(x_t, t, cond, **unet_kwargs(pooled, self.time_ids)).sample
             return to_x0(out, x_t, t, self.schedule, self.prediction_type)
         # One batched call for the conditional and unconditional branches.
         both = None if pooled is None else torch.cat([pooled, uncond_pooled])
         out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]),
-                        added_cond_kwargs=added_cond_kwargs(both, self.time_ids)).sample
+                        **unet_kwargs(both, self.time_ids)).sample
         f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
                          self.prediction_type).chunk(2)
         w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
@@ -207,13 +207,11 @@ class Student(nn.Module):
 
     def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 guidance_scale: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        from distill.sdxl import added_cond_kwargs
-
         T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
         cond = student_condition(t, guidance_scale).to(noise.dtype)
         unet_time = t if self.parameterization == "unet-at-t" else T
         out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond,
-                        added_cond_kwargs=added_cond_kwargs(pooled, self.time_ids)).sample
+                        **unet_kwargs(pooled, self.time_ids)).sample
         if self.parameterization == "direct":
             return out
         return to_x0(out, noise, T, self.schedule, self.prediction_type)
@@ -230,7 +228,7 @@ class OneStepGenerator(nn.Module):
     def forward(self, noise: torch.Tensor, text_states: torch.Tensor, guidance_scale: torch.Tensor,
                 text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=torch.long)
-        return self.student(noise, t, text_states, guidance_scale, text_embeds)
+        return self.student(noise, t, text_states, guidance_scale, *pooled_args(text_embeds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +243,7 @@ def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, c
     ODE to s, per sample, y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y) on evenly spaced
     t = u_0 > ... > u_n = s (the teacher is called only on samples whose target still has steps to go)."""
     sched = teacher.schedule
-    tgt = target(noise, t, cond, w, pooled)
+    tgt = target(noise, t, cond, w, *pooled_args(pooled))
     pick = lambda x, i: None if x is None else x[i]  # noqa: E731
     for k in range(int(n.max())):
         i = (k < n).nonzero().squeeze(1)
@@ -253,7 +251,8 @@ def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, c
         u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
         y = tgt[i]
         x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
-        f_u = teacher(x_u, u, cond[i], pick(uncond, i), w[i], pick(pooled, i), pick(uncond_pooled, i))
+        f_u = teacher(x_u, u, cond[i], pick(uncond, i), w[i], *pooled_args(pick(pooled, i)),
+                      *pooled_args(pick(uncond_pooled, i)))
         tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
     return tgt
 
@@ -306,10 +305,10 @@ class BootLoss:
             tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
             d = sched.delta(t, s)
             # 2. Boundary target: the teacher at T on pure noise.
-            f_T = teacher(noise, T, cond, uncond, w, pooled, uncond_pooled)
+            f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
         pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
-                       torch.cat([w, w]), None if pooled is None else torch.cat([pooled, pooled]))
+                       torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
         g_s, g_T = pred.chunk(2)
         dims = tuple(range(1, noise.ndim))
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
@@ -341,7 +340,7 @@ class FinalHopRegression:
                  w: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                  pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         zero = torch.zeros_like(t)
-        g_0 = student(noise, zero, cond, w, pooled)
+        g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
         if self.decode is not None:
             with torch.no_grad():
                 y = self.decode(y)

@@ -65,6 +65,17 @@ def added_cond_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> 
     return {"text_embeds": pooled, "time_ids": ids.to(pooled.dtype).expand(pooled.shape[0], -1)}
 
 
+def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
+    """`added_cond_kwargs=...` for a UNet call, or nothing at all for models without added conditioning."""
+    added = added_cond_kwargs(pooled, ids)
+    return {} if added is None else {"added_cond_kwargs": added}
+
+
+def pooled_args(pooled: torch.Tensor | None) -> tuple:
+    """The optional pooled argument of a student call: (pooled,), or () where there is none."""
+    return () if pooled is None else (pooled,)
+
+
 def student_time_ids(meta: dict, unet: nn.Module) -> torch.Tensor | None:
     """The time ids a student folder's boot.json records ("added_conditioning"), None for UNets
     without `text_time` conditioning; ValueError where such a UNet has none recorded."""
