@@ -238,7 +238,7 @@ def adopt_vae(cfg: TeacherConfig, work: Path) -> None:
         return
     folder = Path(cfg.init_from)
     vae = build_vae(cfg)
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").float().state_dict())
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).float().state_dict())
     checkpoint.save(work / "vae", cfg.vae_steps, {"vae": vae}, None, dataclasses.asdict(cfg))
     (work / "init_from.json").write_text((folder / "boot_teacher.json").read_text())
     print(f"VAE taken from {folder / 'vae'}")
@@ -344,7 +344,8 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
     if start == 0 and cfg.init_from:
         from diffusers import UNet2DConditionModel
 
-        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").float().state_dict()
+        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet",
+                                                       use_safetensors=True).float().state_dict()
         unet.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"UNet and EMA start from {cfg.init_from} (its EMA weights)")

@@ -105,7 +105,7 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
 
     teacher, folder = Path(teacher), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet"))
+    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True))
     if perturb:
         g = torch.Generator().manual_seed(seed)
         w = unet.time_embedding.cond_proj.weight
