@@ -46,7 +46,7 @@ def teacher(tmp_path_factory) -> Path:
 def diffusers_pipe(teacher):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(teacher, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(teacher, local_files_only=True, use_safetensors=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
