@@ -378,6 +378,13 @@ class Teacher:
         up = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (self.latent_shape[1] * up, self.latent_shape[2] * up, 3)
 
+    @property
+    def time_ids(self) -> torch.Tensor | None:
+        """SDXL's constant add_time_ids for the image size distilled (distill.sdxl), else None."""
+        from distill import sdxl
+
+        return sdxl.time_ids(self.image_shape[:2]) if sdxl.uses_text_time(self.unet) else None
+
 
 class TeacherLoadError(ValueError):
     """A teacher folder whose files are missing or unreadable (message names the part)."""
@@ -404,7 +411,22 @@ def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teac
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise TeacherLoadError(f"cannot load the teacher from {folder}: its {part} is missing or corrupt "
                                f"({describe_error(err)})") from err
+    check_added_conditioning(folder, unet, text_stack)
     return Teacher(folder, text_stack, unet, vae, sched_cfg, read_meta(folder))
+
+
+def check_added_conditioning(folder: Path, unet: torch.nn.Module, text_stack) -> None:
+    """TeacherLoadError unless the UNet's added conditioning and the text stack fit (SDXL family)."""
+    from distill import sdxl
+
+    if text_stack.pooled:
+        try:
+            sdxl.check_unet(unet, text_stack.text_encoder.hidden_size, text_stack.text_encoder.pooled_size)
+        except ValueError as err:
+            raise TeacherLoadError(f"cannot distil {folder}: {err}") from None
+    elif getattr(unet.config, "addition_embed_type", None) is not None:
+        raise TeacherLoadError(f"cannot distil {folder}: its UNet takes {unet.config.addition_embed_type!r} added "
+                               "conditioning, which needs the SDXL layout (text_encoder_2/ and tokenizer_2/)")
 
 
 def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
@@ -457,7 +479,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
         from distill import lora
 
         unet = lora.add_lora(unet, lora_rank)
-    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization)
+    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
 @torch.no_grad()
@@ -558,7 +580,8 @@ class FinalHopTargets:
 
 
 def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
-                      states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path) -> FinalHopTargets:
+                      states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path,
+                      uncond_pooled: torch.Tensor | None = None) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
     from safetensors.torch import load_file, save_file
 
@@ -587,9 +610,11 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     def targets(j: slice) -> torch.Tensor:  # 1 + 2·ceil(F·K/Δ) UNet calls at batch j's size
         b = j.stop - j.start
         with precision.autocast(dev, cfg.mixed_precision):
+            pooled_c, pooled_u = pooled_pair(states.pooled(prompt[j]), uncond_pooled, b)
             return boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states(prompt[j]),
                                          uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
-                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev))
+                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
+                                         pooled_c, pooled_u)
 
     chunk = memory.refine_chunk(cfg.refine_chunk, cfg.memory_budget, dev, lambda b: targets(slice(0, b)))
     mine = range(dist.rank * chunk, n, dist.world * chunk)
@@ -604,6 +629,15 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
         save_file(dataclasses.asdict(targets), tmp, metadata={"key": key})
         os.replace(tmp, path)
     return targets
+
+
+def pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None,
+                n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the prompts' pooled embeddings, the unconditional one expanded to n rows), or (None, None) for
+    teachers without pooled embeddings."""
+    if pooled is None:
+        return None, None
+    return pooled, uncond_pooled.expand(n, -1)
 
 
 def image_decoder(teacher: Teacher):
@@ -877,6 +911,9 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     }
     if "text_encoder" in teacher.meta:
         meta["text_encoder"] = teacher.meta["text_encoder"]
+    if teacher.time_ids is not None:  # SDXL family (distill.sdxl)
+        meta["added_conditioning"] = {"type": "text_time", "time_ids": teacher.time_ids.int().tolist(),
+                                      "text_embeds_size": teacher.text.text_encoder.pooled_size}
     return meta
 
 
@@ -902,7 +939,7 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     boot.save_student_unet(unet, tmp / "unet")
-    for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
+    for part in ("vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if (teacher.folder / part).is_dir():
             shutil.copytree(teacher.folder / part, tmp / part)
     for png in ("samples.png", "loss.png"):
@@ -975,10 +1012,11 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
     if cfg.final_hop >= schedule.T:
         raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
-    teacher.text.text_encoder.to(dev)
+    teacher.text.to(dev)
+    # SDXL: pooled embeddings cached beside the states; the unconditional context as its pipeline makes it.
     states = memory.PromptStates(teacher.text, prompts, cfg.text_states, dev)
-    uncond = teacher.text.encode([""]).float().to(dev)  # (1, L, D)
-    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type)
+    uncond, uncond_pooled = (None if x is None else x.float().to(dev) for x in teacher.text.unconditional())
+    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
@@ -995,7 +1033,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
-    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work)
+    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
     refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
@@ -1025,7 +1063,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
               broadcast_buffers=False) if dist.world > 1 else student
     if cfg.compile:  # the loop's calls only; samples, checkpoints and the export use the plain modules
         net, teacher_x0 = torch.compile(net), boot.TeacherX0(torch.compile(teacher.unet), schedule,
-                                                              teacher.prediction_type)
+                                                              teacher.prediction_type, teacher.time_ids)
         target = torch.compile(target)
 
     t0, done = time.time(), start
@@ -1036,12 +1074,15 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
              draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
         cond = states(b.prompt)
+        pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
         # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
         #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
         with precision.autocast(dev, cfg.mixed_precision):
-            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev)) if refine is not None else
-                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t))
+            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
+                     if refine is not None else
+                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
+                             pooled_c, pooled_u))
         loss = terms["loss"].mean()
         # 3. AdamW with clipping, then EMA.
         optimizer_step(loss, opt, scaler, student.unet, lr_at(cfg, step), cfg.grad_clip)
