@@ -154,7 +154,7 @@ class TeacherX0(nn.Module):
         # The frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
         # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
         # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
-        dtype = next(self.unet.parameters()).dtype
+        dtype = next(self.unet.parameters(), x_t).dtype  # (a parameterless stand-in runs at x_t's)
         if uncond is None:
             out = self.unet(x_t.to(dtype), t, cond.to(dtype),
                             **unet_kwargs(pooled, self.time_ids, dtype)).sample.float()
