@@ -38,7 +38,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 def diffusers_compatible(meta: dict) -> bool:
     """Whether StableDiffusionPipeline at one step computes this student's image (see module docstring)."""
     return (boot.recorded_conditioning(meta) == boot.DEFAULT_CONDITIONING
-            and boot.recorded_parameterization(meta) in ("teacher-at-T", "direct"))
+            and boot.recorded_parameterization(meta) in ("teacher-at-T", "preconditioned", "direct"))
 
 
 def one_step_scheduler_config(teacher_config: dict, parameterization: str, prediction_type: str) -> dict:

@@ -910,8 +910,9 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "input_timestep": boot.unet_input_timestep(
             cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
         "parameterization": cfg.parameterization,
-        "update_scale": boot.update_scale(boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
-                                          teacher.prediction_type, cfg.parameterization),
+        **({"update_scale": boot.update_scale(boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                                              teacher.prediction_type, cfg.parameterization)}
+           if cfg.parameterization == "preconditioned" else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),

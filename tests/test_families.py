@@ -27,6 +27,13 @@ TOLERANCE = 2  # uint8 levels
 # The family's text stack: width of the token states, pad token id of its tokenizer.
 FAMILIES = {"sd15": {"pad_id": 49407, "prediction_type": "epsilon"},
             "sd2": {"pad_id": 0, "prediction_type": "v_prediction"}}
+# Convergence recipes (batch 8, no warmup, no EMA). The epsilon teacher's student is preconditioned
+# (its steps scaled by α_T/σ_T, docs/byo-teacher.md); measured on the 2-core CPU before these tests
+# were written: bootstrap loss 3.33 -> 2.21 and PSNR 19.0 -> 20.0 dB (SD-1.5), 0.141 -> 0.100 and
+# 16.3 -> 19.7 dB (SD-2).
+RECIPES = {"sd15": ["--steps", "30", "--lr", "1e-3", "--parameterization", "preconditioned"],
+           "sd2": ["--steps", "40", "--lr", "3e-4"],
+           "sdxl": ["--steps", "30", "--lr", "1e-3", "--parameterization", "preconditioned"]}
 
 
 def _quiet(fn, *args):
@@ -210,29 +217,26 @@ def test_export_refuses_student_folders_it_cannot_load(students, tmp_path, capsy
 # --------------------------------------------------------------------------------------------
 # Convergence: a few dozen steps on each family's tiny fixture
 # --------------------------------------------------------------------------------------------
-def _fixed_batch_losses(teacher_dir: Path, unet_dir: Path, parameterization: str) -> dict[str, float]:
-    """BootLoss of the student whose UNet is in `unet_dir` (online = target) on one fixed batch."""
-    from diffusers import UNet2DConditionModel
-
+def _fixed_batch_losses(teacher_dir: Path, student_dir: Path | None, parameterization: str) -> dict[str, float]:
+    """BootLoss of a student (online = target) on one fixed batch: the student folder's, or with
+    None the untrained student distill.run starts from."""
     from distill import boot
 
     teacher = run.load_teacher(teacher_dir)
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True)
-    if unet.config.time_cond_proj_dim is None:  # the teacher's: the student it starts as
-        unet = boot.add_condition_projection(unet)
-    student = boot.Student(unet.eval(), schedule, teacher.prediction_type, parameterization)
+    student = run.build_student(teacher, schedule, str(student_dir) if student_dir else None, parameterization)
     g = torch.Generator().manual_seed(99)
     n = 32
     noise = torch.randn(n, *teacher.latent_shape, generator=g)
     t = torch.randint(1, schedule.T + 1, (n,), generator=g)
     w = 1 + 5 * torch.rand(n, generator=g)
-    cond = teacher.text.encode([PROMPTS[i % len(PROMPTS)] for i in range(n)]).float()
-    uncond = teacher.text.encode([""]).float().expand(n, -1, -1)
-    loss = boot.BootLoss()
+    cond, pooled = teacher.text.encode_pooled([PROMPTS[i % len(PROMPTS)] for i in range(n)])
+    uncond, uncond_pooled = teacher.text.unconditional()
+    expand = (lambda x: None if x is None else x.float().expand(n, *x.shape[1:]))  # noqa: E731
+    teacher_x0 = boot.TeacherX0(teacher.unet, schedule, teacher.prediction_type, teacher.time_ids)
     with torch.no_grad():
-        terms = loss(student, student, boot.TeacherX0(teacher.unet, schedule, teacher.prediction_type),
-                     noise, cond, uncond, w, t)
+        terms = boot.BootLoss()(student.eval(), student, teacher_x0, noise, cond.float(), expand(uncond), w, t,
+                                None if pooled is None else pooled.float(), expand(uncond_pooled))
     return {k: float(v.mean()) for k, v in terms.items()}
 
 
@@ -243,12 +247,15 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
     is ε/α_T, about 15x the noise, and there is no image for a student to approach."""
     import torch.nn.functional as F
 
-    from distill import boot
+    from distill import boot, sdxl
 
     shutil.copytree(folder, out)
     teacher = run.load_teacher(out)
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    states, null = teacher.text.encode(PROMPTS).float(), teacher.text.encode([""]).float()
+    states, pooled = teacher.text.encode_pooled(PROMPTS)
+    null, null_pooled = teacher.text.unconditional()
+    if pooled is None:  # one code path: a stand-in pooled embedding the UNet never sees
+        pooled = null_pooled = torch.zeros(len(PROMPTS), 1)
     c, h, w = teacher.latent_shape
     g = torch.Generator().manual_seed(123)
     patterns = 0.9 * F.interpolate(torch.randn(len(PROMPTS), c, 2, 2, generator=g), size=(h, w), mode="bilinear")
@@ -260,9 +267,12 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
                                                 mode="bilinear")
         eps, t = torch.randn(batch, c, h, w, generator=g), torch.randint(0, schedule.T + 1, (batch,), generator=g)
         a, s = schedule.alpha[t].view(-1, 1, 1, 1), schedule.sigma[t].view(-1, 1, 1, 1)
-        cond = torch.where((torch.rand(batch, generator=g) < 0.1).view(-1, 1, 1), null, states[i])
+        drop = torch.rand(batch, generator=g) < 0.1
+        cond = torch.where(drop.view(-1, 1, 1), null, states[i])
+        extra = sdxl.unet_kwargs(None if teacher.time_ids is None else
+                                 torch.where(drop.view(-1, 1), null_pooled, pooled[i]), teacher.time_ids)
         target = eps if teacher.prediction_type == "epsilon" else a * eps - s * x0
-        loss = (unet(a * x0 + s * eps, t, cond).sample - target).pow(2).mean()
+        loss = (unet(a * x0 + s * eps, t, cond, **extra).sample - target).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -270,24 +280,27 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
     return out
 
 
-@pytest.mark.parametrize("arch", list(FAMILIES))
+@pytest.mark.parametrize("arch", list(RECIPES))
 def test_family_converges(arch, teachers, prompts_file, tmp_path):
     """Over a few dozen steps the bootstrap loss (on a fixed batch) falls and the student's images
     come closer to the teacher's 50-step DDIM ones (sample PSNR, the run's own record). The SD-1.5
     folder's UNet is first trained briefly to denoise (`_denoiser`): with random weights its
     epsilon prediction gives no image to distil."""
-    teacher = teachers[arch]
-    if FAMILIES[arch]["prediction_type"] == "epsilon":
+    teacher = teachers[arch] if arch in teachers else fixtures.make_teacher(arch, "tiny", tmp_path / arch)
+    if "--parameterization" in RECIPES[arch]:  # the epsilon families
         teacher = _quiet(_denoiser, teacher, tmp_path / "teacher")
-    out = _quiet(run.main, ["--teacher", str(teacher), "--prompts", str(prompts_file), "--steps", "30",
-                            "--batch-size", "8", "--lr", "1e-3", "--warmup", "0", "--ema", "0", "--sample-every", "0",
+    out = _quiet(run.main, ["--teacher", str(teacher), "--prompts", str(prompts_file), *RECIPES[arch],
+                            "--batch-size", "8", "--warmup", "0", "--ema", "0", "--sample-every", "0",
                             "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
     meta = json.loads((out / "boot.json").read_text())
-    assert meta["parameterization"] == "teacher-at-T" and meta["update_scale"] == 1.0
+    if arch != "sd2":  # recorded, with its step scale α_T/σ_T
+        assert meta["parameterization"] == "preconditioned" and abs(meta["update_scale"] - 0.0684) < 1e-3
+    else:
+        assert meta["parameterization"] == "teacher-at-T" and "update_scale" not in meta
     psnr = [json.loads(line)["psnr_vs_teacher"] for line in (tmp_path / "work" / "samples.jsonl").open()]
-    before = _fixed_batch_losses(teacher, teacher / "unet", meta["parameterization"])
-    after = _fixed_batch_losses(teacher, out / "unet", meta["parameterization"])
+    before = _fixed_batch_losses(teacher, None, meta["parameterization"])
+    after = _fixed_batch_losses(teacher, out, meta["parameterization"])
     print(arch, "bootstrap", before["bootstrap"], "->", after["bootstrap"], "boundary", before["boundary"], "->",
           after["boundary"], "PSNR", psnr)
-    assert after["bootstrap"] < 0.8 * before["bootstrap"]
-    assert psnr[-1] > psnr[0] + 0.1
+    assert after["bootstrap"] < 0.85 * before["bootstrap"]
+    assert psnr[-1] > psnr[0] + 0.5
