@@ -1,8 +1,9 @@
 """Teacher and student folders as plain diffusers pipeline folders.
 
-A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "direct") output
-parameterization is, at t = 0, exactly what StableDiffusionPipeline runs for a UNet with
-`time_cond_proj_dim`: UNet(x_T, T, c, timestep_cond=E(w - 1)), no CFG batch. The files here make
+A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "preconditioned",
+read the same way, or "direct") output parameterization is, at t = 0, exactly what
+StableDiffusionPipeline runs for a UNet with `time_cond_proj_dim`: UNet(x_T, T, c,
+timestep_cond=E(w - 1)), no CFG batch. The files here make
 `StableDiffusionPipeline.from_pretrained(student)` run it with `num_inference_steps=1`:
 
   scheduler/   DDIMScheduler, "trailing" spacing (the single timestep is T) and set_alpha_to_one
