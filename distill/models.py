@@ -184,11 +184,14 @@ def check_model_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "va
         tokenizer = "tokenizer" + part[len("text_encoder"):]
         if not (folder / tokenizer).is_dir():
             missing.append(tokenizer)
+    unet = _config(folder, "unet")
+    if unet.get("addition_embed_type") == "text_time" and not (folder / "text_encoder_2").is_dir():
+        raise FolderError(f"{folder}: its UNet takes 'text_time' added conditioning, which needs the SDXL layout "
+                          "(text_encoder_2/ and tokenizer_2/ beside text_encoder/ and tokenizer/)")
     if missing:
         raise FolderError(f"model folder {folder} lacks {', '.join(f'{m}/' for m in dict.fromkeys(missing))} "
                           "(a diffusers pipeline folder is expected)")
     # 2. The UNet's cross-attention reads the text encoders' states, concatenated.
-    unet = _config(folder, "unet")
     widths = text_widths(folder)
     reads = unet.get("encoder_hid_dim") or unet.get("cross_attention_dim")
     reads = set(reads) if isinstance(reads, list) else {reads}
