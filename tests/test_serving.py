@@ -84,7 +84,8 @@ def triton_repo_type(name: str) -> int:
 
 @pytest.mark.parametrize("variant", triton_repo.VARIANTS)
 def test_every_variant_renders_valid_configs(variant):
-    manifest = dict(triton_repo.SHAPES_MANIFEST, precision="fp16", max_batch=16, tensorrt={"plans": {
+    manifest = dict(triton_repo.SHAPES_MANIFEST, precision="fp16", max_batch=16, tensorrt={
+        "version": "10.5.0", "plans": {
         m: {"path": f"{m}/1/model-trt10.9-sm90.plan", "profile": {"min": 1, "opt": 4, "max": 16}}
         for m in triton_repo.HEAVY_MODELS}})
     configs = triton_repo.model_configs(manifest, variant)
@@ -119,7 +120,7 @@ def test_every_variant_renders_valid_configs(variant):
 
 @pytest.mark.parametrize("variant", ["gpu", "tensorrt"])
 def test_instance_groups_across_gpus(variant, tmp_path):
-    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt={"plans": {
+    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt={"version": "10.5.0", "plans": {
         m: {"path": f"{m}/1/model.plan", "profile": {"min": 1, "opt": 4, "max": 8}} for m in triton_repo.HEAVY_MODELS}})
     configs = triton_repo.model_configs(manifest, variant, instances=2, gpus=(0, 1, 3))
     for name in triton_repo.HEAVY_MODELS:
