@@ -801,9 +801,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", choices=["auto", "cpu", "cpu-onehop", "cpu-ensemble", "gpu", "tensorrt", "none"],
                    default="auto",
                    help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = the "
-                        "default CPU variant (cpu-onehop: one Python model serves the whole request; cpu-ensemble: "
-                        "four chained Python models), gpu = onnxruntime backend with TensorRT accelerator, "
-                        "tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
+                        "default CPU variant, one of cpu-ensemble (four chained Python models) and cpu-onehop "
+                        "(one Python model serves the whole request), gpu = onnxruntime backend with TensorRT "
+                        "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")
     return p.parse_args(argv)

@@ -20,8 +20,8 @@ only requests carrying a random key that this launcher never hands out. Endpoint
 127.0.0.1 unless told otherwise; anything else is announced with a loud warning, since Triton has
 no authentication of its own.
 
-`--variant` rewrites the repository's configs first (boot_serve.triton_repo), e.g. to serve the
-4-model ensemble instead of the default one-hop model on the CPU.
+`--variant` rewrites the repository's configs first (boot_serve.triton_repo), e.g. `--variant
+cpu-onehop` to serve the whole request from one Python model instead of the default ensemble.
 
 In Python (tests, benchmarks) the launcher is a context manager:
 

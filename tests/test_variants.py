@@ -1,7 +1,8 @@
 """The two CPU repository variants against each other, each served by a real tritonserver.
 
-cpu-onehop (the default; conftest's `triton_server`) serves the whole request in one Python
-model; cpu-ensemble chains preprocess -> text_encoder -> boot_unet -> vae_decoder. Checked:
+cpu-onehop serves the whole request in one Python model; cpu-ensemble chains preprocess ->
+text_encoder -> boot_unet -> vae_decoder. The default one is conftest's `triton_server`, the other
+is served here from a copy of the same export. Checked:
 - the same (prompt, seed, guidance) gives byte-identical images from both, alone and batched;
 - every bad request gets the same error from both, fails alone among concurrent good ones, and
   each server keeps serving.
@@ -21,13 +22,14 @@ from tests.test_serving import BAD_PROMPTS, PROMPTS, SEEDS
 
 
 @pytest.fixture(scope="module")
-def ensemble_server(exported_repository, tmp_path_factory):
-    """The exported repository rewritten as the cpu-ensemble variant, served on its own."""
+def other_server(exported_repository, tmp_path_factory):
+    """The exported repository rewritten as the CPU variant that is not the default, served on its own."""
     from boot_serve.serve import TritonServer
 
-    repo = tmp_path_factory.mktemp("ensemble") / "model_repository"
+    other = next(v for v in triton_repo.CPU_VARIANTS if v != triton_repo.DEFAULT_CPU_VARIANT)
+    repo = tmp_path_factory.mktemp(other) / "model_repository"
     shutil.copytree(exported_repository, repo)
-    triton_repo.write_configs(repo, "cpu-ensemble")
+    triton_repo.write_configs(repo, other)
     server = TritonServer(repo, exit_timeout=5)
     server.start()
     yield server
@@ -35,11 +37,12 @@ def ensemble_server(exported_repository, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clients(triton_server, ensemble_server):
-    assert triton_repo.served_variant(triton_server.repository) == "cpu-onehop"
-    assert triton_repo.served_variant(ensemble_server.repository) == "cpu-ensemble"
-    with Client(triton_server.grpc_url, "grpc", concurrency=16) as onehop, \
-            Client(ensemble_server.grpc_url, "grpc", concurrency=16) as ensemble:
+def clients(triton_server, other_server):
+    servers = {triton_repo.served_variant(s.repository): s for s in (triton_server, other_server)}
+    assert set(servers) == {"cpu-onehop", "cpu-ensemble"}
+    assert triton_repo.served_variant(triton_server.repository) == triton_repo.DEFAULT_CPU_VARIANT
+    with Client(servers["cpu-onehop"].grpc_url, "grpc", concurrency=16) as onehop, \
+            Client(servers["cpu-ensemble"].grpc_url, "grpc", concurrency=16) as ensemble:
         yield {"cpu-onehop": onehop, "cpu-ensemble": ensemble}
 
 
