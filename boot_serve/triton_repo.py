@@ -16,6 +16,11 @@ Layout (docs/interfaces.md; the ONNX graphs, tokenizer and manifest.json are wri
     boot_unet/      noise, text_states, guidance_scale -> latents [C, h, w]
     vae_decoder/    latents -> image [H, W, 3] (uint8 postprocess inside the graph)
 
+SDXL-family students (manifest "tokenizer_2", "text_embeds_size" P): preprocess also gives
+input_ids_2 [L] (the second tokenizer), text_encoder takes it and also gives text_embeds [P]
+(the pooled embedding), boot_unet takes text_embeds too (its time ids are graph constants).
+The client-facing model is the same for every family.
+
 Every model batches dynamically (max_batch_size = manifest "max_batch", at least 8). The three
 heavy models are, per variant:
 - `cpu`: Python-backend models holding an ONNX Runtime session (the same model.py; the CPU
@@ -85,6 +90,8 @@ def _signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
     C, h, w = m["latent_shape"]
     H, W, _ = m["image_shape"]
     L, D = m["max_length"], m["hidden_size"]
+    if "text_embeds_size" in m:
+        return _sdxl_signatures(m)
     return {
         ENSEMBLE: ([_tensor("PROMPT", "STRING", [1]), _tensor("SEED", "INT64", [1]),
                     _tensor("GUIDANCE_SCALE", "FP32", [1], optional=True)],
@@ -102,16 +109,28 @@ def _signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
     }
 
 
-def _ensemble_steps() -> list[dict]:
+def _sdxl_signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
+    """_signatures with the SDXL family's second token ids and pooled text_embeds added."""
+    sig = {name: (list(inputs), list(outputs)) for name, (inputs, outputs) in
+           _signatures({k: v for k, v in m.items() if k != "text_embeds_size"}).items()}
+    L, P = m["max_length"], m["text_embeds_size"]
+    sig["preprocess"][1].insert(1, _tensor("input_ids_2", "INT64", [L]))
+    sig["text_encoder"][0].append(_tensor("input_ids_2", "INT64", [L]))
+    sig["text_encoder"][1].append(_tensor("text_embeds", "FP32", [P]))
+    sig["boot_unet"][0].append(_tensor("text_embeds", "FP32", [P]))
+    return sig
+
+
+def _ensemble_steps(sdxl: bool = False) -> list[dict]:
     def step(model, inputs, outputs):
         return {"model_name": model, "model_version": -1,
-                "input_map": {k: k for k in inputs}, "output_map": outputs}
+                "input_map": {k: k for k in inputs}, "output_map": {k: v or k for k, v in outputs.items()}}
 
+    ids, embeds = (["input_ids", "input_ids_2"], ["text_embeds"]) if sdxl else (["input_ids"], [])
     return [
-        step("preprocess", ["PROMPT", "SEED", "GUIDANCE_SCALE"],
-             {"input_ids": "input_ids", "noise": "noise", "guidance_scale": "guidance_scale"}),
-        step("text_encoder", ["input_ids"], {"text_states": "text_states"}),
-        step("boot_unet", ["noise", "text_states", "guidance_scale"], {"latents": "latents"}),
+        step("preprocess", ["PROMPT", "SEED", "GUIDANCE_SCALE"], dict.fromkeys([*ids, "noise", "guidance_scale"])),
+        step("text_encoder", ids, dict.fromkeys(["text_states", *embeds])),
+        step("boot_unet", ["noise", "text_states", "guidance_scale", *embeds], {"latents": "latents"}),
         step("vae_decoder", ["latents"], {"image": "IMAGE"}),
     ]
 
@@ -171,7 +190,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
         cfg: dict = {"name": name, "max_batch_size": batch, "input": inputs, "output": outputs}
         if name == ENSEMBLE:
             # Batching happens in each composing model: the ensemble forwards every request.
-            cfg.update(platform="ensemble", ensemble_scheduling={"step": _ensemble_steps()})
+            steps = _ensemble_steps(sdxl="text_embeds_size" in manifest)
+            cfg.update(platform="ensemble", ensemble_scheduling={"step": steps})
             # What a client cannot learn otherwise (the demo's guidance slider): the student's range.
             if "guidance_range" in manifest:
                 lo, hi = (float(v) for v in manifest["guidance_range"])
@@ -185,7 +205,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
                                      "providers": {"string_value": "CPUExecutionProvider"},
                                      "intra_op_thread_count": {"string_value": "0"}}
         elif variant == "gpu":
-            trt = {"precision_mode": "FP16" if manifest.get("precision") == "fp16" else "FP32",
+            graph_precision = manifest.get("graphs", {}).get(name, {}).get("precision", manifest.get("precision"))
+            trt = {"precision_mode": "FP16" if graph_precision == "fp16" else "FP32",
                    "max_workspace_size_bytes": str(4 << 30), "trt_engine_cache_enable": "1",
                    "trt_engine_cache_path": f"/tmp/boot-trt-cache/{name}", **_trt_profile(inputs, batch)}
             cfg.update(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx",
@@ -279,9 +300,12 @@ def check_repository(repository: str | Path) -> dict:
                 weights = onnx_file or "model.onnx"
             if not (version / weights).is_file():
                 problems.append(f"{name}/1/{weights} is missing (not exported yet?)")
-    tokenizer = repo / manifest.get("tokenizer", "text_encoder/1/tokenizer") / "tokenizer.json"
-    if not tokenizer.is_file():
-        problems.append(f"{tokenizer.relative_to(repo)} is missing")
+    for key in ("tokenizer", "tokenizer_2"):
+        if key == "tokenizer_2" and key not in manifest:
+            continue
+        tokenizer = repo / manifest.get(key, "text_encoder/1/tokenizer") / "tokenizer.json"
+        if not tokenizer.is_file():
+            problems.append(f"{tokenizer.relative_to(repo)} is missing")
     if problems:
         raise RepositoryError(f"model repository {repo} is incomplete:\n  - " + "\n  - ".join(problems) + "\n"
                               f"Re-run `python -m boot_serve.export --student <student folder> --repository {repo}`.")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill import checkpoint, shapes, text
+from distill import checkpoint, diffusers_folder, shapes, text
 
 DEFAULT_OUT = Path("pretrained/shapes-teacher")
 DEFAULT_WORK = Path("runs/teacher")
@@ -238,7 +238,7 @@ def adopt_vae(cfg: TeacherConfig, work: Path) -> None:
         return
     folder = Path(cfg.init_from)
     vae = build_vae(cfg)
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").float().state_dict())
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).float().state_dict())
     checkpoint.save(work / "vae", cfg.vae_steps, {"vae": vae}, None, dataclasses.asdict(cfg))
     (work / "init_from.json").write_text((folder / "boot_teacher.json").read_text())
     print(f"VAE taken from {folder / 'vae'}")
@@ -344,7 +344,8 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
     if start == 0 and cfg.init_from:
         from diffusers import UNet2DConditionModel
 
-        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").float().state_dict()
+        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet",
+                                                       use_safetensors=True).float().state_dict()
         unet.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"UNet and EMA start from {cfg.init_from} (its EMA weights)")
@@ -422,9 +423,9 @@ def export(work: Path, out: Path) -> None:
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     unet = build_unet(cfg)
     info = checkpoint.load(last, {"ema": unet})
-    # The text encoder and tokenizer are never shipped (third-party weights): the folder is saved
-    # without them, and model_index.json names their classes so that diffusers' from_pretrained
-    # takes them as arguments.
+    # The text encoder is never shipped (third-party weights): the folder is saved without it, and
+    # model_index.json names its class so that diffusers' from_pretrained takes it as an argument.
+    # tokenizer/ is the encoder's vocabulary with model_max_length = text.MAX_LENGTH (else 512).
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=None,
         unet=unet.eval(), scheduler=DDIMScheduler(**scheduler_config(cfg)),
@@ -439,6 +440,7 @@ def export(work: Path, out: Path) -> None:
     index = json.loads((out / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    diffusers_folder.write_minilm_tokenizer(out)
     wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
     record = {
         "guidance_scale": cfg.guidance_scale,

@@ -115,15 +115,19 @@ def test_end_to_end_writes_a_loadable_student(baseline, setup):
     assert (hp["lr"], hp["batch_size"], hp["delta"], hp["beta"], hp["ema"], hp["target"]) == (
         1e-3, 4, 100, 1.0, 0.5, "online")
     assert set(meta["final_losses"]) == {"loss", "bootstrap", "boundary"}
-    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "samples.png", "scheduler",
-                                                         "unet", "vae"]
+    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "model_index.json", "samples.png",
+                                                         "scheduler", "tokenizer", "unet", "vae"]
     unet_cfg = json.loads((student / "unet" / "config.json").read_text())
-    assert unet_cfg["time_cond_proj_dim"] == 256
-    # The exported weights are the EMA of checkpoint 4, and training moved them off the teacher.
+    assert unet_cfg["time_cond_proj_dim"] == 256 and meta["conditioning"]["kind"] == "diffusers-guidance"
+    # The exported weights (diffusers' UNet + the t weights beside it) are the EMA of checkpoint 4, and
+    # training moved both parts of the condition projection off zero.
     exported = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
+    time_weights = load_file(str(student / "unet" / "boot_time_condition.safetensors"))
     ckpt = _tensors(base / "work", 4)
-    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in exported.items())
+    assert {k for k in ckpt if k.startswith("ema.")} == {f"ema.{k}" for k in (*exported, *time_weights)}
+    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in {**exported, **time_weights}.items())
     assert exported["time_embedding.cond_proj.weight"].abs().max() > 1e-4
+    assert time_weights["time_embedding.cond_proj.time_weight"].abs().max() > 1e-4
     # Logs, loss curve, sample grids.
     work = base / "work"
     assert [r["step"] for r in _losses(work)] == [0, 1, 2, 3]
@@ -208,6 +212,55 @@ def test_two_process_ddp_equals_one_process(baseline, setup):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     meta = json.loads((root / "ddp" / "student" / "boot.json").read_text())
     assert meta["world_size"] == 2
+
+
+# One BOOT loss backward through DDP with gradient checkpointing (each rank half the batch); rank 0 writes the
+# all-reduced gradients. argv: teacher folder, output file, "ckpt" or "plain".
+DDP_GRADS = """
+import sys
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from safetensors.torch import save_file
+from distill import boot, run
+torch.distributed.init_process_group("gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+teacher = run.load_teacher(sys.argv[1])
+sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
+student = run.build_student(teacher, sched)
+if sys.argv[3] == "ckpt":
+    student.unet.enable_gradient_checkpointing()
+net = DDP(student, broadcast_buffers=False)
+g = torch.Generator().manual_seed(0)
+cond = teacher.text.encode(["a red circle", "a blue square", "a green triangle", "a white circle"]).float()
+noise, t, w = torch.randn((4, *teacher.latent_shape), generator=g), torch.tensor([900, 500, 300, 120]), \\
+    torch.tensor([1.0, 2.5, 4.0, 6.0])
+uncond = teacher.text.encode([""]).float().expand(4, -1, -1)
+mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+loss = boot.BootLoss(delta_steps=100)(net, student, teacher_x0, noise[mine], cond[mine], uncond[mine], w[mine],
+                                      t[mine])["loss"].mean()
+loss.backward()
+if rank == 0:
+    save_file({n: p.grad.contiguous() for n, p in student.unet.named_parameters() if p.grad is not None}, sys.argv[2])
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gradient_checkpointing_under_ddp_gives_the_same_gradients(setup, tmp_path):
+    """2-process gloo DDP with --gradient-checkpointing: the all-reduced gradients of the BOOT loss equal
+    one process's without checkpointing on the whole batch, to 1e-5 relative."""
+    _, teacher, _ = setup
+    script = tmp_path / "grads.py"
+    script.write_text(DDP_GRADS)
+    for world, mode in ((2, "ckpt"), (1, "plain")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               str(script), str(teacher), str(tmp_path / f"{mode}.safetensors"), mode]
+        proc = _run(cmd, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt, plain = load_file(str(tmp_path / "ckpt.safetensors")), load_file(str(tmp_path / "plain.safetensors"))
+    assert ckpt.keys() == plain.keys() and len(plain) > 100
+    norm = lambda d: sum(v.double().pow(2).sum() for v in d.values()).sqrt().item()  # noqa: E731
+    assert norm({k: ckpt[k] - plain[k] for k in plain}) < 1e-5 * norm(plain)
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +615,8 @@ def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypa
     meta = json.loads((out / "boot.json").read_text())
     assert meta["steps"] == 2 and meta["steps_run"] == 4 and meta["validation"]["best"]["step"] == 2
     assert meta["selection"]["rule"] == "judge" and meta["selection"]["value"] == 1.0
-    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = {**load_file(out / "unet" / "diffusion_pytorch_model.safetensors"),
+                **load_file(out / "unet" / "boot_time_condition.safetensors")}
     ema = {step: {k[4:]: v for k, v in load_file(work / "checkpoints" / name / "tensors.safetensors").items()
                   if k.startswith("ema.")} for step, name in ((2, "step-00000002"), (4, "step-00000004"))}
     assert all(torch.equal(exported[k], ema[2][k]) for k in ema[2])

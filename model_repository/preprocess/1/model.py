@@ -2,6 +2,7 @@
 
     PROMPT BYTES [1], SEED INT64 [1], GUIDANCE_SCALE FP32 [1] (optional)
         -> input_ids INT64 [L], noise FP32 [C, h, w], guidance_scale FP32 [1]
+           (+ input_ids_2 INT64 [L] for SDXL-family students: manifest "tokenizer_2")
 
 The first and only step of the `boot_txt2img` ensemble that can reject a request; every later
 step depends on its outputs. (Tokenizer and noise used to be two parallel ensemble steps:
@@ -11,7 +12,8 @@ the failing step now.)
 
 1. prompt -> input_ids with the repository's tokenizer.json (written by `boot_serve.export`,
    path in manifest.json "tokenizer"), padded to L = manifest "max_length" exactly as
-   `tokenizer(prompts, padding="max_length", max_length=L)` in the in-process pipelines.
+   `tokenizer(prompts, padding="max_length", max_length=L)` in the in-process pipelines; an SDXL-family
+   repository's second tokenizer (its own padding token) gives input_ids_2 the same way.
 2. seed -> noise, the noise contract of docs/interfaces.md:
        numpy.random.default_rng(seed).standard_normal((C, h, w), dtype=float32) * init_noise_sigma
    so an image depends only on (prompt, seed, guidance), never on its batch.
@@ -52,13 +54,18 @@ class TritonPythonModel:
         self.init_noise_sigma = np.float32(manifest["init_noise_sigma"])
         self.low, self.high = (float(v) for v in manifest["guidance_range"])
         self.default_guidance = float(manifest["guidance_scale"])
-        self.tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"] / "tokenizer.json"))
-        padding = self.tokenizer.padding or {}
-        if padding.get("length") != self.max_length:
-            raise pb_utils.TritonModelException(
-                f"tokenizer.json pads to {padding.get('length')}, manifest max_length is {self.max_length}: "
-                "re-run `python -m boot_serve.export`")
-        self.tokenizer.no_truncation()  # an over-long prompt must show its true length to be rejected
+        self.tokenizers = {}  # output name -> tokenizer
+        for key, output in (("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")):
+            if key not in manifest:
+                continue
+            tokenizer = Tokenizer.from_file(str(repository / manifest[key] / "tokenizer.json"))
+            padding = tokenizer.padding or {}
+            if padding.get("length") != self.max_length:
+                raise pb_utils.TritonModelException(
+                    f"{manifest[key]}/tokenizer.json pads to {padding.get('length')}, manifest max_length is "
+                    f"{self.max_length}: re-run `python -m boot_serve.export`")
+            tokenizer.no_truncation()  # an over-long prompt must show its true length to be rejected
+            self.tokenizers[output] = tokenizer
 
     def execute(self, requests):
         responses = []
@@ -78,7 +85,8 @@ class TritonPythonModel:
         guidance = pb_utils.get_input_tensor_by_name(request, "GUIDANCE_SCALE")
         scales = (np.full(seeds.shape, self.default_guidance, dtype=np.float32) if guidance is None
                   else guidance.as_numpy().reshape(-1).astype(np.float32))
-        ids = np.stack([self._tokenize(p, _at(i, len(prompts))) for i, p in enumerate(prompts)])  # (B, L)
+        rows = [self._ids(p, _at(i, len(prompts))) for i, p in enumerate(prompts)]
+        ids = {name: np.stack([row[name] for row in rows]) for name in self.tokenizers}  # (B, L) each
         for i, (seed, w) in enumerate(zip(seeds.tolist(), scales.tolist())):
             at = _at(i, len(seeds))
             if seed < 0:
@@ -90,10 +98,13 @@ class TritonPythonModel:
                                       f"[{self.low}, {self.high}]")
         noise = np.stack([np.random.default_rng(s).standard_normal(self.latent_shape, dtype=np.float32)
                           for s in seeds.tolist()]) * self.init_noise_sigma  # (B, C, h, w)
-        return {"input_ids": ids, "noise": noise.astype(np.float32, copy=False),
-                "guidance_scale": scales.reshape(-1, 1)}
+        return {**ids, "noise": noise.astype(np.float32, copy=False), "guidance_scale": scales.reshape(-1, 1)}
 
-    def _tokenize(self, raw, at: str) -> np.ndarray:
+    def _ids(self, raw, at: str) -> dict:
+        text = self._decode(raw, at)
+        return {name: self._tokenize(tok, text, at) for name, tok in self.tokenizers.items()}
+
+    def _decode(self, raw, at: str) -> str:
         size = len(raw) if isinstance(raw, bytes) else len(str(raw).encode())
         if size > MAX_PROMPT_BYTES:
             raise RequestRejected(f"PROMPT{at} is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are accepted "
@@ -104,7 +115,10 @@ class TritonPythonModel:
             raise RequestRejected(f"PROMPT{at} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
         if not text.strip():
             raise RequestRejected(f"PROMPT{at} is empty; send a non-empty caption")
-        ids = self.tokenizer.encode(text).ids
+        return text
+
+    def _tokenize(self, tokenizer, text: str, at: str) -> np.ndarray:
+        ids = tokenizer.encode(text).ids
         if len(ids) > self.max_length:
             raise RequestRejected(f"PROMPT{at} is {len(ids)} tokens long (special tokens included); this model "
                                   f"accepts at most {self.max_length}. Over-long prompts are rejected, not truncated")
