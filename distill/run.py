@@ -246,12 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-minutes", type=float,
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
     a("--val-every", type=int, default=None,
-      help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
-           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never, as with --prompts "
+      help="every this many steps (a checkpoint is written then too) score the exported student on --val-n "
+           f"validation prompts: PSNR against the teacher's {REFERENCE_STEPS}-step images (and with grammar prompts "
+           "the judge's accuracy) -> val.jsonl, val.png; 0 = never (with --prompts and --select judge: 0) "
            f"{_preset_help('val_every')}")
     a("--val-n", type=int, default=None,
-      help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
-           f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
+      help=f"validation prompts: the eval split drawn with seed --seed + 1 (with --prompts: prompts of the file) "
+           f"and noise seeds from {VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
       help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
