@@ -108,8 +108,14 @@ def convert_student(folder: Path, out: Path) -> dict:
     meta = json.loads((folder / STUDENT_META).read_text())
     if boot.recorded_conditioning(meta) != boot.LEGACY_CONDITIONING:
         raise ValueError(f"{folder} is already a {boot.recorded_conditioning(meta)!r} student")
+    from safetensors import safe_open
+
     unet = boot.load_student_unet(folder / "unet", boot.LEGACY_CONDITIONING)
     fit = boot.convert_conditioning(unet, tuple(meta["guidance_range"]))
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = f.get_slice("time_embedding.cond_proj.weight").get_dtype()
+    if stored == "F16":  # stored as it was (the shipped student's weights are fp16)
+        unet.half()
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns("unet"))

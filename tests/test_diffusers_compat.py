@@ -217,3 +217,29 @@ def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
     for w in (1.0, 3.5, 6.0):  # the recorded range, (1, 6)
         expected = np.stack([np.asarray(im) for im in ref(captions, SEEDS + [3], w)]).astype(int)
         assert np.abs(diffusers_images(pipe, captions, latents, w).astype(int) - expected).max() <= 1
+
+
+def test_convert_cli_writes_a_diffusers_folder_and_refuses_bad_input(tmp_path, capsys):
+    """`python -m distill.diffusers_folder convert`: a "sinusoid" student becomes a diffusers pipeline
+    folder that diffusers and BootPipeline run alike; bad input is one error line and exit code 2."""
+    from diffusers import StableDiffusionPipeline
+
+    from boot_serve.pipeline import BootPipeline
+
+    old = make_tiny_student(make_tiny_teacher(tmp_path / "t"), tmp_path / "s", perturb=0.5)
+    assert diffusers_folder.main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0
+    new = tmp_path / "new"
+    meta = json.loads((new / "boot.json").read_text())
+    assert meta["conditioning"]["kind"] == "diffusers-guidance"
+    assert meta["conditioning"]["converted_from"]["fit"]["relative_residual"] > 0
+    ref, pipe = BootPipeline.from_pretrained(new), load(StableDiffusionPipeline, new)
+    expected = np.stack([np.asarray(im) for im in ref(PROMPTS, SEEDS, 2.0)]).astype(int)
+    assert np.abs(diffusers_images(pipe, PROMPTS, ref.noise(SEEDS), 2.0).astype(int) - expected).max() <= 1
+    capsys.readouterr()
+    for argv in (["convert", str(new), "--out", str(tmp_path / "again")],
+                 ["convert", str(old), "--out", str(old)],
+                 ["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                 ["tokenizer", str(tmp_path / "t" / "unet")]):
+        assert diffusers_folder.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
