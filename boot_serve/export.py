@@ -2,6 +2,7 @@
 
     python -m boot_serve.export --student pretrained/shapes-boot --repository model_repository
     python -m boot_serve.export --student ... --repository ... --precision fp16
+    python -m boot_serve.export --student ... --repository ... --precision fp16 --vae-precision fp32
     python -m boot_serve.export --student ... --repository ... --tensorrt --max-batch 16   # GPU only
 
 What it writes into the repository (nothing else there is touched; config.pbtxt files belong
@@ -14,6 +15,13 @@ to the serving side):
     boot_unet/1/model.onnx          noise FP32 [B, C, h, w], text_states FP32 [B, L, D],
                                     guidance_scale FP32 [B]                -> latents FP32 [B, C, h, w]
     vae_decoder/1/model.onnx        latents FP32 [B, C, h, w]              -> image UINT8 [B, H, W, 3]
+    SDXL-family students (two text encoders, `text_time` added conditioning, distill.sdxl):
+    text_encoder/1/model.onnx       input_ids INT64 [B, L], input_ids_2 INT64 [B, L]
+                                                                           -> text_states FP32 [B, L, D1 + D2],
+                                                                              text_embeds FP32 [B, P]
+    text_encoder/1/tokenizer_2/     the second tokenizer (its own padding token), as tokenizer/
+    boot_unet/1/model.onnx          noise, text_states, guidance_scale, text_embeds FP32 [B, P] -> latents;
+                                    the time ids (one image size per student) are constants of the graph
     <model>/1/model.onnx.data       all weights of a graph, only when it is over 2 GB
     <model>/1/model-trt<ver>-sm<cc>.plan   TensorRT engine (--tensorrt), batch profile 1/opt/max
     manifest.json                   shapes, dtypes, precision, source, parity numbers, versions
@@ -24,7 +32,8 @@ Steps (each is a function below):
   2. export fp32 graphs with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`),
      into a staging folder next to the repository;
   3. --precision fp16: convert each graph (weights and activations fp16, inputs/outputs fp32,
-     sensitive nodes fp32, see `to_fp16`);
+     sensitive nodes fp32, see `to_fp16`); --vae-precision fp32 leaves the VAE decoder graph in
+     fp32 (SD's decoder has activations beyond fp16's 65504 on some latents);
   4. parity: every graph in ONNX Runtime against PyTorch on random inputs at several batch
      sizes, then prompt -> image end to end (OnnxPipeline on the staged repository against
      BootPipeline); any error over tolerance raises ParityError (exit 1) and the repository
@@ -64,6 +73,7 @@ MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "boot-repository/1"
 TOKENIZER_DIR = "text_encoder/1/tokenizer"
+TOKENIZER_2_DIR = "text_encoder/1/tokenizer_2"  # SDXL family
 DATA_SUFFIX = ".data"  # external weights: model.onnx.data
 TWO_GB = 2**31
 OPSETS = (17, 20)  # the TorchScript exporter's range that TensorRT 10 parses
@@ -96,6 +106,12 @@ SPECS = {
     "text_encoder": GraphSpec("text_encoder", ("input_ids",), ("text_states",)),
     "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale"), ("latents",)),
     "vae_decoder": GraphSpec("vae_decoder", ("latents",), ("image",)),
+}
+# SDXL family: the second tokenizer's ids in, the pooled embedding out of the text encoder and into the UNet.
+SDXL_SPECS = {
+    **SPECS,
+    "text_encoder": GraphSpec("text_encoder", ("input_ids", "input_ids_2"), ("text_states", "text_embeds")),
+    "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale", "text_embeds"), ("latents",)),
 }
 
 
@@ -175,6 +191,11 @@ class Student:
     max_length: int
     hidden_size: int
     vocab_size: int
+    text_embeds_size: int | None = None  # P, the pooled embedding of SDXL-family students
+
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        return SPECS if self.text_embeds_size is None else SDXL_SPECS
 
 
 def load_student(folder: str | Path) -> Student:
@@ -189,7 +210,9 @@ def load_student(folder: str | Path) -> Student:
 
         raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
-    hidden = int(enc.config.hidden_size)
+    pooled = pipe.text.pooled  # SDXL: enc is a distill.sdxl.DualTextEncoder, the text encoder graph itself
+    hidden = enc.hidden_size if pooled else int(enc.config.hidden_size)
+    vocab = enc.vocab_size if pooled else int(enc.config.vocab_size)
     if pipe.vae is not None:
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         out_channels = int(pipe.vae.config.out_channels)
@@ -197,12 +220,12 @@ def load_student(folder: str | Path) -> Student:
         factor, out_channels = 1, int(pipe.latent_shape[0])
     c, h, w = pipe.latent_shape
     modules = {
-        "text_encoder": TextEncoderGraph(enc).eval(),
+        "text_encoder": enc if pooled else TextEncoderGraph(enc).eval(),
         "boot_unet": pipe.generator.eval(),
         "vae_decoder": VaeDecoderGraph(pipe.vae).eval(),
     }
     return Student(pipe, folder.resolve(), modules, (c, h, w), (h * factor, w * factor, out_channels),
-                   int(tok.model_max_length), hidden, int(enc.config.vocab_size))
+                   int(tok.model_max_length), hidden, vocab, enc.pooled_size if pooled else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,13 +235,18 @@ def example_inputs(student: Student, name: str, batch: int, seed: int = 0) -> tu
     """Random inputs of graph `name` with batch size `batch` (also the parity inputs)."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = student.latent_shape
+    ids = student.max_length
     if name == "text_encoder":
-        return (torch.randint(0, student.vocab_size, (batch, student.max_length), generator=g),)
+        n = len(student.specs[name].inputs)
+        return tuple(torch.randint(0, student.vocab_size, (batch, ids), generator=g) for _ in range(n))
     if name == "boot_unet":
         lo, hi = student.pipe.guidance_range
-        return (torch.randn(batch, c, h, w, generator=g) * student.pipe.init_noise_sigma,
+        args = (torch.randn(batch, c, h, w, generator=g) * student.pipe.init_noise_sigma,
                 torch.randn(batch, student.max_length, student.hidden_size, generator=g),
                 lo + (hi - lo) * torch.rand(batch, generator=g))
+        if student.text_embeds_size is not None:
+            args += (torch.randn(batch, student.text_embeds_size, generator=g),)
+        return args
     if name == "vae_decoder":
         return (torch.randn(batch, c, h, w, generator=g),)
     raise KeyError(name)
@@ -228,8 +256,10 @@ def io_shapes(student: Student, name: str) -> dict[str, tuple]:
     """Contract shapes of a graph's tensors (docs/interfaces.md), batch axis named "batch"."""
     c, h, w = student.latent_shape
     lat, states = ("batch", c, h, w), ("batch", student.max_length, student.hidden_size)
-    return {"text_encoder": {"input_ids": ("batch", student.max_length), "text_states": states},
-            "boot_unet": {"noise": lat, "text_states": states, "guidance_scale": ("batch",), "latents": lat},
+    ids, embeds = ("batch", student.max_length), ("batch", student.text_embeds_size)
+    return {"text_encoder": {"input_ids": ids, "input_ids_2": ids, "text_states": states, "text_embeds": embeds},
+            "boot_unet": {"noise": lat, "text_states": states, "guidance_scale": ("batch",), "text_embeds": embeds,
+                          "latents": lat},
             "vae_decoder": {"latents": lat, "image": ("batch", *student.image_shape)}}[name]
 
 
@@ -411,7 +441,7 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple[int, ...]) -> dict:
     """Random-input parity of one graph at each batch size; `run(feeds) -> list[np.ndarray]`."""
-    spec, module = SPECS[name], student.modules[name]
+    spec, module = student.specs[name], student.modules[name]
     worst: dict[str, dict | None] = dict.fromkeys(spec.outputs)
     for i, batch in enumerate(batches):
         args = example_inputs(student, name, batch, seed=1000 + i)
@@ -427,13 +457,15 @@ def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple
 def check_tokenizer(student: Student, onnx_pipe) -> dict:
     """The repository's tokenizer.json must give the reference tokenizer's ids exactly."""
     prompts = list(PARITY_PROMPTS) + ["", "A Red CIRCLE!!", "ünïcode çircle"]
-    tok = student.pipe.text.tokenizer
-    ref = np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                         truncation=True).input_ids, dtype=np.int64)
-    got = onnx_pipe.tokenize(prompts)
-    if got.shape != ref.shape or not np.array_equal(got, ref):
-        raise ParityError("graph 'text_encoder', input 'input_ids': the exported tokenizer gives other ids "
-                          f"than the student's tokenizer ({got.shape} vs {ref.shape})")
+    pairs = [("input_ids", student.pipe.text.tokenizer, onnx_pipe.tokenize(prompts))]
+    if student.pipe.text.tokenizer_2 is not None:
+        pairs.append(("input_ids_2", student.pipe.text.tokenizer_2, onnx_pipe.tokenize(prompts, second=True)))
+    for name, tok, got in pairs:
+        ref = np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                             truncation=True).input_ids, dtype=np.int64)
+        if got.shape != ref.shape or not np.array_equal(got, ref):
+            raise ParityError(f"graph 'text_encoder', input '{name}': the exported tokenizer gives other ids "
+                              f"than the student's tokenizer ({got.shape} vs {ref.shape})")
     return {"prompts": len(prompts), "identical": True}
 
 
@@ -570,7 +602,7 @@ def build_engines(stage: Path, precision: str, max_batch: int, student: Student,
     for model in MODELS:
         plan = stage / model / "1" / name
         built = build_engine(stage / model / "1" / "model.onnx", plan, precision, max_batch, cache_path)
-        parity = check_graph(student, model, EngineRunner(plan, SPECS[model]), tol, batches)
+        parity = check_graph(student, model, EngineRunner(plan, student.specs[model]), tol, batches)
         info["plans"][model] = {"path": f"{model}/1/{name}", **built, "parity": parity}
     return info
 
@@ -609,13 +641,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_tokenizer(student: Student, folder: Path) -> None:
-    """The student's tokenizer files, with padding and truncation to max_length written into
-    tokenizer.json, so `tokenizers.Tokenizer.from_file` alone reproduces
+def write_tokenizer(student: Student, folder: Path, tok=None) -> None:
+    """The student's tokenizer files (or those of `tok`, SDXL's second), with padding and truncation
+    to max_length written into tokenizer.json, so `tokenizers.Tokenizer.from_file` alone reproduces
     `tokenizer(prompts, padding="max_length", max_length=L, truncation=True)`."""
     from tokenizers import Tokenizer
 
-    tok = student.pipe.text.tokenizer
+    tok = tok or student.pipe.text.tokenizer
     if not hasattr(tok, "backend_tokenizer"):
         raise ValueError(f"the student's tokenizer {type(tok).__name__} is not a fast tokenizer")
     folder.mkdir(parents=True, exist_ok=True)
@@ -645,10 +677,19 @@ def manifest(student: Student, stage: Path, precision: str, max_batch: int, opse
         "guidance_scale": float(student.pipe.guidance_scale),
         "max_batch": max_batch,
         "tokenizer": TOKENIZER_DIR,
+        **sdxl_manifest(student),
         "exporter": f"torch.onnx.export (TorchScript), opset {opset}",
         "graphs": {m: graph_info(stage / m / "1" / "model.onnx", stage) for m in MODELS},
         "versions": versions(),
     }
+
+
+def sdxl_manifest(student: Student) -> dict:
+    """SDXL family: the second tokenizer, the pooled width and the time ids folded into boot_unet."""
+    if student.text_embeds_size is None:
+        return {}
+    return {"tokenizer_2": TOKENIZER_2_DIR, "text_embeds_size": student.text_embeds_size,
+            "time_ids": student.pipe.generator.student.time_ids.int().tolist()}
 
 
 def stage_dir(repository: Path) -> Path:
@@ -669,10 +710,12 @@ def install(stage: Path, repository: Path) -> None:
         for f in (stage / model / "1").iterdir():
             if f.is_file():
                 os.replace(f, dst / f.name)
-    tok = repository / TOKENIZER_DIR
-    if tok.exists():
-        shutil.rmtree(tok)
-    os.replace(stage / TOKENIZER_DIR, tok)
+    for tok_dir in (TOKENIZER_DIR, TOKENIZER_2_DIR):
+        tok = repository / tok_dir
+        if tok.exists():
+            shutil.rmtree(tok)
+        if (stage / tok_dir).exists():
+            os.replace(stage / tok_dir, tok)
     os.replace(stage / MANIFEST, repository / MANIFEST)
 
 
@@ -680,19 +723,30 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", flush=True)
 
 
-def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> dict[str, dict]:
-    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds (and fp16 facts) per graph."""
+VAE_PRECISIONS = ("same", "fp32")
+
+
+def graph_precisions(precision: str, vae_precision: str = "same") -> dict[str, str]:
+    """Each graph's precision: --precision, but the VAE decoder's fp32 with --vae-precision fp32."""
+    if vae_precision not in VAE_PRECISIONS:
+        raise ValueError(f"vae precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
+    return {m: "fp32" if m == "vae_decoder" and vae_precision == "fp32" else precision for m in MODELS}
+
+
+def export_graphs(student: Student, stage: Path, precision: str | dict[str, str], opset: int) -> dict[str, dict]:
+    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds (and fp16 facts) per graph.
+    `precision`: one for all graphs, or per graph (`graph_precisions`)."""
     done = {}
     for model in MODELS:
         t0 = time.perf_counter()
         path = stage / model / "1" / "model.onnx"
         args, shapes = example_inputs(student, model, 2), io_shapes(student, model)
-        if precision == "fp32":
-            export_graph(student.modules[model], args, SPECS[model], path, opset, shapes)
+        if (precision if isinstance(precision, str) else precision[model]) == "fp32":
+            export_graph(student.modules[model], args, student.specs[model], path, opset, shapes)
             done[model] = {}
         else:
             fp32 = stage / model / "fp32" / "model.onnx"
-            export_graph(student.modules[model], args, SPECS[model], fp32, opset, shapes)
+            export_graph(student.modules[model], args, student.specs[model], fp32, opset, shapes)
             done[model] = {"fp16": to_fp16(fp32, path)}
             shutil.rmtree(fp32.parent)
         done[model]["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -700,15 +754,28 @@ def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> 
     return done
 
 
-def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int) -> dict:
-    """Step 4: each staged graph on random inputs, the tokenizer, then prompts end to end."""
+VAE_FP16_HINT = ("an fp16 VAE decoder's activations can exceed fp16's range (65504); export with "
+                 "--vae-precision fp32 to keep the VAE decoder in fp32 inside the fp16 export")
+
+
+def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int,
+                 precisions: dict[str, str] | None = None) -> dict:
+    """Step 4: each staged graph on random inputs, the tokenizer, then prompts end to end. A graph
+    kept in fp32 (`precisions`) is held to the fp32 tolerance."""
     from boot_serve.onnx_pipeline import OnnxPipeline
     from boot_serve.runtime import session
 
     parity: dict = {"tolerance": asdict(tol), "graphs": {}}
     for model in MODELS:
         sess = session(stage / model / "1" / "model.onnx", providers=["CPUExecutionProvider"])
-        parity["graphs"][model] = check_graph(student, model, lambda f, s=sess: s.run(None, f), tol, batches)
+        graph_tol = TOLERANCES[precisions[model]] if precisions else tol
+        try:
+            parity["graphs"][model] = check_graph(student, model, lambda f, s=sess: s.run(None, f), graph_tol,
+                                                  batches)
+        except ParityError as err:
+            if model == "vae_decoder" and precisions and precisions[model] == "fp16":
+                raise ParityError(f"{err}; {VAE_FP16_HINT}") from None
+            raise
         log(f"{model}: parity {_summary(parity['graphs'][model])}")
         del sess
     onnx_pipe = OnnxPipeline.from_pretrained(stage, providers=["CPUExecutionProvider"])
@@ -720,7 +787,8 @@ def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[i
 
 def export(student_dir: str | Path, repository: str | Path, precision: str = "fp32", tensorrt: bool = False,
            max_batch: int = DEFAULT_MAX_BATCH, opset: int = DEFAULT_OPSET, parity_batches: tuple[int, ...] = (1, 3),
-           e2e_prompts: int = len(PARITY_PROMPTS), timing_cache: str | Path | None = None) -> dict:
+           e2e_prompts: int = len(PARITY_PROMPTS), timing_cache: str | Path | None = None,
+           vae_precision: str = "same") -> dict:
     """Export, check and install a student; returns the manifest. Raises ParityError (nothing
     installed, the staged files kept for inspection) or TensorRTUnavailable."""
     if precision not in TOLERANCES:
@@ -730,15 +798,20 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     if tensorrt and (problem := tensorrt_problem()):
         raise TensorRTUnavailable(f"--tensorrt needs an NVIDIA GPU with TensorRT: {problem}")
     start, tol, repository = time.perf_counter(), TOLERANCES[precision], Path(repository)
+    precisions = graph_precisions(precision, vae_precision)
     log(f"loading {student_dir}")
     student = load_student(student_dir)  # 1.
     stage = stage_dir(repository)
     try:
-        exported = export_graphs(student, stage, precision, opset)  # 2-3.
+        exported = export_graphs(student, stage, precisions, opset)  # 2-3.
         write_tokenizer(student, stage / TOKENIZER_DIR)
+        if student.pipe.text.tokenizer_2 is not None:
+            write_tokenizer(student, stage / TOKENIZER_2_DIR, student.pipe.text.tokenizer_2)
         info = manifest(student, stage, precision, max_batch, opset)
+        for model in MODELS:
+            info["graphs"][model]["precision"] = precisions[model]
         (stage / MANIFEST).write_text(json.dumps(info, indent=1))  # OnnxPipeline reads it in step 4
-        info["parity"] = check_parity(student, stage, tol, parity_batches, e2e_prompts)  # 4.
+        info["parity"] = check_parity(student, stage, tol, parity_batches, e2e_prompts, precisions)  # 4.
         if tensorrt:  # 5.
             info["tensorrt"] = build_engines(stage, precision, max_batch, student, tol,
                                              Path(timing_cache) if timing_cache else None)
@@ -788,6 +861,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", default="model_repository", help="Triton model repository to fill")
     p.add_argument("--precision", choices=sorted(TOLERANCES), default="fp32",
                    help="graph precision; inputs/outputs stay fp32/int64/uint8 either way")
+    p.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="same",
+                   help="same: the VAE decoder graph in --precision; fp32: kept in fp32 inside an fp16 export "
+                        "(an SD VAE decoder can overflow fp16)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU only)")
     p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
                    help="largest batch of the TensorRT profiles (min 1, opt 4)")
@@ -798,9 +874,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
                    metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
                    help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
-    p.add_argument("--configs", choices=["auto", "cpu", "gpu", "tensorrt", "none"], default="auto",
-                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = "
-                        "Python-backend models for the CPU tritonserver, gpu = onnxruntime backend with TensorRT "
+    p.add_argument("--configs", choices=["auto", "cpu", "cpu-onehop", "cpu-ensemble", "gpu", "tensorrt", "none"],
+                   default="auto",
+                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = the "
+                        "default CPU variant, one of cpu-ensemble (four chained Python models) and cpu-onehop "
+                        "(one Python model serves the whole request), gpu = onnxruntime backend with TensorRT "
                         "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")
@@ -816,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_GPU
     try:
         export(args.student, args.repository, args.precision, args.tensorrt, args.max_batch, args.opset,
-               args.parity_batches, args.e2e_prompts, args.timing_cache)
+               args.parity_batches, args.e2e_prompts, args.timing_cache, args.vae_precision)
     except StudentLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,9 +4,10 @@
     images = pipe(["a red circle"], seeds=[0], guidance_scale=4.0)   # list[PIL.Image]
 
 One image = one student evaluation (DESIGN.md §2, `x_0 = g_θ(ε, 0, c, w)`):
-  1. text states  c = text_encoder(tokenizer(prompt, padding="max_length"))   (docs/interfaces.md)
+  1. text states  c = text_encoder(tokenizer(prompt, padding="max_length"))   (docs/interfaces.md);
+                  SDXL family: both encoders' states and the pooled embedding p (distill.sdxl)
   2. noise        ε = default_rng(seed).standard_normal(latent_shape, float32) * init_noise_sigma
-  3. latents      x_0 = OneStepGenerator(ε, c, w)
+  3. latents      x_0 = OneStepGenerator(ε, c, w[, p])
   4. image        vae.decode(x_0 / scaling_factor) -> (x/2 + 0.5).clamp(0, 1) -> round(255 x) uint8
 
 Every step treats each image on its own, so an image depends only on (prompt, seed, guidance),
@@ -59,6 +60,7 @@ class BootPipeline(ChunkedCall):
         """Load `students/<name>/` (docs/interfaces.md "Student folder")."""
         from diffusers import AutoencoderKL
 
+        from distill import sdxl
         from distill.boot import (
             CONDITIONINGS,
             PARAMETERIZATIONS,
@@ -90,7 +92,7 @@ class BootPipeline(ChunkedCall):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"boot.json conditioning kind {conditioning!r} is not one of {CONDITIONINGS}")
         unet = load_student_unet(folder / "unet", conditioning).requires_grad_(False)
-        student = Student(unet, schedule, meta["prediction_type"], parameterization)
+        student = Student(unet, schedule, meta["prediction_type"], parameterization, sdxl.student_time_ids(meta, unet))
         generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None
         if (folder / "vae").is_dir():
@@ -101,7 +103,7 @@ class BootPipeline(ChunkedCall):
                                     f"{unet.config.out_channels}-channel latents, not RGB: "
                                     "copy the teacher's vae/ folder into it")
         text = load_text_stack(folder)
-        text.text_encoder.to(device)
+        text.to(device)
         return cls(text, generator, vae, sched_cfg, meta)
 
     @property
@@ -124,6 +126,12 @@ class BootPipeline(ChunkedCall):
         """(B, L, D) text states (docs/interfaces.md "Text states")."""
         return self.text.encode(list(prompts)).to(self.device, self.dtype)
 
+    @torch.no_grad()
+    def encode_prompt_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, D) text states and the (B, P) pooled embeddings of SDXL-family students (else None)."""
+        states, pooled = self.text.encode_pooled(list(prompts))
+        return states.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
+
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """(B, C, h, w) initial latents: the noise contract, one PCG64 stream per seed."""
         from distill.evaluate import seed_noise
@@ -145,6 +153,8 @@ class BootPipeline(ChunkedCall):
         """x_0 = g_θ(ε, 0, c, w) for each (prompt, seed): one student evaluation."""
         w = self.check_inputs(prompts, seeds, guidance_scale)
         noise = self.noise(seeds).to(self.device, self.dtype)
-        states = self.encode_prompt(prompts)
         scale = torch.full((len(prompts),), w, device=self.device, dtype=torch.float32)
-        return self.generator(noise, states, scale)
+        if not self.text.pooled:
+            return self.generator(noise, self.encode_prompt(prompts), scale)
+        states, pooled = self.encode_prompt_pooled(prompts)
+        return self.generator(noise, states, scale, pooled)

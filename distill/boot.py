@@ -7,6 +7,10 @@ Notation map (DESIGN.md §2 -> code):
     g_θ(ε, t, c)    Student(ε, t, cond, w)                (predicted signal y_t)
     δ(t, s)         schedule.delta(t, s) = 1 - σ_s α_t / (α_s σ_t)
 
+SDXL-family UNets (`text_time` added conditioning) also take the pooled text embeddings:
+every call below passes an optional `pooled` (B, P) beside the token states, and the wrappers
+hold the model's constant time ids (distill.sdxl); None everywhere else.
+
 Nothing here divides by α_T: the student reads its UNet output at time T the way the teacher
 does (v: α_T ε - σ_T v; sample: out) and the DDIM step is written with α_t in the numerator.
 """
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from distill.sdxl import pooled_args, unet_kwargs
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # How the student reads its UNet (Student; docs/ablations.md "Output parameterization"):
@@ -128,7 +134,8 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
 class TeacherX0(nn.Module):
     """f_w(x_t, t, c): any diffusers UNet teacher as a guided x0-predictor. Frozen."""
 
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                 time_ids: torch.Tensor | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -138,15 +145,24 @@ class TeacherX0(nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.schedule = schedule
         self.prediction_type = prediction_type
+        self.register_buffer("time_ids", time_ids, persistent=False)  # SDXL's (6,) add_time_ids, else None
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float) -> torch.Tensor:
+                uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float,
+                pooled: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        # The frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
+        # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
+        # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
+        dtype = next(self.unet.parameters(), x_t).dtype  # (a parameterless stand-in runs at x_t's)
         if uncond is None:
-            out = self.unet(x_t, t, cond).sample
+            out = self.unet(x_t.to(dtype), t, cond.to(dtype),
+                            **unet_kwargs(pooled, self.time_ids, dtype)).sample.float()
             return to_x0(out, x_t, t, self.schedule, self.prediction_type)
         # One batched call for the conditional and unconditional branches.
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample
+        both = None if pooled is None else torch.cat([pooled, uncond_pooled])
+        out = self.unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), torch.cat([cond, uncond]).to(dtype),
+                        **unet_kwargs(both, self.time_ids, dtype)).sample.float()
         f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
                          self.prediction_type).chunk(2)
         w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
@@ -326,7 +342,7 @@ class Student(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 parameterization: str = DEFAULT_PARAMETERIZATION):
+                 parameterization: str = DEFAULT_PARAMETERIZATION, time_ids: torch.Tensor | None = None):
         super().__init__()
         if prediction_type == "epsilon" and schedule.zero_terminal_snr:
             raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no "
@@ -338,6 +354,7 @@ class Student(nn.Module):
         self.prediction_type = prediction_type
         self.parameterization = parameterization
         self.conditioning = unet_conditioning(unet)  # the kind its condition projection was built for
+        self.register_buffer("time_ids", time_ids, persistent=False)  # SDXL's (6,) add_time_ids, else None
 
     @property
     def spec(self) -> StudentSpec:
@@ -345,27 +362,31 @@ class Student(nn.Module):
                            self.parameterization, self.conditioning)
 
     def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                guidance_scale: torch.Tensor) -> torch.Tensor:
+                guidance_scale: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
         cond = student_condition(t, guidance_scale, self.conditioning).to(noise.dtype)
         unet_time = t if self.parameterization == "unet-at-t" else T
-        out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond).sample
+        # fp32 before the x0 read: under autocast the UNet returns bf16/fp16, and the bootstrap residual
+        # (a small difference of two passes, weighted by up to 1/δ² ≈ 250²) must not inherit that rounding.
+        out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond,
+                        **unet_kwargs(pooled, self.time_ids)).sample.float()
         if self.parameterization == "direct":
             return out
         return to_x0(out, noise, T, self.schedule, self.prediction_type)
 
 
 class OneStepGenerator(nn.Module):
-    """x_0 = g_θ(ε, 0, c, w): what export traces. Inputs (noise, text_states, guidance_scale)."""
+    """x_0 = g_θ(ε, 0, c, w): what export traces. Inputs (noise, text_states, guidance_scale), and
+    text_embeds (the pooled embeddings) for SDXL-family students."""
 
     def __init__(self, student: Student):
         super().__init__()
         self.student = student
 
-    def forward(self, noise: torch.Tensor, text_states: torch.Tensor,
-                guidance_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, text_states: torch.Tensor, guidance_scale: torch.Tensor,
+                text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=torch.long)
-        return self.student(noise, t, text_states, guidance_scale)
+        return self.student(noise, t, text_states, guidance_scale, *pooled_args(text_embeds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,19 +395,22 @@ class OneStepGenerator(nn.Module):
 @torch.no_grad()
 def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, cond: torch.Tensor,
                      uncond: torch.Tensor | None, w: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                     n: torch.Tensor) -> torch.Tensor:
+                     n: torch.Tensor, pooled: torch.Tensor | None = None,
+                     uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
     """stopgrad(tgt) of BootLoss: from the target student's ŷ_t, n teacher DDIM steps of the signal
     ODE to s, per sample, y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y) on evenly spaced
     t = u_0 > ... > u_n = s (the teacher is called only on samples whose target still has steps to go)."""
     sched = teacher.schedule
-    tgt = target(noise, t, cond, w)
+    tgt = target(noise, t, cond, w, *pooled_args(pooled))
+    pick = lambda x, i: None if x is None else x[i]  # noqa: E731
     for k in range(int(n.max())):
         i = (k < n).nonzero().squeeze(1)
         ti, si, ni = t[i], s[i], n[i]
         u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
         y = tgt[i]
         x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
-        f_u = teacher(x_u, u, cond[i], None if uncond is None else uncond[i], w[i])
+        f_u = teacher(x_u, u, cond[i], pick(uncond, i), w[i], *pooled_args(pick(pooled, i)),
+                      *pooled_args(pick(uncond_pooled, i)))
         tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
     return tgt
 
@@ -425,7 +449,8 @@ class BootLoss:
 
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
-                 t: torch.Tensor) -> dict[str, torch.Tensor]:
+                 t: torch.Tensor, pooled: torch.Tensor | None = None,
+                 uncond_pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         sched = teacher.schedule
         # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
         # final hop; with F = 0 there is none, since t >= 1).
@@ -435,15 +460,20 @@ class BootLoss:
         T = torch.full_like(t, sched.T)
         # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
         with torch.no_grad():
-            tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n)
+            tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
             d = sched.delta(t, s)
-            # 2. Boundary target: the teacher at T on pure noise.
-            f_T = teacher(noise, T, cond, uncond, w)
+        dims = tuple(range(1, noise.ndim))
+        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
+            g_s = student(noise, s, cond, w, *pooled_args(pooled))
+            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
+        # 2. Boundary target: the teacher at T on pure noise.
+        with torch.no_grad():
+            f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
         pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
-                       torch.cat([w, w]))
+                       torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
         g_s, g_T = pred.chunk(2)
-        dims = tuple(range(1, noise.ndim))
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
         l_bc = (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
@@ -470,9 +500,10 @@ class FinalHopRegression:
         self.decode = decode
 
     def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
-                 w: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+                 w: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         zero = torch.zeros_like(t)
-        g_0 = student(noise, zero, cond, w)
+        g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
         if self.decode is not None:
             with torch.no_grad():
                 y = self.decode(y)

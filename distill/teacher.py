@@ -204,7 +204,7 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
     start = _resume(ckpt_dir, {"vae": vae}, opt)
     if start >= cfg.vae_steps:
         return
-    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="train")
+    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="all")
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
     t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
@@ -238,7 +238,7 @@ def adopt_vae(cfg: TeacherConfig, work: Path) -> None:
         return
     folder = Path(cfg.init_from)
     vae = build_vae(cfg)
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").float().state_dict())
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).float().state_dict())
     checkpoint.save(work / "vae", cfg.vae_steps, {"vae": vae}, None, dataclasses.asdict(cfg))
     (work / "init_from.json").write_text((folder / "boot_teacher.json").read_text())
     print(f"VAE taken from {folder / 'vae'}")
@@ -275,7 +275,7 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     vae = load_trained_vae(cfg, work).to(device)
     tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder().to(device)
-    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="train")
+    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="all")
     vocab = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(vocab)}
     means, stds = [], []
@@ -344,7 +344,8 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
     if start == 0 and cfg.init_from:
         from diffusers import UNet2DConditionModel
 
-        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").float().state_dict()
+        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet",
+                                                       use_safetensors=True).float().state_dict()
         unet.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"UNet and EMA start from {cfg.init_from} (its EMA weights)")

@@ -35,8 +35,13 @@ if python -m pip install --help | grep -q -- --resume-retries; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
+# The CLIP BPE vocabulary that distill.fixtures builds real CLIP tokenizers from ships inside
+# open_clip_torch; only that data file is read, so the package goes in without its dependencies
+# (torchvision, timm), which would otherwise pull a second torch build.
+clip_vocab=(--no-deps "open_clip_torch==3.3.0")
 if command -v nvidia-smi >/dev/null 2>&1; then
     pip_install -e "$spec"
+    pip_install "${clip_vocab[@]}"
     exit 0
 fi
 # No NVIDIA GPU: the CPU builds. torch==2.13.0 (from this machine's disk) first, so that the open
@@ -79,3 +84,4 @@ for req in project["dependencies"] + extra_requirements(extras):
 PY
 pip_install -r "$reqs"
 pip_install --no-deps -e .
+pip_install "${clip_vocab[@]}"

@@ -173,7 +173,7 @@ def test_shipped_vae_round_trip_keeps_attributes():
 
     from distill.teacher import to_model_range
 
-    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", use_safetensors=True).eval()
     caps = shapes.sample_captions(200, 4242, "eval")
     imgs = np.stack([shapes.render_array(c, i) for i, c in enumerate(caps)])
     with torch.no_grad():

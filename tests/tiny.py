@@ -106,7 +106,8 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
 
     teacher, folder = Path(teacher), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet"), conditioning)
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
+                                         conditioning)
     if perturb:
         g = torch.Generator().manual_seed(seed)
         for w in unet.time_embedding.cond_proj.parameters():
