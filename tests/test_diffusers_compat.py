@@ -263,3 +263,31 @@ def test_tokenizer_without_the_encoder_package_comes_from_precomputed_states(tmp
     tok = BertTokenizer.from_pretrained(out)
     assert tok.model_max_length == 16
     assert tok(["a red circle"]).input_ids == text.load_tokenizer()(["a red circle"]).input_ids
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl"])
+def test_students_of_sd_architectures_load_with_their_own_text_stacks(arch, tmp_path):
+    """`distill.run` on the tiny SD-1.5 / SD-2 / SDXL fixture teachers: the student folder, text encoders
+    included, is what AutoPipelineForText2Image runs in one step as BootPipeline does."""
+    import diffusers
+
+    from boot_serve.pipeline import BootPipeline
+    from distill import fixtures, run
+
+    teacher = fixtures.make_teacher(arch, "tiny", tmp_path / "teacher")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red circle\n")
+    student = run.main(["--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--batch-size", "2",
+                        "--warmup", "0", "--lr", "1e-3", "--sample-every", "0", "--guidance-max", "4",
+                        "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
+    ref = BootPipeline.from_pretrained(student)
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(student)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline")
+    height, width = ref.meta["image_shape"][:2]
+    captions, seeds = ["a photo of a cat", "a dog in the snow"], [0, 1]
+    for w in (1.0, 2.5, 4.0):
+        expected = np.stack([np.asarray(im) for im in ref(captions, seeds, w)]).astype(int)
+        got = pipe(captions, latents=ref.noise(seeds), guidance_scale=w, num_inference_steps=1, height=height,
+                   width=width, output_type="np").images
+        assert np.abs((got * 255).round().astype(int) - expected).max() <= 1
