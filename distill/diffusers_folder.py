@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="write tokenizer/ (MiniLM vocabulary, model_max_length 16) and "
                                            "model_index.json into a folder whose text encoder is the MiniLM package")
-    tok.add_argument("folder", type=Path, help="teacher or student folder")
+    tok.add_argument("folders", type=Path, nargs="+", help="teacher or student folders")
+    tok.add_argument("--files-only", action="store_true",
+                     help="write tokenizer/ only, keep the folder's model_index.json as it is")
     conv = sub.add_parser("convert", help="re-write a 'sinusoid' student as a 'diffusers-guidance' one "
                                           "(approximate in the guidance scale; prints the fit's residual)")
     conv.add_argument("student", type=Path, help="student folder with a 'sinusoid' conditioning")
@@ -149,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "tokenizer":
-            meta = read_meta(args.folder)
-            if meta.get("text_encoder", {}).get("package") != MINILM_PACKAGE:
-                raise ValueError(f"{args.folder}: its {STUDENT_META}/{TEACHER_META} names no {MINILM_PACKAGE} "
-                                 "text encoder")
-            write_minilm_tokenizer(args.folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
-            (args.folder / "model_index.json").write_text(json.dumps(model_index(args.folder), indent=1) + "\n")
-            print(f"wrote {args.folder / 'tokenizer'} and {args.folder / 'model_index.json'}")
+            for folder in args.folders:
+                meta = read_meta(folder)
+                if meta.get("text_encoder", {}).get("package") != MINILM_PACKAGE:
+                    raise ValueError(f"{folder}: its {STUDENT_META}/{TEACHER_META} names no {MINILM_PACKAGE} "
+                                     "text encoder")
+                write_minilm_tokenizer(folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
+                if not args.files_only:
+                    (folder / "model_index.json").write_text(json.dumps(model_index(folder), indent=1) + "\n")
+                print(f"wrote {folder / 'tokenizer'}" + ("" if args.files_only else " and model_index.json"))
         else:
             if args.out.resolve() == args.student.resolve():
                 raise ValueError("--out must differ from the student folder")
