@@ -62,7 +62,7 @@ def added_cond_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> 
         return None
     if ids is None:
         raise ValueError("pooled text embeddings given to a UNet without `text_time` added conditioning")
-    return {"text_embeds": pooled, "time_ids": ids.to(pooled.dtype).expand(pooled.shape[0], -1)}
+    return {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype).expand(pooled.shape[0], -1)}
 
 
 def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
