@@ -2,6 +2,7 @@
 
     python -m boot_serve.export --student pretrained/shapes-boot --repository model_repository
     python -m boot_serve.export --student ... --repository ... --precision fp16
+    python -m boot_serve.export --student ... --repository ... --precision fp16 --vae-precision fp32
     python -m boot_serve.export --student ... --repository ... --tensorrt --max-batch 16   # GPU only
 
 What it writes into the repository (nothing else there is touched; config.pbtxt files belong
@@ -31,7 +32,8 @@ Steps (each is a function below):
   2. export fp32 graphs with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`),
      into a staging folder next to the repository;
   3. --precision fp16: convert each graph (weights and activations fp16, inputs/outputs fp32,
-     sensitive nodes fp32, see `to_fp16`);
+     sensitive nodes fp32, see `to_fp16`); --vae-precision fp32 leaves the VAE decoder graph in
+     fp32 (SD's decoder has activations beyond fp16's 65504 on some latents);
   4. parity: every graph in ONNX Runtime against PyTorch on random inputs at several batch
      sizes, then prompt -> image end to end (OnnxPipeline on the staged repository against
      BootPipeline); any error over tolerance raises ParityError (exit 1) and the repository
@@ -721,14 +723,25 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", flush=True)
 
 
-def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> dict[str, dict]:
-    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds (and fp16 facts) per graph."""
+VAE_PRECISIONS = ("same", "fp32")
+
+
+def graph_precisions(precision: str, vae_precision: str = "same") -> dict[str, str]:
+    """Each graph's precision: --precision, but the VAE decoder's fp32 with --vae-precision fp32."""
+    if vae_precision not in VAE_PRECISIONS:
+        raise ValueError(f"vae precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
+    return {m: "fp32" if m == "vae_decoder" and vae_precision == "fp32" else precision for m in MODELS}
+
+
+def export_graphs(student: Student, stage: Path, precision: str | dict[str, str], opset: int) -> dict[str, dict]:
+    """Steps 2-3: every graph into `stage/<model>/1/model.onnx`; seconds (and fp16 facts) per graph.
+    `precision`: one for all graphs, or per graph (`graph_precisions`)."""
     done = {}
     for model in MODELS:
         t0 = time.perf_counter()
         path = stage / model / "1" / "model.onnx"
         args, shapes = example_inputs(student, model, 2), io_shapes(student, model)
-        if precision == "fp32":
+        if (precision if isinstance(precision, str) else precision[model]) == "fp32":
             export_graph(student.modules[model], args, student.specs[model], path, opset, shapes)
             done[model] = {}
         else:
@@ -741,15 +754,28 @@ def export_graphs(student: Student, stage: Path, precision: str, opset: int) -> 
     return done
 
 
-def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int) -> dict:
-    """Step 4: each staged graph on random inputs, the tokenizer, then prompts end to end."""
+VAE_FP16_HINT = ("an fp16 VAE decoder's activations can exceed fp16's range (65504); export with "
+                 "--vae-precision fp32 to keep the VAE decoder in fp32 inside the fp16 export")
+
+
+def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int,
+                 precisions: dict[str, str] | None = None) -> dict:
+    """Step 4: each staged graph on random inputs, the tokenizer, then prompts end to end. A graph
+    kept in fp32 (`precisions`) is held to the fp32 tolerance."""
     from boot_serve.onnx_pipeline import OnnxPipeline
     from boot_serve.runtime import session
 
     parity: dict = {"tolerance": asdict(tol), "graphs": {}}
     for model in MODELS:
         sess = session(stage / model / "1" / "model.onnx", providers=["CPUExecutionProvider"])
-        parity["graphs"][model] = check_graph(student, model, lambda f, s=sess: s.run(None, f), tol, batches)
+        graph_tol = TOLERANCES[precisions[model]] if precisions else tol
+        try:
+            parity["graphs"][model] = check_graph(student, model, lambda f, s=sess: s.run(None, f), graph_tol,
+                                                  batches)
+        except ParityError as err:
+            if model == "vae_decoder" and precisions and precisions[model] == "fp16":
+                raise ParityError(f"{err}; {VAE_FP16_HINT}") from None
+            raise
         log(f"{model}: parity {_summary(parity['graphs'][model])}")
         del sess
     onnx_pipe = OnnxPipeline.from_pretrained(stage, providers=["CPUExecutionProvider"])
@@ -761,7 +787,8 @@ def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[i
 
 def export(student_dir: str | Path, repository: str | Path, precision: str = "fp32", tensorrt: bool = False,
            max_batch: int = DEFAULT_MAX_BATCH, opset: int = DEFAULT_OPSET, parity_batches: tuple[int, ...] = (1, 3),
-           e2e_prompts: int = len(PARITY_PROMPTS), timing_cache: str | Path | None = None) -> dict:
+           e2e_prompts: int = len(PARITY_PROMPTS), timing_cache: str | Path | None = None,
+           vae_precision: str = "same") -> dict:
     """Export, check and install a student; returns the manifest. Raises ParityError (nothing
     installed, the staged files kept for inspection) or TensorRTUnavailable."""
     if precision not in TOLERANCES:
@@ -771,17 +798,20 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     if tensorrt and (problem := tensorrt_problem()):
         raise TensorRTUnavailable(f"--tensorrt needs an NVIDIA GPU with TensorRT: {problem}")
     start, tol, repository = time.perf_counter(), TOLERANCES[precision], Path(repository)
+    precisions = graph_precisions(precision, vae_precision)
     log(f"loading {student_dir}")
     student = load_student(student_dir)  # 1.
     stage = stage_dir(repository)
     try:
-        exported = export_graphs(student, stage, precision, opset)  # 2-3.
+        exported = export_graphs(student, stage, precisions, opset)  # 2-3.
         write_tokenizer(student, stage / TOKENIZER_DIR)
         if student.pipe.text.tokenizer_2 is not None:
             write_tokenizer(student, stage / TOKENIZER_2_DIR, student.pipe.text.tokenizer_2)
         info = manifest(student, stage, precision, max_batch, opset)
+        for model in MODELS:
+            info["graphs"][model]["precision"] = precisions[model]
         (stage / MANIFEST).write_text(json.dumps(info, indent=1))  # OnnxPipeline reads it in step 4
-        info["parity"] = check_parity(student, stage, tol, parity_batches, e2e_prompts)  # 4.
+        info["parity"] = check_parity(student, stage, tol, parity_batches, e2e_prompts, precisions)  # 4.
         if tensorrt:  # 5.
             info["tensorrt"] = build_engines(stage, precision, max_batch, student, tol,
                                              Path(timing_cache) if timing_cache else None)
@@ -831,6 +861,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", default="model_repository", help="Triton model repository to fill")
     p.add_argument("--precision", choices=sorted(TOLERANCES), default="fp32",
                    help="graph precision; inputs/outputs stay fp32/int64/uint8 either way")
+    p.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="same",
+                   help="same: the VAE decoder graph in --precision; fp32: kept in fp32 inside an fp16 export "
+                        "(an SD VAE decoder can overflow fp16)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU only)")
     p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
                    help="largest batch of the TensorRT profiles (min 1, opt 4)")
@@ -859,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_GPU
     try:
         export(args.student, args.repository, args.precision, args.tensorrt, args.max_batch, args.opset,
-               args.parity_batches, args.e2e_prompts, args.timing_cache)
+               args.parity_batches, args.e2e_prompts, args.timing_cache, args.vae_precision)
     except StudentLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -58,14 +58,17 @@ class BootPipeline(ChunkedCall):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> BootPipeline:
         """Load `students/<name>/` (docs/interfaces.md "Student folder")."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
 
         from distill import sdxl
         from distill.boot import (
+            CONDITIONINGS,
             PARAMETERIZATIONS,
             NoiseSchedule,
             OneStepGenerator,
             Student,
+            load_student_unet,
+            recorded_conditioning,
             recorded_parameterization,
             unet_input_timestep,
         )
@@ -85,7 +88,10 @@ class BootPipeline(ChunkedCall):
         expected = unet_input_timestep(parameterization, schedule.T)
         if expected is not None and int(meta["input_timestep"]) != expected:
             raise ValueError(f"boot.json input_timestep {meta['input_timestep']} != scheduler T {schedule.T}")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).requires_grad_(False)
+        conditioning = recorded_conditioning(meta)
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"boot.json conditioning kind {conditioning!r} is not one of {CONDITIONINGS}")
+        unet = load_student_unet(folder / "unet", conditioning).requires_grad_(False)
         student = Student(unet, schedule, meta["prediction_type"], parameterization, sdxl.student_time_ids(meta, unet))
         generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None

@@ -205,7 +205,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
                                      "providers": {"string_value": "CPUExecutionProvider"},
                                      "intra_op_thread_count": {"string_value": "0"}}
         elif variant == "gpu":
-            trt = {"precision_mode": "FP16" if manifest.get("precision") == "fp16" else "FP32",
+            graph_precision = manifest.get("graphs", {}).get(name, {}).get("precision", manifest.get("precision"))
+            trt = {"precision_mode": "FP16" if graph_precision == "fp16" else "FP32",
                    "max_workspace_size_bytes": str(4 << 30), "trt_engine_cache_enable": "1",
                    "trt_engine_cache_path": f"/tmp/boot-trt-cache/{name}", **_trt_profile(inputs, batch)}
             cfg.update(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,11 +45,34 @@ def unet_input_timestep(parameterization: str, T: int) -> int | None:
     """The UNet's own timestep input as boot.json records it: T, or None where it is the target t."""
     return None if parameterization == "unet-at-t" else T
 
-# Student conditioning: sinusoidal features of the target time and of the guidance scale,
-# concatenated and fed through the UNet's zero-initialised `time_embedding.cond_proj`.
+# Student conditioning (boot.json "conditioning" -> "kind"): how the target time t and the guidance
+# scale w reach the UNet's zero-initialised `time_embedding.cond_proj` (diffusers' time_cond_proj_dim):
+#   "diffusers-guidance"  cond_proj(E(w - 1)) + A_t·(φ(t) - φ(0)), E = diffusers' get_guidance_scale_embedding:
+#                         exactly what StableDiffusionPipeline feeds a UNet with time_cond_proj_dim, and the
+#                         t term vanishes at t = 0, so the one-step generator is the plain diffusers UNet.
+#   "sinusoid"            cond_proj([φ(t), φ(62.5·w)]) (folders whose record has no "kind").
+CONDITIONINGS = ("diffusers-guidance", "sinusoid")
+DEFAULT_CONDITIONING = CONDITIONINGS[0]
+LEGACY_CONDITIONING = CONDITIONINGS[1]
 EMBED_DIM = 128
 TIME_COND_PROJ_DIM = 2 * EMBED_DIM
-GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # w in [0, 16] spans the same range as t in [0, 1000]
+GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # "sinusoid": w in [0, 16] spans the same range as t in [0, 1000]
+# A "diffusers-guidance" UNet's t weights A_t, beside its diffusers weights in unet/ (diffusers never reads them).
+TIME_WEIGHTS = "boot_time_condition.safetensors"
+
+
+def recorded_conditioning(meta: dict) -> str:
+    """A student's conditioning kind from its boot.json (folders without a "kind" use "sinusoid")."""
+    return (meta.get("conditioning") or {}).get("kind", LEGACY_CONDITIONING)
+
+
+def conditioning_record(kind: str) -> dict:
+    """boot.json "conditioning" of a student of this kind."""
+    if kind == LEGACY_CONDITIONING:
+        return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "embed_dim": EMBED_DIM,
+                "guidance_embed_scale": GUIDANCE_EMBED_SCALE}
+    return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "guidance": "get_guidance_scale_embedding(w - 1)",
+            "time": "sinusoid(t) - sinusoid(0)", "embed_dim": EMBED_DIM, "time_weights": f"unet/{TIME_WEIGHTS}"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,13 +151,18 @@ class TeacherX0(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float,
                 pooled: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        # The frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
+        # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
+        # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
+        dtype = next(self.unet.parameters(), x_t).dtype  # (a parameterless stand-in runs at x_t's)
         if uncond is None:
-            out = self.unet(x_t, t, cond, **unet_kwargs(pooled, self.time_ids)).sample
+            out = self.unet(x_t.to(dtype), t, cond.to(dtype),
+                            **unet_kwargs(pooled, self.time_ids, dtype)).sample.float()
             return to_x0(out, x_t, t, self.schedule, self.prediction_type)
         # One batched call for the conditional and unconditional branches.
         both = None if pooled is None else torch.cat([pooled, uncond_pooled])
-        out = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]),
-                        **unet_kwargs(both, self.time_ids)).sample
+        out = self.unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), torch.cat([cond, uncond]).to(dtype),
+                        **unet_kwargs(both, self.time_ids, dtype)).sample.float()
         f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
                          self.prediction_type).chunk(2)
         w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
@@ -151,20 +180,145 @@ def sinusoid(x: torch.Tensor, dim: int = EMBED_DIM) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-def student_condition(t: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
-    """(B, TIME_COND_PROJ_DIM) features of (target time, guidance) for `timestep_cond`."""
-    return torch.cat([sinusoid(t), sinusoid(guidance_scale * GUIDANCE_EMBED_SCALE)], dim=-1)
+def guidance_embedding(w: torch.Tensor, dim: int = TIME_COND_PROJ_DIM) -> torch.Tensor:
+    """E(w): (B,) -> (B, dim), diffusers' `get_guidance_scale_embedding(w)` (VDM's sinusoid of 1000·w),
+    the same float32 operations, so that a pipeline feeding E(w - 1) reproduces the student exactly."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32, as diffusers rounds it
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def add_condition_projection(unet: nn.Module) -> nn.Module:
+def student_condition(t: torch.Tensor, guidance_scale: torch.Tensor, kind: str = LEGACY_CONDITIONING) -> torch.Tensor:
+    """Features of (target time, guidance) for `timestep_cond` (see CONDITIONINGS):
+    "sinusoid": (B, 256) [φ(t), φ(62.5·w)]; "diffusers-guidance": (B, 256 + 128) [E(w - 1), φ(t) - φ(0)],
+    whose first 256 columns are what StableDiffusionPipeline passes."""
+    if kind == LEGACY_CONDITIONING:
+        return torch.cat([sinusoid(t), sinusoid(guidance_scale * GUIDANCE_EMBED_SCALE)], dim=-1)
+    if kind != DEFAULT_CONDITIONING:
+        raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {kind!r}")
+    # In float32 (no float64 for TensorRT): exact for w >= 1, so E(w - 1) differs from diffusers' E(float32(w_py - 1))
+    # only where float32(w) itself rounded the Python float w.
+    guidance = guidance_embedding(guidance_scale.float() - 1.0)
+    return torch.cat([guidance, sinusoid(t) - sinusoid(torch.zeros_like(t))], dim=-1)
+
+
+class GuidanceTimeProjection(nn.Linear):
+    """`time_embedding.cond_proj` of a "diffusers-guidance" student: c -> W·E + A_t·τ for c = [E, τ].
+
+    `weight` (C x 256) is diffusers' cond_proj weight; `time_weight` A_t (C x 128) reads the t features
+    τ = φ(t) - φ(0), which are 0 at t = 0. Given only E (256 columns, as StableDiffusionPipeline passes
+    them) it is diffusers' plain cond_proj."""
+
+    def __init__(self, in_features: int, out_features: int, time_features: int = EMBED_DIM):
+        super().__init__(in_features, out_features, bias=False)
+        self.time_weight = nn.Parameter(torch.zeros(out_features, time_features))
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        n = self.in_features
+        out = nn.functional.linear(condition[..., :n], self.weight)
+        if condition.shape[-1] > n:
+            out = out + nn.functional.linear(condition[..., n:], self.time_weight)
+        return out
+
+
+def add_condition_projection(unet: nn.Module, kind: str = LEGACY_CONDITIONING) -> nn.Module:
     """Give a teacher UNet the zero-initialised `time_embedding.cond_proj` of diffusers'
-    `time_cond_proj_dim`, so the student starts as the teacher at time T for every (t, w)."""
+    `time_cond_proj_dim` (for `kind`, see CONDITIONINGS), so the student starts as the teacher at
+    time T for every (t, w)."""
+    if kind not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {kind!r}")
     emb = unet.time_embedding
-    if getattr(emb, "cond_proj", None) is None:
-        emb.cond_proj = nn.Linear(TIME_COND_PROJ_DIM, emb.linear_1.in_features, bias=False)
+    wanted = GuidanceTimeProjection if kind == DEFAULT_CONDITIONING else nn.Linear
+    if type(getattr(emb, "cond_proj", None)) is not wanted:
+        emb.cond_proj = (GuidanceTimeProjection(TIME_COND_PROJ_DIM, emb.linear_1.in_features)
+                         if kind == DEFAULT_CONDITIONING else
+                         nn.Linear(TIME_COND_PROJ_DIM, emb.linear_1.in_features, bias=False))
         unet.register_to_config(time_cond_proj_dim=TIME_COND_PROJ_DIM)
-    nn.init.zeros_(emb.cond_proj.weight)
+    for p in emb.cond_proj.parameters():
+        nn.init.zeros_(p)
     return unet
+
+
+def unet_conditioning(unet: nn.Module) -> str:
+    """The conditioning kind of a student UNet, from its condition projection's type."""
+    return DEFAULT_CONDITIONING if isinstance(unet.time_embedding.cond_proj, GuidanceTimeProjection) \
+        else LEGACY_CONDITIONING
+
+
+def save_student_unet(unet: nn.Module, folder: str | Path) -> None:
+    """unet.save_pretrained(folder) in diffusers' own form (a plain cond_proj), plus TIME_WEIGHTS beside it
+    for a "diffusers-guidance" UNet, so that diffusers loads unet/ with no unknown weights."""
+    from safetensors.torch import save_file
+
+    emb = unet.time_embedding
+    proj = emb.cond_proj
+    if not isinstance(proj, GuidanceTimeProjection):
+        unet.save_pretrained(folder, safe_serialization=True)
+        return
+    plain = nn.Linear(proj.in_features, proj.out_features, bias=False, device="meta")
+    plain.weight = proj.weight  # the same Parameter: nothing is copied
+    emb.cond_proj = plain
+    try:
+        unet.save_pretrained(folder, safe_serialization=True)
+    finally:
+        emb.cond_proj = proj
+    save_file({"time_embedding.cond_proj.time_weight": proj.time_weight.detach().float().cpu().contiguous()},
+              str(Path(folder) / TIME_WEIGHTS))
+
+
+def load_student_unet(folder: str | Path, kind: str) -> nn.Module:
+    """A student's UNet from `folder` (its unet/ directory) as save_student_unet wrote it, ready for Student."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+    if kind == LEGACY_CONDITIONING:
+        return unet
+    weight = unet.time_embedding.cond_proj.weight.detach().clone()
+    add_condition_projection(unet, kind)
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.copy_(weight)
+        if (folder / TIME_WEIGHTS).is_file():
+            unet.time_embedding.cond_proj.time_weight.copy_(
+                load_file(str(folder / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"])
+        else:
+            raise FileNotFoundError(f"{folder} lacks {TIME_WEIGHTS}, the t weights of a {kind!r} student")
+    return unet
+
+
+def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n: int = 50_001,
+                         ridge: float = 1e-6) -> dict:
+    """Turn a "sinusoid" student UNet into a "diffusers-guidance" one, in place; return the fit's residual.
+
+    linear_1(s + A_t·φ(t) + A_w·φ(62.5·w)) = linear_1(s + A_t·(φ(t) - φ(0)) + B·E(w - 1)) + error, with
+    linear_1's bias += W_1·A_t·φ(0) (exact at every t) and B the least-squares fit of A_w·φ(62.5·w) by
+    B·E(w - 1) on n guidance scales spanning `guidance_range` (approximate: E has other frequencies)."""
+    emb = unet.time_embedding
+    if unet_conditioning(unet) != LEGACY_CONDITIONING or emb.cond_proj.in_features != TIME_COND_PROJ_DIM:
+        raise ValueError("only a 'sinusoid' student UNet can be converted")
+    if emb.linear_1.bias is None:
+        raise ValueError("the time embedding's linear_1 has no bias to fold the constant t = 0 term into")
+    a = emb.cond_proj.weight.detach().double()
+    a_t, a_w = a[:, :EMBED_DIM], a[:, EMBED_DIM:]
+    w = torch.linspace(*guidance_range, n, dtype=torch.float64)
+    target = sinusoid(w * GUIDANCE_EMBED_SCALE).double() @ a_w.T
+    feats = guidance_embedding((w - 1.0).float()).double()
+    # Ridge-regularised: E's fast columns make the plain least-squares weights huge (float32 noise amplifiers).
+    gram = feats.T @ feats + ridge * n * torch.eye(feats.shape[1], dtype=torch.float64)
+    b = torch.linalg.solve(gram, feats.T @ target).T
+    residual = feats @ b.T - target
+    phi0 = sinusoid(torch.zeros(1))[0].double()
+    with torch.no_grad():
+        emb.linear_1.bias += (emb.linear_1.weight.double() @ (a_t @ phi0)).to(emb.linear_1.bias.dtype)
+        add_condition_projection(unet, DEFAULT_CONDITIONING)
+        emb.cond_proj.weight.copy_(b)
+        emb.cond_proj.time_weight.copy_(a_t)
+    return {"guidance_range": list(guidance_range), "points": n, "ridge": ridge,
+            "relative_residual": float(residual.norm() / target.norm()),
+            "max_abs_residual": float(residual.abs().max())}
 
 
 @dataclass(frozen=True)
@@ -174,6 +328,7 @@ class StudentSpec:
     prediction_type: str
     input_timestep: int | None  # the UNet's own timestep input: the teacher's T, or None for the target t
     parameterization: str = DEFAULT_PARAMETERIZATION
+    conditioning: str = LEGACY_CONDITIONING
 
 
 class Student(nn.Module):
@@ -198,20 +353,23 @@ class Student(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.parameterization = parameterization
+        self.conditioning = unet_conditioning(unet)  # the kind its condition projection was built for
         self.register_buffer("time_ids", time_ids, persistent=False)  # SDXL's (6,) add_time_ids, else None
 
     @property
     def spec(self) -> StudentSpec:
         return StudentSpec(self.prediction_type, unet_input_timestep(self.parameterization, self.schedule.T),
-                           self.parameterization)
+                           self.parameterization, self.conditioning)
 
     def forward(self, noise: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 guidance_scale: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         T = torch.full((noise.shape[0],), self.schedule.T, device=noise.device, dtype=torch.long)
-        cond = student_condition(t, guidance_scale).to(noise.dtype)
+        cond = student_condition(t, guidance_scale, self.conditioning).to(noise.dtype)
         unet_time = t if self.parameterization == "unet-at-t" else T
+        # fp32 before the x0 read: under autocast the UNet returns bf16/fp16, and the bootstrap residual
+        # (a small difference of two passes, weighted by up to 1/δ² ≈ 250²) must not inherit that rounding.
         out = self.unet(noise, unet_time, encoder_hidden_states, timestep_cond=cond,
-                        **unet_kwargs(pooled, self.time_ids)).sample
+                        **unet_kwargs(pooled, self.time_ids)).sample.float()
         if self.parameterization == "direct":
             return out
         return to_x0(out, noise, T, self.schedule, self.prediction_type)
@@ -304,13 +462,18 @@ class BootLoss:
         with torch.no_grad():
             tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
             d = sched.delta(t, s)
-            # 2. Boundary target: the teacher at T on pure noise.
+        dims = tuple(range(1, noise.ndim))
+        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
+            g_s = student(noise, s, cond, w, *pooled_args(pooled))
+            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
+        # 2. Boundary target: the teacher at T on pure noise.
+        with torch.no_grad():
             f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
         pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
                        torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
         g_s, g_T = pred.chunk(2)
-        dims = tuple(range(1, noise.ndim))
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
         l_bc = (g_T - f_T).pow(2).mean(dims)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}

@@ -56,19 +56,30 @@ def to_uint8(decoded: torch.Tensor) -> np.ndarray:
 class TeacherSampler:
     """The teacher's deterministic DDIM sampler (diffusers' DDIMScheduler, eta=0) at k steps.
 
+    `device`/`dtype`: where and in which precision the UNet runs (weights cast on load; a folder
+    stored in fp16 loads as fp32 unless asked otherwise); the VAE and text encoder stay fp32.
+    `parts` = (text stack, unet, vae) already loaded (distill.run's teacher): used as they are,
+    on their own device and dtype, so no second copy of the teacher is made.
     SDXL-family teachers get their pipeline's added conditioning: the pooled text embeddings and
     the time ids of the default image size, and zeros as the unconditional context where the
-    folder forces them (distill.sdxl)."""
+    folder forces them (distill.sdxl).
+    """
 
     def __init__(self, folder: str | Path, steps: int, guidance_scale: float | None = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 parts: tuple | None = None):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         folder = check_folder(folder)
-        self.text = load_text_stack(folder)
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-        self.unet.eval().requires_grad_(False)
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
+        if parts is not None:
+            self.text, self.unet, self.vae = parts
+        else:
+            self.text = load_text_stack(folder)
+            self.text.to(device)
+            self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
+            self.vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
+            self.unet.to(device).eval().requires_grad_(False)
+            self.vae.to(device).eval().requires_grad_(False)
         self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
         meta = read_meta(folder)
         self.steps = steps
@@ -88,21 +99,27 @@ class TeacherSampler:
     def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float,
                        start: int | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM from pure noise, or with `start` from latents x_start: the grid's steps at or below it.
-        `pooled`: the prompts' pooled embeddings (SDXL family)."""
+        `pooled`: the prompts' pooled embeddings (SDXL family). The UNet runs in its own dtype on its
+        device; its output and the DDIM update are fp32."""
         self.scheduler.set_timesteps(self.steps)
-        uncond = self._uncond.expand_as(states)
+        p = next(self.unet.parameters())
+        states, latents = states.to(p.device, p.dtype), latents.to(p.device, torch.float32)
+        uncond = self._uncond.to(p.device, p.dtype).expand_as(states)
+        if pooled is not None:
+            pooled = pooled.to(p.device, p.dtype)
         added = sdxl.added_cond_kwargs(pooled, self.time_ids)
         added_both = (None if pooled is None else
-                      sdxl.added_cond_kwargs(torch.cat([self._uncond_pooled.expand_as(pooled), pooled]),
-                                             self.time_ids))
+                      sdxl.added_cond_kwargs(torch.cat([self._uncond_pooled.to(p.device, p.dtype).expand_as(pooled),
+                                                        pooled]), self.time_ids))
         for t in self.scheduler.timesteps:
             if start is not None and int(t) > start:
                 continue
+            x = latents.to(p.dtype)
             if w == 1.0:
-                out = self.unet(latents, t, states, added_cond_kwargs=added).sample
+                out = self.unet(x, t, states, added_cond_kwargs=added).sample.float()
             else:
-                out_u, out_c = self.unet(torch.cat([latents, latents]), t, torch.cat([uncond, states]),
-                                         added_cond_kwargs=added_both).sample.chunk(2)
+                out_u, out_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, states]),
+                                         added_cond_kwargs=added_both).sample.float().chunk(2)
                 out = out_u + w * (out_c - out_u)
             latents = self.scheduler.step(out, t, latents, eta=0.0).prev_sample
         return latents
@@ -111,14 +128,15 @@ class TeacherSampler:
     def __call__(self, prompts: list[str], seeds: list[int],
                  guidance_scale: float | None = None) -> list[Image.Image]:
         w = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        vae = next(self.vae.parameters())
         images = []
         for lo in range(0, len(prompts), self.batch_size):
             p, s = prompts[lo:lo + self.batch_size], seeds[lo:lo + self.batch_size]
             latents = seed_noise(s, self.latent_shape, self.scheduler.init_noise_sigma)
             states, pooled = self.text.encode_pooled(p)
             latents = self.sample_latents(states, latents, w, pooled=pooled)
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-            images += [Image.fromarray(a) for a in to_uint8(decoded)]
+            decoded = self.vae.decode(latents.to(vae.device, vae.dtype) / self.vae.config.scaling_factor).sample
+            images += [Image.fromarray(a) for a in to_uint8(decoded.cpu())]
         return images
 
 
@@ -303,7 +321,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="also evaluate the model served by Triton at this host:port (boot_serve.client)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
-    p.add_argument("--n", type=int, default=300, help="eval-split captions (default 300)")
+    p.add_argument("--n", type=int, default=300, help="captions of --split (default 300)")
+    p.add_argument("--split", choices=shapes.SPLITS, default="eval",
+                   help="caption split: eval (the reports' captions), unseen (every caption holds a composition the "
+                        "train split never does: distill.shapes.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
+                        "does), train, all (default eval)")
     p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the teacher's/student's recommended one)")
@@ -322,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
         gens = ([StudentGenerator(args.student)] if args.student else []) + [
             TeacherSampler(args.teacher, args.sweep_steps)]
-        captions = shapes.sample_captions(args.n, args.seed, "eval")
+        captions = shapes.sample_captions(args.n, args.seed, args.split)
         guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
         print((args.out / "guidance.md").read_text())
         return
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if any(s < 1 for s in steps):
         p.error("--steps must all be >= 1")
-    captions = shapes.sample_captions(args.n, args.seed, "eval")
+    captions = shapes.sample_captions(args.n, args.seed, args.split)
     seeds = [1_000_000 + i for i in range(args.n)]
     results, images = [], {}
     reference = None
@@ -360,10 +382,10 @@ def main(argv: list[str] | None = None) -> None:
         images = {gen.name: imgs, **images}
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}%")
     results.sort(key=lambda r: (r.name not in ("student-1", "served-1"), r.nfe, r.name))
-    title = f"shapes eval split, {args.n} captions, seed {args.seed}"
+    title = f"shapes {args.split} split, {args.n} captions, seed {args.seed}"
     write_report(results, images, captions, args.out, title,
                  {"teacher": str(args.teacher), "student": str(args.student) if args.student else None,
-                  "served": args.url,
+                  "served": args.url, "split": args.split,
                   "guidance_scale": args.guidance})
     print((args.out / "report.md").read_text())
     print(f"report written to {args.out}/report.{{json,md}} and grid.png")

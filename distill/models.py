@@ -64,7 +64,8 @@ class TextStack:
         return states, pooled
 
     def to(self, device) -> TextStack:
-        self.text_encoder.to(device)
+        """On `device`, in fp32 (folders stored in half precision included): the states are fp32."""
+        self.text_encoder.to(device=device, dtype=torch.float32)
         return self
 
 

@@ -18,9 +18,11 @@ batches an uninterrupted one would, and every rank draws the same global batch a
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
 sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
 folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
-With the shapes grammar as prompts, the student is judged on held-out captions at the end, and
---val-every N (the full preset: 250) judges it every N steps on validation captions of its own;
---keep best (the default when validating) exports the best-validated step, not the last.
+With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+--val-every N (the full preset: 250) validates it every N steps on prompts and noise of its own: the
+PSNR of its images against the teacher's 50-step DDIM images from the same noise, and with grammar
+prompts the judge's accuracy; --keep best (the default when validating) exports the best step by
+--select (psnr, the default, for any teacher; judge for the shapes world), not the last.
 
 Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
 so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
@@ -29,6 +31,7 @@ so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import boot, checkpoint
+from distill import boot, checkpoint, diffusers_folder, memory, precision
 from distill.models import STUDENT_META, TEACHER_META, check_folder, describe_error, load_text_stack, read_meta
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
@@ -85,7 +88,13 @@ class RunConfig:
     seed: int = 0
     init_from: str | None = None  # a student folder whose UNet starts the student (and EMA) instead of the teacher's
     mixed_precision: str = "no"
+    teacher_dtype: str = "auto"  # the frozen teacher UNet's dtype (distill.precision.teacher_dtype)
     gradient_checkpointing: bool = False
+    lora_rank: int = 0  # R > 0: LoRA adapters of rank R + the condition projection train, the rest is frozen
+    text_states: str = "fp32"  # text states cached in fp32, fp16, or encoded per batch ("on-the-fly")
+    ema_device: str = "same"  # where the EMA copy lives: the training device, or "cpu"
+    refine_chunk: int = 0  # --refine targets per chunk (0: from the memory budget on a GPU, 64 on the CPU)
+    memory_budget: float = 0.0  # GB a refine-target chunk may use on a GPU (0: 80% of the free memory)
     compile: bool = False  # torch.compile the student and teacher forwards of the training loop
     checkpoint_every: int = 100
     sample_every: int = 100
@@ -93,12 +102,13 @@ class RunConfig:
     max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
     val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
     val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
-    keep: str = "last"  # exported weights: "last", or "best" (highest validation accuracy)
+    keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
+    select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes", "val_every", "val_n", "keep")
+               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
@@ -196,14 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
            "step 0; e.g. to go on distilling a student trained elsewhere) (default: none)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
       help="autocast dtype; fp16 needs a GPU (default no)")
+    a("--teacher-dtype", choices=precision.TEACHER_DTYPES, default=d.teacher_dtype,
+      help="dtype the frozen teacher UNet is held and run in, whatever its folder stores; its outputs are read in "
+           "fp32; auto = the --mixed-precision dtype, fp32 without (default auto)")
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (default off)")
+    a("--lora-rank", type=int, default=d.lora_rank, metavar="R",
+      help="R > 0: a LoRA student, rank-R adapters (peft) plus the condition projection trained on a frozen copy "
+           "of the teacher UNet, merged into a plain UNet when saved; 0 = all UNet weights train (default 0)")
+    a("--text-states", choices=memory.TEXT_STATES, default=d.text_states,
+      help="text states of the prompts: cached in fp32, in fp16 (half the memory), or encoded per batch "
+           f"(on-the-fly, for prompt files too large to cache) (default {d.text_states})")
+    a("--ema-device", choices=("same", "cpu"), default=d.ema_device,
+      help="where the EMA copy of the student lives: the training device, or host memory (cpu) to save "
+           f"device memory; needs --target online (default {d.ema_device})")
+    a("--refine-chunk", type=int, default=d.refine_chunk,
+      help="--refine targets computed per chunk; the targets do not depend on it (0 = on a GPU, as many as "
+           f"--memory-budget allows, measured; on the CPU {memory.CPU_REFINE_CHUNK}) (default 0)")
+    a("--memory-budget", type=float, default=d.memory_budget,
+      help="GB of GPU memory a --refine target chunk may use (0 = 80%% of the free memory) (default 0)")
     a("--compile", action="store_true",
       help="torch.compile the training forwards (student, target, teacher) for long GPU runs; unverified there. "
            "Refused on the CPU: with torch 2.13's CPU compiler the student's gradients came out 47%% away from "
            "eager ones (tests/test_run.py::test_compiled_gradients_match_eager) (default off)")
     a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
     a("--checkpoint-every", type=int, help=f"steps between checkpoints {_preset_help('checkpoint_every')}")
-    a("--sample-every", type=int, help=f"steps between sample grids, 0 = ends only {_preset_help('sample_every')}")
+    a("--sample-every", type=int,
+      help=f"steps between sample grids, 0 = none: no grid, and no teacher reference grid rendered "
+           f"{_preset_help('sample_every')}")
     a("--eval-n", type=int, help=f"held-out grammar captions judged at the end, 0 = none {_preset_help('eval_n')}")
     a("--max-minutes", type=float,
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
@@ -215,15 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
            f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
-      help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
+      help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
+    a("--select", choices=("psnr", "judge"), default=d.select,
+      help="validation rule that picks the best step: psnr = mean PSNR of the student's images against the "
+           f"teacher's {REFERENCE_STEPS}-step DDIM images from the same noise (any teacher, any prompts; "
+           "distill/selection.py); judge = the shapes judge's accuracy (grammar prompts only) "
+           f"(default {d.select})")
     return p
 
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
     preset = preset_values(args.preset)
-    if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
+    if args.prompts is not None and args.select == "judge":  # the judge needs grammar captions
         preset["val_every"] = 0
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
@@ -236,8 +270,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        teacher_dtype=args.teacher_dtype, lora_rank=args.lora_rank, text_states=args.text_states,
+        ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        keep=keep,
+        keep=keep, select=args.select,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -254,14 +290,19 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
         (cfg.target == "online" or cfg.ema > 0, "--target ema needs --ema > 0"),
+        (cfg.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (cfg.refine_chunk >= 0, "--refine-chunk must be >= 0"),
+        (cfg.memory_budget >= 0, "--memory-budget must be >= 0"),
+        (cfg.ema_device == "same" or cfg.target == "online",
+         "--ema-device cpu needs --target online (the target network runs on the training device)"),
         (cfg.num_prompts >= 1, "--num-prompts must be >= 1"), (cfg.seed >= 0, "--seed must be >= 0"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         (cfg.sample_every >= 0, "--sample-every must be >= 0"), (cfg.eval_n >= 0, "--eval-n must be >= 0"),
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
         (cfg.val_every >= 0, "--val-every must be >= 0"), (cfg.val_n >= 1, "--val-n must be >= 1"),
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
-        (cfg.val_every == 0 or cfg.prompts == GRAMMAR,
-         "--val-every judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
+         "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -349,7 +390,9 @@ class TeacherLoadError(ValueError):
     """A teacher folder whose files are missing or unreadable (message names the part)."""
 
 
-def load_teacher(folder: str | Path) -> Teacher:
+def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teacher:
+    """The frozen teacher, its UNet cast to `dtype` and its VAE and text encoder to fp32, whatever dtype
+    the folder stores (distill.precision)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = check_folder(folder)
@@ -357,11 +400,14 @@ def load_teacher(folder: str | Path) -> Teacher:
     try:
         sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
+        unet.eval().requires_grad_(False)
         part = "vae"
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
+        vae.eval().requires_grad_(False)
         part = "text encoder"
         text_stack = load_text_stack(folder)
+        text_stack.text_encoder.float()
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise TeacherLoadError(f"cannot load the teacher from {folder}: its {part} is missing or corrupt "
                                f"({describe_error(err)})") from err
@@ -403,49 +449,44 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
-                  parameterization: str = boot.DEFAULT_PARAMETERIZATION) -> boot.Student:
-    """g_θ: the teacher's UNet (its own copy, from disk) + the zero-initialised condition projection,
+                  parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0) -> boot.Student:
+    """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
-    output parameterization)."""
+    output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
+    get boot.DEFAULT_CONDITIONING; `init_from` keeps its own."""
     from diffusers import UNet2DConditionModel
 
+    conditioning = boot.DEFAULT_CONDITIONING
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
-        theirs = boot.recorded_parameterization(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
-        if theirs != parameterization:
-            raise ValueError(f"--init-from {init_from} reads its UNet as {theirs!r}, "
+        theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if boot.recorded_parameterization(theirs) != parameterization:
+            raise ValueError(f"--init-from {init_from} reads its UNet as {boot.recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
+        conditioning = boot.recorded_conditioning(theirs)
 
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher.folder / "unet",
-                                                                           use_safetensors=True))
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
+        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning)
     if init_from:
         try:
-            trained = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", use_safetensors=True)
+            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)
             unet.load_state_dict(trained.state_dict())
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
                                    f"{describe_error(err)}") from err
-    return boot.Student(unet.float().train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
+    unet = unet.float()
+    if lora_rank:
+        from distill import lora
+
+        unet = lora.add_lora(unet, lora_rank)
+    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
 @torch.no_grad()
 def encode_prompts(text, prompts: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states once per distinct prompt: (states (N_distinct, L, D), row of each prompt (N,))."""
-    states, _, rows = encode_prompts_pooled(text, prompts, chunk)
-    return states, rows
-
-
-@torch.no_grad()
-def encode_prompts_pooled(text, prompts: list[str],
-                          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """encode_prompts with the pooled embeddings beside the states: (states, pooled (N_distinct, P) or None
-    for text stacks without them, rows)."""
-    distinct = sorted(set(prompts))
-    parts = [text.encode_pooled(distinct[i:i + chunk]) for i in range(0, len(distinct), chunk)]
-    states = torch.cat([s.float().cpu() for s, _ in parts])
-    pooled = None if parts[0][1] is None else torch.cat([p.float().cpu() for _, p in parts])
-    row = {p: i for i, p in enumerate(distinct)}
-    return states, pooled, torch.tensor([row[p] for p in prompts])
+    cache = memory.PromptStates(text, prompts, "fp32", chunk=chunk)
+    return cache.table, cache.rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,17 +532,33 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step: int) -> None:
-    """θ_ema ← d·θ_ema + (1 − d)·θ with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    """θ_ema ← d·θ_ema + (1 − d)·θ with d warmed up as min(decay, (1 + step) / (10 + step)); over the
+    trained parameters only (frozen ones, a LoRA student's base, are equal in both), wherever the EMA lives."""
     d = min(decay, (1 + step) / (10 + step))
     for pe, p in zip(ema.parameters(), online.parameters()):
-        pe.lerp_(p.detach(), 1 - d)
+        if p.requires_grad:
+            pe.lerp_(p.detach().to(pe.device), 1 - d)
 
 
 # --------------------------------------------------------------------------------------------
 # Final-hop refinement (--refine N)
 # --------------------------------------------------------------------------------------------
 REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final_hop", "delta", "solver_steps",
-              "guidance_min", "guidance_max", "seed")
+              "guidance_min", "guidance_max", "seed", "teacher_dtype", "mixed_precision", "text_states")
+
+
+def refine_key(cfg: RunConfig) -> str:
+    """What the stored final-hop targets depend on: the recipe's fields, and the contents (not only the
+    paths) of the prompts, the teacher's UNet and the starting student's UNet."""
+    from distill.selection import file_sha256, unet_sha256
+
+    if cfg.prompts == GRAMMAR:
+        prompts = hashlib.sha256("\n".join(load_prompts(cfg)[0]).encode()).hexdigest()
+    else:
+        prompts = file_sha256(cfg.prompts)
+    return json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY}, "prompts_sha256": prompts,
+                       "teacher_unet_sha256": unet_sha256(cfg.teacher), "init_unet_sha256": unet_sha256(cfg.init_from)},
+                      sort_keys=True)
 
 
 @dataclass
@@ -523,16 +580,13 @@ class FinalHopTargets:
 
 
 def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
-                      states: torch.Tensor, rows: torch.Tensor, uncond: torch.Tensor, dist: Dist,
-                      work: Path, pooled: torch.Tensor | None = None,
+                      states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path,
                       uncond_pooled: torch.Tensor | None = None) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
     from safetensors.torch import load_file, save_file
 
     path, dev = work / "final_hop_targets.safetensors", dist.device
-    weights = Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors"
-    key = json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY},
-                      "init_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}, sort_keys=True)
+    key = refine_key(cfg)
     if path.is_file():
         from safetensors import safe_open
 
@@ -543,7 +597,7 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     n, F = cfg.refine, cfg.final_hop
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed], spawn_key=(1,)).generate_state(
         1, np.uint64)[0]))
-    prompt = torch.randint(0, len(rows), (n,), generator=gen)
+    prompt = torch.randint(0, len(states.rows), (n,), generator=gen)
     noise = torch.randn((n, *teacher.latent_shape), generator=gen)
     t = torch.randint(F - cfg.delta + 1, F + 1, (n,), generator=gen)
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=gen)
@@ -552,15 +606,21 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     frozen = frozen.to(dev).eval().requires_grad_(False)
     steps = torch.tensor(loss_fn.final_steps)  # the final hop's teacher steps, as BootLoss takes them
     y = torch.zeros_like(noise, device=dev)
-    chunk = 1024 if dev.type == "cuda" else 64  # each chunk is 1 + 2·ceil(F·K/Δ) UNet calls at that batch
-    mine = range(dist.rank * chunk, n, dist.world * chunk)
-    for i in tqdm(mine, desc="final-hop targets", disable=not dist.main):
-        j = slice(i, min(i + chunk, n))
+
+    def targets(j: slice) -> torch.Tensor:  # 1 + 2·ceil(F·K/Δ) UNet calls at batch j's size
         b = j.stop - j.start
-        y[j] = boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states[rows[prompt[j]]].to(dev),
-                                     uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
-                                     torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
-                                     *pooled_pair(pooled, rows[prompt[j]], uncond_pooled, dev))
+        with precision.autocast(dev, cfg.mixed_precision):
+            pooled_c, pooled_u = pooled_pair(states.pooled(prompt[j]), uncond_pooled, b)
+            return boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states(prompt[j]),
+                                         uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
+                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
+                                         pooled_c, pooled_u)
+
+    chunk = memory.refine_chunk(cfg.refine_chunk, cfg.memory_budget, dev, lambda b: targets(slice(0, b)))
+    mine = range(dist.rank * chunk, n, dist.world * chunk)
+    for i in tqdm(mine, desc=f"final-hop targets ({chunk} per chunk)", disable=not dist.main):
+        j = slice(i, min(i + chunk, n))
+        y[j] = targets(j)
     if dist.world > 1:  # each row was filled by one rank, zeros elsewhere: the sum is exact
         torch.distributed.all_reduce(y)
     targets = FinalHopTargets(prompt, noise, t, w, y.cpu())
@@ -571,13 +631,13 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     return targets
 
 
-def pooled_pair(pooled: torch.Tensor | None, idx: torch.Tensor, uncond_pooled: torch.Tensor | None,
-                dev: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pooled embeddings of the prompts at rows `idx`, the unconditional one expanded to match), or
-    (None, None) for teachers without pooled embeddings."""
+def pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None,
+                n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the prompts' pooled embeddings, the unconditional one expanded to n rows), or (None, None) for
+    teachers without pooled embeddings."""
     if pooled is None:
         return None, None
-    return pooled[idx].to(dev), uncond_pooled.expand(len(idx), -1)
+    return pooled, uncond_pooled.expand(n, -1)
 
 
 def image_decoder(teacher: Teacher):
@@ -655,7 +715,9 @@ class Samples:
 
         self.prompts, self.w, self.work = prompts, w, work
         self.seeds = [SAMPLE_SEED0 + i for i in range(len(prompts))]
-        self.teacher = TeacherSampler(teacher.folder, REFERENCE_STEPS, w)(prompts, self.seeds, w)
+        # The run's own teacher modules: its device and --teacher-dtype precision, no second copy.
+        sampler = TeacherSampler(teacher.folder, REFERENCE_STEPS, w, parts=(teacher.text, teacher.unet, teacher.vae))
+        self.teacher = sampler(prompts, self.seeds, w)
         self.initial: list | None = None
 
     def save(self, pipe, step: int) -> float:
@@ -672,22 +734,41 @@ class Samples:
         grid.save(self.work / "samples" / f"step-{step:08d}.png")
         grid.save(self.work / "samples.png")
         value = float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, self.teacher)]))
-        _append_jsonl(self.work / "samples.jsonl", {"step": step, "psnr_vs_teacher": value})
+        self._keep(lambda r: r["step"] != step, {"step": step, "psnr_vs_teacher": value})
         return value
+
+    def truncate(self, start: int) -> None:
+        """Drop the records of steps a resumed run redoes (a fresh run, start 0: all but step 0's)."""
+        self._keep(lambda r: r["step"] <= start)
+
+    def _keep(self, keep, new: dict | None = None) -> None:
+        """Rewrite samples.jsonl with the records `keep` accepts (+ `new`), one per step, in step order."""
+        path = self.work / "samples.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = sorted([r for r in records if keep(r)] + ([new] if new else []), key=lambda r: r["step"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
 
 
 class Validation:
-    """Periodic judge accuracy of the exported student on fixed validation captions (val.jsonl,
-    val.png), keeping the weights of the best one in `work/best/` for --keep best. The captions
-    are eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
-    the best step on them does not bias the final --eval-n report."""
+    """Periodic validation of the exported student on fixed prompts and noise seeds (val.jsonl,
+    val.png), keeping the weights of the best step by the --select rule in `work/best/` for
+    --keep best (distill/selection.py). Every record holds the mean PSNR against the teacher's
+    REFERENCE_STEPS-step DDIM images from the same noise (computed once, cached in
+    work/val_teacher.safetensors), and with grammar prompts the judge's accuracy too. Grammar runs
+    validate on eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
+    the best step on them does not bias the final --eval-n report; --prompts runs on --val-n prompts of
+    the file."""
 
-    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int):
-        from distill import shapes
+    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
+        from distill import selection, shapes
 
-        self.captions = shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval")
+        self.captions = (shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+                         else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
         self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
-        self.two = np.array([len(shapes.parse(c).objects) == 2 for c in self.captions])
+        self.judged = cfg.prompts == GRAMMAR
+        self.rule, self.key = cfg.select, selection.METRIC[cfg.select]
         self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
         if start == 0:  # a fresh run: forget an earlier run's validations and best weights
             self.log.unlink(missing_ok=True)
@@ -696,26 +777,40 @@ class Validation:
         records = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
         self.records = [r for r in records if r["step"] <= start]
         self.log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.reference = selection.TeacherReference(teacher, REFERENCE_STEPS, work / "val_teacher.safetensors"
+                                                    ).images(self.captions, self.seeds, w)
 
     @property
     def best(self) -> dict | None:
-        """The best record whose weights are in best/ (the first of equal accuracies)."""
-        return max(self.records, key=lambda r: r["accuracy"]) if self.records else None
+        """The best record by the rule, whose weights are in best/ (the first of equal values)."""
+        from distill import selection
+
+        return selection.pick(self.records, self.rule)
+
+    def describe(self, record: dict) -> str:
+        text = (f"PSNR vs teacher {record['psnr_vs_teacher']:.2f} dB" if record.get("psnr_vs_teacher") is not None
+                else "no PSNR")
+        return text + (f", judge accuracy {100 * record['accuracy']:.1f}%" if record.get("accuracy") is not None
+                       else "")
+
+    def selection(self) -> dict:
+        """boot.json's record of the rule that chose the exported step, and its value there."""
+        best = self.best
+        return {"rule": self.rule, "metric": self.key, "value": best[self.key], "step": best["step"],
+                "prompts": len(self.captions), "teacher_steps": REFERENCE_STEPS, "guidance_scale": self.w}
 
     def run(self, pipe, step: int, unet: torch.nn.Module) -> dict:
-        from distill import shapes
+        from distill import selection
 
         images = pipe(self.captions, self.seeds, self.w)
-        ok = np.array([shapes.judge(c, im) for c, im in zip(self.captions, images)])
-        record = {"step": step, "accuracy": float(ok.mean()),
-                  "single": float(ok[~self.two].mean()) if (~self.two).any() else None,
-                  "two": float(ok[self.two].mean()) if self.two.any() else None}
+        record = {"step": step, "psnr_vs_teacher": selection.mean_psnr(images, self.reference),
+                  **(selection.judge_scores(self.captions, images) if self.judged else {})}
         previous = self.best
         self.records.append(record)
         _append_jsonl(self.log, record)
-        if previous is None or record["accuracy"] > previous["accuracy"]:
+        if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            boot.save_student_unet(unet, tmp / "unet")
             (tmp / "val.json").write_text(json.dumps(record))
             shutil.rmtree(self.best_dir, ignore_errors=True)
             os.replace(tmp, self.best_dir)
@@ -730,16 +825,22 @@ class Validation:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in self.records]
-        for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
-            vals = [r[key] for r in self.records]
-            if any(v is not None for v in vals):
-                ax.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3, label=key)
+        ax.plot(steps, [r["psnr_vs_teacher"] for r in self.records], "m-o", ms=3, label="PSNR vs teacher (dB)")
+        ax.set(xlabel="step", ylabel="PSNR vs teacher (dB)")
+        if self.judged:
+            right = ax.twinx()
+            for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
+                vals = [r.get(key) for r in self.records]
+                if any(v is not None for v in vals):
+                    right.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3,
+                               label=f"judge {key} (%)")
+            right.set(ylabel="judge accuracy (%)", ylim=(0, 100))
+            right.legend(loc="lower right", fontsize=8)
         best = self.best
-        ax.axvline(best["step"], color="g", lw=0.8, label=f"best: step {best['step']}")
-        ax.set(xlabel="step", ylabel="judge accuracy (%)", ylim=(0, 100),
-               title=f"validation: student-1 on {len(self.captions)} captions, guidance {self.w}")
+        ax.axvline(best["step"], color="g", lw=0.8, label=f"best by {self.rule}: step {best['step']}")
+        ax.set_title(f"validation: student-1 on {len(self.captions)} prompts, guidance {self.w}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(self.work / "val.png", dpi=100)
         plt.close(fig)
@@ -751,7 +852,7 @@ def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Pat
 
     captions = shapes.sample_captions(cfg.eval_n, cfg.seed, "eval")
     seeds = [SAMPLE_SEED0 + i for i in range(cfg.eval_n)]
-    ref = evaluate.TeacherSampler(teacher.folder, REFERENCE_STEPS, w)
+    ref = evaluate.TeacherSampler(teacher.folder, REFERENCE_STEPS, w, parts=(teacher.text, teacher.unet, teacher.vae))
     t_res, t_images = evaluate.evaluate(ref, captions, seeds, w)
     s_res, s_images = evaluate.evaluate(pipe, captions, seeds, w, reference=t_images)
     title = f"BOOT student vs teacher, {cfg.eval_n} eval-split captions, guidance {w}"
@@ -787,7 +888,7 @@ def package_version() -> str:
 
 
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
-                 extra: dict) -> dict:
+                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING) -> dict:
     """boot.json (docs/interfaces.md "Student folder")."""
     meta = {
         "format": "boot-student/1",
@@ -804,8 +905,7 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": {"time_cond_proj_dim": boot.TIME_COND_PROJ_DIM, "embed_dim": boot.EMBED_DIM,
-                         "guidance_embed_scale": boot.GUIDANCE_EMBED_SCALE},
+        "conditioning": boot.conditioning_record(conditioning),
         "package_version": package_version(),
         **extra,
     }
@@ -817,13 +917,14 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     return meta
 
 
-def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
-    """With --init-from: the starting student's boot.json (kept in `work` the first time, so that
-    writing over that same folder does not lose it) and the steps of the whole chain."""
+def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict:
+    """With --init-from: the starting student's boot.json (kept in `work` when a run starts, so that
+    writing over that same folder does not lose it; a resumed run keeps what its start kept, a fresh
+    run in a used work folder keeps its own) and the steps of the whole chain."""
     if not cfg.init_from:
         return {}
     kept = work / "init_from.json"
-    if not kept.is_file():
+    if fresh or not kept.is_file():
         source = Path(cfg.init_from) / STUDENT_META
         kept.write_text(source.read_text() if source.is_file() else "{}")
     prior = json.loads(kept.read_text())
@@ -833,10 +934,11 @@ def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
 
 
 def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
-    """Write the student folder under a temporary name and rename it into place."""
+    """Write the student folder under a temporary name and rename it into place; it is also a
+    diffusers pipeline folder where diffusers can run the student (distill.diffusers_folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    boot.save_student_unet(unet, tmp / "unet")
     for part in ("vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if (teacher.folder / part).is_dir():
             shutil.copytree(teacher.folder / part, tmp / part)
@@ -844,6 +946,7 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
         if (work / png).is_file():
             shutil.copy(work / png, tmp / png)
     (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
+    diffusers_folder.write_student_files(tmp, teacher.folder, teacher.scheduler_config)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -851,9 +954,13 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
 
 
 def load_unet_weights(folder: Path) -> dict:
+    """A state dict as boot.save_student_unet wrote it (with the t weights of a "diffusers-guidance" UNet)."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    if (folder / boot.TIME_WEIGHTS).is_file():
+        weights.update(load_file(str(folder / boot.TIME_WEIGHTS)))
+    return weights
 
 
 def update_student_meta(out: Path, **fields) -> None:
@@ -907,44 +1014,49 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
     teacher.text.to(dev)
     # SDXL: pooled embeddings cached beside the states; the unconditional context as its pipeline makes it.
-    states, pooled, rows = encode_prompts_pooled(teacher.text, prompts)
+    states = memory.PromptStates(teacher.text, prompts, cfg.text_states, dev)
     uncond, uncond_pooled = (None if x is None else x.float().to(dev) for x in teacher.text.unconditional())
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
-    # 0b. Online student g_θ, its EMA, the bootstrap-target network, optimizer.
-    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev)
+    # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
+    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
     if dist.main:
-        lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
+        lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
+    ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
+           if cfg.ema > 0 else None)
     if cfg.gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
-    ema = (build_student(teacher, schedule, cfg.init_from, cfg.parameterization).to(dev).eval().requires_grad_(False)
-           if cfg.ema > 0 else None)
     target = ema if cfg.target == "ema" else student
     exported = ema if ema is not None else student
-    opt = torch.optim.AdamW(student.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
-    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, rows, uncond, dist, work, pooled,
-                                uncond_pooled) if cfg.refine else None)
+    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
+              if cfg.refine else None)
     refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
+    #     --sample-every 0 renders none (at SD scale on a CPU the 50-step teacher grid alone takes hours).
     samples = None
-    if dist.main:
+    if dist.main and cfg.sample_every:
         samples = Samples(teacher, sample_prompt_list(cfg, prompts), w_rec, work)
-        samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
+        with memory.placed(exported, dev):
+            samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
     modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
     start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
     val = None
     if dist.main:
         _truncate_log(log_path, start)
+        if samples is not None:
+            samples.truncate(start)
         if cfg.val_every:
-            val = Validation(cfg, w_rec, work, start)
+            val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:
-                val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
+                with memory.placed(exported, dev):
+                    val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
     if dist.world > 1:
         torch.distributed.barrier()
     net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -961,12 +1073,12 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         r = refine.rows(cfg, step, dist) if refine is not None else None
         b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
              draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
-        cond = states[rows[b.prompt]].to(dev)
-        pooled_c, pooled_u = pooled_pair(pooled, rows[b.prompt], uncond_pooled, dev)
+        cond = states(b.prompt)
+        pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
         # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
         #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with precision.autocast(dev, cfg.mixed_precision):
             terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
                      if refine is not None else
                      loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
@@ -989,7 +1101,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                             bc=f"{record['boundary']:.4f}")
             _append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
             if cfg.sample_every and done % cfg.sample_every == 0 and not last:
-                value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
+                with memory.placed(exported, dev):
+                    value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
                 tqdm.write(f"step {done}: sample PSNR vs teacher-{REFERENCE_STEPS} {value:.2f} dB")
                 plot_loss(log_path, work)
             validate = val is not None and (done % cfg.val_every == 0 or last)
@@ -997,9 +1110,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                 meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
                 checkpoint.save(ckpt_dir, done, modules, opt, meta)
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
-                record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
-                tqdm.write(f"step {done}: validation accuracy {100 * record['accuracy']:.1f}% "
-                           f"(best {100 * val.best['accuracy']:.1f}% at step {val.best['step']})")
+                with memory.placed(exported, dev):
+                    record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
+                tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
+                           f"{val.describe(val.best)} at step {val.best['step']})")
         if stop > 0:
             if dist.main:
                 tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
@@ -1030,7 +1144,7 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
         opt.step()
 
 
-def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples,
+def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples | None,
            done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
            val: Validation | None = None) -> None:
     """Rank 0 after training: last sample grid, student folder, losses and evaluation summary."""
@@ -1044,20 +1158,30 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done
-            print(f"--keep best: exporting step {steps} (validation accuracy {100 * val.best['accuracy']:.1f}%, "
-                  f"last step {done}: {100 * val.records[-1]['accuracy']:.1f}%)")
+            extra["selection"] = val.selection()
+            print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
+                  f"last step {done}: {val.describe(val.records[-1])})")
+    exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
     pipe = make_pipeline(teacher, exported, cfg, w_rec)
-    psnr = samples.save(pipe, steps)
+    psnr = samples.save(pipe, steps) if samples is not None else None
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
-        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)})
-    write_student(out, teacher, exported.unet, meta, work)
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
+        exported.conditioning)
+    unet = exported.unet
+    if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
+        from distill import lora
+
+        meta["lora"] = {"rank": cfg.lora_rank, "target_modules": list(lora.TARGET_MODULES), "merged": True}
+        unet = lora.merged(unet)
+    write_student(out, teacher, unet, meta, work)
     if done < cfg.steps:
         print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")
     print("final losses (mean of last 20 steps): " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
-    print(f"sample grid PSNR vs teacher-{REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
-          f"-> {work / 'samples.png'}")
+    if samples is not None:
+        print(f"sample grid PSNR vs teacher-{REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
+              f"-> {work / 'samples.png'}")
     if cfg.prompts == GRAMMAR and cfg.eval_n:
         summary = evaluate_student(cfg, teacher, pipe, w_rec, work)
         update_student_meta(out, evaluation=summary)
@@ -1118,7 +1242,7 @@ def main(argv: list[str] | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     try:
-        teacher = load_teacher(args.teacher)
+        teacher = load_teacher(args.teacher, precision.teacher_dtype(cfg.teacher_dtype, cfg.mixed_precision))
         if dist.main:
             warn_long_prompts(teacher.text, prompts, None if cfg.prompts == GRAMMAR else cfg.prompts)
         boot.Student(teacher.unet, boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),

@@ -65,9 +65,10 @@ def added_cond_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> 
     return {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype).expand(pooled.shape[0], -1)}
 
 
-def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None) -> dict:
-    """`added_cond_kwargs=...` for a UNet call, or nothing at all for models without added conditioning."""
-    added = added_cond_kwargs(pooled, ids)
+def unet_kwargs(pooled: torch.Tensor | None, ids: torch.Tensor | None, dtype: torch.dtype | None = None) -> dict:
+    """`added_cond_kwargs=...` for a UNet call (pooled cast to `dtype`, a half-precision UNet's), or nothing at
+    all for models without added conditioning."""
+    added = added_cond_kwargs(pooled if pooled is None or dtype is None else pooled.to(dtype), ids)
     return {} if added is None else {"added_cond_kwargs": added}
 
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts:
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     else:
-        prompts = [c for split in ("train", "eval") for c in shapes.sample_captions(200_000, 0, split)]
+        prompts = [c for split in ("all", "eval") for c in shapes.sample_captions(200_000, 0, split)]
     precompute(args.out, prompts, torch.float32 if args.fp32 else torch.float16)
 
 

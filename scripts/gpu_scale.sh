@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# BOOT at SD-1.5 scale on one lent GPU (an H200 with PyTorch + CUDA, no internet), in under 8 minutes:
+# the full SD-1.5 architecture at 512² (random weights, distill.fixtures), bf16 + gradient checkpointing,
+# batch 16/32/64: s/step, peak GPU memory, projected GPU-hours for 10k steps beside published costs, and
+# the bf16-vs-fp32 gradient cosine (scripts/gpu_scale.py). Results: $1/scale.json (default runs/gpu_scale).
+#
+# The GPU image lacks diffusers and open_clip_torch (whose CLIP vocabulary the fixture's tokenizer reads):
+# carry them as wheels in .whl/, made here with
+#   pip download --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0
+# SMOKE=1 DEVICE=cpu checks the script on a CPU with the tiny SD-1.5 fixture (batch 2, one step).
+set -u
+OUT=${1:-runs/gpu_scale}
+DEV=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    mkdir -p /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi -L 2>/dev/null
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+ARGS=(--batches 16,32,64 --steps 3 --cosine-batch 8)
+if [ -n "${SMOKE:-}" ]; then
+    ARGS=(--size tiny --batches 2 --steps 1 --cosine-batch 2)
+fi
+timeout 460 python3 scripts/gpu_scale.py --out "$OUT" --device "$DEV" "${ARGS[@]}"
