@@ -245,7 +245,7 @@ def test_twenty_steps_lower_the_bootstrap_loss_and_raise_psnr(teacher, tmp_path,
     prompts.write_text("\n".join(PROMPTS) + "\n")
     work = tmp_path / "work"
     run.main(["--teacher", str(folder), "--prompts", str(prompts), "--steps", "20", "--batch-size", "8",
-              "--warmup", "0", "--lr", "3e-4", "--ema", "0", "--sample-every", "0", "--max-minutes", "0",
+              "--warmup", "0", "--lr", "3e-4", "--ema", "0", "--sample-every", "20", "--max-minutes", "0",
               "--out", str(tmp_path / "student"), "--work", str(work)])
     bootstrap = [json.loads(line)["bootstrap"] for line in (work / "loss.jsonl").read_text().splitlines()]
     psnr = [json.loads(line)["psnr_vs_teacher"] for line in (work / "samples.jsonl").read_text().splitlines()]
