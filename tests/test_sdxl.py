@@ -135,6 +135,23 @@ def test_distilled_student_folder(student):
     assert moved.abs().max() > 1e-4
 
 
+def test_student_runs_in_plain_diffusers_as_in_boot_pipeline(student):
+    """The student folder is a StableDiffusionXLPipeline folder: one step of diffusers' own SDXL pipeline
+    (its time ids, pooled embeddings and guidance embedding) gives BootPipeline's image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from boot_serve import BootPipeline
+
+    boot_pipe = BootPipeline.from_pretrained(student)
+    pipe = StableDiffusionXLPipeline.from_pretrained(student, local_files_only=True, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for w in (1.0, 2.5, 4.0):
+        want = _arrays(boot_pipe(PROMPTS[:1], [3], w))
+        got = pipe(PROMPTS[:1], latents=boot_pipe.noise([3]), num_inference_steps=1, guidance_scale=w,
+                   output_type="np").images
+        assert np.abs((got * 255).round().astype(np.int16) - want).max() <= 1, w
+
+
 @pytest.fixture(scope="module")
 def repository(student, tmp_path_factory) -> tuple[Path, dict]:
     from boot_serve import export, triton_repo
