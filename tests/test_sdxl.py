@@ -239,21 +239,18 @@ def test_added_embedding_width_not_matching_the_pooled_width_is_refused(teacher,
 # --------------------------------------------------------------------------------------------
 # Convergence
 # --------------------------------------------------------------------------------------------
-EPSILON_LIMITATION = (
-    "known limitation: an epsilon student's output at T is read through 1/alpha_T (about 15x on SDXL's "
-    "schedule); on this fixture its sample PSNR against the teacher falls (30.2 -> 26.2 dB over these 20 steps, "
-    "2-core CPU) until epsilon students get a well-conditioned output parameterization")
+def test_twenty_steps_lower_the_bootstrap_loss_and_raise_psnr(teacher, tmp_path):
+    """The tiny SDXL fixture with its prediction type switched to v-prediction: 20 steps at batch 8 lower
+    the bootstrap loss (mean of the last 5 steps below the first 5) and raise the sample PSNR against the
+    teacher's 50 DDIM steps, through both encoders' states, the pooled embedding and the time ids.
+    Measured (2-core AMD EPYC CPU): 0.125 -> 0.103, 15.6 -> 18.4 dB.
 
-
-@pytest.mark.parametrize("prediction_type", [
-    "v_prediction",
-    pytest.param("epsilon", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=EPSILON_LIMITATION)),
-])
-def test_twenty_steps_lower_the_bootstrap_loss_and_raise_psnr(teacher, tmp_path, prediction_type):
-    """The tiny SDXL fixture as written (epsilon), and the same folder with only its prediction type
-    switched to v-prediction: 20 steps at batch 8 lower the bootstrap loss (mean of the last 5 steps
-    below the first 5) and raise the sample PSNR against the teacher's 50 DDIM steps.
-    Measured (2-core CPU): v-prediction 0.125 -> 0.104, 15.6 -> 18.4 dB."""
+    The folder as written (epsilon, random weights) is no test of convergence: a random-weight epsilon
+    UNet does not predict the noise (its output at T correlates -0.007 with ε), so its x0 at T is about ε/α_T
+    (standard deviation 15.5, α_T = 0.068) and there is no image to approach (the same recipe: bootstrap
+    loss 19.7 -> 16.0, sample PSNR 30.2 -> 26.2 dB). Epsilon
+    teachers are checked on a copy first trained to denoise (the per-family convergence tests)."""
+    prediction_type = "v_prediction"
     folder = tmp_path / "teacher"
     shutil.copytree(teacher, folder)
     config_path = folder / "scheduler" / "scheduler_config.json"
