@@ -874,9 +874,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
                    metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
                    help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
-    p.add_argument("--configs", choices=["auto", "cpu", "gpu", "tensorrt", "none"], default="auto",
-                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = "
-                        "Python-backend models for the CPU tritonserver, gpu = onnxruntime backend with TensorRT "
+    p.add_argument("--configs", choices=["auto", "cpu", "cpu-onehop", "cpu-ensemble", "gpu", "tensorrt", "none"],
+                   default="auto",
+                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = the "
+                        "default CPU variant, one of cpu-ensemble (four chained Python models) and cpu-onehop "
+                        "(one Python model serves the whole request), gpu = onnxruntime backend with TensorRT "
                         "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")

@@ -132,13 +132,26 @@ def _cuda_libraries() -> bool:
             and _loadable("libcudnn.so.9", "cudnn64_9.dll"))
 
 
+def nvinfer_candidates() -> tuple[str, ...]:
+    """libnvinfer 10 by name (the loader path), then where the `tensorrt` pip wheel keeps it
+    (site-packages/tensorrt_libs/, which is not on the loader path). Loading it by full path first
+    lets ONNX Runtime's TensorRT provider find it later by name."""
+    import importlib.util
+
+    names = ["libnvinfer.so.10", "nvinfer_10.dll"]
+    spec = importlib.util.find_spec("tensorrt_libs")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        names += [os.path.join(folder, n) for n in ("libnvinfer.so.10", "nvinfer_10.dll")]
+    return tuple(names)
+
+
 @functools.lru_cache(maxsize=4)
 def default_providers(tensorrt: bool | None = None) -> tuple[str, ...]:
     """ORT providers to ask for, best first: TensorRT (opt-in), CUDA, CPU.
 
     CUDA only with a GPU, ORT's CUDA provider and the CUDA runtime / cuDNN 9 it was built
     against loadable; TensorRT also needs `tensorrt=True` (or BOOT_ORT_TENSORRT=1) and
-    libnvinfer 10.
+    libnvinfer 10 (nvinfer_candidates). Which one a session runs: `session.get_providers()`.
     """
     import onnxruntime as ort
 
@@ -147,7 +160,7 @@ def default_providers(tensorrt: bool | None = None) -> tuple[str, ...]:
     if gpu_available() and "CUDAExecutionProvider" in available and _cuda_libraries():
         if tensorrt is None:
             tensorrt = os.environ.get(TENSORRT_ENV, "") not in ("", "0")
-        if tensorrt and "TensorrtExecutionProvider" in available and _loadable("libnvinfer.so.10", "nvinfer_10.dll"):
+        if tensorrt and "TensorrtExecutionProvider" in available and _loadable(*nvinfer_candidates()):
             chosen.append("TensorrtExecutionProvider")
         chosen.append("CUDAExecutionProvider")
     chosen.append("CPUExecutionProvider")
