@@ -3,7 +3,7 @@
 - the text stack and the teacher's sampler agree exactly with diffusers' StableDiffusionXLPipeline
   (both encoders' penultimate states, the pooled embedding, the zeroed unconditional branch, time ids);
 - `distill.run --teacher DIR` -> student folder -> BootPipeline image -> export -> OnnxPipeline image
-  within 2/255 -> the same image from the CPU tritonserver;
+  within 2/255 -> the same image from the CPU tritonserver, in both CPU repository variants;
 - folders whose added conditioning does not fit their text encoders are refused with one line.
 """
 
@@ -154,12 +154,10 @@ def test_student_runs_in_plain_diffusers_as_in_boot_pipeline(student):
 
 @pytest.fixture(scope="module")
 def repository(student, tmp_path_factory) -> tuple[Path, dict]:
-    from boot_serve import export, triton_repo
+    from boot_serve import export
 
     repo = tmp_path_factory.mktemp("sdxl-repo") / "model_repository"
-    info = export.export(student, repo, parity_batches=(1, 2), e2e_prompts=2)
-    triton_repo.write_configs(repo, "cpu")
-    return repo, info
+    return repo, export.export(student, repo, parity_batches=(1, 2), e2e_prompts=2)
 
 
 def test_export_carries_pooled_embeddings_and_time_ids(repository):
@@ -176,13 +174,17 @@ def test_export_carries_pooled_embeddings_and_time_ids(repository):
     assert info["parity"]["tokenizer"]["identical"]
 
 
-def test_onnx_and_served_images_equal_the_pytorch_students(student, repository, tmp_path):
-    from boot_serve import BootPipeline
+@pytest.mark.parametrize("variant", ["cpu-ensemble", "cpu-onehop"])
+def test_onnx_and_served_images_equal_the_pytorch_students(student, repository, variant, tmp_path):
+    from boot_serve import BootPipeline, triton_repo
     from boot_serve.client import Client
     from boot_serve.onnx_pipeline import OnnxPipeline
     from boot_serve.serve import TritonServer
 
-    repo, _ = repository
+    exported, _ = repository
+    repo = tmp_path / "model_repository"
+    shutil.copytree(exported, repo)
+    triton_repo.write_configs(repo, variant)
     prompts, seeds, w = PROMPTS[1:4], [0, 2**63 - 1, 12345], 3.0
     ref = _arrays(BootPipeline.from_pretrained(student)(prompts, seeds, w))
     onnx = _arrays(OnnxPipeline.from_pretrained(repo)(prompts, seeds, w))
