@@ -201,13 +201,17 @@ class Student:
 def load_student(folder: str | Path) -> Student:
     """Step 1: the student through BootPipeline, so export traces what the reference runs."""
     from boot_serve.pipeline import BootPipeline
+    from distill.models import STUDENT_META, FolderError, check_model_folder, describe_error, read_meta
 
     folder = Path(folder)
+    try:  # a folder that cannot work, named from its config files before any weights are read
+        recorded = read_meta(folder).get("prediction_type") if (folder / STUDENT_META).is_file() else None
+        check_model_folder(folder, ("unet", "scheduler"), recorded)
+    except (FolderError, OSError) as err:
+        raise StudentLoadError(f"cannot export the student: {err}") from None
     try:
         pipe = BootPipeline.from_pretrained(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
-        from distill.models import describe_error
-
         raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
     pooled = pipe.text.pooled  # SDXL: enc is a distill.sdxl.DualTextEncoder, the text encoder graph itself

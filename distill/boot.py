@@ -11,8 +11,16 @@ SDXL-family UNets (`text_time` added conditioning) also take the pooled text emb
 every call below passes an optional `pooled` (B, P) beside the token states, and the wrappers
 hold the model's constant time ids (distill.sdxl); None everywhere else.
 
-Nothing here divides by α_T: the student reads its UNet output at time T the way the teacher
-does (v: α_T ε - σ_T v; sample: out) and the DDIM step is written with α_t in the numerator.
+The student reads its UNet output at time T the way the teacher does (v: α_T ε − σ_T v; sample:
+out; epsilon: (ε − σ_T out)/α_T) and the DDIM step is written with α_t in the numerator. Only the
+epsilon reading divides by α_T (≈ 0.068 for SD's scaled_linear schedule): there ∂g/∂out =
+−σ_T/α_T, so a change of the UNet's output moves the student's signal about 15x as far as it
+moves a v-prediction student's (−σ_T ≈ −1). Any reading linear in the UNet's output that starts
+at the teacher's x0 for every ε has that slope (the x0 it must reproduce is (ε − σ_T out)/α_T),
+so the "preconditioned" parameterization keeps the reading and scales each optimizer step on
+the UNet by κ = α_T/σ_T instead (`update_scale`). With Adam and no weight decay that is training
+θ = θ_0 + κ·φ in φ: an update then moves the student's signal as far as a v-prediction
+student's. The losses stay in latent-x0 units, the same units for every prediction type.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
 #   direct        UNet(ε, T), the output taken as the signal itself
 #   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
-PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t")
+#   preconditioned  read as teacher-at-T; its optimizer steps scaled by κ = α_T/σ_T where the teacher
+#                 predicts epsilon, else exactly teacher-at-T (docs/byo-teacher.md, "Epsilon-prediction teachers")
+PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t", "preconditioned")
 DEFAULT_PARAMETERIZATION = PARAMETERIZATIONS[0]
 
 
@@ -126,6 +136,15 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
             raise ValueError("epsilon-prediction cannot give x0 where α_t = 0 (zero terminal SNR)")
         return (x_t - s * out) / a
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def update_scale(schedule: NoiseSchedule, prediction_type: str, parameterization: str) -> float:
+    """κ = α_T/σ_T for a "preconditioned" student of an epsilon teacher, else 1: training scales
+    each optimizer step on the UNet by κ (module docstring), so that κ·∂g/∂out = −1, the slope
+    of a v-prediction student's reading at T (−σ_T ≈ −1)."""
+    if parameterization != "preconditioned" or prediction_type != "epsilon":
+        return 1.0
+    return float(schedule.alpha[schedule.T] / schedule.sigma[schedule.T])
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,8 +356,9 @@ class Student(nn.Module):
     Output parameterization ("teacher-at-T", the default): the UNet always sees its pretraining
     input at time T (pure noise x_T = ε, timestep T); the target time t and guidance w arrive only
     through the zero-initialised condition projection; the output is read as the teacher reads it
-    at T. Hence g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w, with no division
-    by α_T. The alternatives of PARAMETERIZATIONS change one of those choices each, for ablations.
+    at T. Hence g(ε, t, c, w) = f(ε, T, c) at initialisation, for every t and w (for an epsilon
+    teacher the reading divides by α_T: see the module docstring and `update_scale`). The
+    alternatives of PARAMETERIZATIONS change one of those choices each, for ablations.
     """
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
@@ -355,6 +375,11 @@ class Student(nn.Module):
         self.parameterization = parameterization
         self.conditioning = unet_conditioning(unet)  # the kind its condition projection was built for
         self.register_buffer("time_ids", time_ids, persistent=False)  # SDXL's (6,) add_time_ids, else None
+
+    @property
+    def update_scale(self) -> float:
+        """κ of `update_scale` for this student (1 unless preconditioned with an epsilon teacher)."""
+        return update_scale(self.schedule, self.prediction_type, self.parameterization)
 
     @property
     def spec(self) -> StudentSpec:

@@ -1,8 +1,9 @@
 """Teacher and student folders as plain diffusers pipeline folders.
 
-A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "direct") output
-parameterization is, at t = 0, exactly what StableDiffusionPipeline runs for a UNet with
-`time_cond_proj_dim`: UNet(x_T, T, c, timestep_cond=E(w - 1)), no CFG batch. The files here make
+A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "preconditioned",
+read the same way, or "direct") output parameterization is, at t = 0, exactly what
+StableDiffusionPipeline runs for a UNet with `time_cond_proj_dim`: UNet(x_T, T, c,
+timestep_cond=E(w - 1)), no CFG batch. The files here make
 `StableDiffusionPipeline.from_pretrained(student)` run it with `num_inference_steps=1`:
 
   scheduler/   DDIMScheduler, "trailing" spacing (the single timestep is T) and set_alpha_to_one
@@ -38,7 +39,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 def diffusers_compatible(meta: dict) -> bool:
     """Whether StableDiffusionPipeline at one step computes this student's image (see module docstring)."""
     return (boot.recorded_conditioning(meta) == boot.DEFAULT_CONDITIONING
-            and boot.recorded_parameterization(meta) in ("teacher-at-T", "direct"))
+            and boot.recorded_parameterization(meta) in ("teacher-at-T", "preconditioned", "direct"))
 
 
 def one_step_scheduler_config(teacher_config: dict, parameterization: str, prediction_type: str) -> dict:

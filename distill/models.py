@@ -119,6 +119,105 @@ def check_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "vae", "s
     return folder
 
 
+class FolderError(ValueError):
+    """A model folder BOOT cannot distil or serve; the message is one line naming the problem."""
+
+
+# Components a diffusers pipeline folder may list in model_index.json that BOOT never loads.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _config(folder: Path, part: str, name: str = "config.json") -> dict:
+    path = folder / part / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FolderError(f"{folder} lacks {part}/{name}") from None
+    except (OSError, ValueError) as err:
+        raise FolderError(f"{path} is not readable JSON ({describe_error(err)})") from None
+
+
+def text_encoder_parts(folder: str | Path) -> tuple[str, ...]:
+    """The text encoder subfolders of a model folder, in order: text_encoder/, text_encoder_2/, ..."""
+    folder = Path(folder)
+    return tuple(p.name for p in sorted(folder.glob("text_encoder*")) if p.is_dir())
+
+
+def text_widths(folder: str | Path) -> dict[str, int]:
+    """Width of the token states each text encoder gives (their concatenation is the UNet's context)."""
+    folder = Path(folder)
+    parts = text_encoder_parts(folder)
+    if not parts:
+        info = read_meta(folder).get("text_encoder", {})
+        return {info.get("model", "text encoder"): int(info.get("hidden_size", text.HIDDEN_SIZE))}
+    widths = {}
+    for part in parts:
+        cfg = _config(folder, part)
+        cfg = cfg.get("text_config", cfg)  # a full CLIPModel config keeps its text tower's under text_config
+        width = cfg.get("hidden_size", cfg.get("d_model"))
+        if width is None:
+            raise FolderError(f"{folder / part / 'config.json'} names no hidden_size")
+        widths[part] = int(width)
+    return widths
+
+
+def check_model_folder(folder: str | Path, parts: tuple[str, ...] = ("unet", "vae", "scheduler"),
+                       prediction_type: str | None = None) -> Path:
+    """Refuse, from the folder's config files alone (no weights read), a folder BOOT cannot use:
+    a missing component, a text encoder whose states do not fit the UNet's cross-attention, an
+    unknown prediction type, or epsilon prediction on a zero-terminal-SNR schedule (no x0 at T).
+    `prediction_type` overrides the scheduler's (a student records its own in boot.json)."""
+    from distill.boot import PREDICTION_TYPES, NoiseSchedule
+
+    folder = check_folder(folder, parts)
+    # 1. Every component the folder says it has, and a text encoder.
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    listed = [k for k, v in index.items() if not k.startswith("_") and k not in UNUSED_COMPONENTS
+              and isinstance(v, list) and len(v) == 2 and v[0] is not None]
+    # A text encoder named in boot_teacher.json / boot.json comes from its package, not the folder.
+    packaged = "package" in read_meta(folder).get("text_encoder", {})
+    missing = [k for k in listed if not (folder / k).is_dir() and not (packaged and k in ("text_encoder", "tokenizer"))]
+    encoders = text_encoder_parts(folder)
+    if not encoders and not packaged:
+        missing.append("text_encoder")
+    for part in encoders:
+        tokenizer = "tokenizer" + part[len("text_encoder"):]
+        if not (folder / tokenizer).is_dir():
+            missing.append(tokenizer)
+    unet = _config(folder, "unet")
+    if unet.get("addition_embed_type") == "text_time" and not (folder / "text_encoder_2").is_dir():
+        raise FolderError(f"{folder}: its UNet takes 'text_time' added conditioning, which needs the SDXL layout "
+                          "(text_encoder_2/ and tokenizer_2/ beside text_encoder/ and tokenizer/)")
+    if missing:
+        raise FolderError(f"model folder {folder} lacks {', '.join(f'{m}/' for m in dict.fromkeys(missing))} "
+                          "(a diffusers pipeline folder is expected)")
+    # 2. The UNet's cross-attention reads the text encoders' states, concatenated.
+    widths = text_widths(folder)
+    reads = unet.get("encoder_hid_dim") or unet.get("cross_attention_dim")
+    reads = set(reads) if isinstance(reads, list) else {reads}
+    total = sum(widths.values())
+    if reads != {total}:
+        given = " + ".join(f"{k} {v}" for k, v in widths.items()) + (f" = {total}" if len(widths) > 1 else "")
+        what = "encoder_hid_dim" if unet.get("encoder_hid_dim") else "cross-attention width"
+        raise FolderError(f"{folder}: the UNet's {what} is {', '.join(map(str, sorted(reads)))} but its text "
+                          f"encoder states are {total} wide ({given}); the UNet and text encoder do not belong "
+                          "together")
+    # 3. A prediction type BOOT can read as x0 at T.
+    sched = _config(folder, "scheduler", "scheduler_config.json")
+    kind = prediction_type or sched.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise FolderError(f"{folder}: unknown prediction type {kind!r} (BOOT reads {', '.join(PREDICTION_TYPES)})")
+    try:
+        zero_snr = NoiseSchedule.from_scheduler_config(sched).zero_terminal_snr
+    except Exception as err:  # diffusers raises NotImplementedError, ValueError, TypeError for bad schedules
+        raise FolderError(f"{folder}: scheduler config not understood ({describe_error(err)})") from None
+    if kind == "epsilon" and zero_snr:
+        raise FolderError(f"{folder}: epsilon prediction on a zero-terminal-SNR schedule (rescale_betas_zero_snr) "
+                          "has no x0 at the last timestep (α_T = 0), which BOOT starts from; use a v- or "
+                          "sample-prediction teacher")
+    return folder
+
+
 def load_teacher_pipeline(folder: str | Path, scheduler: str = "ddim"):
     """diffusers StableDiffusionPipeline for a teacher folder, text stack included.
 

@@ -49,7 +49,14 @@ import torch
 from tqdm import tqdm
 
 from distill import boot, checkpoint, diffusers_folder, memory, precision
-from distill.models import STUDENT_META, TEACHER_META, check_folder, describe_error, load_text_stack, read_meta
+from distill.models import (
+    STUDENT_META,
+    check_folder,
+    check_model_folder,
+    describe_error,
+    load_text_stack,
+    read_meta,
+)
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
@@ -189,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--parameterization", choices=boot.PARAMETERIZATIONS, default=d.parameterization,
       help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
            "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
-           "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t "
+           "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t; "
+           "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
+           "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
            f"(default {d.parameterization})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
@@ -237,12 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-minutes", type=float,
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
     a("--val-every", type=int, default=None,
-      help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
-           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never, as with --prompts "
+      help="every this many steps (a checkpoint is written then too) score the exported student on --val-n "
+           f"validation prompts: PSNR against the teacher's {REFERENCE_STEPS}-step images (and with grammar prompts "
+           "the judge's accuracy) -> val.jsonl, val.png; 0 = never (with --prompts and --select judge: 0) "
            f"{_preset_help('val_every')}")
     a("--val-n", type=int, default=None,
-      help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
-           f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
+      help=f"validation prompts: the eval split drawn with seed --seed + 1 (with --prompts: prompts of the file) "
+           f"and noise seeds from {VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
       help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
@@ -901,6 +911,9 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "input_timestep": boot.unet_input_timestep(
             cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
         "parameterization": cfg.parameterization,
+        **({"update_scale": boot.update_scale(boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                                              teacher.prediction_type, cfg.parameterization)}
+           if cfg.parameterization == "preconditioned" else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
@@ -1031,6 +1044,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (distill/boot.py)
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
@@ -1085,7 +1099,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                              pooled_c, pooled_u))
         loss = terms["loss"].mean()
         # 3. AdamW with clipping, then EMA.
-        optimizer_step(loss, opt, scaler, student.unet, lr_at(cfg, step), cfg.grad_clip)
+        optimizer_step(loss, opt, scaler, student.unet, kappa * lr_at(cfg, step), cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
@@ -1223,11 +1237,13 @@ def main(argv: list[str] | None = None) -> Path:
     # Inputs are checked before anything slow is loaded.
     try:
         prompts, prompts_info = load_prompts(cfg)
-        check_folder(args.teacher)
-        if not (Path(args.teacher) / TEACHER_META).is_file() and not (Path(args.teacher) / "text_encoder").is_dir():
-            raise FileNotFoundError(f"teacher {args.teacher} has neither text_encoder/ nor {TEACHER_META}")
     except (OSError, ValueError) as err:
         p.error(str(err))
+    try:  # a teacher folder BOOT cannot distil: one line, from its config files alone
+        check_model_folder(args.teacher)
+    except (OSError, ValueError) as err:
+        print(f"error: teacher: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     dist = setup_distributed(args.device)
     if cfg.batch_size % dist.world:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")

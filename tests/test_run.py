@@ -467,10 +467,26 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     meta = json.loads((out / "boot.json").read_text())
     assert meta["prompts"]["source"] == "shapes-grammar" and meta["prompts"]["count"] == 12
     assert meta["weights"] == "online" and meta["prediction_type"] == "epsilon"
-    assert meta["evaluation"]["captions"] == 3 and 0 <= meta["evaluation"]["student_accuracy"] <= 1
     assert "text_encoder" not in meta and (out / "text_encoder").is_dir() and (out / "tokenizer").is_dir()
-    assert (tmp_path / "w" / "eval" / "report.md").is_file()
-    assert len(BootPipeline.from_pretrained(out)(["a red circle"], [0], 4.0)) == 1
+    # The evaluation is what the exported folder does: its images and the teacher's 50-step ones on the
+    # first 3 eval-split captions (noise seeds SAMPLE_SEED0 + i, the recommended w), judged and compared here.
+    from distill import shapes
+    from distill.evaluate import TeacherSampler
+
+    ev, w = meta["evaluation"], meta["guidance_scale"]
+    captions, seeds = shapes.sample_captions(3, 0, "eval"), [run.SAMPLE_SEED0 + i for i in range(3)]
+    student = BootPipeline.from_pretrained(out)(captions, seeds, w)
+    teacher_images = TeacherSampler(teacher, 50, w)(captions, seeds, w)
+    report = json.loads((tmp_path / "w" / "eval" / "report.json").read_text())
+    assert report["captions"] == captions and ev["captions"] == 3 and ev["guidance_scale"] == w == 3.0
+    correct = {r["name"]: r["correct"] for r in report["results"]}
+    assert correct["student-1"] == [int(shapes.judge(c, im)) for c, im in zip(captions, student)]
+    assert correct["teacher-50"] == [int(shapes.judge(c, im)) for c, im in zip(captions, teacher_images)]
+    assert ev["student_accuracy"] == pytest.approx(np.mean(correct["student-1"]))
+    assert ev["teacher50_accuracy"] == pytest.approx(np.mean(correct["teacher-50"]))
+    assert ev["psnr_vs_teacher"] == pytest.approx(np.mean([_psnr(a, b) for a, b in zip(student, teacher_images)]),
+                                                  abs=1e-3)
+    assert 5 < ev["psnr_vs_teacher"] < 60  # neither blank nor a copy of the teacher
 
 
 # --------------------------------------------------------------------------------------------
