@@ -120,8 +120,8 @@ def test_t_weights_stay_out_of_the_diffusers_unet_and_back_in_training(student):
 
     plain = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
     assert "time_embedding.cond_proj.time_weight" not in plain
-    assert isinstance(UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True).time_embedding.cond_proj,
-                      torch.nn.Linear)
+    plain_unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
+    assert isinstance(plain_unet.time_embedding.cond_proj, torch.nn.Linear)
     unet = boot.load_student_unet(student / "unet", boot.DEFAULT_CONDITIONING)
     stored = load_file(str(student / "unet" / boot.TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"]
     assert torch.equal(unet.time_embedding.cond_proj.time_weight, stored) and stored.abs().max() > 0.1
