@@ -15,7 +15,7 @@ to the serving side):
     boot_unet/1/model.onnx          noise FP32 [B, C, h, w], text_states FP32 [B, L, D],
                                     guidance_scale FP32 [B]                -> latents FP32 [B, C, h, w]
     vae_decoder/1/model.onnx        latents FP32 [B, C, h, w]              -> image UINT8 [B, H, W, 3]
-    SDXL-family students (two text encoders, `text_time` added conditioning, distill.sdxl):
+    SDXL-family students (two text encoders, `text_time` added conditioning, boot.sdxl):
     text_encoder/1/model.onnx       input_ids INT64 [B, L], input_ids_2 INT64 [B, L]
                                                                            -> text_states FP32 [B, L, D1 + D2],
                                                                               text_embeds FP32 [B, P]
@@ -43,7 +43,7 @@ Steps (each is a function below):
 
 Exporter choice: the TorchScript exporter. Tried on this project's students (torch 2.13):
 the dynamo exporter (`dynamo=True`) gives the same parity where it works but (a) fails on
-epsilon-prediction students such as SD-1.5 ones: `distill.boot.to_x0` checks
+epsilon-prediction students such as SD-1.5 ones: `boot.method.to_x0` checks
 `bool((alpha[t] <= 0).any())`, a data-dependent guard torch.export cannot trace; (b) takes
 15x longer (tiny UNet 19 s vs 1.3 s; the TorchScript exporter does SD-1.5's UNet in ~60 s on
 two cores). The TorchScript exporter records that check as a constant, which is right: t is
@@ -183,7 +183,7 @@ class VaeDecoderGraph(nn.Module):
 class Student:
     """The loaded student: the PyTorch reference pipeline plus the modules to export."""
 
-    pipe: object  # boot_serve.pipeline.BootPipeline
+    pipe: object  # boot.pipeline.BootPipeline
     folder: Path
     modules: dict[str, nn.Module]
     latent_shape: tuple[int, int, int]
@@ -200,8 +200,8 @@ class Student:
 
 def load_student(folder: str | Path) -> Student:
     """Step 1: the student through BootPipeline, so export traces what the reference runs."""
-    from boot_serve.pipeline import BootPipeline
-    from distill.models import STUDENT_META, FolderError, check_model_folder, describe_error, read_meta
+    from boot.folders import STUDENT_META, FolderError, check_model_folder, describe_error, read_meta
+    from boot.pipeline import BootPipeline
 
     folder = Path(folder)
     try:  # a folder that cannot work, named from its config files before any weights are read
@@ -214,7 +214,7 @@ def load_student(folder: str | Path) -> Student:
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
-    pooled = pipe.text.pooled  # SDXL: enc is a distill.sdxl.DualTextEncoder, the text encoder graph itself
+    pooled = pipe.text.pooled  # SDXL: enc is a boot.sdxl.DualTextEncoder, the text encoder graph itself
     hidden = enc.hidden_size if pooled else int(enc.config.hidden_size)
     vocab = enc.vocab_size if pooled else int(enc.config.vocab_size)
     if pipe.vae is not None:

@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.shapes import sample_captions
+    from boot_serve.prompts import example_prompts
 
     args = parse_args(argv)
     if args.host not in LOCAL_HOSTS:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ui = build_ui(db.DemoSession(backend, teacher), sample_captions(N_EXAMPLES, args.examples_seed, "eval"))
+    ui = build_ui(db.DemoSession(backend, teacher), example_prompts(N_EXAMPLES, args.examples_seed * N_EXAMPLES))
     ui.queue(default_concurrency_limit=4)
     ui.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
               css=CSS, footer_links=[])

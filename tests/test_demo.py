@@ -173,7 +173,7 @@ def assert_images_whole_and_enlarged(page, elem_id: str, n: int, width: int) -> 
 
 
 def test_side_by_side_with_the_teacher(page, exported_repository, teacher_dir, tmp_path):
-    from distill.evaluate import TeacherSampler
+    from boot.samplers import TeacherSampler
 
     page.locator("#prompt textarea").fill(PROMPT)
     _set_number(page, "seed", 5)

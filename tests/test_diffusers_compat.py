@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill import boot, diffusers_folder, shapes
-from distill.models import read_meta
+from boot import method as boot
+from boot.folders import read_meta
+from distill import diffusers_folder, shapes
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def test_guidance_features_are_diffusers_own():
 def test_one_step_equals_boot_pipeline_across_the_guidance_range(student, cls_name):
     import diffusers
 
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     ref = BootPipeline.from_pretrained(student)
     pipe = load(getattr(diffusers, cls_name), student)
@@ -141,7 +142,7 @@ def test_t_weights_stay_out_of_the_diffusers_unet_and_back_in_training(student):
 def test_sinusoid_folders_read_as_before_and_convert_exactly_in_t(tmp_path):
     """A student written before the conditioning kind existed (no "kind", no model_index.json): BootPipeline
     reads it as [φ(t), φ(62.5·w)]; convert_conditioning folds the t part exactly (checked with A_w = 0)."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t")
     old = make_tiny_student(teacher, tmp_path / "s", perturb=0.5)
@@ -166,9 +167,9 @@ def test_sinusoid_folders_read_as_before_and_convert_exactly_in_t(tmp_path):
 
 
 def test_export_accepts_a_diffusers_guidance_student(tmp_path):
+    from boot.pipeline import BootPipeline
     from boot_serve import export as ex
     from boot_serve.onnx_pipeline import OnnxPipeline
-    from boot_serve.pipeline import BootPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t")
     student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1, conditioning=boot.DEFAULT_CONDITIONING)
@@ -203,7 +204,7 @@ SHIPPED_STUDENT = ROOT / "pretrained" / "shapes-boot"
                     reason="the shipped student is a 'sinusoid' one")
 def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
     """docs/diffusers.md's snippet, as written; then the same latents through both pipelines."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     doc = (ROOT / "docs" / "diffusers.md").read_text()
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
@@ -224,7 +225,7 @@ def test_convert_cli_writes_a_diffusers_folder_and_refuses_bad_input(tmp_path, c
     folder that diffusers and BootPipeline run alike; bad input is one error line and exit code 2."""
     from diffusers import StableDiffusionPipeline
 
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     old = make_tiny_student(make_tiny_teacher(tmp_path / "t"), tmp_path / "s", perturb=0.5)
     assert diffusers_folder.main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0
@@ -249,7 +250,7 @@ def test_tokenizer_without_the_encoder_package_comes_from_precomputed_states(tmp
     """A machine with only BOOT_TEXT_STATES (no encoder package) still writes a 16-token tokenizer/."""
     from transformers import BertTokenizer
 
-    from distill import text
+    from boot import text
 
     states = tmp_path / "states"
     text.load_tokenizer().save_pretrained(states)
@@ -271,7 +272,7 @@ def test_students_of_sd_architectures_load_with_their_own_text_stacks(arch, tmp_
     included, is what AutoPipelineForText2Image runs in one step as BootPipeline does."""
     import diffusers
 
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
     from distill import fixtures, run
 
     teacher = fixtures.make_teacher(arch, "tiny", tmp_path / "teacher")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from boot.folders import FolderError, check_model_folder
 from distill import fixtures, run
-from distill.models import FolderError, check_model_folder
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn"]
 SEEDS = [0, 7]
@@ -77,10 +77,10 @@ def students(teachers, prompts_file, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_family_end_to_end(arch, teachers, students, tmp_path):
+    from boot.pipeline import BootPipeline
     from boot_serve import export
     from boot_serve.client import Client
     from boot_serve.onnx_pipeline import OnnxPipeline
-    from boot_serve.pipeline import BootPipeline
     from boot_serve.serve import TritonServer
 
     student = students[arch]
@@ -222,7 +222,7 @@ def test_export_refuses_student_folders_it_cannot_load(students, tmp_path, capsy
 def _fixed_batch_losses(teacher_dir: Path, student_dir: Path | None, parameterization: str) -> dict[str, float]:
     """BootLoss of a student (online = target) on one fixed batch: the student folder's, or with
     None the untrained student distill.run starts from."""
-    from distill import boot
+    from boot import method as boot
 
     teacher = run.load_teacher(teacher_dir)
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
@@ -249,7 +249,8 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
     is ε/α_T, about 15x the noise, and there is no image for a student to approach."""
     import torch.nn.functional as F
 
-    from distill import boot, sdxl
+    from boot import method as boot
+    from boot import sdxl
 
     shutil.copytree(folder, out)
     teacher = run.load_teacher(out)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import boot, checkpoint, run
+from boot import method as boot
+from distill import checkpoint, run
 from tests.tiny import LATENT, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,8 @@ FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 # Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
 KILL = """
 import os, sys
-from distill import boot, checkpoint, run
+from boot import method as boot
+from distill import checkpoint, run
 real = checkpoint.save_file
 def dying_save_file(tensors, path):
     if len(os.listdir(os.path.dirname(os.path.dirname(path)))) >= 2:
@@ -221,7 +223,8 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import save_file
-from distill import boot, run
+from boot import method as boot
+from distill import run
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 teacher = run.load_teacher(sys.argv[1])
@@ -294,7 +297,7 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
         run.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
     states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
     cond, uncond = states[rows[stored["prompt"]]], teacher.text.encode([""]).float()
-    # Written out here with the teacher's UNet and diffusers' ᾱ (not distill.boot): x-space DDIM (η = 0) with
+    # Written out here with the teacher's UNet and diffusers' ᾱ (not boot.method): x-space DDIM (η = 0) with
     # CFG on the v-prediction, t -> t - t // 2 -> 0, from x_t = α_t ŷ_t + σ_t ε; the target is the signal
     # of the last x, y_0 = (x_0 − σ_0 ε) / α_0.
     from diffusers import DDIMScheduler
@@ -470,8 +473,8 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     assert "text_encoder" not in meta and (out / "text_encoder").is_dir() and (out / "tokenizer").is_dir()
     # The evaluation is what the exported folder does: its images and the teacher's 50-step ones on the
     # first 3 eval-split captions (noise seeds SAMPLE_SEED0 + i, the recommended w), judged and compared here.
+    from boot.samplers import TeacherSampler
     from distill import shapes
-    from distill.evaluate import TeacherSampler
 
     ev, w = meta["evaluation"], meta["guidance_scale"]
     captions, seeds = shapes.sample_captions(3, 0, "eval"), [run.SAMPLE_SEED0 + i for i in range(3)]
@@ -634,9 +637,9 @@ def test_psnr_selection_with_a_prompts_file_keeps_the_step_closest_to_the_teache
     """The default rule needs no judge: a --prompts run validates by PSNR against the teacher's 50-step
     DDIM images (same prompts, same noise), exports the step with the highest, and records the rule and
     its value; the value is the exported student's PSNR recomputed here from its folder."""
+    from boot.samplers import TeacherSampler
     from boot_serve import BootPipeline
     from distill import selection
-    from distill.evaluate import TeacherSampler
 
     root, teacher, prompts = setup
     work, out = tmp_path / "w", tmp_path / "s"

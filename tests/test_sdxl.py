@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill import fixtures, run, sdxl
-from distill.models import load_text_stack
+from boot import sdxl
+from boot.folders import load_text_stack
+from distill import fixtures, run
 
 TOLERANCE = 2  # uint8 levels
 PROMPTS = ["a photo of a cat", "a red circle on a blue square", "a dog in the snow", "two apples on a table"]
@@ -87,9 +88,9 @@ def test_unconditional_branch_without_forced_zeros_is_the_empty_prompt(teacher, 
 
 
 def test_teacher_sampler_is_the_sdxl_pipeline(teacher, diffusers_pipe):
-    """distill.evaluate.TeacherSampler (the sample grids' and evaluation's teacher) == diffusers'
+    """boot.samplers.TeacherSampler (the sample grids' and evaluation's teacher) == diffusers'
     StableDiffusionXLPipeline with DDIM: time ids (64, 64, 0, 0, 64, 64), pooled, zero negatives."""
-    from distill.evaluate import TeacherSampler, seed_noise
+    from boot.samplers import TeacherSampler, seed_noise
 
     sampler = TeacherSampler(teacher, 3, 4.0)
     assert sampler.time_ids.tolist() == [64, 64, 0, 0, 64, 64]

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill import shapes, text
-from distill.evaluate import TeacherSampler, evaluate, seed_noise
-from distill.models import load_teacher_pipeline
+from boot import text
+from boot.folders import load_teacher_pipeline
+from boot.samplers import TeacherSampler, evaluate, seed_noise
+from distill import shapes
 from tests.tiny import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

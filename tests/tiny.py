@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distill import text
+from boot import text
 
 LATENT = (4, 8, 8)  # (C, h, w); image 16x16 with a 2-block VAE
 
@@ -102,7 +102,8 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
     "diffusers-guidance" makes it the diffusers pipeline folder that distill.run writes."""
     from diffusers import UNet2DConditionModel
 
-    from distill import boot, diffusers_folder
+    from boot import method as boot
+    from distill import diffusers_folder
 
     teacher, folder = Path(teacher), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ import numpy as np
 from boot_serve.triton_repo import MODELS as SERVER_MODELS
 
 GOALS = {"speedup_vs_teacher": 40.0, "serving_overhead_c1": 0.10, "throughput_ratio": 1.5}
-PROMPT_SEED = 0
+PROMPT_OFFSET = 0
 FIRST_SEED = 1_000_000
 
 
@@ -877,9 +877,9 @@ def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, li
         log(f"[bench] no student folder at {student_dir}: the PyTorch comparison uses the ONNX floor instead")
         student_dir = None
     n_prompts = max(args.requests, args.warmup, 1)
-    from distill.shapes import sample_captions
+    from boot_serve.prompts import example_prompts
 
-    prompts = sample_captions(n_prompts, PROMPT_SEED, "eval")
+    prompts = example_prompts(n_prompts, PROMPT_OFFSET)
     return manifest, guidance, student_dir, prompts, [FIRST_SEED + i for i in range(n_prompts)]
 
 
@@ -949,7 +949,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
                    "teacher": str(args.teacher) if args.teacher else None, "teacher_steps": args.teacher_steps,
                    "teacher_requests": args.teacher_requests, "guidance_scale": guidance,
                    "precision": manifest.get("precision"), "image_shape": manifest.get("image_shape"),
-                   "prompts": f"distill.shapes.sample_captions(n, {PROMPT_SEED}, 'eval'), seeds {FIRST_SEED}+i"},
+                   "prompts": f"boot_serve.prompts.example_prompts(n, {PROMPT_OFFSET}), seeds {FIRST_SEED}+i"},
         "hardware": hw, "versions": versions(), "server": server_meta,
         "threads": threads, "load_average": {"start": load_start, "end": load_average()}, "warnings": warnings,
         "headlines": headlines(servers, ab, student, teacher, args.teacher_steps, rounds["ratios"] if rounds else ()),
@@ -972,11 +972,11 @@ def _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines:
         torch.set_num_threads(args.threads)
     student_pipe = sampler = None
     if student_dir is not None:
-        from boot_serve.pipeline import BootPipeline
+        from boot.pipeline import BootPipeline
 
         student_pipe = BootPipeline.from_pretrained(student_dir)
     if args.teacher is not None:
-        from distill.evaluate import TeacherSampler
+        from boot.samplers import TeacherSampler
 
         sampler = TeacherSampler(args.teacher, args.teacher_steps, guidance)
     student = teacher = rounds = None

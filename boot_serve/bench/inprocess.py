@@ -74,7 +74,7 @@ def _to_uint8(decoded):
 
 def shipped_stages(student: Path, teacher: Path | None, device, dtype) -> Stages:
     """The student folder's networks (BootPipeline) and its teacher's UNet."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     pipe = BootPipeline.from_pretrained(student, device=device, dtype=dtype)
     encoder, tokenizer = pipe.text.text_encoder.to(device), pipe.text.tokenizer
