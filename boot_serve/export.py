@@ -15,6 +15,13 @@ to the serving side):
     boot_unet/1/model.onnx          noise FP32 [B, C, h, w], text_states FP32 [B, L, D],
                                     guidance_scale FP32 [B]                -> latents FP32 [B, C, h, w]
     vae_decoder/1/model.onnx        latents FP32 [B, C, h, w]              -> image UINT8 [B, H, W, 3]
+    SDXL-family students (two text encoders, `text_time` added conditioning, boot.sdxl):
+    text_encoder/1/model.onnx       input_ids INT64 [B, L], input_ids_2 INT64 [B, L]
+                                                                           -> text_states FP32 [B, L, D1 + D2],
+                                                                              text_embeds FP32 [B, P]
+    text_encoder/1/tokenizer_2/     the second tokenizer (its own padding token), as tokenizer/
+    boot_unet/1/model.onnx          noise, text_states, guidance_scale, text_embeds FP32 [B, P] -> latents;
+                                    the time ids (one image size per student) are constants of the graph
     <model>/1/model.onnx.data       all weights of a graph, only when it is over 2 GB
     <model>/1/model-trt<ver>-sm<cc>.plan   TensorRT engine (--tensorrt), batch profile 1/opt/max
     manifest.json                   shapes, dtypes, precision, source, parity numbers, versions
@@ -36,7 +43,7 @@ Steps (each is a function below):
 
 Exporter choice: the TorchScript exporter. Tried on this project's students (torch 2.13):
 the dynamo exporter (`dynamo=True`) gives the same parity where it works but (a) fails on
-epsilon-prediction students such as SD-1.5 ones: `distill.boot.to_x0` checks
+epsilon-prediction students such as SD-1.5 ones: `boot.method.to_x0` checks
 `bool((alpha[t] <= 0).any())`, a data-dependent guard torch.export cannot trace; (b) takes
 15x longer (tiny UNet 19 s vs 1.3 s; the TorchScript exporter does SD-1.5's UNet in ~60 s on
 two cores). The TorchScript exporter records that check as a constant, which is right: t is
@@ -66,6 +73,7 @@ MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "boot-repository/1"
 TOKENIZER_DIR = "text_encoder/1/tokenizer"
+TOKENIZER_2_DIR = "text_encoder/1/tokenizer_2"  # SDXL family
 DATA_SUFFIX = ".data"  # external weights: model.onnx.data
 TWO_GB = 2**31
 OPSETS = (17, 20)  # the TorchScript exporter's range that TensorRT 10 parses
@@ -98,6 +106,12 @@ SPECS = {
     "text_encoder": GraphSpec("text_encoder", ("input_ids",), ("text_states",)),
     "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale"), ("latents",)),
     "vae_decoder": GraphSpec("vae_decoder", ("latents",), ("image",)),
+}
+# SDXL family: the second tokenizer's ids in, the pooled embedding out of the text encoder and into the UNet.
+SDXL_SPECS = {
+    **SPECS,
+    "text_encoder": GraphSpec("text_encoder", ("input_ids", "input_ids_2"), ("text_states", "text_embeds")),
+    "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale", "text_embeds"), ("latents",)),
 }
 
 
@@ -169,7 +183,7 @@ class VaeDecoderGraph(nn.Module):
 class Student:
     """The loaded student: the PyTorch reference pipeline plus the modules to export."""
 
-    pipe: object  # boot_serve.pipeline.BootPipeline
+    pipe: object  # boot.pipeline.BootPipeline
     folder: Path
     modules: dict[str, nn.Module]
     latent_shape: tuple[int, int, int]
@@ -177,21 +191,32 @@ class Student:
     max_length: int
     hidden_size: int
     vocab_size: int
+    text_embeds_size: int | None = None  # P, the pooled embedding of SDXL-family students
+
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        return SPECS if self.text_embeds_size is None else SDXL_SPECS
 
 
 def load_student(folder: str | Path) -> Student:
     """Step 1: the student through BootPipeline, so export traces what the reference runs."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.folders import STUDENT_META, FolderError, check_model_folder, describe_error, read_meta
+    from boot.pipeline import BootPipeline
 
     folder = Path(folder)
+    try:  # a folder that cannot work, named from its config files before any weights are read
+        recorded = read_meta(folder).get("prediction_type") if (folder / STUDENT_META).is_file() else None
+        check_model_folder(folder, ("unet", "scheduler"), recorded)
+    except (FolderError, OSError) as err:
+        raise StudentLoadError(f"cannot export the student: {err}") from None
     try:
         pipe = BootPipeline.from_pretrained(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
-        from distill.models import describe_error
-
         raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
-    hidden = int(enc.config.hidden_size)
+    pooled = pipe.text.pooled  # SDXL: enc is a boot.sdxl.DualTextEncoder, the text encoder graph itself
+    hidden = enc.hidden_size if pooled else int(enc.config.hidden_size)
+    vocab = enc.vocab_size if pooled else int(enc.config.vocab_size)
     if pipe.vae is not None:
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         out_channels = int(pipe.vae.config.out_channels)
@@ -199,12 +224,12 @@ def load_student(folder: str | Path) -> Student:
         factor, out_channels = 1, int(pipe.latent_shape[0])
     c, h, w = pipe.latent_shape
     modules = {
-        "text_encoder": TextEncoderGraph(enc).eval(),
+        "text_encoder": enc if pooled else TextEncoderGraph(enc).eval(),
         "boot_unet": pipe.generator.eval(),
         "vae_decoder": VaeDecoderGraph(pipe.vae).eval(),
     }
     return Student(pipe, folder.resolve(), modules, (c, h, w), (h * factor, w * factor, out_channels),
-                   int(tok.model_max_length), hidden, int(enc.config.vocab_size))
+                   int(tok.model_max_length), hidden, vocab, enc.pooled_size if pooled else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,13 +239,18 @@ def example_inputs(student: Student, name: str, batch: int, seed: int = 0) -> tu
     """Random inputs of graph `name` with batch size `batch` (also the parity inputs)."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = student.latent_shape
+    ids = student.max_length
     if name == "text_encoder":
-        return (torch.randint(0, student.vocab_size, (batch, student.max_length), generator=g),)
+        n = len(student.specs[name].inputs)
+        return tuple(torch.randint(0, student.vocab_size, (batch, ids), generator=g) for _ in range(n))
     if name == "boot_unet":
         lo, hi = student.pipe.guidance_range
-        return (torch.randn(batch, c, h, w, generator=g) * student.pipe.init_noise_sigma,
+        args = (torch.randn(batch, c, h, w, generator=g) * student.pipe.init_noise_sigma,
                 torch.randn(batch, student.max_length, student.hidden_size, generator=g),
                 lo + (hi - lo) * torch.rand(batch, generator=g))
+        if student.text_embeds_size is not None:
+            args += (torch.randn(batch, student.text_embeds_size, generator=g),)
+        return args
     if name == "vae_decoder":
         return (torch.randn(batch, c, h, w, generator=g),)
     raise KeyError(name)
@@ -230,8 +260,10 @@ def io_shapes(student: Student, name: str) -> dict[str, tuple]:
     """Contract shapes of a graph's tensors (docs/interfaces.md), batch axis named "batch"."""
     c, h, w = student.latent_shape
     lat, states = ("batch", c, h, w), ("batch", student.max_length, student.hidden_size)
-    return {"text_encoder": {"input_ids": ("batch", student.max_length), "text_states": states},
-            "boot_unet": {"noise": lat, "text_states": states, "guidance_scale": ("batch",), "latents": lat},
+    ids, embeds = ("batch", student.max_length), ("batch", student.text_embeds_size)
+    return {"text_encoder": {"input_ids": ids, "input_ids_2": ids, "text_states": states, "text_embeds": embeds},
+            "boot_unet": {"noise": lat, "text_states": states, "guidance_scale": ("batch",), "text_embeds": embeds,
+                          "latents": lat},
             "vae_decoder": {"latents": lat, "image": ("batch", *student.image_shape)}}[name]
 
 
@@ -413,7 +445,7 @@ def _merge(a: dict | None, b: dict) -> dict:
 
 def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple[int, ...]) -> dict:
     """Random-input parity of one graph at each batch size; `run(feeds) -> list[np.ndarray]`."""
-    spec, module = SPECS[name], student.modules[name]
+    spec, module = student.specs[name], student.modules[name]
     worst: dict[str, dict | None] = dict.fromkeys(spec.outputs)
     for i, batch in enumerate(batches):
         args = example_inputs(student, name, batch, seed=1000 + i)
@@ -429,13 +461,15 @@ def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple
 def check_tokenizer(student: Student, onnx_pipe) -> dict:
     """The repository's tokenizer.json must give the reference tokenizer's ids exactly."""
     prompts = list(PARITY_PROMPTS) + ["", "A Red CIRCLE!!", "ünïcode çircle"]
-    tok = student.pipe.text.tokenizer
-    ref = np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                         truncation=True).input_ids, dtype=np.int64)
-    got = onnx_pipe.tokenize(prompts)
-    if got.shape != ref.shape or not np.array_equal(got, ref):
-        raise ParityError("graph 'text_encoder', input 'input_ids': the exported tokenizer gives other ids "
-                          f"than the student's tokenizer ({got.shape} vs {ref.shape})")
+    pairs = [("input_ids", student.pipe.text.tokenizer, onnx_pipe.tokenize(prompts))]
+    if student.pipe.text.tokenizer_2 is not None:
+        pairs.append(("input_ids_2", student.pipe.text.tokenizer_2, onnx_pipe.tokenize(prompts, second=True)))
+    for name, tok, got in pairs:
+        ref = np.asarray(tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                             truncation=True).input_ids, dtype=np.int64)
+        if got.shape != ref.shape or not np.array_equal(got, ref):
+            raise ParityError(f"graph 'text_encoder', input '{name}': the exported tokenizer gives other ids "
+                              f"than the student's tokenizer ({got.shape} vs {ref.shape})")
     return {"prompts": len(prompts), "identical": True}
 
 
@@ -572,7 +606,7 @@ def build_engines(stage: Path, precision: str, max_batch: int, student: Student,
     for model in MODELS:
         plan = stage / model / "1" / name
         built = build_engine(stage / model / "1" / "model.onnx", plan, precision, max_batch, cache_path)
-        parity = check_graph(student, model, EngineRunner(plan, SPECS[model]), tol, batches)
+        parity = check_graph(student, model, EngineRunner(plan, student.specs[model]), tol, batches)
         info["plans"][model] = {"path": f"{model}/1/{name}", **built, "parity": parity}
     return info
 
@@ -611,13 +645,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_tokenizer(student: Student, folder: Path) -> None:
-    """The student's tokenizer files, with padding and truncation to max_length written into
-    tokenizer.json, so `tokenizers.Tokenizer.from_file` alone reproduces
+def write_tokenizer(student: Student, folder: Path, tok=None) -> None:
+    """The student's tokenizer files (or those of `tok`, SDXL's second), with padding and truncation
+    to max_length written into tokenizer.json, so `tokenizers.Tokenizer.from_file` alone reproduces
     `tokenizer(prompts, padding="max_length", max_length=L, truncation=True)`."""
     from tokenizers import Tokenizer
 
-    tok = student.pipe.text.tokenizer
+    tok = tok or student.pipe.text.tokenizer
     if not hasattr(tok, "backend_tokenizer"):
         raise ValueError(f"the student's tokenizer {type(tok).__name__} is not a fast tokenizer")
     folder.mkdir(parents=True, exist_ok=True)
@@ -647,10 +681,19 @@ def manifest(student: Student, stage: Path, precision: str, max_batch: int, opse
         "guidance_scale": float(student.pipe.guidance_scale),
         "max_batch": max_batch,
         "tokenizer": TOKENIZER_DIR,
+        **sdxl_manifest(student),
         "exporter": f"torch.onnx.export (TorchScript), opset {opset}",
         "graphs": {m: graph_info(stage / m / "1" / "model.onnx", stage) for m in MODELS},
         "versions": versions(),
     }
+
+
+def sdxl_manifest(student: Student) -> dict:
+    """SDXL family: the second tokenizer, the pooled width and the time ids folded into boot_unet."""
+    if student.text_embeds_size is None:
+        return {}
+    return {"tokenizer_2": TOKENIZER_2_DIR, "text_embeds_size": student.text_embeds_size,
+            "time_ids": student.pipe.generator.student.time_ids.int().tolist()}
 
 
 def stage_dir(repository: Path) -> Path:
@@ -671,10 +714,12 @@ def install(stage: Path, repository: Path) -> None:
         for f in (stage / model / "1").iterdir():
             if f.is_file():
                 os.replace(f, dst / f.name)
-    tok = repository / TOKENIZER_DIR
-    if tok.exists():
-        shutil.rmtree(tok)
-    os.replace(stage / TOKENIZER_DIR, tok)
+    for tok_dir in (TOKENIZER_DIR, TOKENIZER_2_DIR):
+        tok = repository / tok_dir
+        if tok.exists():
+            shutil.rmtree(tok)
+        if (stage / tok_dir).exists():
+            os.replace(stage / tok_dir, tok)
     os.replace(stage / MANIFEST, repository / MANIFEST)
 
 
@@ -701,11 +746,11 @@ def export_graphs(student: Student, stage: Path, precision: str | dict[str, str]
         path = stage / model / "1" / "model.onnx"
         args, shapes = example_inputs(student, model, 2), io_shapes(student, model)
         if (precision if isinstance(precision, str) else precision[model]) == "fp32":
-            export_graph(student.modules[model], args, SPECS[model], path, opset, shapes)
+            export_graph(student.modules[model], args, student.specs[model], path, opset, shapes)
             done[model] = {}
         else:
             fp32 = stage / model / "fp32" / "model.onnx"
-            export_graph(student.modules[model], args, SPECS[model], fp32, opset, shapes)
+            export_graph(student.modules[model], args, student.specs[model], fp32, opset, shapes)
             done[model] = {"fp16": to_fp16(fp32, path)}
             shutil.rmtree(fp32.parent)
         done[model]["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -764,6 +809,8 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     try:
         exported = export_graphs(student, stage, precisions, opset)  # 2-3.
         write_tokenizer(student, stage / TOKENIZER_DIR)
+        if student.pipe.text.tokenizer_2 is not None:
+            write_tokenizer(student, stage / TOKENIZER_2_DIR, student.pipe.text.tokenizer_2)
         info = manifest(student, stage, precision, max_batch, opset)
         for model in MODELS:
             info["graphs"][model]["precision"] = precisions[model]
@@ -831,9 +878,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
                    metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
                    help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
-    p.add_argument("--configs", choices=["auto", "cpu", "gpu", "tensorrt", "none"], default="auto",
-                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = "
-                        "Python-backend models for the CPU tritonserver, gpu = onnxruntime backend with TensorRT "
+    p.add_argument("--configs", choices=["auto", "cpu", "cpu-onehop", "cpu-ensemble", "gpu", "tensorrt", "none"],
+                   default="auto",
+                   help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = the "
+                        "default CPU variant, one of cpu-ensemble (four chained Python models) and cpu-onehop "
+                        "(one Python model serves the whole request), gpu = onnxruntime backend with TensorRT "
                         "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")

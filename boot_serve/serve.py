@@ -12,10 +12,16 @@ Which `tritonserver` (DESIGN.md §4):
   first on PATH, which is how the embedded interpreter of the stub finds this environment's
   site-packages (numpy < 2, onnxruntime, transformers).
 
-The server runs with model control mode `none` (every model in the repository loads at start,
-and a model that fails to load stops the server with its error). Endpoints bind 127.0.0.1
-unless told otherwise; anything else is announced with a loud warning, since Triton has no
-authentication of its own.
+The server loads `boot_txt2img` and the models it composes, nothing else (model control mode
+`explicit` with `--load-model=boot_txt2img`: in the cpu-onehop variant the composing models'
+configs are in the repository but unused), and a model that fails to load stops the server with
+its error. Loading and unloading models over the API is closed: the model-repository API answers
+only requests carrying a random key that this launcher never hands out. Endpoints bind
+127.0.0.1 unless told otherwise; anything else is announced with a loud warning, since Triton has
+no authentication of its own.
+
+`--variant` rewrites the repository's configs first (boot_serve.triton_repo), e.g. `--variant
+cpu-onehop` to serve the whole request from one Python model instead of the default ensemble.
 
 In Python (tests, benchmarks) the launcher is a context manager:
 
@@ -34,6 +40,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,7 +54,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from boot_serve.triton_repo import RepositoryError, check_repository
+from boot_serve.triton_repo import ENSEMBLE, VARIANTS, RepositoryError, check_repository, write_configs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -167,9 +174,12 @@ class TritonServer:
         for name in ("http", "grpc", "metrics"):
             if self.ports[name] is None:
                 self.ports[name] = find_free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
+        admin_key = secrets.token_hex(16)  # nobody gets it: no model (un)loading over the API
         args += [
             f"--model-repository={self.repository}",
-            "--model-control-mode=none",
+            "--model-control-mode=explicit", f"--load-model={ENSEMBLE}",
+            f"--http-restricted-api=model-repository:boot-admin-key={admin_key}",
+            f"--grpc-restricted-protocol=model-repository:boot-admin-key={admin_key}",
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--http-address={self.host}", f"--http-port={self.ports['http']}",
@@ -320,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tritonserver binary (default: the one on PATH, else the one bundled in nvidia-pytriton)")
     p.add_argument("--bundled", action="store_true", help="use the bundled CPU tritonserver even if one is on PATH")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument("--variant", choices=("cpu", *VARIANTS), default=None,
+                   help="first rewrite the repository's configs for this variant (python -m boot_serve.triton_repo "
+                        "--variant); default: serve the configs as they are")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     p.add_argument("--exit-timeout", type=int, default=30,
                    help="seconds Triton waits for in-flight requests and open connections at shutdown")
@@ -342,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        if args.variant is not None:
+            write_configs(args.repository, args.variant)
         server.start()
-    except (RepositoryError, ServerError) as err:
+    except (RepositoryError, ServerError, ValueError) as err:
         server.stop()
         print(f"error: {err}", file=sys.stderr)
         return 130 if stopping.is_set() else 2

@@ -173,7 +173,7 @@ def write(report: dict, out: Path) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from distill.shapes import sample_captions
+    from boot_serve.prompts import example_prompts
 
     p = argparse.ArgumentParser(prog="python -m boot_serve.soak", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--pid {args.pid}: no such process here")
     try:
         report = soak(args.url, args.protocol, args.concurrency, args.minutes * 60, args.windows, args.pid,
-                      sample_captions(64, 7, "eval"), args.guidance)
+                      example_prompts(64, 7 * 64), args.guidance)
     except (BenchError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

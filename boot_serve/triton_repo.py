@@ -1,6 +1,8 @@
 """The Triton model repository: config.pbtxt generator, repository check, config validation.
 
-    python -m boot_serve.triton_repo --repository model_repository                  # CPU (Python backend)
+    python -m boot_serve.triton_repo --repository model_repository                  # CPU: the default variant
+    python -m boot_serve.triton_repo --repository model_repository --variant cpu-onehop    # CPU, one model
+    python -m boot_serve.triton_repo --repository model_repository --variant cpu-ensemble  # CPU, 4-model chain
     python -m boot_serve.triton_repo --repository model_repository --variant gpu    # onnxruntime + TensorRT EP
     python -m boot_serve.triton_repo --repository model_repository --variant tensorrt  # TensorRT plans
 
@@ -16,14 +18,26 @@ Layout (docs/interfaces.md; the ONNX graphs, tokenizer and manifest.json are wri
     boot_unet/      noise, text_states, guidance_scale -> latents [C, h, w]
     vae_decoder/    latents -> image [H, W, 3] (uint8 postprocess inside the graph)
 
+SDXL-family students (manifest "tokenizer_2", "text_embeds_size" P): preprocess also gives
+input_ids_2 [L] (the second tokenizer), text_encoder takes it and also gives text_embeds [P]
+(the pooled embedding), boot_unet takes text_embeds too (its time ids are graph constants).
+The client-facing model is the same for every family.
+
 Every model batches dynamically (max_batch_size = manifest "max_batch", at least 8). The three
 heavy models are, per variant:
-- `cpu`: Python-backend models holding an ONNX Runtime session (the same model.py; the CPU
-  tritonserver of the nvidia-pytriton wheel has only the Python backend);
+- `cpu-ensemble`: Python-backend models holding an ONNX Runtime session (the CPU tritonserver of the
+  nvidia-pytriton wheel has only the Python backend);
+- `cpu-onehop`: as cpu-ensemble, but `boot_txt2img` is not the ensemble: it is one Python-backend
+  model that serves the whole request (checks, tokenizer, noise, the three graphs in ONNX Runtime),
+  one stub round trip per batch instead of four. The composing models' configs are written too
+  but not loaded: `boot_serve.serve` loads `boot_txt2img` and what it composes, nothing else;
+- `cpu`: the default CPU variant, DEFAULT_CPU_VARIANT (measured better on the shipped student:
+  docs/serving.md);
 - `gpu`: the onnxruntime backend on KIND_GPU with the TensorRT execution provider as GPU
   accelerator (precision from the manifest, batch profile 1 / 4 / max, engine cache);
 - `tensorrt`: the tensorrt backend on the plans `export --tensorrt` built (manifest "tensorrt").
-preprocess and the ensemble are the same in every variant. The ensemble is a chain:
+Every Python-backend model runs the same source, boot_serve/triton_model.py, copied to its
+`1/model.py`. preprocess and the ensemble are the same in every ensemble variant. The ensemble is a chain:
 preprocess -> text_encoder -> boot_unet -> vae_decoder. preprocess is the only step that
 rejects requests, and no other step holds a request while it does (Triton 2.51 mishandles a
 request failed by one of two parallel ensemble steps: hangs, reads of freed inputs).
@@ -46,7 +60,12 @@ ENSEMBLE = "boot_txt2img"
 PYTHON_MODELS = ("preprocess",)
 HEAVY_MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 MODELS = (ENSEMBLE, *PYTHON_MODELS, *HEAVY_MODELS)
-VARIANTS = ("cpu", "gpu", "tensorrt")
+ONEHOP, CPU_ENSEMBLE = "cpu-onehop", "cpu-ensemble"
+VARIANTS = (ONEHOP, CPU_ENSEMBLE, "gpu", "tensorrt")
+CPU_VARIANTS = (ONEHOP, CPU_ENSEMBLE)
+# `--variant cpu`: the CPU variant measured better on the shipped student (docs/serving.md, docs/bench:
+# on 2 shared CPU cores the ensemble answered a lone request in about half the one-hop model's time).
+DEFAULT_CPU_VARIANT = CPU_ENSEMBLE
 MANIFEST = "manifest.json"
 MIN_MAX_BATCH = 8
 TRT_OPT_BATCH = 4
@@ -59,7 +78,18 @@ QUEUE_DELAY_US = {"preprocess": 0, "text_encoder": 4000, "boot_unet": 4000, "vae
 # without) and bought 5% more images/s at concurrency 8 (47.1 vs 44.8). Requests that queue while a
 # model is busy are still batched together.
 CPU_QUEUE_DELAY_US = dict.fromkeys(QUEUE_DELAY_US, 0)
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository"
+# Two copies of the one-hop model: while one runs a batch, the next batch starts in the other (the
+# ensemble gets that overlap from its four models). With one copy, throughput barely grows with load: a
+# batch of 8 took 6 to 8 times as long as a batch of 1 (ONNX Runtime, shipped student, 2 shared CPU cores).
+ONEHOP_INSTANCES = 2
+MODEL_SOURCE = Path(__file__).resolve().parent / "triton_model.py"  # every Python model's 1/model.py
+# gpu variant: ONNX Runtime's TensorRT engines and timing cache live here, on a volume that outlives the
+# container (deploy/kubernetes/deployment.yaml mounts one): /tmp would rebuild every engine on every restart.
+TRT_CACHE_DIR = "/var/cache/boot/trt"
+# The TensorRT inside the serving image: a plan only loads in the TensorRT (major.minor) that built it,
+# unless it was built version-compatible. NGC release -> TensorRT of nvcr.io/nvidia/tritonserver:<release>-py3.
+SERVING_IMAGE = "24.10"
+SERVING_TENSORRT = {"24.08": "10.3", "24.09": "10.4", "24.10": "10.5", "24.11": "10.6", "24.12": "10.7"}
 HEADER = ("# Generated by `python -m boot_serve.triton_repo` from manifest.json ({variant} variant);\n"
           "# edit boot_serve/triton_repo.py, not this file.\n")
 
@@ -85,6 +115,8 @@ def _signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
     C, h, w = m["latent_shape"]
     H, W, _ = m["image_shape"]
     L, D = m["max_length"], m["hidden_size"]
+    if "text_embeds_size" in m:
+        return _sdxl_signatures(m)
     return {
         ENSEMBLE: ([_tensor("PROMPT", "STRING", [1]), _tensor("SEED", "INT64", [1]),
                     _tensor("GUIDANCE_SCALE", "FP32", [1], optional=True)],
@@ -102,16 +134,28 @@ def _signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
     }
 
 
-def _ensemble_steps() -> list[dict]:
+def _sdxl_signatures(m: dict) -> dict[str, tuple[list[dict], list[dict]]]:
+    """_signatures with the SDXL family's second token ids and pooled text_embeds added."""
+    sig = {name: (list(inputs), list(outputs)) for name, (inputs, outputs) in
+           _signatures({k: v for k, v in m.items() if k != "text_embeds_size"}).items()}
+    L, P = m["max_length"], m["text_embeds_size"]
+    sig["preprocess"][1].insert(1, _tensor("input_ids_2", "INT64", [L]))
+    sig["text_encoder"][0].append(_tensor("input_ids_2", "INT64", [L]))
+    sig["text_encoder"][1].append(_tensor("text_embeds", "FP32", [P]))
+    sig["boot_unet"][0].append(_tensor("text_embeds", "FP32", [P]))
+    return sig
+
+
+def _ensemble_steps(sdxl: bool = False) -> list[dict]:
     def step(model, inputs, outputs):
         return {"model_name": model, "model_version": -1,
-                "input_map": {k: k for k in inputs}, "output_map": outputs}
+                "input_map": {k: k for k in inputs}, "output_map": {k: v or k for k, v in outputs.items()}}
 
+    ids, embeds = (["input_ids", "input_ids_2"], ["text_embeds"]) if sdxl else (["input_ids"], [])
     return [
-        step("preprocess", ["PROMPT", "SEED", "GUIDANCE_SCALE"],
-             {"input_ids": "input_ids", "noise": "noise", "guidance_scale": "guidance_scale"}),
-        step("text_encoder", ["input_ids"], {"text_states": "text_states"}),
-        step("boot_unet", ["noise", "text_states", "guidance_scale"], {"latents": "latents"}),
+        step("preprocess", ["PROMPT", "SEED", "GUIDANCE_SCALE"], dict.fromkeys([*ids, "noise", "guidance_scale"])),
+        step("text_encoder", ids, dict.fromkeys(["text_states", *embeds])),
+        step("boot_unet", ["noise", "text_states", "guidance_scale", *embeds], {"latents": "latents"}),
         step("vae_decoder", ["latents"], {"image": "IMAGE"}),
     ]
 
@@ -130,25 +174,95 @@ def _trt_profile(inputs: list[dict], max_batch: int) -> dict[str, str]:
             "trt_profile_max_shapes": shapes(max_batch)}
 
 
+def resolve_variant(variant: str) -> str:
+    """A variant name as written into the configs: `cpu` is DEFAULT_CPU_VARIANT."""
+    variant = DEFAULT_CPU_VARIANT if variant == "cpu" else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {('cpu', *VARIANTS)}, got {variant!r}")
+    return variant
+
+
+def _python_cpu(instances: int, onnx_params: bool) -> dict:
+    """Config fields of a Python-backend model on the CPU; the ONNX Runtime settings where it runs graphs."""
+    cfg: dict = {"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": instances}]}
+    if onnx_params:
+        cfg["parameters"] = {"onnx_file": {"string_value": "model.onnx"},
+                             "providers": {"string_value": "CPUExecutionProvider"},
+                             "intra_op_thread_count": {"string_value": "0"}}
+    return cfg
+
+
+def _guidance_parameters(manifest: dict) -> dict:
+    """What a client cannot learn otherwise (the demo's guidance slider): the student's range."""
+    if "guidance_range" not in manifest:
+        return {}
+    lo, hi = (float(v) for v in manifest["guidance_range"])
+    w = float(manifest.get("guidance_scale", lo))
+    return {k: {"string_value": f"{v:g}"} for k, v in (("guidance_min", lo), ("guidance_max", hi),
+                                                         ("guidance_scale", w))}
+
+
+def _onehop_config(manifest: dict, batch: int, instances: int, delay_us: int) -> dict:
+    """boot_txt2img as one Python model serving the whole request (cpu-onehop)."""
+    inputs, outputs = _signatures(manifest)[ENSEMBLE]
+    cfg = {"name": ENSEMBLE, "max_batch_size": batch, "input": inputs, "output": outputs,
+           **_python_cpu(instances, onnx_params=True), "dynamic_batching": {"max_queue_delay_microseconds": delay_us}}
+    params = cfg["parameters"]
+    del params["onnx_file"]  # the graphs are the composing models' files, paths from manifest.json "graphs"
+    params.update(_guidance_parameters(manifest))
+    return cfg
+
+
+def _trt_precision(manifest: dict, name: str) -> dict[str, str]:
+    """TensorRT EP precision of the gpu variant. fp16 export: FP16 kernels allowed, layer norms kept in
+    fp32. ONNX Runtime builds weakly typed TensorRT networks, so the other fp32 islands of the fp16 export
+    (time embedding, post-processing) may still run in fp16 there; the tensorrt variant's plans are strongly
+    typed and keep every one of them (export --tensorrt --precision fp16)."""
+    # Per graph: export --vae-precision fp32 keeps the VAE decoder fp32 inside an fp16 export.
+    if manifest.get("graphs", {}).get(name, {}).get("precision", manifest.get("precision")) != "fp16":
+        return {"precision_mode": "FP32"}
+    return {"precision_mode": "FP16", "trt_layer_norm_fp32_fallback": "1"}
+
+
+def check_plan_version(manifest: dict, serving_tensorrt: str) -> None:
+    """RepositoryError unless the plans load in a server with TensorRT `serving_tensorrt` (major.minor)."""
+    info = manifest.get("tensorrt", {})
+    built = ".".join(str(info.get("version", "?")).split(".")[:2])
+    if info.get("version_compatible") or built == serving_tensorrt:
+        return
+    raise RepositoryError(
+        f"the TensorRT plans were built with TensorRT {info.get('version', 'of unknown version')}; the serving "
+        f"image runs TensorRT {serving_tensorrt} (nvcr.io/nvidia/tritonserver:{SERVING_IMAGE}-py3 has "
+        f"{SERVING_TENSORRT[SERVING_IMAGE]}) and refuses plans from another version. Build them with that "
+        f"TensorRT (inside nvcr.io/nvidia/tensorrt:{SERVING_IMAGE}-py3, or pip install "
+        f"'tensorrt=={serving_tensorrt}.*'), or give --serving-tensorrt {built} for a server that has it")
+
+
 def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | None = None,
-                  queue_delay_us: dict[str, int] | None = None, instances: int = 1,
-                  gpus: tuple[int, ...] | None = None) -> dict:
+                  queue_delay_us: dict[str, int] | None = None, instances: int | None = None,
+                  gpus: tuple[int, ...] | None = None, trt_cache_dir: str = TRT_CACHE_DIR,
+                  serving_tensorrt: str = SERVING_TENSORRT[SERVING_IMAGE]) -> dict:
     """ModelConfig protobufs of every model of the repository, by name.
 
-    `instances`: instance_group count, i.e. copies of each model per device. `gpus` (gpu and
+    `instances`: instance_group count, i.e. copies of each model per device (None: ONEHOP_INSTANCES
+    of the one-hop boot_txt2img, 1 of every other model). `gpus` (gpu and
     tensorrt variants): the GPU ids to place those copies on, `instances` on each (Triton's
-    instance_group `gpus`); None = every GPU the server sees.
+    instance_group `gpus`); None = every GPU the server sees. `queue_delay_us`: per model name
+    (cpu-onehop: the key boot_txt2img sets its delay). `trt_cache_dir` (gpu): where ONNX Runtime keeps
+    TensorRT engines and its timing cache. `serving_tensorrt` (tensorrt): the server's TensorRT
+    major.minor; plans from another version are refused (check_plan_version).
     """
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = resolve_variant(variant)
+    onehop_instances = ONEHOP_INSTANCES if instances is None else instances
+    instances = 1 if instances is None else instances
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
     if any(int(v) < 0 for v in (queue_delay_us or {}).values()):
         raise ValueError(f"queue delays must be >= 0 microseconds, got {queue_delay_us}")
-    if gpus is not None and (variant == "cpu" or not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
+    if gpus is not None and (variant in CPU_VARIANTS or not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
         raise ValueError(f"gpus must be distinct GPU ids >= 0 and needs the gpu or tensorrt variant, got {gpus} "
                          f"for {variant}")
     gpu_group = {"kind": "KIND_GPU", "count": instances, **({"gpus": list(gpus)} if gpus else {})}
@@ -161,34 +275,31 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
         if missing:
             raise RepositoryError(f"the tensorrt variant needs TensorRT plans for {', '.join(missing)}: "
                                   "export with `python -m boot_serve.export --tensorrt` on the GPU machine")
+        check_plan_version(manifest, serving_tensorrt)
         batch = min(batch, min(int(plans[m]["profile"]["max"]) for m in HEAVY_MODELS))
         if batch < MIN_MAX_BATCH:
             raise RepositoryError(f"the TensorRT plans take batches up to {batch}; the client contract needs "
                                   f"{MIN_MAX_BATCH}: export with --tensorrt --max-batch {MIN_MAX_BATCH} or more")
-    delays = {**(CPU_QUEUE_DELAY_US if variant == "cpu" else QUEUE_DELAY_US), **(queue_delay_us or {})}
+    cpu = variant in CPU_VARIANTS
+    delays = {**(CPU_QUEUE_DELAY_US if cpu else QUEUE_DELAY_US), ENSEMBLE: 0, **(queue_delay_us or {})}
     configs = {}
     for name, (inputs, outputs) in _signatures(manifest).items():
         cfg: dict = {"name": name, "max_batch_size": batch, "input": inputs, "output": outputs}
-        if name == ENSEMBLE:
+        if name == ENSEMBLE and variant == ONEHOP:
+            cfg = _onehop_config(manifest, batch, onehop_instances, int(delays[ENSEMBLE]))
+        elif name == ENSEMBLE:
             # Batching happens in each composing model: the ensemble forwards every request.
-            cfg.update(platform="ensemble", ensemble_scheduling={"step": _ensemble_steps()})
-            # What a client cannot learn otherwise (the demo's guidance slider): the student's range.
-            if "guidance_range" in manifest:
-                lo, hi = (float(v) for v in manifest["guidance_range"])
-                w = float(manifest.get("guidance_scale", lo))
-                cfg["parameters"] = {k: {"string_value": f"{v:g}"} for k, v in
-                                     (("guidance_min", lo), ("guidance_max", hi), ("guidance_scale", w))}
-        elif name in PYTHON_MODELS or variant == "cpu":
-            cfg.update(backend="python", instance_group=[{"kind": "KIND_CPU", "count": instances}])
-            if name in HEAVY_MODELS:
-                cfg["parameters"] = {"onnx_file": {"string_value": "model.onnx"},
-                                     "providers": {"string_value": "CPUExecutionProvider"},
-                                     "intra_op_thread_count": {"string_value": "0"}}
+            steps = _ensemble_steps(sdxl="text_embeds_size" in manifest)
+            cfg.update(platform="ensemble", ensemble_scheduling={"step": steps})
+            if params := _guidance_parameters(manifest):
+                cfg["parameters"] = params
+        elif name in PYTHON_MODELS or cpu:
+            cfg.update(_python_cpu(instances, onnx_params=name in HEAVY_MODELS))
         elif variant == "gpu":
-            graph_precision = manifest.get("graphs", {}).get(name, {}).get("precision", manifest.get("precision"))
-            trt = {"precision_mode": "FP16" if graph_precision == "fp16" else "FP32",
-                   "max_workspace_size_bytes": str(4 << 30), "trt_engine_cache_enable": "1",
-                   "trt_engine_cache_path": f"/tmp/boot-trt-cache/{name}", **_trt_profile(inputs, batch)}
+            trt = {**_trt_precision(manifest, name), "max_workspace_size_bytes": str(4 << 30),
+                   "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"{trt_cache_dir}/{name}",
+                   "trt_timing_cache_enable": "1", "trt_timing_cache_path": trt_cache_dir,
+                   **_trt_profile(inputs, batch)}
             cfg.update(platform="onnxruntime_onnx", backend="onnxruntime", default_model_filename="model.onnx",
                        instance_group=[gpu_group],
                        optimization={"execution_accelerators": {"gpu_execution_accelerator": [
@@ -206,7 +317,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
 def render(config, variant: str = "cpu") -> str:
     from google.protobuf import text_format
 
-    return HEADER.format(variant=variant) + text_format.MessageToString(config, use_short_repeated_primitives=True)
+    text = text_format.MessageToString(config, use_short_repeated_primitives=True)
+    return HEADER.format(variant=resolve_variant(variant)) + text
 
 
 def parse_config(text: str):
@@ -225,17 +337,20 @@ def write_configs(repository: str | Path, variant: str = "cpu", manifest: dict |
     if manifest is None:
         manifest = read_manifest(repo)
     written = []
+    variant = resolve_variant(variant)
     for name, config in model_configs(manifest, variant, **options).items():
         folder = repo / name
         (folder / "1").mkdir(parents=True, exist_ok=True)
         (folder / "config.pbtxt").write_text(render(config, variant))
         written.append(folder / "config.pbtxt")
+        dst = folder / "1" / "model.py"
         if config.backend == "python":
-            src = TEMPLATE / name / "1" / "model.py"
-            dst = folder / "1" / "model.py"
-            if src.resolve() != dst.resolve():
-                shutil.copyfile(src, dst)
+            if MODEL_SOURCE.read_bytes() != (dst.read_bytes() if dst.is_file() else b""):
+                shutil.copyfile(MODEL_SOURCE, dst)
                 written.append(dst)
+        elif dst.is_file() and dst.read_bytes() == MODEL_SOURCE.read_bytes():
+            dst.unlink()  # boot_txt2img back to the ensemble: its one-hop model.py goes
+            written.append(dst)
     return written
 
 
@@ -252,6 +367,21 @@ def read_manifest(repository: str | Path) -> dict:
         raise RepositoryError(f"{repo} has no {MANIFEST}: it has not been exported yet. Run "
                               f"`python -m boot_serve.export --student <student folder> --repository {repo}`")
     return json.loads(path.read_text())
+
+
+def batching_models(variant: str) -> tuple[str, ...]:
+    """The models of `variant` that run graphs, each batching dynamically: where to look in Triton's
+    statistics for batch sizes."""
+    return (ENSEMBLE,) if resolve_variant(variant) == ONEHOP else HEAVY_MODELS
+
+
+def served_variant(repository: str | Path) -> str:
+    """The variant the repository's configs were written for (from the header of boot_txt2img's
+    config.pbtxt; "unknown" for configs written otherwise)."""
+    path = Path(repository) / ENSEMBLE / "config.pbtxt"
+    first = path.read_text().splitlines()[0] if path.is_file() else ""
+    found = [v for v in VARIANTS if f"({v} variant)" in first]
+    return found[0] if found else "unknown"
 
 
 def check_repository(repository: str | Path) -> dict:
@@ -280,9 +410,12 @@ def check_repository(repository: str | Path) -> dict:
                 weights = onnx_file or "model.onnx"
             if not (version / weights).is_file():
                 problems.append(f"{name}/1/{weights} is missing (not exported yet?)")
-    tokenizer = repo / manifest.get("tokenizer", "text_encoder/1/tokenizer") / "tokenizer.json"
-    if not tokenizer.is_file():
-        problems.append(f"{tokenizer.relative_to(repo)} is missing")
+    for key in ("tokenizer", "tokenizer_2"):
+        if key == "tokenizer_2" and key not in manifest:
+            continue
+        tokenizer = repo / manifest.get(key, "text_encoder/1/tokenizer") / "tokenizer.json"
+        if not tokenizer.is_file():
+            problems.append(f"{tokenizer.relative_to(repo)} is missing")
     if problems:
         raise RepositoryError(f"model repository {repo} is incomplete:\n  - " + "\n  - ".join(problems) + "\n"
                               f"Re-run `python -m boot_serve.export --student <student folder> --repository {repo}`.")
@@ -304,29 +437,39 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Write the config.pbtxt files of a boot repository from its manifest.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repository", default="model_repository", help="repository holding manifest.json")
-    p.add_argument("--variant", choices=VARIANTS, default="cpu",
-                   help="cpu: Python backend + ONNX Runtime; gpu: onnxruntime backend + TensorRT EP; "
+    p.add_argument("--variant", choices=("cpu", *VARIANTS), default="cpu",
+                   help=f"cpu-onehop: one Python-backend model serves the whole request (ONNX Runtime); "
+                        "cpu-ensemble: the 4-model ensemble of Python-backend models; cpu: the default CPU "
+                        f"variant ({DEFAULT_CPU_VARIANT}); gpu: onnxruntime backend + TensorRT EP; "
                         "tensorrt: TensorRT plans built by `export --tensorrt`")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help=f"max_batch_size of every model (default: manifest max_batch, at least {MIN_MAX_BATCH})")
-    p.add_argument("--instances", type=int, default=1,
-                   help="instances of every model per device (instance_group count)")
+    p.add_argument("--instances", type=int, default=None,
+                   help=f"instances of every model per device (instance_group count; default {ONEHOP_INSTANCES} of the "
+                        "one-hop boot_txt2img, 1 of every other model)")
     p.add_argument("--gpus", type=_gpu_list, default=None,
                    help="gpu/tensorrt variants: comma-separated GPU ids to spread the instances over, "
                         "--instances on each, e.g. 0,1,2,3 (default: every GPU the server sees). TensorRT plans "
                         "only run on the GPU model they were built on")
     p.add_argument("--queue-delay-us", type=int, default=None,
-                   help="max_queue_delay_microseconds of every composing model (default: 0 for the cpu variant; "
+                   help="max_queue_delay_microseconds of every batching model (default: 0 for the cpu variants; "
                         f"per model for gpu/tensorrt: {', '.join(f'{k} {v}' for k, v in QUEUE_DELAY_US.items())})")
+    p.add_argument("--trt-cache-dir", default=TRT_CACHE_DIR,
+                   help="gpu variant: directory (on a persistent volume) of ONNX Runtime's TensorRT engine and "
+                        "timing caches")
+    p.add_argument("--serving-tensorrt", default=SERVING_TENSORRT[SERVING_IMAGE],
+                   help="tensorrt variant: TensorRT major.minor of the server that loads the plans (default: that "
+                        f"of nvcr.io/nvidia/tritonserver:{SERVING_IMAGE}-py3); plans built by another are refused")
     p.add_argument("--shapes-defaults", action="store_true",
                    help="no manifest needed: use the shipped shapes student's dims (regenerates the committed configs)")
     args = p.parse_args(argv)
     try:
         manifest = SHAPES_MANIFEST if args.shapes_defaults else read_manifest(args.repository)
         files = write_configs(args.repository, args.variant, manifest, max_batch_size=args.max_batch_size,
-                              instances=args.instances, gpus=args.gpus,
+                              instances=args.instances, gpus=args.gpus, trt_cache_dir=args.trt_cache_dir,
+                              serving_tensorrt=args.serving_tensorrt,
                               queue_delay_us=None if args.queue_delay_us is None
-                              else dict.fromkeys(QUEUE_DELAY_US, args.queue_delay_us))
+                              else dict.fromkeys((ENSEMBLE, *QUEUE_DELAY_US), args.queue_delay_us))
     except (RepositoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

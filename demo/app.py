@@ -18,10 +18,22 @@ from pathlib import Path
 from boot_serve import demo_backend as db
 from boot_serve.serve import LOCAL_HOSTS
 
+# Every image whole, as large as its grid cell allows, enlarged without smoothing (the models make
+# 64x64 pixels; a blurred enlargement would show detail that is not there), captions under the images.
 CSS = """
-#gallery img, #teacher-gallery img { image-rendering: pixelated; }
+.boot-gallery .grid-wrap { height: auto !important; max-height: none !important; overflow: visible !important; }
+.boot-gallery .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important; }
+.boot-gallery .gallery-item, .boot-gallery .thumbnail-item { width: 100% !important; height: auto !important;
+  max-width: none !important; max-height: none !important; aspect-ratio: auto !important; }
+.boot-gallery .thumbnail-item { display: flex !important; flex-direction: column; }
+.boot-gallery img { image-rendering: pixelated; width: 100% !important; height: auto !important;
+  aspect-ratio: 1 / 1; object-fit: contain !important; }
+.boot-gallery .caption-label { position: static !important; max-width: none !important; text-align: center; }
 """
+GALLERY_COLUMNS = 2  # each gallery is half of the output column: 2 x 4 cells hold the 8 images
 N_EXAMPLES = 8
+GALLERY = {"format": "png", "columns": GALLERY_COLUMNS, "object_fit": "contain", "height": "auto",
+           "allow_preview": False, "elem_classes": ["boot-gallery"]}
 
 
 def build_ui(session: db.DemoSession, examples: list[str]):
@@ -57,10 +69,9 @@ def build_ui(session: db.DemoSession, examples: list[str]):
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    gallery = gr.Gallery(label="Student, 1 step", format="png", columns=4, object_fit="contain",
-                                         elem_id="gallery")
-                    teacher_gallery = gr.Gallery(label="Teacher, DDIM k steps", format="png", columns=4,
-                                                 object_fit="contain", visible=False, elem_id="teacher-gallery")
+                    gallery = gr.Gallery(label="Student, 1 step", elem_id="gallery", **GALLERY)
+                    teacher_gallery = gr.Gallery(label="Teacher, DDIM k steps", elem_id="teacher-gallery",
+                                                 visible=False, **GALLERY)
 
         def generate(prompt, seed, random_seed, guidance, n_images, compare, steps):
             if random_seed:
@@ -103,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.shapes import sample_captions
+    from boot_serve.prompts import example_prompts
 
     args = parse_args(argv)
     if args.host not in LOCAL_HOSTS:
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ui = build_ui(db.DemoSession(backend, teacher), sample_captions(N_EXAMPLES, args.examples_seed, "eval"))
+    ui = build_ui(db.DemoSession(backend, teacher), example_prompts(N_EXAMPLES, args.examples_seed * N_EXAMPLES))
     ui.queue(default_concurrency_limit=4)
     ui.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False,
               css=CSS, footer_links=[])

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
+from boot.contract import seed_noise_tensor as seed_noise  # noqa: F401  (evaluation's name for it)
+from boot.contract import to_uint8  # noqa: F401
+from boot.samplers import TeacherSampler  # noqa: F401  (re-exported)
 from distill import shapes
-from distill.models import check_folder, load_text_stack, read_meta
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
 
@@ -40,95 +41,11 @@ class Generator(Protocol):
                  guidance_scale: float | None = None) -> list[Image.Image]: ...
 
 
-def seed_noise(seeds: list[int], shape: tuple[int, ...], init_noise_sigma: float = 1.0) -> torch.Tensor:
-    """The project's noise contract: one numpy PCG64 stream per seed, independent of batching."""
-    from boot_serve.runtime import seed_noise as numpy_noise
-
-    return torch.from_numpy(numpy_noise(seeds, shape, init_noise_sigma))
-
-
-def to_uint8(decoded: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) VAE output in [-1, 1] -> (B, H, W, 3) uint8, as diffusers postprocesses."""
-    x = (decoded.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
-class TeacherSampler:
-    """The teacher's deterministic DDIM sampler (diffusers' DDIMScheduler, eta=0) at k steps.
-
-    `device`/`dtype`: where and in which precision the UNet runs (weights cast on load; a folder
-    stored in fp16 loads as fp32 unless asked otherwise); the VAE and text encoder stay fp32.
-    `parts` = (text stack, unet, vae) already loaded (distill.run's teacher): used as they are,
-    on their own device and dtype, so no second copy of the teacher is made.
-    """
-
-    def __init__(self, folder: str | Path, steps: int, guidance_scale: float | None = None,
-                 batch_size: int = 64, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 parts: tuple | None = None):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-        folder = check_folder(folder)
-        if parts is not None:
-            self.text, self.unet, self.vae = parts
-        else:
-            self.text = load_text_stack(folder)
-            self.text.text_encoder.float().to(device)
-            self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=dtype)
-            self.vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, torch_dtype=torch.float32)
-            self.unet.to(device).eval().requires_grad_(False)
-            self.vae.to(device).eval().requires_grad_(False)
-        self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        meta = read_meta(folder)
-        self.steps = steps
-        self.default_guidance = guidance_scale or meta.get("guidance_scale", 1.0)
-        self.batch_size = batch_size
-        self.name = f"teacher-{steps}"
-        self.nfe = steps * (2 if self.default_guidance != 1.0 else 1)
-        c = self.unet.config
-        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
-        self._uncond = self.text.encode([""])
-
-    @torch.no_grad()
-    def sample_latents(self, states: torch.Tensor, latents: torch.Tensor, w: float,
-                       start: int | None = None) -> torch.Tensor:
-        """DDIM from pure noise, or with `start` from latents x_start: the grid's steps at or below it.
-        The UNet runs in its own dtype on its device; its output and the DDIM update are fp32."""
-        self.scheduler.set_timesteps(self.steps)
-        p = next(self.unet.parameters())
-        states, latents = states.to(p.device, p.dtype), latents.to(p.device, torch.float32)
-        uncond = self._uncond.to(p.device, p.dtype).expand_as(states)
-        for t in self.scheduler.timesteps:
-            if start is not None and int(t) > start:
-                continue
-            x = latents.to(p.dtype)
-            if w == 1.0:
-                out = self.unet(x, t, states).sample.float()
-            else:
-                out_u, out_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, states])).sample.float().chunk(2)
-                out = out_u + w * (out_c - out_u)
-            latents = self.scheduler.step(out, t, latents, eta=0.0).prev_sample
-        return latents
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], seeds: list[int],
-                 guidance_scale: float | None = None) -> list[Image.Image]:
-        w = self.default_guidance if guidance_scale is None else float(guidance_scale)
-        vae = next(self.vae.parameters())
-        images = []
-        for lo in range(0, len(prompts), self.batch_size):
-            p, s = prompts[lo:lo + self.batch_size], seeds[lo:lo + self.batch_size]
-            latents = seed_noise(s, self.latent_shape, self.scheduler.init_noise_sigma)
-            latents = self.sample_latents(self.text.encode(p), latents, w)
-            decoded = self.vae.decode(latents.to(vae.device, vae.dtype) / self.vae.config.scaling_factor).sample
-            images += [Image.fromarray(a) for a in to_uint8(decoded.cpu())]
-        return images
-
-
 class StudentGenerator:
     """A BOOT student folder as a Generator (one network evaluation per image)."""
 
     def __init__(self, folder: str | Path):
-        from boot_serve.pipeline import BootPipeline
+        from boot.pipeline import BootPipeline
 
         self.pipe = BootPipeline.from_pretrained(folder)
         self.name, self.nfe = "student-1", 1
@@ -305,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="also evaluate the model served by Triton at this host:port (boot_serve.client)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
-    p.add_argument("--n", type=int, default=300, help="eval-split captions (default 300)")
+    p.add_argument("--n", type=int, default=300, help="captions of --split (default 300)")
+    p.add_argument("--split", choices=shapes.SPLITS, default="eval",
+                   help="caption split: eval (the reports' captions), unseen (every caption holds a composition the "
+                        "train split never does: distill.shapes.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
+                        "does), train, all (default eval)")
     p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the teacher's/student's recommended one)")
@@ -324,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
         gens = ([StudentGenerator(args.student)] if args.student else []) + [
             TeacherSampler(args.teacher, args.sweep_steps)]
-        captions = shapes.sample_captions(args.n, args.seed, "eval")
+        captions = shapes.sample_captions(args.n, args.seed, args.split)
         guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
         print((args.out / "guidance.md").read_text())
         return
@@ -334,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if any(s < 1 for s in steps):
         p.error("--steps must all be >= 1")
-    captions = shapes.sample_captions(args.n, args.seed, "eval")
+    captions = shapes.sample_captions(args.n, args.seed, args.split)
     seeds = [1_000_000 + i for i in range(args.n)]
     results, images = [], {}
     reference = None
@@ -362,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         images = {gen.name: imgs, **images}
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}%")
     results.sort(key=lambda r: (r.name not in ("student-1", "served-1"), r.nfe, r.name))
-    title = f"shapes eval split, {args.n} captions, seed {args.seed}"
+    title = f"shapes {args.split} split, {args.n} captions, seed {args.seed}"
     write_report(results, images, captions, args.out, title,
                  {"teacher": str(args.teacher), "student": str(args.student) if args.student else None,
-                  "served": args.url,
+                  "served": args.url, "split": args.split,
                   "guidance_scale": args.guidance})
     print((args.out / "report.md").read_text())
     print(f"report written to {args.out}/report.{{json,md}} and grid.png")

@@ -1,7 +1,7 @@
 """LoRA students (distill.run --lora-rank R): low-rank adapters (peft) on a frozen copy of the teacher UNet.
 
 Trained: the adapters' A and B matrices and the student's conditioning projection
-(`time_embedding.cond_proj`, distill.boot.add_condition_projection); every teacher weight stays
+(`time_embedding.cond_proj`, boot.method.add_condition_projection); every teacher weight stays
 frozen. B starts at zero, so a LoRA student starts exactly as the full student does (the teacher at T).
 The saved student is merged, W + (α/r)·B·A per adapted layer, into a plain diffusers UNet: the
 student folder, its export and serving are the same as a fully fine-tuned student's.

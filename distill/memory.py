@@ -20,7 +20,8 @@ BUDGET_FRACTION = 0.8  # of the free GPU memory, when no budget is given
 
 
 class PromptStates:
-    """c for a batch of prompt indices: (B, L, D) fp32 on `device`, cached or encoded per batch."""
+    """c for a batch of prompt indices: (B, L, D) fp32 on `device`, cached or encoded per batch; with
+    text stacks that give pooled embeddings (SDXL family), `pooled(prompt)` gives them, (B, P), alike."""
 
     def __init__(self, text, prompts: list[str], mode: str = "fp32", device: torch.device | str = "cpu",
                  chunk: int = 256):
@@ -31,11 +32,15 @@ class PromptStates:
         index = {p: i for i, p in enumerate(self.distinct)}
         self.rows = torch.tensor([index[p] for p in prompts])  # (N,) row of each prompt
         self.table = None  # (N_distinct, L, D) on the CPU, or None when encoded on the fly
+        self.pooled_table = None  # (N_distinct, P) beside it for text stacks with pooled embeddings
+        self.has_pooled = bool(getattr(text, "pooled", False))
         if mode != "on-the-fly":
             dtype = torch.float16 if mode == "fp16" else torch.float32
             with torch.no_grad():
-                self.table = torch.cat([text.encode(self.distinct[i:i + chunk]).float().to(dtype).cpu()
-                                        for i in range(0, len(self.distinct), chunk)])
+                parts = [text.encode_pooled(self.distinct[i:i + chunk]) for i in range(0, len(self.distinct), chunk)]
+            self.table = torch.cat([s.float().to(dtype).cpu() for s, _ in parts])
+            if parts[0][1] is not None:
+                self.pooled_table = torch.cat([p.float().cpu() for _, p in parts])
 
     def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
         rows = self.rows[prompt.cpu()]
@@ -43,6 +48,16 @@ class PromptStates:
             with torch.no_grad():
                 return self.text.encode([self.distinct[i] for i in rows.tolist()]).float().to(self.device)
         return self.table[rows].to(self.device).float()
+
+    def pooled(self, prompt: torch.Tensor) -> torch.Tensor | None:
+        """(B, P) fp32 pooled embeddings of the prompts, or None for text stacks without them."""
+        if not self.has_pooled:
+            return None
+        rows = self.rows[prompt.cpu()]
+        if self.table is None:
+            with torch.no_grad():
+                return self.text.encode_pooled([self.distinct[i] for i in rows.tolist()])[1].float().to(self.device)
+        return self.pooled_table[rows].to(self.device)
 
     @property
     def nbytes(self) -> int:

@@ -4,7 +4,7 @@ Published teacher folders are mostly stored in fp16. Whatever the folder holds, 
 the teacher UNet to --teacher-dtype (by default the run's autocast dtype, fp32 without mixed
 precision), the VAE and text encoder to fp32 (small, and an fp16 VAE decoder overflows on some
 latents); the student's weights are always fp32 (AdamW master weights), computed under autocast.
-Every UNet output is cast to fp32 before it is read (distill.boot.Student, TeacherX0).
+Every UNet output is cast to fp32 before it is read (boot.method.Student, TeacherX0).
 """
 
 from __future__ import annotations

@@ -10,17 +10,19 @@ Per step (all random draws from a generator seeded by (seed, step), so a resumed
 batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
   1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max] (with --final-hop F,
      --final-fraction of the t from (F − Δ, F], hopping straight to 0, the rest from (F, T]);
-  2. L = L_BS + β·L_BC from distill.boot.BootLoss (target network: --target online | ema);
+  2. L = L_BS + β·L_BC from boot.method.BootLoss (target network: --target online | ema);
      with --refine N (a second stage from --init-from STUDENT), L_BS of final hops only, against N
-     targets of the frozen starting student computed once (distill.boot.FinalHopRegression);
+     targets of the frozen starting student computed once (boot.method.FinalHopRegression);
   3. AdamW step with gradient clipping, then the EMA update.
 
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
 sample grids (student one step beside the teacher's 50-step DDIM); `--out` receives the student
 folder of docs/interfaces.md (unet/, vae/, scheduler/, [text_encoder/, tokenizer/], boot.json).
-With the shapes grammar as prompts, the student is judged on held-out captions at the end, and
---val-every N (the full preset: 250) judges it every N steps on validation captions of its own;
---keep best (the default when validating) exports the best-validated step, not the last.
+With the shapes grammar as prompts, the student is judged on held-out captions at the end.
+--val-every N (the full preset: 250) validates it every N steps on prompts and noise of its own: the
+PSNR of its images against the teacher's 50-step DDIM images from the same noise, and with grammar
+prompts the judge's accuracy; --keep best (the default when validating) exports the best step by
+--select (psnr, the default, for any teacher; judge for the shapes world), not the last.
 
 Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
 so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
@@ -46,8 +48,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import boot, checkpoint, memory, precision
-from distill.models import STUDENT_META, TEACHER_META, check_folder, describe_error, load_text_stack, read_meta
+from boot import method as boot
+from boot.folders import (
+    STUDENT_META,
+    check_folder,
+    check_model_folder,
+    describe_error,
+    load_text_stack,
+    read_meta,
+)
+from distill import checkpoint, diffusers_folder, memory, precision
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
@@ -100,12 +110,13 @@ class RunConfig:
     max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
     val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
     val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
-    keep: str = "last"  # exported weights: "last", or "best" (highest validation accuracy)
+    keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
+    select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
 
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget")
+               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
@@ -186,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--parameterization", choices=boot.PARAMETERIZATIONS, default=d.parameterization,
       help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
            "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
-           "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t "
+           "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t; "
+           "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
+           "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
            f"(default {d.parameterization})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
@@ -234,22 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-minutes", type=float,
       help=f"stop the training loop after this many minutes, 0 = never {_preset_help('max_minutes')}")
     a("--val-every", type=int, default=None,
-      help="with grammar prompts: every this many steps (a checkpoint is written then too) judge the exported "
-           "student on --val-n validation captions -> val.jsonl, val.png; 0 = never, as with --prompts "
+      help="every this many steps (a checkpoint is written then too) score the exported student on --val-n "
+           f"validation prompts: PSNR against the teacher's {REFERENCE_STEPS}-step images (and with grammar prompts "
+           "the judge's accuracy) -> val.jsonl, val.png; 0 = never (with --prompts and --select judge: 0) "
            f"{_preset_help('val_every')}")
     a("--val-n", type=int, default=None,
-      help=f"validation captions: the eval split drawn with seed --seed + 1 and noise seeds from "
-           f"{VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
+      help=f"validation prompts: the eval split drawn with seed --seed + 1 (with --prompts: prompts of the file) "
+           f"and noise seeds from {VAL_SEED0}, so they are not the --eval-n report's {_preset_help('val_n')}")
     a("--keep", choices=("last", "best"), default=None,
-      help="weights written to --out: the last step's, or the validation's best (needs --val-every) "
+      help="weights written to --out: the last step's, or the validation's best by --select (needs --val-every) "
            "(default: best when validating, else last)")
+    a("--select", choices=("psnr", "judge"), default=d.select,
+      help="validation rule that picks the best step: psnr = mean PSNR of the student's images against the "
+           f"teacher's {REFERENCE_STEPS}-step DDIM images from the same noise (any teacher, any prompts; "
+           "distill/selection.py); judge = the shapes judge's accuracy (grammar prompts only) "
+           f"(default {d.select})")
     return p
 
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> RunConfig:
     """RunConfig from flags (preset defaults filled in), with ranges checked."""
     preset = preset_values(args.preset)
-    if args.prompts is not None:  # the validation judges grammar captions: a --prompts run does not validate
+    if args.prompts is not None and args.select == "judge":  # the judge needs grammar captions
         preset["val_every"] = 0
     pick = lambda name: preset[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     keep = args.keep or ("best" if pick("val_every") else "last")
@@ -265,7 +284,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         teacher_dtype=args.teacher_dtype, lora_rank=args.lora_rank, text_states=args.text_states,
         ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
-        keep=keep,
+        keep=keep, select=args.select,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -293,8 +312,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.max_minutes >= 0, "--max-minutes must be >= 0"),
         (cfg.val_every >= 0, "--val-every must be >= 0"), (cfg.val_n >= 1, "--val-n must be >= 1"),
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
-        (cfg.val_every == 0 or cfg.prompts == GRAMMAR,
-         "--val-every judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
+         "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -349,7 +368,7 @@ class Teacher:
     """The parts of a teacher folder distillation needs (everything frozen)."""
 
     folder: Path
-    text: object  # distill.models.TextStack
+    text: object  # boot.folders.TextStack
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict
@@ -369,6 +388,13 @@ class Teacher:
     def image_shape(self) -> tuple[int, int, int]:
         up = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (self.latent_shape[1] * up, self.latent_shape[2] * up, 3)
+
+    @property
+    def time_ids(self) -> torch.Tensor | None:
+        """SDXL's constant add_time_ids for the image size distilled (boot.sdxl), else None."""
+        from boot import sdxl
+
+        return sdxl.time_ids(self.image_shape[:2]) if sdxl.uses_text_time(self.unet) else None
 
 
 class TeacherLoadError(ValueError):
@@ -396,7 +422,22 @@ def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teac
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise TeacherLoadError(f"cannot load the teacher from {folder}: its {part} is missing or corrupt "
                                f"({describe_error(err)})") from err
+    check_added_conditioning(folder, unet, text_stack)
     return Teacher(folder, text_stack, unet, vae, sched_cfg, read_meta(folder))
+
+
+def check_added_conditioning(folder: Path, unet: torch.nn.Module, text_stack) -> None:
+    """TeacherLoadError unless the UNet's added conditioning and the text stack fit (SDXL family)."""
+    from boot import sdxl
+
+    if text_stack.pooled:
+        try:
+            sdxl.check_unet(unet, text_stack.text_encoder.hidden_size, text_stack.text_encoder.pooled_size)
+        except ValueError as err:
+            raise TeacherLoadError(f"cannot distil {folder}: {err}") from None
+    elif getattr(unet.config, "addition_embed_type", None) is not None:
+        raise TeacherLoadError(f"cannot distil {folder}: its UNet takes {unet.config.addition_embed_type!r} added "
+                               "conditioning, which needs the SDXL layout (text_encoder_2/ and tokenizer_2/)")
 
 
 def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
@@ -422,21 +463,24 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
                   parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0) -> boot.Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
-    output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora)."""
+    output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
+    get boot.DEFAULT_CONDITIONING; `init_from` keeps its own."""
     from diffusers import UNet2DConditionModel
 
+    conditioning = boot.DEFAULT_CONDITIONING
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
-        theirs = boot.recorded_parameterization(json.loads(meta_path.read_text()) if meta_path.is_file() else {})
-        if theirs != parameterization:
-            raise ValueError(f"--init-from {init_from} reads its UNet as {theirs!r}, "
+        theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if boot.recorded_parameterization(theirs) != parameterization:
+            raise ValueError(f"--init-from {init_from} reads its UNet as {boot.recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
+        conditioning = boot.recorded_conditioning(theirs)
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
-        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32))
+        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning)
     if init_from:
         try:
-            trained = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", use_safetensors=True)
+            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)
             unet.load_state_dict(trained.state_dict())
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
@@ -446,7 +490,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
         from distill import lora
 
         unet = lora.add_lora(unet, lora_rank)
-    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization)
+    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
 @torch.no_grad()
@@ -514,10 +558,24 @@ REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final
               "guidance_min", "guidance_max", "seed", "teacher_dtype", "mixed_precision", "text_states")
 
 
+def refine_key(cfg: RunConfig) -> str:
+    """What the stored final-hop targets depend on: the recipe's fields, and the contents (not only the
+    paths) of the prompts, the teacher's UNet and the starting student's UNet."""
+    from distill.selection import file_sha256, unet_sha256
+
+    if cfg.prompts == GRAMMAR:
+        prompts = hashlib.sha256("\n".join(load_prompts(cfg)[0]).encode()).hexdigest()
+    else:
+        prompts = file_sha256(cfg.prompts)
+    return json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY}, "prompts_sha256": prompts,
+                       "teacher_unet_sha256": unet_sha256(cfg.teacher), "init_unet_sha256": unet_sha256(cfg.init_from)},
+                      sort_keys=True)
+
+
 @dataclass
 class FinalHopTargets:
     """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
-    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (distill.boot.bootstrap_target)."""
+    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (boot.method.bootstrap_target)."""
 
     prompt: torch.Tensor  # (N,) index into the prompt list
     noise: torch.Tensor  # (N, C, h, w)
@@ -533,14 +591,13 @@ class FinalHopTargets:
 
 
 def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
-                      states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path) -> FinalHopTargets:
+                      states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path,
+                      uncond_pooled: torch.Tensor | None = None) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
     from safetensors.torch import load_file, save_file
 
     path, dev = work / "final_hop_targets.safetensors", dist.device
-    weights = Path(cfg.init_from) / "unet" / "diffusion_pytorch_model.safetensors"
-    key = json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY},
-                      "init_unet_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}, sort_keys=True)
+    key = refine_key(cfg)
     if path.is_file():
         from safetensors import safe_open
 
@@ -564,9 +621,11 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     def targets(j: slice) -> torch.Tensor:  # 1 + 2·ceil(F·K/Δ) UNet calls at batch j's size
         b = j.stop - j.start
         with precision.autocast(dev, cfg.mixed_precision):
+            pooled_c, pooled_u = pooled_pair(states.pooled(prompt[j]), uncond_pooled, b)
             return boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states(prompt[j]),
                                          uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
-                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev))
+                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
+                                         pooled_c, pooled_u)
 
     chunk = memory.refine_chunk(cfg.refine_chunk, cfg.memory_budget, dev, lambda b: targets(slice(0, b)))
     mine = range(dist.rank * chunk, n, dist.world * chunk)
@@ -581,6 +640,15 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
         save_file(dataclasses.asdict(targets), tmp, metadata={"key": key})
         os.replace(tmp, path)
     return targets
+
+
+def pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None,
+                n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the prompts' pooled embeddings, the unconditional one expanded to n rows), or (None, None) for
+    teachers without pooled embeddings."""
+    if pooled is None:
+        return None, None
+    return pooled, uncond_pooled.expand(n, -1)
 
 
 def image_decoder(teacher: Teacher):
@@ -643,7 +711,7 @@ def _truncate_log(path: Path, start: int) -> None:
 
 
 def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: float):
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     meta = {"latent_shape": list(teacher.latent_shape), "guidance_range": [cfg.guidance_min, cfg.guidance_max],
             "guidance_scale": w}
@@ -654,7 +722,7 @@ class Samples:
     """Fixed prompts and seeds; the teacher's 50-step DDIM images are rendered once."""
 
     def __init__(self, teacher: Teacher, prompts: list[str], w: float, work: Path):
-        from distill.evaluate import TeacherSampler
+        from boot.samplers import TeacherSampler
 
         self.prompts, self.w, self.work = prompts, w, work
         self.seeds = [SAMPLE_SEED0 + i for i in range(len(prompts))]
@@ -677,22 +745,41 @@ class Samples:
         grid.save(self.work / "samples" / f"step-{step:08d}.png")
         grid.save(self.work / "samples.png")
         value = float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, self.teacher)]))
-        _append_jsonl(self.work / "samples.jsonl", {"step": step, "psnr_vs_teacher": value})
+        self._keep(lambda r: r["step"] != step, {"step": step, "psnr_vs_teacher": value})
         return value
+
+    def truncate(self, start: int) -> None:
+        """Drop the records of steps a resumed run redoes (a fresh run, start 0: all but step 0's)."""
+        self._keep(lambda r: r["step"] <= start)
+
+    def _keep(self, keep, new: dict | None = None) -> None:
+        """Rewrite samples.jsonl with the records `keep` accepts (+ `new`), one per step, in step order."""
+        path = self.work / "samples.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = sorted([r for r in records if keep(r)] + ([new] if new else []), key=lambda r: r["step"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
 
 
 class Validation:
-    """Periodic judge accuracy of the exported student on fixed validation captions (val.jsonl,
-    val.png), keeping the weights of the best one in `work/best/` for --keep best. The captions
-    are eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
-    the best step on them does not bias the final --eval-n report."""
+    """Periodic validation of the exported student on fixed prompts and noise seeds (val.jsonl,
+    val.png), keeping the weights of the best step by the --select rule in `work/best/` for
+    --keep best (distill/selection.py). Every record holds the mean PSNR against the teacher's
+    REFERENCE_STEPS-step DDIM images from the same noise (computed once, cached in
+    work/val_teacher.safetensors), and with grammar prompts the judge's accuracy too. Grammar runs
+    validate on eval-split captions of their own draw (seed + 1) with their own noise seeds, so picking
+    the best step on them does not bias the final --eval-n report; --prompts runs on --val-n prompts of
+    the file."""
 
-    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int):
-        from distill import shapes
+    def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
+        from distill import selection, shapes
 
-        self.captions = shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval")
+        self.captions = (shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+                         else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
         self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
-        self.two = np.array([len(shapes.parse(c).objects) == 2 for c in self.captions])
+        self.judged = cfg.prompts == GRAMMAR
+        self.rule, self.key = cfg.select, selection.METRIC[cfg.select]
         self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
         if start == 0:  # a fresh run: forget an earlier run's validations and best weights
             self.log.unlink(missing_ok=True)
@@ -701,26 +788,40 @@ class Validation:
         records = [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
         self.records = [r for r in records if r["step"] <= start]
         self.log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.reference = selection.TeacherReference(teacher, REFERENCE_STEPS, work / "val_teacher.safetensors"
+                                                    ).images(self.captions, self.seeds, w)
 
     @property
     def best(self) -> dict | None:
-        """The best record whose weights are in best/ (the first of equal accuracies)."""
-        return max(self.records, key=lambda r: r["accuracy"]) if self.records else None
+        """The best record by the rule, whose weights are in best/ (the first of equal values)."""
+        from distill import selection
+
+        return selection.pick(self.records, self.rule)
+
+    def describe(self, record: dict) -> str:
+        text = (f"PSNR vs teacher {record['psnr_vs_teacher']:.2f} dB" if record.get("psnr_vs_teacher") is not None
+                else "no PSNR")
+        return text + (f", judge accuracy {100 * record['accuracy']:.1f}%" if record.get("accuracy") is not None
+                       else "")
+
+    def selection(self) -> dict:
+        """boot.json's record of the rule that chose the exported step, and its value there."""
+        best = self.best
+        return {"rule": self.rule, "metric": self.key, "value": best[self.key], "step": best["step"],
+                "prompts": len(self.captions), "teacher_steps": REFERENCE_STEPS, "guidance_scale": self.w}
 
     def run(self, pipe, step: int, unet: torch.nn.Module) -> dict:
-        from distill import shapes
+        from distill import selection
 
         images = pipe(self.captions, self.seeds, self.w)
-        ok = np.array([shapes.judge(c, im) for c, im in zip(self.captions, images)])
-        record = {"step": step, "accuracy": float(ok.mean()),
-                  "single": float(ok[~self.two].mean()) if (~self.two).any() else None,
-                  "two": float(ok[self.two].mean()) if self.two.any() else None}
+        record = {"step": step, "psnr_vs_teacher": selection.mean_psnr(images, self.reference),
+                  **(selection.judge_scores(self.captions, images) if self.judged else {})}
         previous = self.best
         self.records.append(record)
         _append_jsonl(self.log, record)
-        if previous is None or record["accuracy"] > previous["accuracy"]:
+        if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            boot.save_student_unet(unet, tmp / "unet")
             (tmp / "val.json").write_text(json.dumps(record))
             shutil.rmtree(self.best_dir, ignore_errors=True)
             os.replace(tmp, self.best_dir)
@@ -735,16 +836,22 @@ class Validation:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in self.records]
-        for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
-            vals = [r[key] for r in self.records]
-            if any(v is not None for v in vals):
-                ax.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3, label=key)
+        ax.plot(steps, [r["psnr_vs_teacher"] for r in self.records], "m-o", ms=3, label="PSNR vs teacher (dB)")
+        ax.set(xlabel="step", ylabel="PSNR vs teacher (dB)")
+        if self.judged:
+            right = ax.twinx()
+            for key, style in (("accuracy", "k-o"), ("single", "b--"), ("two", "r--")):
+                vals = [r.get(key) for r in self.records]
+                if any(v is not None for v in vals):
+                    right.plot(steps, [100 * v if v is not None else np.nan for v in vals], style, ms=3,
+                               label=f"judge {key} (%)")
+            right.set(ylabel="judge accuracy (%)", ylim=(0, 100))
+            right.legend(loc="lower right", fontsize=8)
         best = self.best
-        ax.axvline(best["step"], color="g", lw=0.8, label=f"best: step {best['step']}")
-        ax.set(xlabel="step", ylabel="judge accuracy (%)", ylim=(0, 100),
-               title=f"validation: student-1 on {len(self.captions)} captions, guidance {self.w}")
+        ax.axvline(best["step"], color="g", lw=0.8, label=f"best by {self.rule}: step {best['step']}")
+        ax.set_title(f"validation: student-1 on {len(self.captions)} prompts, guidance {self.w}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(self.work / "val.png", dpi=100)
         plt.close(fig)
@@ -792,7 +899,7 @@ def package_version() -> str:
 
 
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
-                 extra: dict) -> dict:
+                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING) -> dict:
     """boot.json (docs/interfaces.md "Student folder")."""
     meta = {
         "format": "boot-student/1",
@@ -805,27 +912,33 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "input_timestep": boot.unet_input_timestep(
             cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
         "parameterization": cfg.parameterization,
+        **({"update_scale": boot.update_scale(boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                                              teacher.prediction_type, cfg.parameterization)}
+           if cfg.parameterization == "preconditioned" else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": {"time_cond_proj_dim": boot.TIME_COND_PROJ_DIM, "embed_dim": boot.EMBED_DIM,
-                         "guidance_embed_scale": boot.GUIDANCE_EMBED_SCALE},
+        "conditioning": boot.conditioning_record(conditioning),
         "package_version": package_version(),
         **extra,
     }
     if "text_encoder" in teacher.meta:
         meta["text_encoder"] = teacher.meta["text_encoder"]
+    if teacher.time_ids is not None:  # SDXL family (boot.sdxl)
+        meta["added_conditioning"] = {"type": "text_time", "time_ids": teacher.time_ids.int().tolist(),
+                                      "text_embeds_size": teacher.text.text_encoder.pooled_size}
     return meta
 
 
-def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
-    """With --init-from: the starting student's boot.json (kept in `work` the first time, so that
-    writing over that same folder does not lose it) and the steps of the whole chain."""
+def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict:
+    """With --init-from: the starting student's boot.json (kept in `work` when a run starts, so that
+    writing over that same folder does not lose it; a resumed run keeps what its start kept, a fresh
+    run in a used work folder keeps its own) and the steps of the whole chain."""
     if not cfg.init_from:
         return {}
     kept = work / "init_from.json"
-    if not kept.is_file():
+    if fresh or not kept.is_file():
         source = Path(cfg.init_from) / STUDENT_META
         kept.write_text(source.read_text() if source.is_file() else "{}")
     prior = json.loads(kept.read_text())
@@ -835,17 +948,19 @@ def lineage(cfg: RunConfig, work: Path, steps: int) -> dict:
 
 
 def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
-    """Write the student folder under a temporary name and rename it into place."""
+    """Write the student folder under a temporary name and rename it into place; it is also a
+    diffusers pipeline folder where diffusers can run the student (distill.diffusers_folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
+    boot.save_student_unet(unet, tmp / "unet")
+    for part in ("vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if (teacher.folder / part).is_dir():
             shutil.copytree(teacher.folder / part, tmp / part)
     for png in ("samples.png", "loss.png"):
         if (work / png).is_file():
             shutil.copy(work / png, tmp / png)
     (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
+    diffusers_folder.write_student_files(tmp, teacher.folder, teacher.scheduler_config)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -853,9 +968,13 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
 
 
 def load_unet_weights(folder: Path) -> dict:
+    """A state dict as boot.save_student_unet wrote it (with the t weights of a "diffusers-guidance" UNet)."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    if (folder / boot.TIME_WEIGHTS).is_file():
+        weights.update(load_file(str(folder / boot.TIME_WEIGHTS)))
+    return weights
 
 
 def update_student_meta(out: Path, **fields) -> None:
@@ -907,15 +1026,16 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
     if cfg.final_hop >= schedule.T:
         raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
-    teacher.text.text_encoder.to(dev)
+    teacher.text.to(dev)
+    # SDXL: pooled embeddings cached beside the states; the unconditional context as its pipeline makes it.
     states = memory.PromptStates(teacher.text, prompts, cfg.text_states, dev)
-    uncond = teacher.text.encode([""]).float().to(dev)  # (1, L, D)
-    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type)
+    uncond, uncond_pooled = (None if x is None else x.float().to(dev) for x in teacher.text.unconditional())
+    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
     if dist.main:
-        lineage(cfg, work, 0)  # keeps the starting student's boot.json before anything is written
+        lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
            if cfg.ema > 0 else None)
     if cfg.gradient_checkpointing:
@@ -925,9 +1045,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (boot/method.py)
     loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                             final_hop=cfg.final_hop)
-    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work)
+    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
     refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
@@ -944,8 +1065,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     val = None
     if dist.main:
         _truncate_log(log_path, start)
+        if samples is not None:
+            samples.truncate(start)
         if cfg.val_every:
-            val = Validation(cfg, w_rec, work, start)
+            val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:
                 with memory.placed(exported, dev):
                     val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
@@ -955,7 +1078,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
               broadcast_buffers=False) if dist.world > 1 else student
     if cfg.compile:  # the loop's calls only; samples, checkpoints and the export use the plain modules
         net, teacher_x0 = torch.compile(net), boot.TeacherX0(torch.compile(teacher.unet), schedule,
-                                                              teacher.prediction_type)
+                                                              teacher.prediction_type, teacher.time_ids)
         target = torch.compile(target)
 
     t0, done = time.time(), start
@@ -966,15 +1089,18 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
              draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
         cond = states(b.prompt)
+        pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
         # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
         #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
         with precision.autocast(dev, cfg.mixed_precision):
-            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev)) if refine is not None else
-                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t))
+            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
+                     if refine is not None else
+                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
+                             pooled_c, pooled_u))
         loss = terms["loss"].mean()
         # 3. AdamW with clipping, then EMA.
-        optimizer_step(loss, opt, scaler, student.unet, lr_at(cfg, step), cfg.grad_clip)
+        optimizer_step(loss, opt, scaler, student.unet, kappa * lr_at(cfg, step), cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
@@ -1001,8 +1127,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
                 with memory.placed(exported, dev):
                     record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
-                tqdm.write(f"step {done}: validation accuracy {100 * record['accuracy']:.1f}% "
-                           f"(best {100 * val.best['accuracy']:.1f}% at step {val.best['step']})")
+                tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
+                           f"{val.describe(val.best)} at step {val.best['step']})")
         if stop > 0:
             if dist.main:
                 tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
@@ -1047,15 +1173,17 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done
-            print(f"--keep best: exporting step {steps} (validation accuracy {100 * val.best['accuracy']:.1f}%, "
-                  f"last step {done}: {100 * val.records[-1]['accuracy']:.1f}%)")
+            extra["selection"] = val.selection()
+            print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
+                  f"last step {done}: {val.describe(val.records[-1])})")
     exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
     pipe = make_pipeline(teacher, exported, cfg, w_rec)
     psnr = samples.save(pipe, steps) if samples is not None else None
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
-        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)})
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
+        exported.conditioning)
     unet = exported.unet
     if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
         from distill import lora
@@ -1110,11 +1238,13 @@ def main(argv: list[str] | None = None) -> Path:
     # Inputs are checked before anything slow is loaded.
     try:
         prompts, prompts_info = load_prompts(cfg)
-        check_folder(args.teacher)
-        if not (Path(args.teacher) / TEACHER_META).is_file() and not (Path(args.teacher) / "text_encoder").is_dir():
-            raise FileNotFoundError(f"teacher {args.teacher} has neither text_encoder/ nor {TEACHER_META}")
     except (OSError, ValueError) as err:
         p.error(str(err))
+    try:  # a teacher folder BOOT cannot distil: one line, from its config files alone
+        check_model_folder(args.teacher)
+    except (OSError, ValueError) as err:
+        print(f"error: teacher: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     dist = setup_distributed(args.device)
     if cfg.batch_size % dist.world:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")

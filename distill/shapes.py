@@ -149,13 +149,52 @@ def caption_of(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     return f"a {a.color} {a.shape} {spec.relation or 'and'} a {b.color} {b.shape}"
 
 
-_SPLIT_STREAMS = {"train": 0, "eval": 1}
+# --------------------------------------------------------------------------------------------
+# Compositional split: attribute combinations that no "train" caption contains
+# --------------------------------------------------------------------------------------------
+# Colour–shape pairs held out wherever they occur (a single object, or either object of two):
+# each colour and each shape still appears in training, only these pairings never do.
+HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("purple", "triangle"), ("yellow", "circle"), ("green", "square"))
+# (first shape, relation, second shape) held out in two-object captions, whatever the colours, together
+# with the converse wording of the same layout ("a triangle below a circle" for "a circle above a triangle").
+HELD_OUT_RELATIONS: tuple[tuple[str, str, str], ...] = (("circle", "above", "triangle"),
+                                                        ("square", "left of", "circle"))
+_CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def held_out(spec: SceneSpec | str) -> list[str]:
+    """The held-out compositions a caption (or spec) contains, e.g. ["purple triangle",
+    "circle above triangle"]; empty for a caption the "train" split can hold."""
+    if isinstance(spec, str):
+        spec = parse(spec)
+    found = [f"{o.color} {o.shape}" for o in spec.objects if (o.color, o.shape) in HELD_OUT_PAIRS]
+    if spec.relation is not None:
+        a, b = (o.shape for o in spec.objects)
+        for s1, rel, s2 in HELD_OUT_RELATIONS:
+            if (a, spec.relation, b) in ((s1, rel, s2), (s2, _CONVERSE[rel], s1)):
+                found.append(f"{s1} {rel} {s2}")
+    return list(dict.fromkeys(found))
+
+
+# split -> (random stream, which drawn specs it keeps). "all" is the unfiltered grammar of the stream
+# "train" draws from (the shipped teacher and the shipped student were trained on it); "train" redraws
+# every spec with a held-out composition; "eval" is unfiltered and independent of both (the reports'
+# captions); "seen" and "unseen" are further independent streams with only, or without any, held-out
+# compositions (rejection sampling, so "unseen" has more two-object captions than "eval").
+_SPLITS: dict[str, tuple[int, object]] = {
+    "all": (0, lambda spec: True),
+    "train": (0, lambda spec: not held_out(spec)),
+    "eval": (1, lambda spec: True),
+    "unseen": (2, lambda spec: bool(held_out(spec))),
+    "seen": (3, lambda spec: not held_out(spec)),
+}
+SPLITS = tuple(_SPLITS)
 
 
 def _split_rng(seed: int, split: str) -> np.random.Generator:
-    if split not in _SPLIT_STREAMS:
-        raise ValueError(f"split must be one of {list(_SPLIT_STREAMS)}, got {split!r}")
-    return np.random.default_rng([int(seed), 0x5A4E, _SPLIT_STREAMS[split]])
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}")
+    return np.random.default_rng([int(seed), 0x5A4E, _SPLITS[split][0]])
 
 
 def _draw_spec(rng: np.random.Generator) -> SceneSpec:
@@ -174,14 +213,22 @@ def _draw_spec(rng: np.random.Generator) -> SceneSpec:
 
 
 def sample_captions(n: int, seed: int, split: str = "train") -> list[str]:
-    """n captions of the grammar: half single-object, half two-object (in expectation).
-
-    `split="eval"` uses a random stream disjoint from `"train"` for the same seed.
+    """n captions of the grammar: half single-object, half two-object (in expectation, before a
+    split's filter). `split="eval"` uses a random stream disjoint from `"train"` for the same seed;
+    "train" never holds a held-out composition (HELD_OUT_PAIRS, HELD_OUT_RELATIONS), "unseen" holds
+    at least one in every caption, "seen" none (see _SPLITS).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = _split_rng(seed, split)
-    return [caption_of(_draw_spec(rng), rng) for _ in range(n)]
+    keep = _SPLITS[split][1]
+    captions = []
+    for _ in range(n):
+        spec = _draw_spec(rng)
+        while not keep(spec):
+            spec = _draw_spec(rng)
+        captions.append(caption_of(spec, rng))
+    return captions
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill import checkpoint, shapes, text
+from boot import text
+from distill import checkpoint, diffusers_folder, shapes
 
 DEFAULT_OUT = Path("pretrained/shapes-teacher")
 DEFAULT_WORK = Path("runs/teacher")
@@ -204,7 +205,7 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
     start = _resume(ckpt_dir, {"vae": vae}, opt)
     if start >= cfg.vae_steps:
         return
-    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="train")
+    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="all")
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
     t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
@@ -238,7 +239,7 @@ def adopt_vae(cfg: TeacherConfig, work: Path) -> None:
         return
     folder = Path(cfg.init_from)
     vae = build_vae(cfg)
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae").float().state_dict())
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).float().state_dict())
     checkpoint.save(work / "vae", cfg.vae_steps, {"vae": vae}, None, dataclasses.asdict(cfg))
     (work / "init_from.json").write_text((folder / "boot_teacher.json").read_text())
     print(f"VAE taken from {folder / 'vae'}")
@@ -275,7 +276,7 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     vae = load_trained_vae(cfg, work).to(device)
     tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder().to(device)
-    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="train")
+    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="all")
     vocab = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(vocab)}
     means, stds = [], []
@@ -344,7 +345,8 @@ def train_unet(cfg: TeacherConfig, work: Path, device: torch.device = torch.devi
     if start == 0 and cfg.init_from:
         from diffusers import UNet2DConditionModel
 
-        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet").float().state_dict()
+        weights = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet",
+                                                       use_safetensors=True).float().state_dict()
         unet.load_state_dict(weights)
         ema.load_state_dict(weights)
         print(f"UNet and EMA start from {cfg.init_from} (its EMA weights)")
@@ -422,9 +424,9 @@ def export(work: Path, out: Path) -> None:
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     unet = build_unet(cfg)
     info = checkpoint.load(last, {"ema": unet})
-    # The text encoder and tokenizer are never shipped (third-party weights): the folder is saved
-    # without them, and model_index.json names their classes so that diffusers' from_pretrained
-    # takes them as arguments.
+    # The text encoder is never shipped (third-party weights): the folder is saved without it, and
+    # model_index.json names its class so that diffusers' from_pretrained takes it as an argument.
+    # tokenizer/ is the encoder's vocabulary with model_max_length = text.MAX_LENGTH (else 512).
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=None,
         unet=unet.eval(), scheduler=DDIMScheduler(**scheduler_config(cfg)),
@@ -439,6 +441,7 @@ def export(work: Path, out: Path) -> None:
     index = json.loads((out / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    diffusers_folder.write_minilm_tokenizer(out)
     wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
     record = {
         "guidance_scale": cfg.guidance_scale,
@@ -461,7 +464,7 @@ def export(work: Path, out: Path) -> None:
 
 def sample_grid(folder: Path, path: Path, n: int = 16) -> None:
     """The exported teacher at its recommended steps and guidance on held-out captions (PNG)."""
-    from distill.evaluate import TeacherSampler
+    from boot.samplers import TeacherSampler
 
     meta = json.loads((folder / "boot_teacher.json").read_text())
     captions = shapes.sample_captions(n, 0, "eval")

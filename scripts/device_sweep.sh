@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Several BOOT recipes side by side on one GPU, each distilled from pretrained/shapes-teacher (fresh, or
-# --init-from a student) with periodic judge validation (--val-every, --keep best) and, unless EVAL_N=0,
+# --init-from a student) with periodic validation (--val-every; --keep best by PSNR against the teacher's
+# 50-step images, the judge's accuracy recorded beside it; SELECT=judge keeps by the judge) and, unless EVAL_N=0,
 # the 300-caption evaluation at the end. Inputs: .devdata/textpk and diffusers in .whl/ (see
 # scripts/device_env.sh). VARIANTS: one "name flags..." per line. Results go to $1 (default runs/sweep):
 # reports.tar (every run's log, val.jsonl/png, loss, samples, eval report) and the KEEP best students (by
@@ -17,7 +18,7 @@ VAL_EVERY=${VAL_EVERY:-250}
 VAL_N=${VAL_N:-128}
 EVAL_N=${EVAL_N:-300}
 COMMON=(--preset full --device "$DEV" --max-minutes "$MINUTES" --batch-size 128 --val-every "$VAL_EVERY"
-        --val-n "$VAL_N" --keep best --eval-n "$EVAL_N" --sample-every 1000)
+        --val-n "$VAL_N" --keep best --select "${SELECT:-psnr}" --eval-n "$EVAL_N" --sample-every 1000)
 [ -n "${SMOKE:-}" ] && COMMON=(--preset full --device "$DEV" --steps 3 --batch-size 4 --val-every 2 --val-n 4
                                --keep best --eval-n "$([ "$EVAL_N" = 0 ] && echo 0 || echo 4)" --sample-every 0)
 mkdir -p "$RESULTS" $W

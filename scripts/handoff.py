@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boot_serve.pipeline import BootPipeline
+from boot.pipeline import BootPipeline
+from boot.samplers import TeacherSampler, seed_noise, to_uint8
 from distill import shapes
-from distill.evaluate import TeacherSampler, seed_noise, to_uint8
 
 
 @torch.no_grad()

@@ -39,9 +39,15 @@ spec="."
 # open_clip_torch; only that data file is read, so the package goes in without its dependencies
 # (torchvision, timm), which would otherwise pull a second torch build.
 clip_vocab=(--no-deps "open_clip_torch==3.3.0")
+# The shipped folders' tokenizer/ (what plain diffusers loads them with): the installed MiniLM
+# package's vocabulary with the models' 16-token length, written here (git-ignored), never committed.
+write_tokenizers() {
+    python -m distill.diffusers_folder tokenizer --files-only pretrained/shapes-teacher pretrained/shapes-boot
+}
 if command -v nvidia-smi >/dev/null 2>&1; then
     pip_install -e "$spec"
     pip_install "${clip_vocab[@]}"
+    write_tokenizers
     exit 0
 fi
 # No NVIDIA GPU: the CPU builds. torch==2.13.0 (from this machine's disk) first, so that the open
@@ -85,3 +91,4 @@ PY
 pip_install -r "$reqs"
 pip_install --no-deps -e .
 pip_install "${clip_vocab[@]}"
+write_tokenizers

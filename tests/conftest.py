@@ -29,6 +29,17 @@ def _run(*args: str) -> None:
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shipped_tokenizers() -> None:
+    """The shipped folders' tokenizer/ (git-ignored, written by scripts/setup.sh from the installed MiniLM
+    package), also where the suite runs without that setup."""
+    from distill.diffusers_folder import write_minilm_tokenizer
+
+    for name in ("shapes-teacher", "shapes-boot"):
+        if not (ROOT / "pretrained" / name / "tokenizer" / "vocab.txt").is_file():
+            write_minilm_tokenizer(ROOT / "pretrained" / name)
+
+
 @pytest.fixture(scope="session")
 def served_student(tmp_path_factory) -> Path:
     """A tiny student whose output depends on the guidance scale (perturbed condition projection)."""

@@ -1,5 +1,6 @@
-"""Benchmark: a short real run against tritonserver on the tiny exported repository (conftest.py),
-then the report is checked against itself and against the server's own counters.
+"""Benchmark: a short real run of both CPU variants side by side (`--variants`: the bench starts one
+tritonserver per variant on the tiny exported repository of conftest.py), then the report is checked
+against itself and against the servers' own counters.
 
 - counts: every measured request completed, the server saw exactly those (warm-up excluded);
 - percentiles ordered and equal to numpy's over the raw latencies kept in the report;
@@ -33,10 +34,15 @@ def teacher_dir(served_student) -> Path:
     return Path(json.loads((Path(served_student) / "boot.json").read_text())["teacher"])
 
 
+VARIANTS = ("cpu-onehop", "cpu-ensemble")
+LOADED = {"cpu-onehop": {"boot_txt2img"},  # the composing models' configs are there, not loaded
+          "cpu-ensemble": {"boot_txt2img", "preprocess", "text_encoder", "boot_unet", "vae_decoder"}}
+
+
 @pytest.fixture(scope="module")
-def run(triton_server, exported_repository, teacher_dir, tmp_path_factory):
+def run(exported_repository, teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report"
-    argv = ["--url", triton_server.http_url, "--concurrency", ",".join(map(str, LEVELS)),
+    argv = ["--variants", ",".join(VARIANTS), "--concurrency", ",".join(map(str, LEVELS)),
             "--requests", str(REQUESTS), "--warmup", "2", "--max-seconds", "120",
             "--repository", str(exported_repository), "--teacher", str(teacher_dir),
             "--teacher-steps", str(TEACHER_STEPS), "--teacher-requests", "2", "--out", str(out)]
@@ -54,16 +60,21 @@ def test_writes_json_markdown_and_plot(run):
     for text in ("## Headline", "speedup_vs_teacher", "serving_overhead_c1", "throughput_ratio",
                  "compute floor", f"teacher DDIM {TEACHER_STEPS} steps", report["hardware"]["cpu"]):
         assert text in md, text
-    for c in LEVELS:
-        assert f"\n| {c} | {REQUESTS} | 0 |" in md
+    for variant in VARIANTS:
+        for c in LEVELS:
+            assert f"\n| {variant} | {c} | {REQUESTS} | 0 |" in md
+    assert "Variants, best first" in md
     with Image.open(out / "bench.png") as png:
         assert png.format == "PNG" and png.width >= 600 and png.height >= 300
 
 
-def test_served_levels_are_consistent(run):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_served_levels_are_consistent(run, variant):
     _, _, report = run
-    assert [r["concurrency"] for r in report["served"]] == list(LEVELS)
-    for r in report["served"]:
+    assert [s["variant"] for s in report["servers"]] == list(VARIANTS)
+    served = next(s["served"] for s in report["servers"] if s["variant"] == variant)
+    assert [r["concurrency"] for r in served] == list(LEVELS)
+    for r in served:
         lat = np.array(r["latencies_ms"])
         assert r["count"] == REQUESTS == len(lat) and r["errors"] == 0
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
@@ -76,7 +87,7 @@ def test_served_levels_are_consistent(run):
         assert r["wall_s"] * 1000 * r["concurrency"] >= lat.sum() * 0.999
         # The server counted exactly the measured requests: warm-up excluded, none lost.
         server = r["server"]
-        assert set(server) == set(bench.SERVER_MODELS)
+        assert set(server) == LOADED[variant]
         for model, s in server.items():
             assert s["requests"] == REQUESTS and s["failed"] == 0, model
             assert s["queue_ms"] >= 0 and s["compute_ms"] > 0, model
@@ -103,18 +114,34 @@ def test_pipelines_and_headlines(run, exported_repository):
         s = row["summary"]
         assert s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
 
-    h = report["headlines"]
-    served = {r["concurrency"]: r for r in report["served"]}
     p50 = {k: row["summary"]["p50_ms"] for k, row in rows.items()}
-    assert h["speedup_vs_teacher"]["value"] == pytest.approx(p50["teacher"] / p50["student_torch"])
-    assert "both PyTorch" in h["speedup_vs_teacher"]["basis"]
+    speedup = bench.headline(report, "speedup_vs_teacher")
+    assert speedup["value"] == pytest.approx(p50["teacher"] / p50["student_torch"])
+    assert "both PyTorch" in speedup["basis"]
+    # Interleaved rounds: one teacher call each, and the spread is that of the per-round ratios.
+    ratios = report["teacher_rounds"]["ratios"]
+    assert len(ratios) == speedup["spread"]["rounds"] == 2
+    assert speedup["spread"]["min"] == pytest.approx(min(ratios)) and speedup["spread"]["max"] == pytest.approx(
+        max(ratios))
+    teacher_ms = rows["teacher"]["summary"]["latencies_ms"]
+    student_ms = rows["student_torch"]["summary"]["latencies_ms"]
+    first = report["teacher_rounds"]["student_calls"][0]
+    assert sum(report["teacher_rounds"]["student_calls"]) == REQUESTS
+    assert ratios[0] == pytest.approx(teacher_ms[0] / np.median(student_ms[:first]), rel=1e-3)
     ab = report["overhead_ab"]
-    assert ab["floor"]["count"] == ab["served"]["count"] == REQUESTS
-    assert ab["floor"]["p50_ms"] == p50["floor"]
-    assert h["serving_overhead_c1"]["value"] == pytest.approx(ab["served"]["p50_ms"] / p50["floor"] - 1)
-    assert h["throughput_ratio"]["value"] == pytest.approx(served[3]["images_per_s"] / served[1]["images_per_s"])
-    assert h["throughput_ratio"]["met"] is None  # the goal is about 8 vs 1; this sweep has no 8
-    assert h["serving_overhead_c1"]["met"] == (h["serving_overhead_c1"]["value"] <= 0.10)
+    assert ab["floor"]["p50_ms"] == p50["floor"] and ab["floor"]["count"] == REQUESTS
+    for server in report["servers"]:
+        v = server["variant"]
+        served = {r["concurrency"]: r for r in server["served"]}
+        overhead = bench.headline(report, "serving_overhead_c1", v)
+        ratio = bench.headline(report, "throughput_ratio", v)
+        assert ab["served"][v]["count"] == REQUESTS
+        assert overhead["value"] == pytest.approx(ab["served"][v]["p50_ms"] / p50["floor"] - 1)
+        assert overhead["met"] == (overhead["value"] <= 0.10)
+        assert ratio["value"] == pytest.approx(served[3]["images_per_s"] / served[1]["images_per_s"])
+        assert ratio["met"] is None  # the goal is about 8 vs 1; this sweep has no 8
+        assert bench.headline(report, "p99_c3", v)["value"] == served[3]["p99_ms"]
+    assert sorted(report["ranking"]) == sorted(VARIANTS)
     # The floor runs the server's ONNX Runtime settings, read from the repository's configs.
     assert report["threads"]["onnxruntime_floor"]["boot_unet"]["as"] == "server config.pbtxt"
 

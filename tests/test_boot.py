@@ -1,4 +1,4 @@
-"""BOOT core (distill/boot.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
+"""BOOT core (boot/method.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill import boot
-from distill.boot import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
+from boot import method as boot
+from boot.method import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
 from tests.tiny import LATENT, make_tiny_student, make_tiny_teacher, scheduler_config, tiny_unet
 
 SCHEDULES = {"zero_snr": True, "sd": False}
@@ -165,21 +165,65 @@ def test_boot_loss_matches_hand_computation(zero_snr, solver_steps, final_hop):
         assert loss["loss"][i].item() == pytest.approx(l_bs + 0.5 * l_bc, rel=1e-4)
 
 
-def test_boot_loss_is_zero_on_the_teachers_trajectory():
-    """For f ≡ c the DDIM trajectory's signal is c from the first step on (y_s = y_t + δ (c − y_t)
-    with y = c): a student that outputs c is a fixed point of both terms, whatever ε and t."""
+class Trajectory(nn.Module):
+    """g(ε, t, c, w): the signal of the closed-form teacher's own DDIM trajectory from ε at T, on the grid
+    T, T − h, T − 2h, ..., 0, computed here in float64 from the DDIM step in signal space,
 
-    class Constant(nn.Module):
-        def forward(self, x, *args):
-            out = torch.full_like(x, 0.25)
-            return SimpleNamespace(sample=out) if len(args) == 2 else out
+        y_T = f_w(ε),   y_v = y_u + sign·scale·(1 − σ_v α_u / (α_v σ_u))·(f_w(α_u y_u + σ_u ε) − y_u),
 
-    teacher = TeacherX0(Constant(), schedule_of(True), "sample")
-    noise, cond = torch.randn(4, 1, 2, 2), torch.zeros(4, 3, 2)
-    for k, final_hop in ((1, 0), (4, 0), (1, 100), (2, 100)):
-        out = BootLoss(solver_steps=k, final_hop=final_hop)(Constant(), Constant(), teacher, noise, cond, None,
-                                                             torch.ones(4), torch.tensor([999, 500, 90, 5]))
-        assert out["loss"].abs().max() < 1e-10
+    with f_w = A·x + m_u + w·(m_c − m_u) (LinearX0UNet; m = the mean of the text states, the same
+    unconditional state for every sample). scale = 1, sign = 1 is the teacher's trajectory."""
+
+    def __init__(self, abar: np.ndarray, h: int, m_u: float, scale: float = 1.0, sign: float = 1.0):
+        super().__init__()
+        self.abar, self.h, self.m_u, self.scale, self.sign = abar, h, m_u, scale, sign
+        self.T = len(abar) - 1
+
+    def forward(self, noise, t, cond, w):
+        e, m_c = noise.double().numpy(), cond.double().mean((1, 2)).numpy()
+        out = np.empty_like(e)
+        for i, (ti, wi) in enumerate(zip(t.tolist(), w.tolist())):
+            shift = self.m_u + wi * (m_c[i] - self.m_u)
+            f = lambda x, shift=shift: LinearX0UNet.A * x + shift  # noqa: E731
+            grid = list(range(self.T, 0, -self.h)) + [0]
+            assert ti in grid, f"t = {ti} is not on the trajectory's grid"
+            y = f(e[i])
+            for u, v in zip(grid, grid[1:grid.index(ti) + 1]):
+                a_u, s_u, a_v, s_v = (math.sqrt(self.abar[u]), math.sqrt(1 - self.abar[u]),
+                                      math.sqrt(self.abar[v]), math.sqrt(1 - self.abar[v]))
+                y = y + self.sign * self.scale * (1 - s_v * a_u / (a_v * s_u)) * (f(a_u * y + s_u * e[i]) - y)
+            out[i] = y
+        return torch.from_numpy(out).float()
+
+
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_boot_loss_is_zero_on_the_teachers_trajectory_and_only_there(zero_snr):
+    """A student that outputs the teacher's own DDIM trajectory (step Δ/K, computed independently above)
+    is a fixed point of L_BS and L_BC; the same trajectory with δ off by 2%, with the step's sign flipped,
+    or taken with a different step than the loss's Δ/K is not. So the loss's δ, its sign and its
+    solver steps are each pinned, not only its form."""
+    sched, abar = schedule_of(zero_snr), ddim("sample", zero_snr).alphas_cumprod.double().numpy()
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    gen = torch.Generator().manual_seed(7)
+    noise, cond = torch.randn((5, 1, 2, 2), generator=gen), torch.randn((5, 4, 3), generator=gen)
+    uncond = torch.randn((1, 4, 3), generator=gen)
+    m_u = float(uncond.double().mean())
+    w = torch.tensor([1.0, 2.5, 4.0, 6.0, 3.0])
+    t = torch.tensor([999, 779, 399, 99, 39])  # on the grids 999 - 20k and 999 - 10k, s too
+    uncond = uncond.expand(5, -1, -1)
+
+    def loss(student, delta=20, k=1):
+        out = BootLoss(delta_steps=delta, beta=1.0, solver_steps=k)(student, student, teacher, noise, cond, uncond,
+                                                                     w, t)
+        return out["bootstrap"], out["boundary"]
+
+    for delta, k in ((20, 1), (20, 2), (10, 1)):
+        l_bs, l_bc = loss(Trajectory(abar, delta // k, m_u), delta, k)
+        assert l_bs.max() < 1e-9 and l_bc.max() < 1e-10, (delta, k, l_bs, l_bc)
+    for wrong in (Trajectory(abar, 20, m_u, scale=1.02), Trajectory(abar, 20, m_u, sign=-1.0)):
+        l_bs, l_bc = loss(wrong)
+        assert l_bc.max() < 1e-10 and l_bs[1:].min() > 1e-7, l_bs  # t = 999 is its first step: δ(T, s) = 1 there
+    assert loss(Trajectory(abar, 10, m_u), 20, 1)[0][1:].min() > 1e-7  # K = 1 is not two steps of Δ/2
 
 
 def test_final_hop_regression_is_boot_losss_final_hop_with_a_frozen_target():
@@ -409,7 +453,7 @@ def test_pipeline_accepts_numpy_integers_and_range_ends(pipe):
 
 
 def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, student_folder):
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t", "epsilon", False, "folder")
     folder = make_tiny_student(teacher, tmp_path / "s")
@@ -427,7 +471,7 @@ def test_pipeline_loads_sd_style_folder_and_rejects_non_students(tmp_path, stude
 
 def test_pipeline_reads_the_recorded_parameterization(tmp_path, student_folder):
     """boot.json's `parameterization` decides how the loaded student reads its UNet; unknown ones fail."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     folder = tmp_path / "direct"
     shutil.copytree(student_folder, folder)

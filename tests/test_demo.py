@@ -5,8 +5,9 @@ the tiny repository that `python -m boot_serve.export` wrote (conftest.py) and t
 for the side-by-side view. The page is used as a person would: type a prompt, click Generate;
 the gallery's images are fetched from their `src` and decoded, and must be exactly the
 OnnxPipeline's images for that prompt and those seeds (teacher: TeacherSampler's).
-A screenshot is kept under the test's tmp dir; with BOOT_SAVE_ARTIFACTS=1 it is also copied to
-docs/demo_screenshot.png. Browser tests skip only when no Chromium is installed
+Screenshots are kept under the test's tmp dir. `-m slow` also shows the shipped student served by
+tritonserver, 4 images beside the teacher's at 50 steps; with BOOT_SAVE_ARTIFACTS=1 that screenshot
+becomes docs/demo_screenshot.png. Browser tests skip only when no Chromium is installed
 (`apt-get install chromium`); the demo's glue (boot_serve/demo_backend.py) is tested without one.
 """
 
@@ -152,11 +153,27 @@ def test_prompt_to_images_in_the_gallery(page, exported_repository, tmp_path):
     status = page.locator("#status").inner_text()
     assert "2 images in" in status and " ms" in status and "seeds 5..6" in status
     assert "Error" not in status
+    assert_images_whole_and_enlarged(page, "gallery", 2, _expected_size(exported_repository)[1])
     page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
 
+def assert_images_whole_and_enlarged(page, elem_id: str, n: int, width: int) -> None:
+    """Every image of the gallery lies whole inside it, on the page, at least twice its pixel size, and
+    is drawn without smoothing."""
+    box = page.locator(f"#{elem_id}").bounding_box()
+    imgs = page.locator(f"#{elem_id} img")
+    for i in range(n):
+        img = imgs.nth(i)
+        b = img.bounding_box()
+        assert b["width"] >= 2 * width and abs(b["width"] - b["height"]) <= 1, b
+        assert box["x"] <= b["x"] and b["x"] + b["width"] <= box["x"] + box["width"] + 0.5, (i, b, box)
+        assert box["y"] <= b["y"] and b["y"] + b["height"] <= box["y"] + box["height"] + 0.5, (i, b, box)
+        assert b["x"] + b["width"] <= page.viewport_size["width"]
+        assert img.evaluate("e => getComputedStyle(e).imageRendering") == "pixelated"
+
+
 def test_side_by_side_with_the_teacher(page, exported_repository, teacher_dir, tmp_path):
-    from distill.evaluate import TeacherSampler
+    from boot.samplers import TeacherSampler
 
     page.locator("#prompt textarea").fill(PROMPT)
     _set_number(page, "seed", 5)
@@ -165,6 +182,8 @@ def test_side_by_side_with_the_teacher(page, exported_repository, teacher_dir, t
     page.locator("#generate").click()
     (student,) = _gallery_images(page, "gallery", 1)
     (teacher,) = _gallery_images(page, "teacher-gallery", 1)
+    for gallery in ("gallery", "teacher-gallery"):
+        assert_images_whole_and_enlarged(page, gallery, 1, _expected_size(exported_repository)[1])
     assert student.shape == teacher.shape == _expected_size(exported_repository)
     manifest = json.loads((exported_repository / "manifest.json").read_text())
     want = np.asarray(TeacherSampler(teacher_dir, 2)([PROMPT], [5], manifest["guidance_scale"])[0])
@@ -176,8 +195,6 @@ def test_side_by_side_with_the_teacher(page, exported_repository, teacher_dir, t
     page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as im:
         assert im.width >= 1000
-    if os.environ.get("BOOT_SAVE_ARTIFACTS") == "1":
-        shutil.copyfile(shot, ROOT / "docs" / "demo_screenshot.png")
 
 
 def test_random_seed_is_shown_and_used(page):
@@ -267,3 +284,58 @@ def test_guidance_range_comes_from_the_server(triton_server, exported_repository
     backend = db.load_backend(url, protocol, None)
     assert backend.guidance_known and (backend.guidance_range, backend.guidance_scale) == want
     assert manifest["guidance_range"] != list(db.FALLBACK_GUIDANCE[0])  # a real test: the tiny student's range
+
+
+@pytest.mark.slow
+def test_shipped_student_on_triton_screenshot(tmp_path):
+    """docs/demo_screenshot.png: pretrained/shapes-boot exported, served by tritonserver (the default
+    CPU variant), 4 images and the teacher's at 50 steps, every image whole in its grid."""
+    if chromium_path() is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from boot_serve.serve import TritonServer
+
+    repo = tmp_path / "model_repository"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    subprocess.run([sys.executable, "-m", "boot_serve.export", "--student", str(ROOT / "pretrained" / "shapes-boot"),
+                    "--repository", str(repo)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
+    port = find_free_port()
+    with TritonServer(repo, exit_timeout=5) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "demo.app", "--url", server.http_url, "--teacher",
+                                 str(ROOT / "pretrained" / "shapes-teacher"), "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None, "demo.app did not come up"
+                    time.sleep(0.5)
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url)
+                page.locator("#prompt textarea").fill("a blue triangle right of a white triangle")
+                _set_number(page, "seed", 3)
+                _set_number(page, "n-images", 4)
+                page.locator("#compare input").check()
+                _set_number(page, "teacher-steps", 50)
+                page.locator("#generate").click()
+                student, teacher = _gallery_images(page, "gallery", 4), _gallery_images(page, "teacher-gallery", 4)
+                assert all(a.shape == (64, 64, 3) for a in student + teacher)
+                for gallery in ("gallery", "teacher-gallery"):
+                    assert_images_whole_and_enlarged(page, gallery, 4, 64)
+                assert "4 images in" in page.locator("#status").inner_text()
+                shot = tmp_path / "demo_screenshot.png"
+                page.screenshot(path=str(shot), full_page=True)
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    if os.environ.get("BOOT_SAVE_ARTIFACTS") == "1":
+        shutil.copyfile(shot, ROOT / "docs" / "demo_screenshot.png")

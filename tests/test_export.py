@@ -45,7 +45,7 @@ def student(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(student):
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     return BootPipeline.from_pretrained(student)
 
@@ -215,7 +215,7 @@ def test_shipped_student_exports_within_two_minutes(tmp_path):
 
 def test_sd_style_student_exports(tmp_path):
     """Own text_encoder/ + tokenizer/ folders, epsilon prediction on SD's schedule (alpha_T > 0)."""
-    from boot_serve.pipeline import BootPipeline
+    from boot.pipeline import BootPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t", "epsilon", zero_snr=False, text_kind="folder")
     student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1)
@@ -381,8 +381,8 @@ def make_sd15_student(folder: Path) -> Path:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel
 
-    from distill import text
-    from distill.boot import add_condition_projection
+    from boot import text
+    from boot.method import add_condition_projection
     from tests.tiny import scheduler_config, tiny_vae
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,19 @@ def test_malformed_http(triton_server, client, good_image, case):
     assert_still_serving(client, good_image)
 
 
+def test_model_repository_api_is_closed(triton_server, client, good_image):
+    """Nobody can unload (or load) models over the API: the launcher restricts it to a key it never hands out."""
+    import tritonclient.grpc as grpcclient
+
+    for path in ("/v2/repository/models/boot_txt2img/unload", "/v2/repository/index"):
+        status, text = post(triton_server.http_url, path, b"{}")
+        assert status == 403, (path, status, text)
+    with grpcclient.InferenceServerClient(triton_server.grpc_url) as c:
+        with pytest.raises(Exception, match="This protocol is restricted, expecting header"):
+            c.unload_model("boot_txt2img")
+    assert_still_serving(client, good_image)
+
+
 def test_huge_prompt_is_refused_before_tokenizing(client, good_image):
     with pytest.raises(RequestError, match=r"PROMPT is 1048576 bytes; at most 4096 bytes are accepted") as err:
         client.generate(["a" * 2**20], [0])

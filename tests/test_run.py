@@ -4,6 +4,7 @@ resume after a kill == uninterrupted, 2-process DDP == 1 process, and clear inpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import boot, checkpoint, run
+from boot import method as boot
+from distill import checkpoint, run
 from tests.tiny import LATENT, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,8 @@ FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 # Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
 KILL = """
 import os, sys
-from distill import boot, checkpoint, run
+from boot import method as boot
+from distill import checkpoint, run
 real = checkpoint.save_file
 def dying_save_file(tensors, path):
     if len(os.listdir(os.path.dirname(os.path.dirname(path)))) >= 2:
@@ -87,7 +90,11 @@ def _tensors(work: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def _losses(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    return _records(work / "loss.jsonl")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_end_to_end_writes_a_loadable_student(baseline, setup):
@@ -110,15 +117,19 @@ def test_end_to_end_writes_a_loadable_student(baseline, setup):
     assert (hp["lr"], hp["batch_size"], hp["delta"], hp["beta"], hp["ema"], hp["target"]) == (
         1e-3, 4, 100, 1.0, 0.5, "online")
     assert set(meta["final_losses"]) == {"loss", "bootstrap", "boundary"}
-    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "samples.png", "scheduler",
-                                                         "unet", "vae"]
+    assert sorted(p.name for p in student.iterdir()) == ["boot.json", "loss.png", "model_index.json", "samples.png",
+                                                         "scheduler", "tokenizer", "unet", "vae"]
     unet_cfg = json.loads((student / "unet" / "config.json").read_text())
-    assert unet_cfg["time_cond_proj_dim"] == 256
-    # The exported weights are the EMA of checkpoint 4, and training moved them off the teacher.
+    assert unet_cfg["time_cond_proj_dim"] == 256 and meta["conditioning"]["kind"] == "diffusers-guidance"
+    # The exported weights (diffusers' UNet + the t weights beside it) are the EMA of checkpoint 4, and
+    # training moved both parts of the condition projection off zero.
     exported = load_file(str(student / "unet" / "diffusion_pytorch_model.safetensors"))
+    time_weights = load_file(str(student / "unet" / "boot_time_condition.safetensors"))
     ckpt = _tensors(base / "work", 4)
-    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in exported.items())
+    assert {k for k in ckpt if k.startswith("ema.")} == {f"ema.{k}" for k in (*exported, *time_weights)}
+    assert all(torch.equal(v, ckpt[f"ema.{k}"]) for k, v in {**exported, **time_weights}.items())
     assert exported["time_embedding.cond_proj.weight"].abs().max() > 1e-4
+    assert time_weights["time_embedding.cond_proj.time_weight"].abs().max() > 1e-4
     # Logs, loss curve, sample grids.
     work = base / "work"
     assert [r["step"] for r in _losses(work)] == [0, 1, 2, 3]
@@ -148,6 +159,10 @@ def test_resume_after_kill_equals_uninterrupted(baseline, setup):
         assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
     assert [(r["step"], r["loss"]) for r in _losses(work)] == [
         (r["step"], r["loss"]) for r in _losses(baseline[0] / "work")]
+    # One sample record per step, as uninterrupted (the resumed run re-renders step 0's "student init").
+    ref_s, got_s = (_records(w / "samples.jsonl") for w in (baseline[0] / "work", work))
+    assert [r["step"] for r in got_s] == [r["step"] for r in ref_s] == [0, 2, 4]
+    assert [r["psnr_vs_teacher"] for r in got_s] == pytest.approx([r["psnr_vs_teacher"] for r in ref_s], abs=1e-6)
 
 
 def test_sigkill_from_outside_then_resume_equals_uninterrupted(baseline, setup):
@@ -174,6 +189,7 @@ def test_sigkill_from_outside_then_resume_equals_uninterrupted(baseline, setup):
         assert torch.allclose(ref[k], got[k], rtol=0, atol=1e-7), k
     exported = load_file(str(root / "sigkill" / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(v, ref[f"ema.{k}"]) for k, v in exported.items())
+    assert [r["step"] for r in _records(root / "sigkill" / "work" / "samples.jsonl")] == [0, 2, 4]
 
 
 def test_two_process_ddp_equals_one_process(baseline, setup):
@@ -207,7 +223,8 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import save_file
-from distill import boot, run
+from boot import method as boot
+from distill import run
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 teacher = run.load_teacher(sys.argv[1])
@@ -279,11 +296,31 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     with pytest.raises(ValueError, match="reads its UNet as 'teacher-at-T', not --parameterization 'direct'"):
         run.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
     states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
-    expected = boot.bootstrap_target(
-        frozen, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), stored["noise"],
-        states[rows[stored["prompt"]]], teacher.text.encode([""]).float().expand(12, -1, -1), stored["w"],
-        stored["t"], torch.zeros(12, dtype=torch.long), torch.full((12,), 2))
-    assert torch.allclose(stored["y"], expected, atol=1e-5)
+    cond, uncond = states[rows[stored["prompt"]]], teacher.text.encode([""]).float()
+    # Written out here with the teacher's UNet and diffusers' ᾱ (not boot.method): x-space DDIM (η = 0) with
+    # CFG on the v-prediction, t -> t - t // 2 -> 0, from x_t = α_t ŷ_t + σ_t ε; the target is the signal
+    # of the last x, y_0 = (x_0 − σ_0 ε) / α_0.
+    from diffusers import DDIMScheduler
+
+    abar = DDIMScheduler.from_pretrained(teacher_dir / "scheduler").alphas_cumprod.double()
+    expected = []
+    with torch.no_grad():
+        y_t = frozen(stored["noise"], stored["t"], cond, stored["w"]).double()
+        for i in range(12):
+            eps, w, t = stored["noise"][i:i + 1].double(), float(stored["w"][i]), int(stored["t"][i])
+            y = y_t[i:i + 1]
+            for u, v in ((t, t - t // 2), (t - t // 2, 0)):
+                x_u = abar[u].sqrt() * y + (1 - abar[u]).sqrt() * eps
+                pred = teacher.unet(x_u.float().expand(2, -1, -1, -1), torch.tensor([u, u]),
+                                    torch.cat([uncond, cond[i:i + 1]])).sample.double()
+                v_hat = pred[:1] + w * (pred[1:] - pred[:1])
+                x0 = abar[u].sqrt() * x_u - (1 - abar[u]).sqrt() * v_hat
+                e_hat = (1 - abar[u]).sqrt() * x_u + abar[u].sqrt() * v_hat
+                x_v = abar[v].sqrt() * x0 + (1 - abar[v]).sqrt() * e_hat
+                y = (x_v - (1 - abar[v]).sqrt() * eps) / abar[v].sqrt()
+            expected.append(y.float())
+    assert torch.allclose(stored["y"], torch.cat(expected), atol=1e-4)
+    assert (stored["y"] - y_t.float()).abs().max() > 1e-3  # the teacher's two steps moved ŷ_t
     # The loop trains only the final hop's term, and the student moves off its start.
     losses = _losses(out / "work")
     assert [r["step"] for r in losses] == [0, 1, 2, 3]
@@ -313,6 +350,32 @@ def test_refine_resumes_to_the_same_weights_and_reuses_only_matching_targets(ref
     _in_process([*_refine_cli(setup, baseline, "refine-resumed", ["--final-hop", "300"]), "--steps", "1"])
     stored = _targets(work)
     assert stored["t"].min() > 200 and stored["t"].max() <= 300
+
+
+def test_refine_targets_are_keyed_on_the_contents_of_prompts_and_unets(baseline, setup, tmp_path):
+    """The stored targets are reused only for the same prompts file contents and the same teacher and
+    starting-student UNets, even when every path stays the same."""
+    import shutil
+
+    _, teacher, prompts = setup
+    teacher2, start, file = tmp_path / "teacher", tmp_path / "start", tmp_path / "prompts.txt"
+    shutil.copytree(teacher, teacher2)
+    shutil.copytree(baseline[0] / "student", start)
+    shutil.copy(prompts, file)
+    p = run.build_parser()
+    cfg = run.config_from_args(p.parse_args(["--teacher", str(teacher2), "--prompts", str(file), "--init-from",
+                                             str(start), "--final-hop", "200", "--refine", "12", "--batch-size", "4"]),
+                               p)
+    key = run.refine_key(cfg)
+    assert run.refine_key(cfg) == key
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    for changed, path in ((file, file), (teacher2, teacher2 / unet), (start, start / unet)):
+        original = path.read_bytes()
+        path.write_bytes(original + b" ")  # same path, other contents
+        assert run.refine_key(cfg) != key, changed
+        path.write_bytes(original)
+    assert run.refine_key(cfg) == key
+    assert run.refine_key(dataclasses.replace(cfg, refine=16)) != key
 
 
 def test_refine_two_process_ddp_equals_one_process(refined, baseline, setup):
@@ -407,10 +470,26 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     meta = json.loads((out / "boot.json").read_text())
     assert meta["prompts"]["source"] == "shapes-grammar" and meta["prompts"]["count"] == 12
     assert meta["weights"] == "online" and meta["prediction_type"] == "epsilon"
-    assert meta["evaluation"]["captions"] == 3 and 0 <= meta["evaluation"]["student_accuracy"] <= 1
     assert "text_encoder" not in meta and (out / "text_encoder").is_dir() and (out / "tokenizer").is_dir()
-    assert (tmp_path / "w" / "eval" / "report.md").is_file()
-    assert len(BootPipeline.from_pretrained(out)(["a red circle"], [0], 4.0)) == 1
+    # The evaluation is what the exported folder does: its images and the teacher's 50-step ones on the
+    # first 3 eval-split captions (noise seeds SAMPLE_SEED0 + i, the recommended w), judged and compared here.
+    from boot.samplers import TeacherSampler
+    from distill import shapes
+
+    ev, w = meta["evaluation"], meta["guidance_scale"]
+    captions, seeds = shapes.sample_captions(3, 0, "eval"), [run.SAMPLE_SEED0 + i for i in range(3)]
+    student = BootPipeline.from_pretrained(out)(captions, seeds, w)
+    teacher_images = TeacherSampler(teacher, 50, w)(captions, seeds, w)
+    report = json.loads((tmp_path / "w" / "eval" / "report.json").read_text())
+    assert report["captions"] == captions and ev["captions"] == 3 and ev["guidance_scale"] == w == 3.0
+    correct = {r["name"]: r["correct"] for r in report["results"]}
+    assert correct["student-1"] == [int(shapes.judge(c, im)) for c, im in zip(captions, student)]
+    assert correct["teacher-50"] == [int(shapes.judge(c, im)) for c, im in zip(captions, teacher_images)]
+    assert ev["student_accuracy"] == pytest.approx(np.mean(correct["student-1"]))
+    assert ev["teacher50_accuracy"] == pytest.approx(np.mean(correct["teacher-50"]))
+    assert ev["psnr_vs_teacher"] == pytest.approx(np.mean([_psnr(a, b) for a, b in zip(student, teacher_images)]),
+                                                  abs=1e-3)
+    assert 5 < ev["psnr_vs_teacher"] < 60  # neither blank nor a copy of the teacher
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +585,12 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
     meta, prior = (json.loads((folder / "boot.json").read_text()) for folder in (tmp_path / "s", start))
     assert meta["hyperparameters"]["init_from"] == str(start)
     assert meta["continued_from"] == prior and meta["steps_total"] == prior["steps"] + 1
+    # A fresh run in the same work folder from another student records that student, not the first one.
+    argv[argv.index("--init-from") + 1], argv[argv.index("--out") + 1] = str(tmp_path / "s"), str(tmp_path / "s2")
+    _in_process(argv)
+    second, first = (json.loads((tmp_path / name / "boot.json").read_text()) for name in ("s2", "s"))
+    assert second["continued_from"] == first and second["continued_from"]["continued_from"] == prior
+    assert second["steps_total"] == prior["steps"] + 2
     err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
     assert "--init-from" in err and "no unet/ folder there" in err
 
@@ -525,13 +610,16 @@ def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypa
     _, teacher, _ = setup
     work, out = tmp_path / "w", tmp_path / "s"
     run.main(["--teacher", str(teacher), "--num-prompts", "12", *FLAGS, "--sample-every", "0", "--eval-n", "0",
-              "--val-every", "2", "--val-n", "3", "--keep", "best", "--out", str(out), "--work", str(work)])
+              "--val-every", "2", "--val-n", "3", "--keep", "best", "--select", "judge", "--out", str(out),
+              "--work", str(work)])
     records = [json.loads(line) for line in (work / "val.jsonl").read_text().splitlines()]
     assert [(r["step"], r["accuracy"]) for r in records] == [(0, 0.0), (2, 1.0), (4, 0.0)]
     assert (work / "val.png").stat().st_size > 0
     meta = json.loads((out / "boot.json").read_text())
     assert meta["steps"] == 2 and meta["steps_run"] == 4 and meta["validation"]["best"]["step"] == 2
-    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert meta["selection"]["rule"] == "judge" and meta["selection"]["value"] == 1.0
+    exported = {**load_file(out / "unet" / "diffusion_pytorch_model.safetensors"),
+                **load_file(out / "unet" / "boot_time_condition.safetensors")}
     ema = {step: {k[4:]: v for k, v in load_file(work / "checkpoints" / name / "tensors.safetensors").items()
                   if k.startswith("ema.")} for step, name in ((2, "step-00000002"), (4, "step-00000004"))}
     assert all(torch.equal(exported[k], ema[2][k]) for k in ema[2])
@@ -539,23 +627,69 @@ def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypa
     assert "--keep best: exporting step 2" in capsys.readouterr().out
 
 
+def _psnr(a, b) -> float:
+    """PSNR (dB) of two uint8 images, written out here rather than taken from the code under test."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 99.0 if mse == 0 else min(99.0, 10 * np.log10(255.0**2 / mse))
+
+
+def test_psnr_selection_with_a_prompts_file_keeps_the_step_closest_to_the_teacher(setup, tmp_path, capsys):
+    """The default rule needs no judge: a --prompts run validates by PSNR against the teacher's 50-step
+    DDIM images (same prompts, same noise), exports the step with the highest, and records the rule and
+    its value; the value is the exported student's PSNR recomputed here from its folder."""
+    from boot.samplers import TeacherSampler
+    from boot_serve import BootPipeline
+    from distill import selection
+
+    root, teacher, prompts = setup
+    work, out = tmp_path / "w", tmp_path / "s"
+    argv = _cli(root, teacher, prompts, "x", ["--sample-every", "0", "--val-every", "2", "--val-n", "3",
+                                               "--lr", "3e-3"])
+    argv[argv.index("--out") + 1], argv[argv.index("--work") + 1] = str(out), str(work)
+    _in_process(argv)
+    records = [json.loads(line) for line in (work / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4] and all("accuracy" not in r for r in records)
+    psnrs = [r["psnr_vs_teacher"] for r in records]
+    assert len(set(psnrs)) == 3  # the three steps differ, so the choice is a real one
+    best = int(np.argmax(psnrs))
+    meta = json.loads((out / "boot.json").read_text())
+    assert meta["steps"] == records[best]["step"] and meta["steps_run"] == 4
+    assert meta["selection"]["rule"] == "psnr" and meta["selection"]["step"] == records[best]["step"]
+    assert meta["selection"]["value"] == psnrs[best] and meta["selection"]["teacher_steps"] == 50
+    # Recompute: the exported student's images against the teacher's own 50-step DDIM images.
+    captions = selection.validation_prompts(run.read_prompts(prompts), 3, 3 + 1)
+    assert set(captions) <= set(PROMPTS) and len(set(captions)) == 3
+    seeds = [run.VAL_SEED0 + i for i in range(3)]
+    w = meta["guidance_scale"]
+    ours = BootPipeline.from_pretrained(out)(captions, seeds, w)
+    ref = TeacherSampler(teacher, 50, w)(captions, seeds, w)
+    assert np.mean([_psnr(a, b) for a, b in zip(ours, ref)]) == pytest.approx(psnrs[best], abs=1e-3)
+    # The teacher's images are cached in the work folder and reused as they are.
+    cached = load_file(work / "val_teacher.safetensors")
+    assert all(np.array_equal(np.asarray(im), cached["images"][i].numpy()) for i, im in enumerate(ref))
+
+
 def test_keep_best_needs_validation(tmp_path, tiny_teacher, capsys):
     err = _error(["--teacher", str(tiny_teacher), "--keep", "best"], capsys)
     assert "--keep best needs --val-every > 0" in err
     (tmp_path / "p.txt").write_text("a red circle\n")
-    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--val-every", "5"], capsys)
-    assert "needs the shapes grammar prompts" in err
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--val-every", "5",
+                  "--select", "judge"], capsys)
+    assert "--select judge judges grammar captions" in err
 
 
-def test_full_preset_validates_and_keeps_the_best_for_grammar_prompts_only(tmp_path):
+def test_full_preset_validates_and_keeps_the_best_by_teacher_agreement(tmp_path):
     p = run.build_parser()
     cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
     assert (cfg().val_every, cfg().keep) == (0, "last")
     full = cfg("--preset", "full")
     assert (full.val_every, full.keep, full.lr, full.batch_size) == (250, "best", 1e-4, 128)
+    assert full.select == "psnr"
     (tmp_path / "p.txt").write_text("a cat\n")
-    own = cfg("--preset", "full", "--prompts", str(tmp_path / "p.txt"))
-    assert (own.val_every, own.keep) == (0, "last")
+    own = cfg("--preset", "full", "--prompts", str(tmp_path / "p.txt"))  # PSNR against the teacher needs no judge
+    assert (own.val_every, own.keep, own.select) == (250, "best", "psnr")
+    judged = cfg("--preset", "full", "--prompts", str(tmp_path / "p.txt"), "--select", "judge")
+    assert (judged.val_every, judged.keep) == (0, "last")
     assert cfg("--preset", "full", "--keep", "last").keep == "last"
     assert cfg("--val-every", "50").keep == "best"
 

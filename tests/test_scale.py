@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill import boot, fixtures, lora, memory, precision, run
+from boot import method as boot
+from distill import fixtures, lora, memory, precision, run
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle", "a yellow square"]
@@ -118,7 +119,7 @@ def test_teacher_is_cast_to_the_run_precision_and_reference_grid_runs_in_it(root
     samples = run.Samples(teacher, PROMPTS[:2], 7.5, root)
     assert len(samples.teacher) == 2 and samples.teacher[0].size == (64, 64)
     # ... and equal to a sampler loading the folder itself in bf16 (same weights, same precision).
-    from distill.evaluate import TeacherSampler
+    from boot.samplers import TeacherSampler
 
     own = TeacherSampler(sd15_fp16, run.REFERENCE_STEPS, 7.5, dtype=torch.bfloat16)(PROMPTS[:2], samples.seeds, 7.5)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(samples.teacher, own))
@@ -284,8 +285,8 @@ def test_lora_student_starts_as_the_teacher_at_t_and_trains_only_adapters(tiny):
 
 
 def test_lora_run_saves_a_merged_student_that_exports_with_parity(root, tiny):
+    from boot.pipeline import BootPipeline
     from boot_serve import export as ex
-    from boot_serve.pipeline import BootPipeline
 
     out = run.main(_argv(root, tiny, "lora", "--lora-rank", "4", "--sample-every", "0", "--ema", "0.5"))
     meta = json.loads((out / "boot.json").read_text())

@@ -1,4 +1,4 @@
-"""Security promises of README "Security and operations", each checked:
+"""Security promises of docs/operations.md "Security", each checked:
 servers and demo bind 127.0.0.1 unless told otherwise and warn when told; nothing in the
 project unpickles (weights and checkpoints are safetensors); no secrets or machine paths are
 committed. (Server-side limits on prompt bytes, tokens and batch size: test_serving.py and
@@ -76,13 +76,51 @@ def unsafe_loads(source: str) -> list[str]:
             found.append(f"{name} at line {node.lineno}")
         elif re.fullmatch(r"(np|numpy)\.load", name) and kwargs.get("allow_pickle") == "True":
             found.append(f"{name}(allow_pickle=True) at line {node.lineno}")
+        elif (name.endswith(".from_pretrained") and not WEIGHTLESS.search(name)
+              and kwargs.get("use_safetensors") != "True"):
+            # Without use_safetensors=True diffusers/transformers fall back to a pickled .bin file
+            # when the safetensors one is missing.
+            found.append(f"{name} without use_safetensors=True at line {node.lineno}")
     return found
+
+
+# from_pretrained of parts that hold no weights (text files only), and the project's own pipelines,
+# whose from_pretrained passes use_safetensors=True to every weight load inside (scanned here too).
+WEIGHTLESS = re.compile(r"Tokenizer|tokenizer|Scheduler|scheduler|Config\b|config\b|BootPipeline|OnnxPipeline")
 
 
 def test_the_scanner_finds_unsafe_loads():
     assert len(unsafe_loads("import torch, pickle, numpy as np\ntorch.load('a')\npickle.loads(b)\n"
                             "np.load('x', allow_pickle=True)\ntorch.load('a', weights_only=False)\n")) == 4
     assert unsafe_loads("torch.load('a', weights_only=True)\nnp.load('x')\nsafetensors.torch.load_file('a')\n") == []
+    assert len(unsafe_loads("UNet2DConditionModel.from_pretrained(d)\n"
+                            "AutoModel.from_pretrained(d, use_safetensors=False)\n")) == 2
+    assert unsafe_loads("AutoTokenizer.from_pretrained(d)\nDDIMScheduler.from_pretrained(d)\n"
+                        "AutoencoderKL.from_pretrained(d, use_safetensors=True)\n") == []
+
+
+def test_a_pickled_weights_file_is_never_opened(tmp_path):
+    """A teacher folder whose UNet weights exist only as a pickle that would run code when loaded:
+    loading fails with a clear error and the code never runs."""
+    import pickle
+
+    from tests.tiny import make_tiny_teacher
+
+    folder = make_tiny_teacher(tmp_path / "teacher")
+    marker = tmp_path / "pickle-ran"
+
+    class Trap:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
+    proc = subprocess.run([sys.executable, "-m", "distill.run", "--teacher", str(folder), "--steps", "1",
+                           "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unet" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
 
 
 def test_nothing_in_the_project_unpickles():

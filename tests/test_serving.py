@@ -51,11 +51,18 @@ def test_committed_configs_are_valid_model_configs():
             assert config.HasField("dynamic_batching"), name
 
 
-def test_committed_configs_are_the_generator_output():
-    """model_repository/ holds what `triton_repo --shapes-defaults` writes (no hand edits)."""
-    generated = triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "cpu")
-    for name, text in _committed_configs().items():
-        assert text == triton_repo.render(generated[name], "cpu"), f"{name}: regenerate with --shapes-defaults"
+def test_committed_configs_are_the_generator_output(tmp_path):
+    """model_repository/ holds what `triton_repo --shapes-defaults` writes (no hand edits): the
+    default CPU variant's configs and every Python model's model.py."""
+    assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
+    committed = ROOT / "model_repository"
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*")  # exports aside
+                             if p.name in ("config.pbtxt", "model.py") and "__pycache__" not in p.parts)
+    for rel in written:
+        assert (tmp_path / rel).read_text() == (committed / rel).read_text(), f"{rel}: rerun with --shapes-defaults"
+    guidance = triton_repo.parse_config(_committed_configs()[triton_repo.ENSEMBLE]).parameters["guidance_scale"]
+    assert guidance.string_value == "4.5"  # the shipped student's recommended scale
 
 
 def test_client_facing_contract():
@@ -77,7 +84,8 @@ def triton_repo_type(name: str) -> int:
 
 @pytest.mark.parametrize("variant", triton_repo.VARIANTS)
 def test_every_variant_renders_valid_configs(variant):
-    manifest = dict(triton_repo.SHAPES_MANIFEST, precision="fp16", max_batch=16, tensorrt={"plans": {
+    manifest = dict(triton_repo.SHAPES_MANIFEST, precision="fp16", max_batch=16, tensorrt={
+        "version": "10.5.0", "plans": {
         m: {"path": f"{m}/1/model-trt10.9-sm90.plan", "profile": {"min": 1, "opt": 4, "max": 16}}
         for m in triton_repo.HEAVY_MODELS}})
     configs = triton_repo.model_configs(manifest, variant)
@@ -85,9 +93,16 @@ def test_every_variant_renders_valid_configs(variant):
         again = triton_repo.parse_config(triton_repo.render(config, variant))
         assert again == config and again.max_batch_size == 16
     # The composition and the client contract do not depend on the variant.
-    cpu = triton_repo.model_configs(manifest, "cpu")
-    for name in (triton_repo.ENSEMBLE, *triton_repo.PYTHON_MODELS):
+    cpu = triton_repo.model_configs(manifest, "cpu-ensemble")
+    for name in triton_repo.PYTHON_MODELS:
         assert configs[name] == cpu[name]
+    ensemble, expected = configs[triton_repo.ENSEMBLE], cpu[triton_repo.ENSEMBLE]
+    if variant == "cpu-onehop":  # one Python model with the ensemble's signature and guidance parameters
+        assert ensemble.backend == "python" and not ensemble.platform and ensemble.HasField("dynamic_batching")
+        assert (list(ensemble.input), list(ensemble.output)) == (list(expected.input), list(expected.output))
+        assert all(ensemble.parameters[k] == v for k, v in expected.parameters.items())
+    else:
+        assert ensemble == expected
     for name in triton_repo.HEAVY_MODELS:
         assert [t.name for t in configs[name].input] == [t.name for t in cpu[name].input]
         if variant == "gpu":
@@ -105,7 +120,7 @@ def test_every_variant_renders_valid_configs(variant):
 
 @pytest.mark.parametrize("variant", ["gpu", "tensorrt"])
 def test_instance_groups_across_gpus(variant, tmp_path):
-    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt={"plans": {
+    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt={"version": "10.5.0", "plans": {
         m: {"path": f"{m}/1/model.plan", "profile": {"min": 1, "opt": 4, "max": 8}} for m in triton_repo.HEAVY_MODELS}})
     configs = triton_repo.model_configs(manifest, variant, instances=2, gpus=(0, 1, 3))
     for name in triton_repo.HEAVY_MODELS:
@@ -129,10 +144,28 @@ def test_tensorrt_variant_needs_plans():
         triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "tensorrt")
 
 
-def test_onnx_runner_is_one_file():
-    """text_encoder, boot_unet and vae_decoder run the same generic ONNX Runtime model.py."""
-    texts = {(ROOT / "model_repository" / m / "1" / "model.py").read_text() for m in triton_repo.HEAVY_MODELS}
-    assert len(texts) == 1
+def test_every_python_model_runs_the_one_shared_source():
+    """preprocess, the three ONNX Runtime models and the one-hop boot_txt2img: one model.py."""
+    source = triton_repo.MODEL_SOURCE.read_text()
+    python = [name for name, text in _committed_configs().items() if triton_repo.parse_config(text).backend == "python"]
+    assert set(triton_repo.PYTHON_MODELS + triton_repo.HEAVY_MODELS) <= set(python)
+    for name in python:
+        assert (ROOT / "model_repository" / name / "1" / "model.py").read_text() == source, name
+
+
+def test_variant_names_and_switching(tmp_path):
+    assert triton_repo.resolve_variant("cpu") == triton_repo.DEFAULT_CPU_VARIANT
+    with pytest.raises(ValueError, match="variant must be one of"):
+        triton_repo.resolve_variant("cpu-bls")
+    (tmp_path / "manifest.json").write_text(json.dumps(triton_repo.SHAPES_MANIFEST))
+    model_py = tmp_path / triton_repo.ENSEMBLE / "1" / "model.py"
+    for variant, has_model_py in (("cpu-onehop", True), ("cpu-ensemble", False),
+                                  ("cpu", triton_repo.DEFAULT_CPU_VARIANT == "cpu-onehop")):
+        assert triton_repo.main(["--repository", str(tmp_path), "--variant", variant]) == 0
+        assert model_py.is_file() == has_model_py, variant
+        assert triton_repo.served_variant(tmp_path) == triton_repo.resolve_variant(variant)
+    with pytest.raises(SystemExit):
+        triton_repo.main(["--repository", str(tmp_path), "--variant", "bls"])
 
 
 def test_configs_match_exported_graphs(exported_repository):
@@ -262,11 +295,20 @@ def _counts_since(client: Client, before: dict, inferences: int, timeout: float 
         time.sleep(0.1)
 
 
+def _onehop(server) -> bool:
+    return triton_repo.served_variant(server.repository) == triton_repo.ONEHOP
+
+
+def _batching(server) -> tuple[str, ...]:
+    """The models of the variant `server` serves that batch requests (boot_txt2img alone in cpu-onehop)."""
+    return triton_repo.batching_models(triton_repo.served_variant(server.repository))
+
+
 def test_concurrent_requests_are_batched(triton_server, reference):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
     seeds = list(range(100, 132))
     with Client(triton_server.grpc_url, "grpc", concurrency=32) as c:
-        before = {m: _stats(c, m) for m in triton_repo.HEAVY_MODELS}
+        before = {m: _stats(c, m) for m in _batching(triton_server)}
         images = c.generate_many(prompts, seeds)
         counts = _counts_since(c, before, 32)
     assert _max_diff(images, reference(prompts, seeds)) <= TOLERANCE
@@ -385,7 +427,8 @@ def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, refer
     prompts = [bad.get(i, PROMPTS[i % 4]) for i in range(16)]
     seeds = list(range(200, 216))
     with Client(triton_server.grpc_url, "grpc", concurrency=16) as c:
-        before = {"preprocess": _stats(c, "preprocess")}
+        first = _batching(triton_server)[0] if _onehop(triton_server) else "preprocess"  # where requests are checked
+        before = {first: _stats(c, first)}
         results = c.generate_many(prompts, seeds, return_errors=True)
         ((executions, inferences),) = _counts_since(c, before, 16).values()
     assert inferences == 16 and executions < inferences, "the requests were not batched together"
@@ -477,7 +520,7 @@ def test_serve_cli_starts_prints_endpoints_and_stops_on_sigterm(exported_reposit
 # --------------------------------------------------------------------------------------------
 # Load: 64 concurrent requests from 8 clients (slow; prints the numbers)
 # --------------------------------------------------------------------------------------------
-def run_load(url: str, clients: int = 8, per_client: int = 8) -> dict:
+def run_load(url: str, models: tuple[str, ...], clients: int = 8, per_client: int = 8) -> dict:
     """`clients` gRPC clients (one thread each), each with `per_client` requests in flight at
     once (async_infer); per-request latency from send to callback."""
     import tritonclient.grpc as grpcclient
@@ -509,7 +552,7 @@ def run_load(url: str, clients: int = 8, per_client: int = 8) -> dict:
 
     with Client(url, "grpc") as c:
         c.generate(PROMPTS, SEEDS)  # warm-up
-        before = {m: _stats(c, m) for m in triton_repo.MODELS}
+        before = {m: _stats(c, m) for m in models}
         threads = [threading.Thread(target=one_client, args=(k,)) for k in range(clients)]
         start = time.perf_counter()
         for t in threads:
@@ -528,10 +571,10 @@ def run_load(url: str, clients: int = 8, per_client: int = 8) -> dict:
 
 @pytest.mark.slow
 def test_64_concurrent_requests_from_8_clients(triton_server):
-    result = run_load(triton_server.grpc_url)
+    result = run_load(triton_server.grpc_url, _batching(triton_server))
     print(f"\n{json.dumps(result)}")
     assert result["requests"] == 64 and result["failed"] == 0, result["errors"]
-    for m in triton_repo.HEAVY_MODELS:
+    for m in _batching(triton_server):
         executions, inferences = map(int, result["executions/inferences"][m].split("/"))
         assert inferences == 64 and executions < inferences, m
 

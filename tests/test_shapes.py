@@ -165,3 +165,41 @@ def test_batch_iterator_shapes_and_speed():
     assert rate > 60, f"only {rate:.0f} images/s"
     first = next(S.iterate_batches(32, seed=0))
     assert np.array_equal(first[0], images) and first[1] == caps
+
+
+def test_eval_captions_are_the_reports_captions():
+    """The eval split's stream is what every committed report was judged on: the shipped student's
+    table (docs/eval/boot-full) holds the captions sample_captions(300, 0, "eval") draws."""
+    import json
+    from pathlib import Path
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "docs/eval/boot-full/report.json").read_text())
+    assert S.sample_captions(300, 0, "eval") == report["captions"]
+
+
+def test_held_out_compositions_name_pairs_and_relations_in_both_wordings():
+    assert S.held_out("a purple triangle") == ["purple triangle"]
+    assert S.held_out("a large purple triangle at the top") == ["purple triangle"]
+    assert S.held_out("a purple circle") == [] and S.held_out("a red triangle") == []
+    assert S.held_out("a red circle above a blue triangle") == ["circle above triangle"]
+    assert S.held_out("a blue triangle below a red circle") == ["circle above triangle"]  # the converse
+    assert S.held_out("a red circle below a blue triangle") == []
+    assert S.held_out("a red circle and a blue triangle") == []
+    assert S.held_out("a green square left of a yellow circle") == ["green square", "yellow circle",
+                                                                    "square left of circle"]
+    assert S.held_out("a red circle right of a blue square") == ["square left of circle"]
+
+
+def test_compositional_split_train_never_holds_unseen_compositions():
+    train, unseen, seen = (S.sample_captions(3000, 0, split) for split in ("train", "unseen", "seen"))
+    assert not any(S.held_out(c) for c in train + seen)
+    assert all(S.held_out(c) for c in unseen)
+    kinds = {k for c in unseen for k in S.held_out(c)}
+    assert kinds == {f"{c} {s}" for c, s in S.HELD_OUT_PAIRS} | {" ".join(r) for r in S.HELD_OUT_RELATIONS}
+    # "all" is the unfiltered stream "train" draws from (the shipped teacher's and student's captions):
+    # the two agree up to the first held-out draw, and about a quarter of "all" is held out.
+    everything = S.sample_captions(3000, 0, "all")
+    first = next(i for i, c in enumerate(everything) if S.held_out(c))
+    assert train[:first] == everything[:first] and train[first] != everything[first]
+    assert 0.2 < np.mean([bool(S.held_out(c)) for c in everything]) < 0.35
+    assert set(unseen).isdisjoint(train) and S.sample_captions(5, 0, "unseen") == unseen[:5]

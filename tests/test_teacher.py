@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill import shapes, text
-from distill.evaluate import TeacherSampler, evaluate, seed_noise
-from distill.models import load_teacher_pipeline
+from boot import text
+from boot.folders import load_teacher_pipeline
+from boot.samplers import TeacherSampler, evaluate, seed_noise
+from distill import shapes
 from tests.tiny import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_shipped_vae_round_trip_keeps_attributes():
 
     from distill.teacher import to_model_range
 
-    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", use_safetensors=True).eval()
     caps = shapes.sample_captions(200, 4242, "eval")
     imgs = np.stack([shapes.render_array(c, i) for i, c in enumerate(caps)])
     with torch.no_grad():

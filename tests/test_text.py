@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill import text
+from boot import text
 
 
 def test_precomputed_states_equal_the_encoder_and_refuse_unknown_prompts(tmp_path, monkeypatch):

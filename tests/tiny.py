@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distill import text
+from boot import text
 
 LATENT = (4, 8, 8)  # (C, h, w); image 16x16 with a 2-block VAE
 
@@ -95,22 +95,25 @@ def make_tiny_teacher(folder: str | Path, prediction_type: str = "v_prediction",
 
 
 def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1.0, 5.0),
-                      perturb: float = 0.0, seed: int = 0) -> Path:
+                      perturb: float = 0.0, seed: int = 0, conditioning: str = "sinusoid") -> Path:
     """An untrained student folder (teacher weights + zero cond projection), per
     docs/interfaces.md. `perturb` > 0 gives the condition projection random weights, so
-    the output depends on t and guidance as a trained student's does."""
+    the output depends on t and guidance as a trained student's does. `conditioning`
+    "diffusers-guidance" makes it the diffusers pipeline folder that distill.run writes."""
     from diffusers import UNet2DConditionModel
 
-    from distill.boot import add_condition_projection
+    from boot import method as boot
+    from distill import diffusers_folder
 
     teacher, folder = Path(teacher), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet"))
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
+                                         conditioning)
     if perturb:
         g = torch.Generator().manual_seed(seed)
-        w = unet.time_embedding.cond_proj.weight
-        w.data = perturb * torch.randn(w.shape, generator=g)
-    unet.save_pretrained(folder / "unet")
+        for w in unet.time_embedding.cond_proj.parameters():
+            w.data = perturb * torch.randn(w.shape, generator=g)
+    boot.save_student_unet(unet, folder / "unet")
     for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
         if (teacher / part).is_dir():
             shutil.copytree(teacher / part, folder / part, dirs_exist_ok=True)
@@ -122,7 +125,10 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
         "guidance_range": list(guidance_range), "guidance_scale": tmeta["guidance_scale"],
         "latent_shape": list(LATENT), "steps": 0, "hyperparameters": {},
     }
+    if conditioning != boot.LEGACY_CONDITIONING:
+        meta["conditioning"] = boot.conditioning_record(conditioning)
     if "text_encoder" in tmeta:
         meta["text_encoder"] = tmeta["text_encoder"]
     (folder / "boot.json").write_text(json.dumps(meta, indent=1))
+    diffusers_folder.write_student_files(folder, teacher, sched)
     return folder

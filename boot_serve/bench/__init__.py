@@ -1,8 +1,16 @@
 """Benchmark: the served student over a concurrency sweep, its compute floor, and the teacher.
 
-    python -m boot_serve.bench --url 127.0.0.1:8000 --repository model_repository \\
-        --teacher pretrained/shapes-teacher --teacher-steps 50 --out docs/bench
+    python -m boot_serve.bench --variants cpu-onehop,cpu-ensemble --repository model_repository \\
+        --teacher pretrained/shapes-teacher --teacher-steps 50 --out docs/bench      # starts its own servers
+    python -m boot_serve.bench --url 127.0.0.1:8000 --repository model_repository   # a server already running
     python -m boot_serve.bench --url 127.0.0.1:8001 --protocol grpc --concurrency 1,4,16 --requests 200
+    python -m boot_serve.bench --in-process --device cuda ...    # no server: boot_serve.bench.inprocess
+
+--variants: one tritonserver per repository variant (boot_serve.triton_repo), each on a copy of
+--repository that links its graphs and has that variant's configs, all up for the whole run, so that
+the variants are measured side by side under the same load: each sweep in turn, and the floor and
+every server interleaved at concurrency 1. --url: the one server there (its variant read from
+--repository's configs).
 
 What is measured (wall times with time.perf_counter, always after a warm-up that is not counted):
   1. served: for each concurrency level c, c client threads (one boot_serve.client.Client each)
@@ -23,7 +31,10 @@ What is measured (wall times with time.perf_counter, always after a warm-up that
      call, both end to end: prompt -> text encoder -> latents -> VAE decoder -> uint8 image):
      the teacher's DDIM at --teacher-steps k (TeacherSampler, with classifier-free guidance
      that is 2k UNet evaluations) against the student's one evaluation (BootPipeline of --student,
-     or of the student the repository was exported from). speedup = teacher p50 / student p50.
+     or of the student the repository was exported from), interleaved: --teacher-requests rounds of
+     a few student calls and one teacher call, so that both see the same machine. speedup = teacher
+     p50 / student p50; its spread = the quartiles and extremes of the per-round ratios (teacher call /
+     median student call of its round).
 Written to --out: bench.json (everything, raw latencies included), bench.md, bench.png.
 
 The server, this client and the in-process runs share the machine: on a small CPU the client's
@@ -34,6 +45,7 @@ average at start and end is recorded so a reader can tell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -55,7 +67,7 @@ import numpy as np
 from boot_serve.triton_repo import MODELS as SERVER_MODELS
 
 GOALS = {"speedup_vs_teacher": 40.0, "serving_overhead_c1": 0.10, "throughput_ratio": 1.5}
-PROMPT_SEED = 0
+PROMPT_OFFSET = 0
 FIRST_SEED = 1_000_000
 
 
@@ -359,11 +371,14 @@ def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds,
 
 
 def server_session_settings(repository: Path, model: str) -> dict:
-    """ONNX Runtime settings the CPU server gives `model` (its config.pbtxt parameters, read the
-    way model_repository/<model>/1/model.py reads them); {} for other backends."""
-    from boot_serve.triton_repo import parse_config
+    """ONNX Runtime settings the CPU server gives `model`'s graph (config.pbtxt parameters, read the
+    way boot_serve/triton_model.py reads them: those of the one-hop boot_txt2img where it serves the
+    graphs itself); {} for other backends."""
+    from boot_serve.triton_repo import ENSEMBLE, parse_config
 
-    path = repository / model / "config.pbtxt"
+    onehop = repository / ENSEMBLE / "config.pbtxt"
+    path = onehop if onehop.is_file() and parse_config(onehop.read_text()).backend == "python" else \
+        repository / model / "config.pbtxt"
     if not path.is_file():
         return {}
     config = parse_config(path.read_text())
@@ -440,16 +455,67 @@ def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, war
     return series
 
 
-def bench_overhead(url: str, protocol: str, floor_pipe: Generate, prompts, seeds, guidance, n: int, warmup: int,
-                   block: int, max_seconds: float) -> dict[str, dict]:
-    """Compute floor and served-at-concurrency-1, interleaved (see `interleaved`)."""
+def bench_overhead(urls: dict[str, str], protocol: str, floor_pipe: Generate, prompts, seeds, guidance, n: int,
+                   warmup: int, block: int, max_seconds: float) -> dict[str, dict]:
+    """Compute floor and every server at concurrency 1, interleaved (see `interleaved`): "floor" and
+    one entry per name of `urls`."""
     from boot_serve.client import Client
 
-    with Client(url, protocol, concurrency=1) as client:
-        series = interleaved({"floor": floor_pipe, "served": client.generate}, prompts, seeds, guidance, n,
-                             warmup, block, max_seconds)
+    with contextlib.ExitStack() as stack:
+        gens = {"floor": floor_pipe}
+        for name, url in urls.items():
+            gens[name] = stack.enter_context(Client(url, protocol, concurrency=1)).generate
+        series = interleaved(gens, prompts, seeds, guidance, n, warmup, block, max_seconds)
     return {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
             for name, s in series.items()}
+
+
+def teacher_rounds(student: Generate, teacher: Generate, prompts, seeds, guidance, rounds: int, n_student: int,
+                   warmup: int, max_seconds: float) -> dict[str, dict]:
+    """Student and teacher in the calling thread, interleaved: `rounds` rounds of student calls
+    (`n_student` in all, spread evenly, request indices in order), each followed by one teacher call
+    (request r in round r). Returns both summaries, the student calls per round and the per-round
+    ratios teacher / median student of the round."""
+    for i in range(warmup):
+        for gen in (student, teacher):
+            gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
+    series = {"student": Series(), "teacher": Series()}
+    ratios, counts = [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r and time.perf_counter() - start > max_seconds:
+            break
+        round_student = []
+        lo, hi = r * n_student // rounds, (r + 1) * n_student // rounds
+        counts.append(hi - lo)
+        for i in range(lo, hi):
+            round_student.append(_timed(student, prompts, seeds, guidance, i, series["student"]))
+        t = _timed(teacher, prompts, seeds, guidance, r, series["teacher"])
+        good = [x for x in round_student if x is not None]
+        if t is not None and good:
+            ratios.append(t / float(np.median(good)))
+    for name, out in series.items():
+        if not out.latencies_s:
+            raise BenchError(f"{name}: every call failed; first error: {out.errors[:1]}")
+    out = {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
+           for name, s in series.items()}
+    out["round_ratios"] = [round(x, 3) for x in ratios]
+    out["round_student_calls"] = counts
+    return out
+
+
+def _timed(gen: Generate, prompts, seeds, guidance, i: int, out: Series) -> float | None:
+    """One call of request i, recorded in `out`; its latency in seconds, None if it failed."""
+    t0 = time.perf_counter()
+    try:
+        gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
+    except Exception as err:  # noqa: BLE001 - counted and reported
+        out.errors.append(f"{type(err).__name__}: {err}")
+        return None
+    elapsed = time.perf_counter() - t0
+    out.latencies_s.append(elapsed)
+    out.wall_s += elapsed
+    return elapsed
 
 
 def _ms_list(series: Series) -> list[float]:
@@ -459,85 +525,137 @@ def _ms_list(series: Series) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # Headlines, report
 # --------------------------------------------------------------------------------------------
-def headlines(served: list[dict], ab: dict[str, dict] | None, student: dict | None, teacher: dict | None,
-              teacher_steps: int) -> dict:
-    by_c = {r["concurrency"]: r for r in served}
+def headlines(servers: list[dict], ab: dict | None, student: dict | None, teacher: dict | None,
+              teacher_steps: int, round_ratios: Sequence[float] = ()) -> list[dict]:
+    """The headline rows: the student/teacher speedup (with its spread over the interleaved rounds),
+    then per served variant the overhead at concurrency 1, throughput 8 vs 1, p99 at 8."""
     floor = ab["floor"] if ab else None
-    out: dict = {}
+    rows: list[dict] = []
     if teacher is not None and (student is not None or floor is not None):
         same = student is not None
         base = student if same else floor
-        out["speedup_vs_teacher"] = {
-            "value": teacher["p50_ms"] / base["p50_ms"], "goal": f">= {GOALS['speedup_vs_teacher']:g}x",
-            "met": teacher["p50_ms"] / base["p50_ms"] >= GOALS["speedup_vs_teacher"],
-            "basis": (f"p50 teacher DDIM-{teacher_steps} / p50 student 1-step, both PyTorch eager in-process, batch 1"
-                      if same else f"p50 teacher DDIM-{teacher_steps} (PyTorch) / p50 student 1-step (ONNX Runtime): "
-                      "different runtimes, no student folder to run in PyTorch")}
-        if 1 in by_c:
-            out["served_speedup_vs_teacher"] = {
-                "value": teacher["p50_ms"] / by_c[1]["p50_ms"],
-                "basis": f"p50 teacher DDIM-{teacher_steps} (PyTorch in-process) / p50 served student at concurrency 1"}
-    if ab is not None:
-        v = ab["served"]["p50_ms"] / ab["floor"]["p50_ms"] - 1
-        out["serving_overhead_c1"] = {
-            "value": v, "goal": f"<= {100 * GOALS['serving_overhead_c1']:g}%", "met": v <= GOALS["serving_overhead_c1"],
-            "basis": "p50 served at concurrency 1 / p50 ONNX Runtime in-process (text encoder + student + VAE "
-                     "decoder) - 1, measured interleaved"}
+        v = teacher["p50_ms"] / base["p50_ms"]
+        row = {"metric": "speedup_vs_teacher", "variant": None, "value": v,
+               "goal": f">= {GOALS['speedup_vs_teacher']:g}x", "met": v >= GOALS["speedup_vs_teacher"],
+               "basis": (f"p50 teacher DDIM-{teacher_steps} / p50 student 1-step, both PyTorch eager in-process, "
+                         "batch 1, interleaved" if same else
+                         f"p50 teacher DDIM-{teacher_steps} (PyTorch) / p50 student 1-step (ONNX Runtime): "
+                         "different runtimes, no student folder to run in PyTorch")}
+        if len(round_ratios):
+            q = np.percentile(np.asarray(round_ratios, dtype=np.float64), [0, 25, 50, 75, 100])
+            row["spread"] = {"rounds": len(round_ratios), **dict(zip(("min", "q25", "median", "q75", "max"),
+                                                                     (float(x) for x in q)))}
+        rows.append(row)
+    for server in servers:
+        rows += _variant_headlines(server, ab, teacher, teacher_steps)
+    return rows
+
+
+def _variant_headlines(server: dict, ab: dict | None, teacher: dict | None, teacher_steps: int) -> list[dict]:
+    name, by_c = server["variant"], {r["concurrency"]: r for r in server["served"]}
+    rows = []
+    if ab is not None and name in ab["served"]:
+        v = ab["served"][name]["p50_ms"] / ab["floor"]["p50_ms"] - 1
+        rows.append({"metric": "serving_overhead_c1", "variant": name, "value": v,
+                     "goal": f"<= {100 * GOALS['serving_overhead_c1']:g}%", "met": v <= GOALS["serving_overhead_c1"],
+                     "basis": "p50 served at concurrency 1 / p50 ONNX Runtime in-process (text encoder + student + "
+                              "VAE decoder) - 1, measured interleaved"})
     if len(by_c) >= 2:
         hi, lo = (8, 1) if {1, 8} <= set(by_c) else (max(by_c), min(by_c))
         v = by_c[hi]["images_per_s"] / by_c[lo]["images_per_s"]
-        out["throughput_ratio"] = {
-            "value": v, "goal": f">= {GOALS['throughput_ratio']:g}x (8 vs 1)",
-            "met": v >= GOALS["throughput_ratio"] if (hi, lo) == (8, 1) else None,
-            "basis": f"images/s at concurrency {hi} / images/s at concurrency {lo}"}
-    return out
+        rows.append({"metric": "throughput_ratio", "variant": name, "value": v,
+                     "goal": f">= {GOALS['throughput_ratio']:g}x (8 vs 1)",
+                     "met": v >= GOALS["throughput_ratio"] if (hi, lo) == (8, 1) else None,
+                     "basis": f"images/s at concurrency {hi} / images/s at concurrency {lo}"})
+    top = max(by_c)
+    rows.append({"metric": f"p99_c{top}", "variant": name, "value": by_c[top]["p99_ms"], "goal": None, "met": None,
+                 "basis": f"p99 latency at concurrency {top}, ms"})
+    if teacher is not None and 1 in by_c:
+        rows.append({"metric": "served_speedup_vs_teacher", "variant": name,
+                     "value": teacher["p50_ms"] / by_c[1]["p50_ms"], "goal": None, "met": None,
+                     "basis": f"p50 teacher DDIM-{teacher_steps} (PyTorch in-process) / p50 served student at "
+                              "concurrency 1"})
+    return rows
 
 
-def _fmt_headline(name: str, h: dict) -> str:
-    value = f"{100 * h['value']:+.1f}%" if name == "serving_overhead_c1" else f"{h['value']:.2f}x"
+def headline(report: dict, metric: str, variant: str | None = None) -> dict | None:
+    """The headline row of `metric` (for `variant`), or None."""
+    return next((h for h in report["headlines"] if h["metric"] == metric and h["variant"] == variant), None)
+
+
+def ranking(report: dict) -> list[str]:
+    """Served variants, best first: most goals met, then the lower overhead at concurrency 1."""
+    def key(variant):
+        rows = [h for h in report["headlines"] if h["variant"] == variant]
+        overhead = next((h["value"] for h in rows if h["metric"] == "serving_overhead_c1"), float("inf"))
+        return (-sum(h["met"] is True for h in rows), overhead)
+
+    return sorted((s["variant"] for s in report["servers"]), key=key)
+
+
+def _fmt_headline(h: dict) -> str:
+    m = h["metric"]
+    value = (f"{100 * h['value']:+.1f}%" if m == "serving_overhead_c1" else
+             f"{h['value']:.1f} ms" if m.startswith("p99_") else f"{h['value']:.2f}x")
+    if "spread" in h:
+        sp = h["spread"]
+        value += (f" (per-round ratios over {sp['rounds']} rounds: min {sp['min']:.1f}x, quartiles "
+                  f"{sp['q25']:.1f} / {sp['median']:.1f} / {sp['q75']:.1f}x, max {sp['max']:.1f}x)")
     met = {True: "yes", False: "**no**", None: "n/a"}[h.get("met")]
-    return f"| {name} | {value} | {h.get('goal', '–')} | {met} | {h['basis']} |"
+    return f"| {m} | {h['variant'] or '–'} | {value} | {h.get('goal') or '–'} | {met} | {h['basis']} |"
 
 
 def _md_header(report: dict) -> list[str]:
     hw, cfg = report["hardware"], report["config"]
+    servers = "; ".join(f"`{s['variant']}` at {cfg['protocol']}://{s['url']}" for s in report["servers"])
     lines = [f"# boot benchmark ({report['date']})", "",
-             f"Server: Triton {report['server'].get('version', '?')} at {cfg['protocol']}://{cfg['url']}; "
-             f"repository `{cfg['repository']}` ({cfg['precision']}, images {cfg['image_shape']}); guidance "
-             f"{cfg['guidance_scale']}; {cfg['requests']} requests per level (at most {cfg['max_seconds']:g} s), "
-             f"{cfg['warmup']} warm-up.", "",
+             f"Server: Triton {report['server'].get('version', '?')}, {servers}; repository `{cfg['repository']}` "
+             f"({cfg['precision']}, images {cfg['image_shape']}); guidance {cfg['guidance_scale']}; {cfg['requests']} "
+             f"requests per level (at most {cfg['max_seconds']:g} s), {cfg['warmup']} warm-up.", "",
              f"Hardware: {hw['cpu']}, {hw['usable_cpus']} usable of {hw['logical_cpus']} logical CPUs, "
              f"{hw['memory_gib']} GiB; GPU: {', '.join(hw['gpus']) or 'none'}. "
              f"Load average at start {report['load_average']['start']}, at end {report['load_average']['end']}.", ""]
     if report.get("note"):
         lines += [f"Note: {report['note']}", ""]
     lines += [f"> **Warning:** {w}" for w in report.get("warnings", [])]
-    lines += ["", "## Headline", "", "| metric | value | goal | met | what is compared |", "|---|---|---|---|---|"]
-    return lines + [_fmt_headline(k, h) for k, h in report["headlines"].items()] + [""]
+    lines += ["", "## Headline", "", "| metric | server variant | value | goal | met | what is compared |",
+              "|---|---|---|---|---|---|"]
+    lines += [_fmt_headline(h) for h in report["headlines"]] + [""]
+    if len(report["servers"]) > 1:
+        lines += [f"Variants, best first (most goals met, then lower overhead at concurrency 1): "
+                  f"{', '.join(report['ranking'])}.", ""]
+    return lines
 
 
 def _md_served(report: dict) -> list[str]:
     lines = ["## Served (Triton, closed loop, one image per request)", "",
-             "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in report["served"]:
-        lines.append(f"| {r['concurrency']} | {r['count']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['images_per_s']:.2f} |")
+             "| variant | concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for server in report["servers"]:
+        for r in server["served"]:
+            lines.append(f"| {server['variant']} | {r['concurrency']} | {r['count']} | {r['errors']} | "
+                         f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} | "
+                         f"{r['images_per_s']:.2f} |")
     lines += ["", "### Inside the server (Triton statistics over each level, mean per request)", "",
-              "| concurrency | model | requests | mean batch | queue ms | compute ms | total ms |",
-              "|---|---|---|---|---|---|---|"]
-    for r in report["served"]:
-        for model, st in r["server"].items():
-            lines.append(f"| {r['concurrency']} | {model} | {st['requests']} | {st['mean_batch']:.2f} | "
-                         f"{st['queue_ms']:.2f} | {st['compute_ms']:.2f} | {st['total_ms']:.2f} |")
-    lines += ["", "`boot_txt2img` is the ensemble: its total is the server-side time of a whole request. Queue: "
-              "waiting for the dynamic batcher (up to its max_queue_delay) or a free instance; the tokenizer and "
-              "noise models run in parallel, the others one after the other.", ""]
+              "| variant | concurrency | model | requests | mean batch | queue ms | compute ms | total ms |",
+              "|---|---|---|---|---|---|---|---|"]
+    for server in report["servers"]:
+        for r in server["served"]:
+            for model, st in r["server"].items():
+                lines.append(f"| {server['variant']} | {r['concurrency']} | {model} | {st['requests']} | "
+                             f"{st['mean_batch']:.2f} | {st['queue_ms']:.2f} | {st['compute_ms']:.2f} | "
+                             f"{st['total_ms']:.2f} |")
+    lines += ["", "`boot_txt2img` is what the client calls: the ensemble (its total is the server-side time of a "
+              "whole request) or, in cpu-onehop, the one model that does everything. Queue: waiting for the "
+              "dynamic batcher (up to its max_queue_delay) or a free instance; the ensemble's models run one after "
+              "the other.", ""]
     ab = report["overhead_ab"]
-    lines += [f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, server, "
-              "floor, ...)", "", "| run | requests | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
-    for name, label in (("floor", "compute floor, ONNX Runtime in-process"), ("served", "served, concurrency 1")):
-        r = ab[name]
+    lines += [f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, "
+              + ", ".join(ab["served"]) + ", floor, ...)", "",
+              "| run | requests | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
+    runs = [("compute floor, ONNX Runtime in-process", ab["floor"])]
+    runs += [(f"served `{name}`, concurrency 1", r) for name, r in ab["served"].items()]
+    for label, r in runs:
         lines.append(f"| {label} | {r['count']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['mean_ms']:.1f} |")
     return lines + [""]
@@ -551,8 +669,15 @@ def _md_pipelines(report: dict) -> list[str]:
         st = row["summary"]
         lines.append(f"| {row['name']} | {row['runtime']} | {row['nfe']} | {st['count']} | {st['p50_ms']:.1f} | "
                      f"{st['p90_ms']:.1f} | {st['p99_ms']:.1f} | {st['images_per_s']:.2f} |")
-    return lines + ["", "Each pipeline runs end to end: prompt -> text encoder -> latents -> VAE decoder -> uint8 "
-                    "image. The teacher's network evaluations count both halves of classifier-free guidance.", ""]
+    lines += ["", "Each pipeline runs end to end: prompt -> text encoder -> latents -> VAE decoder -> uint8 "
+              "image. The teacher's network evaluations count both halves of classifier-free guidance."]
+    if report.get("teacher_rounds"):
+        tr = report["teacher_rounds"]
+        lines += [f"Student (PyTorch) and teacher were timed interleaved: {len(tr['ratios'])} rounds of "
+                  f"{min(tr['student_calls'])}-{max(tr['student_calls'])} student calls and one teacher call; "
+                  "per-round ratios (teacher / median student of the round): "
+                  f"{', '.join(f'{x:.1f}' for x in tr['ratios'])}."]
+    return lines + [""]
 
 
 def _md_environment(report: dict) -> list[str]:
@@ -592,25 +717,28 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
-    served = report["served"]
-    c = [r["concurrency"] for r in served]
     floor = next((row["summary"] for row in report["pipelines"] if row["key"] == "floor"), None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, style in (("p50_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^:")):
-        ax1.plot(c, [r[key] for r in served], style, label=key.replace("_ms", ""))
+    levels: set[int] = set()
+    for k, server in enumerate(report["servers"]):
+        served, color = server["served"], f"C{k}"
+        c = [r["concurrency"] for r in served]
+        levels |= set(c)
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "^:")):
+            ax1.plot(c, [r[key] for r in served], style, color=color,
+                     label=f"{server['variant']} {key.replace('_ms', '')}")
+        ax2.plot(c, [r["images_per_s"] for r in served], "o-", color=color, label=server["variant"])
     if floor:
         ax1.axhline(floor["p50_ms"], color="gray", lw=1, ls="-.", label="compute floor p50 (ORT, no server)")
-    ax1.set(xlabel="concurrent requests", ylabel="latency per request (ms)", title="Latency")
-    ax1.legend(fontsize=8)
-    ax2.plot(c, [r["images_per_s"] for r in served], "o-", label="served")
-    if floor:
         ax2.axhline(floor["images_per_s"], color="gray", lw=1, ls="-.", label="compute floor, batch 1")
+    ax1.set(xlabel="concurrent requests", ylabel="latency per request (ms)", title="Latency")
     ax2.set(xlabel="concurrent requests", ylabel="images / s", title="Throughput")
-    ax2.legend(fontsize=8)
+    ticks = sorted(levels)
     for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(c))
-        ax.xaxis.set_major_formatter(FixedFormatter([str(x) for x in c]))
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([str(x) for x in ticks]))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -620,6 +748,40 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Servers of the --variants run
+# --------------------------------------------------------------------------------------------
+def variant_repository(repository: Path, variant: str, dest: Path) -> Path:
+    """`dest` made a repository serving `variant`: links to `repository`'s exported files (graphs,
+    tokenizer, manifest), its own configs and model.py files."""
+    from boot_serve.triton_repo import write_configs
+
+    for src in sorted(repository.rglob("*")):
+        if src.is_dir() or src.name in ("config.pbtxt", "model.py") or "__pycache__" in src.parts:
+            continue
+        link = dest / src.relative_to(repository)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(src.resolve())
+    write_configs(dest, variant)
+    return dest
+
+
+@contextmanager
+def started_servers(repository: Path, variants: Sequence[str], log=print):
+    """{variant: TritonServer} of one server per variant, all ready; stopped on exit."""
+    import tempfile
+
+    from boot_serve.serve import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="boot-bench-") as tmp, contextlib.ExitStack() as stack:
+        servers = {}
+        for variant in variants:
+            repo = variant_repository(repository, variant, Path(tmp) / variant)
+            servers[variant] = stack.enter_context(TritonServer(repo, exit_timeout=5))
+            log(f"[bench] {variant}: tritonserver ready at {servers[variant].http_url}")
+        yield servers
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,6 +795,18 @@ def _levels(text: str) -> list[int]:
     if not levels or levels[0] < 1:
         raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
     return levels
+
+
+def _variants(text: str) -> list[str]:
+    from boot_serve.triton_repo import VARIANTS, resolve_variant
+
+    try:
+        names = [resolve_variant(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated variants of {VARIANTS}, got {text!r}") from None
+    if not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct variants, got {text!r}")
+    return names
 
 
 def _positive(kind):
@@ -654,7 +828,11 @@ def _non_negative(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m boot_serve.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", required=True, help="Triton server host:port serving boot_txt2img")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="Triton server host:port serving boot_txt2img")
+    target.add_argument("--variants", type=_variants,
+                        help="start one tritonserver per repository variant on --repository and measure them side "
+                             "by side, e.g. cpu-onehop,cpu-ensemble")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol (default http)")
     p.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8],
                    help="concurrency levels, comma-separated (default 1,2,4,8)")
@@ -673,8 +851,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="student folder for the PyTorch comparison (default: the repository's source_student)")
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: no teacher comparison)")
     p.add_argument("--teacher-steps", type=_positive(int), default=50, help="teacher DDIM steps k (default 50)")
-    p.add_argument("--teacher-requests", type=_positive(int), default=10,
-                   help="measured teacher calls (default 10; each is k or 2k UNet evaluations)")
+    p.add_argument("--teacher-requests", type=_positive(int), default=16,
+                   help="teacher calls, each in its own round with student calls (default 16; each is k or 2k UNet "
+                        "evaluations)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale for every pipeline (default: the repository's recommended one)")
     p.add_argument("--threads", type=_non_negative, default=0,
@@ -685,9 +864,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> dict:
-    """Every measurement of the module docstring, in order; returns the report (also written)."""
-    # 1. what runs where, and the machine
+def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, list[str], list[int]]:
+    """manifest, guidance, student folder, prompts, seeds of the run."""
     manifest_path = args.repository / "manifest.json"
     if not manifest_path.is_file():
         raise BenchError(f"{args.repository} has no manifest.json; give --repository of the exported repository "
@@ -699,13 +877,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
         log(f"[bench] no student folder at {student_dir}: the PyTorch comparison uses the ONNX floor instead")
         student_dir = None
     n_prompts = max(args.requests, args.warmup, 1)
-    from distill.shapes import sample_captions
+    from boot_serve.prompts import example_prompts
 
-    prompts = sample_captions(n_prompts, PROMPT_SEED, "eval")
-    seeds = [FIRST_SEED + i for i in range(n_prompts)]
-    load_start = load_average()
+    prompts = example_prompts(n_prompts, PROMPT_OFFSET)
+    return manifest, guidance, student_dir, prompts, [FIRST_SEED + i for i in range(n_prompts)]
+
+
+def _load_warnings(hw: dict, load_start) -> list[str]:
     warnings = []
-    hw = hardware()
     if hw["benchmark_process_nice"] > 0:
         warnings.append(f"the benchmark ran at nice {hw['benchmark_process_nice']}: processes at a higher "
                         "priority on the same CPUs got their time first")
@@ -713,71 +892,114 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
         warnings.append(f"the machine was busy before the benchmark started (load average {load_start[0]} on "
                         f"{hw['usable_cpus']} CPUs): other processes shared the CPUs, so every number here is "
                         "pessimistic and the ratios are noisier than on an idle machine")
+    return warnings
 
-    # 2. served, over the concurrency sweep
-    served = bench_server(args.url, args.protocol, args.concurrency, prompts, seeds, guidance, args.requests,
-                          args.warmup, args.max_seconds, log)
 
-    # 3. compute floor: ONNX Runtime in-process, interleaved with served requests at concurrency 1
-    pipelines = []
-    onnx_pipe, floor_settings = floor_pipeline(args.repository, args.threads)
-    ab = bench_overhead(args.url, args.protocol, onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup,
-                        args.ab_block, args.max_seconds)
-    pipelines.append({"key": "floor", "name": "student 1-step (compute floor)", "nfe": 1,
-                      "runtime": f"ONNX Runtime {', '.join(onnx_pipe.providers)}, in-process", "summary": ab["floor"]})
-    log(f"[bench] compute floor: p50 {ab['floor']['p50_ms']:.1f} ms; served at concurrency 1 in the same "
-        f"interleaved run: p50 {ab['served']['p50_ms']:.1f} ms")
+def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> dict:
+    """Every measurement of the module docstring, in order; returns the report (also written)."""
+    from boot_serve.triton_repo import served_variant
+
+    manifest, guidance, student_dir, prompts, seeds = _inputs(args, log)
+    load_start, hw = load_average(), hardware()
+    warnings = _load_warnings(hw, load_start)
+    if args.variants:
+        servers_cm = started_servers(args.repository, args.variants, log)
+    else:
+        servers_cm = nullcontext({served_variant(args.repository): None})
+    with servers_cm as started:
+        urls = {v: (s.http_url if args.protocol == "http" else s.grpc_url) if s is not None else args.url
+                for v, s in started.items()}
+        floor_repo = next(iter(started.values())).repository if args.variants else args.repository
+        # 1. served, over the concurrency sweep, one variant after the other
+        servers = []
+        for variant, url in urls.items():
+            log(f"[bench] {variant} at {url}")
+            servers.append({"variant": variant, "url": url,
+                            "served": bench_server(url, args.protocol, args.concurrency, prompts, seeds, guidance,
+                                                   args.requests, args.warmup, args.max_seconds, log)})
+        # 2. compute floor: ONNX Runtime in-process, interleaved with every server at concurrency 1
+        onnx_pipe, floor_settings = floor_pipeline(floor_repo, args.threads)
+        ab = bench_overhead(urls, args.protocol, onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup,
+                            args.ab_block, args.max_seconds)
+        server_meta = server_metadata(next(iter(urls.values())), args.protocol)
+        server_settings = {m: server_session_settings(floor_repo, m) for m in floor_settings}
     del onnx_pipe
+    floor = ab.pop("floor")
+    ab = {"block": args.ab_block, "floor": floor, "served": ab}
+    log(f"[bench] compute floor: p50 {floor['p50_ms']:.1f} ms; served at concurrency 1 in the same interleaved "
+        "run: " + ", ".join(f"{v} p50 {r['p50_ms']:.1f} ms" for v, r in ab["served"].items()))
+    pipelines = [{"key": "floor", "name": "student 1-step (compute floor)", "nfe": 1,
+                  "runtime": f"ONNX Runtime {', '.join(floor_settings['boot_unet']['providers'])}, in-process",
+                  "summary": floor}]
 
-    # 4. student vs teacher in PyTorch
-    student = teacher = None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if student_dir is not None:
-        from boot_serve.pipeline import BootPipeline
-
-        student = bench_pipeline(BootPipeline.from_pretrained(student_dir), prompts, seeds, guidance,
-                                 args.requests, args.warmup, args.max_seconds)
-        pipelines.append({"key": "student_torch", "name": "student 1-step", "nfe": 1,
-                          "runtime": "PyTorch eager, in-process", "summary": student})
-        log(f"[bench] student PyTorch: p50 {student['p50_ms']:.1f} ms")
-    if args.teacher is not None:
-        from distill.evaluate import TeacherSampler
-
-        sampler = TeacherSampler(args.teacher, args.teacher_steps, guidance)
-        teacher = bench_pipeline(sampler, prompts, seeds, guidance, args.teacher_requests, min(args.warmup, 1),
-                                 args.max_seconds)
-        pipelines.append({"key": "teacher", "name": f"teacher DDIM {args.teacher_steps} steps", "nfe": sampler.nfe,
-                          "runtime": "PyTorch eager, in-process", "summary": teacher})
-        log(f"[bench] teacher DDIM-{args.teacher_steps}: p50 {teacher['p50_ms']:.1f} ms")
+    # 3. student vs teacher in PyTorch, interleaved
+    student, teacher, rounds = _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines, log)
     threads = {"torch_in_process": _torch_threads(), "onnxruntime_floor": floor_settings,
-               "server_onnxruntime": {m: server_session_settings(args.repository, m) for m in floor_settings},
-               "client_threads": "one per concurrent request (closed loop)"}
+               "server_onnxruntime": server_settings, "client_threads": "one per concurrent request (closed loop)"}
 
-    # 5. report
+    # 4. report
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "python -m boot_serve.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "note": args.note,
-        "config": {"url": args.url, "protocol": args.protocol, "concurrency": args.concurrency,
-                   "requests": args.requests, "warmup": args.warmup, "max_seconds": args.max_seconds,
-                   "repository": str(args.repository), "student": str(student_dir) if student_dir else None,
+        "config": {"url": args.url, "variants": args.variants, "protocol": args.protocol,
+                   "concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
+                   "max_seconds": args.max_seconds, "repository": str(args.repository),
+                   "student": str(student_dir) if student_dir else None,
                    "teacher": str(args.teacher) if args.teacher else None, "teacher_steps": args.teacher_steps,
                    "teacher_requests": args.teacher_requests, "guidance_scale": guidance,
                    "precision": manifest.get("precision"), "image_shape": manifest.get("image_shape"),
-                   "prompts": f"distill.shapes.sample_captions(n, {PROMPT_SEED}, 'eval'), seeds {FIRST_SEED}+i"},
-        "hardware": hw, "versions": versions(), "server": server_metadata(args.url, args.protocol),
+                   "prompts": f"boot_serve.prompts.example_prompts(n, {PROMPT_OFFSET}), seeds {FIRST_SEED}+i"},
+        "hardware": hw, "versions": versions(), "server": server_meta,
         "threads": threads, "load_average": {"start": load_start, "end": load_average()}, "warnings": warnings,
-        "headlines": headlines(served, ab, student, teacher, args.teacher_steps),
-        "served": served, "overhead_ab": {"block": args.ab_block, **ab}, "pipelines": pipelines,
+        "headlines": headlines(servers, ab, student, teacher, args.teacher_steps, rounds["ratios"] if rounds else ()),
+        "servers": servers, "overhead_ab": ab, "pipelines": pipelines, "teacher_rounds": rounds,
     }
+    report["ranking"] = ranking(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     (args.out / "bench.md").write_text(markdown(report))
     plot(report, args.out / "bench.png")
     return report
+
+
+def _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines: list, log):
+    """PyTorch student alone, or interleaved with the teacher; appends their pipeline rows.
+    Returns (student summary, teacher summary, rounds record) with None where not run."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    student_pipe = sampler = None
+    if student_dir is not None:
+        from boot.pipeline import BootPipeline
+
+        student_pipe = BootPipeline.from_pretrained(student_dir)
+    if args.teacher is not None:
+        from boot.samplers import TeacherSampler
+
+        sampler = TeacherSampler(args.teacher, args.teacher_steps, guidance)
+    student = teacher = rounds = None
+    if student_pipe is not None and sampler is not None:
+        n = max(args.requests, args.teacher_requests)  # at least one student call per round
+        both = teacher_rounds(student_pipe, sampler, prompts, seeds, guidance, args.teacher_requests, n,
+                              min(args.warmup, 1), args.max_seconds * 10)
+        student, teacher = both["student"], both["teacher"]
+        rounds = {"student_calls": both["round_student_calls"], "ratios": both["round_ratios"]}
+    elif student_pipe is not None:
+        student = bench_pipeline(student_pipe, prompts, seeds, guidance, args.requests, args.warmup, args.max_seconds)
+    elif sampler is not None:
+        teacher = bench_pipeline(sampler, prompts, seeds, guidance, args.teacher_requests, min(args.warmup, 1),
+                                 args.max_seconds * 10)
+    if student is not None:
+        pipelines.append({"key": "student_torch", "name": "student 1-step", "nfe": 1,
+                          "runtime": "PyTorch eager, in-process", "summary": student})
+        log(f"[bench] student PyTorch: p50 {student['p50_ms']:.1f} ms")
+    if teacher is not None:
+        pipelines.append({"key": "teacher", "name": f"teacher DDIM {args.teacher_steps} steps", "nfe": sampler.nfe,
+                          "runtime": "PyTorch eager, in-process", "summary": teacher})
+        log(f"[bench] teacher DDIM-{args.teacher_steps}: p50 {teacher['p50_ms']:.1f} ms")
+    return student, teacher, rounds
 
 
 def _torch_threads() -> int | None:
@@ -788,17 +1010,15 @@ def _torch_threads() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     from boot_serve.client import ClientError
+    from boot_serve.serve import ServerError
+    from boot_serve.triton_repo import RepositoryError
 
     args = parse_args(argv)
     try:
         report = run(args, argv)
-    except (BenchError, ClientError, FileNotFoundError) as err:
+    except (BenchError, ClientError, FileNotFoundError, ServerError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((args.out / "bench.md").read_text())
     print(f"written: {args.out}/bench.json, bench.md, bench.png")
-    return 0 if all(r["errors"] == 0 for r in report["served"]) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 0 if all(r["errors"] == 0 for s in report["servers"] for r in s["served"]) else 1

@@ -1,0 +1,81 @@
+"""Layers point one way (read from the code's own imports, every `import`, also inside functions):
+
+    demo/          -> boot_serve, boot
+    boot_serve/    -> boot                 (serving never imports training code)
+    distill/       -> boot, boot_serve.client (evaluating a served model)
+    boot/          -> only itself
+    model_repository/*/1/model.py -> none of them (NVIDIA's Triton container runs them bare)
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("boot", "boot_serve", "distill", "demo")
+ALLOWED = {
+    "boot": {"boot"},
+    "boot_serve": {"boot", "boot_serve"},
+    "demo": {"boot", "boot_serve", "demo"},
+    "distill": {"boot", "distill", "boot_serve.client"},
+    "model_repository": set(),
+}
+
+
+def project_imports(source: str) -> set[str]:
+    """Dotted module names of the project's packages that `source` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def allowed(importer: str, module: str) -> bool:
+    rules = ALLOWED[importer]
+    return any(module == r or module.startswith(r + ".") for r in rules) or (
+        # `from boot_serve import client` names the module boot_serve.client
+        module in {r.rsplit(".", 1)[0] for r in rules if "." in r})
+
+
+def violations(layer: str, files: list[Path]) -> dict[str, list[str]]:
+    bad = {}
+    for f in files:
+        hits = sorted(m for m in project_imports(f.read_text(encoding="utf-8")) if not allowed(layer, m))
+        if hits:
+            bad[str(f.relative_to(ROOT))] = hits
+    return bad
+
+
+@pytest.mark.parametrize("layer", ["boot", "boot_serve", "demo", "distill"])
+def test_packages_import_only_layers_below(layer):
+    assert violations(layer, sorted((ROOT / layer).rglob("*.py"))) == {}
+
+
+def test_triton_models_import_no_project_package():
+    files = sorted((ROOT / "model_repository").glob("*/1/model.py"))
+    assert files and violations("model_repository", files) == {}
+
+
+def test_the_checker_finds_a_violation():
+    assert project_imports("def f():\n    from distill.evaluate import psnr\n") == {"distill.evaluate",
+                                                                              "distill.evaluate.psnr"}
+    assert not allowed("boot_serve", "distill.shapes")
+    assert allowed("distill", "boot_serve.client") and not allowed("distill", "boot_serve.export")
+    assert allowed("demo", "boot_serve.demo_backend")
+
+
+def test_example_prompts_are_the_shapes_eval_captions():
+    from boot_serve.prompts import example_prompts
+    from distill.shapes import sample_captions
+
+    assert example_prompts(1000) == sample_captions(1000, 0, "eval")
+    assert example_prompts(3, 999) == [sample_captions(1000, 0, "eval")[999], *sample_captions(2, 0, "eval")]
