@@ -282,7 +282,7 @@ def test_students_of_sd_architectures_load_with_their_own_text_stacks(arch, tmp_
                         "--warmup", "0", "--lr", "1e-3", "--sample-every", "0", "--guidance-max", "4",
                         "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
     ref = BootPipeline.from_pretrained(student)
-    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(student)
+    pipe = diffusers.AutoPipelineForText2Image.from_pretrained(student, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline")
     height, width = ref.meta["image_shape"][:2]

@@ -325,7 +325,7 @@ def overflowing_student(root):
     from diffusers import AutoencoderKL
 
     student = make_tiny_student(make_tiny_teacher(root / "vae-teacher"), root / "vae-student", perturb=0.1)
-    vae = AutoencoderKL.from_pretrained(student / "vae")
+    vae = AutoencoderKL.from_pretrained(student / "vae", use_safetensors=True)
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)
         vae.decoder.conv_in.bias.mul_(1e5)

@@ -34,7 +34,13 @@ def test_triton_binds_localhost_by_default(tmp_path):
     cmd, _ = server.command()
     for endpoint in ("http", "grpc", "metrics"):
         assert f"--{endpoint}-address=127.0.0.1" in cmd
-    assert "--model-control-mode=none" in cmd  # clients cannot load or unload models
+    # Explicit mode loads only the client-facing model (and what it composes); the model-repository API
+    # (load/unload) sits behind a random key nobody is given, on both protocols.
+    assert "--model-control-mode=explicit" in cmd and "--load-model=boot_txt2img" in cmd
+    for flag in ("--http-restricted-api=model-repository:boot-admin-key=",
+                 "--grpc-restricted-protocol=model-repository:boot-admin-key="):
+        keys = [a[len(flag):] for a in cmd if a.startswith(flag)]
+        assert len(keys) == 1 and len(keys[0]) == 32
 
 
 def test_serve_cli_defaults_and_warns_on_a_public_address(tmp_path):
