@@ -65,7 +65,7 @@ VARIANTS = (ONEHOP, CPU_ENSEMBLE, "gpu", "tensorrt")
 CPU_VARIANTS = (ONEHOP, CPU_ENSEMBLE)
 # `--variant cpu`: the CPU variant measured better on the shipped student (docs/serving.md, docs/bench:
 # on 2 shared CPU cores the ensemble answered a lone request in about half the one-hop model's time).
-DEFAULT_CPU_VARIANT = CPU_ENSEMBLE
+DEFAULT_CPU_VARIANT = ONEHOP
 MANIFEST = "manifest.json"
 MIN_MAX_BATCH = 8
 TRT_OPT_BATCH = 4

@@ -159,7 +159,7 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     from boot.folders import STUDENT_META, read_meta
-    from distill import run, shapes
+    from distill import config, loading, shapes, student_folder
     from distill.evaluate import StudentGenerator
 
     p = argparse.ArgumentParser(prog="python -m distill.selection", description=__doc__,
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=11,
                    help="caption seed; noise seeds are 1,000,000 + i (default 11: neither the eval table's 0 nor "
                         "the fresh captions' 21 and 31)")
-    p.add_argument("--teacher-steps", type=int, default=run.REFERENCE_STEPS,
-                   help=f"DDIM steps of the teacher's reference images (default {run.REFERENCE_STEPS})")
+    p.add_argument("--teacher-steps", type=int, default=config.REFERENCE_STEPS,
+                   help=f"DDIM steps of the teacher's reference images (default {config.REFERENCE_STEPS})")
     p.add_argument("--teacher-guidance", type=float, default=None,
                    help="guidance of the teacher's reference images (default: the teacher's recommended one)")
     p.add_argument("--rule", choices=RULES, default="psnr",
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not all(lo <= w <= hi for w in args.guidance):
             raise ValueError(f"--guidance must lie in the student's trained range [{lo}, {hi}]")
         if args.prompts:
-            prompts = validation_prompts(run.read_prompts(args.prompts), args.n, args.seed)
+            prompts = validation_prompts(loading.read_prompts(args.prompts), args.n, args.seed)
         else:
             prompts = shapes.sample_captions(args.n, args.seed, args.split)
         w_teacher = args.teacher_guidance or float(read_meta(teacher).get("guidance_scale", 7.5))
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         f" (rule {r}: w = {w:g})" for r, w in choice.items() if r != args.rule) + f" -> {args.out / 'guidance.json'}")
     if args.write:
         best = pick(rows, args.rule)
-        run.update_student_meta(args.student, guidance_scale=best["guidance_scale"], guidance_selection={
+        student_folder.update_student_meta(args.student, guidance_scale=best["guidance_scale"], guidance_selection={
             "rule": args.rule, "metric": METRIC[args.rule], "value": best[METRIC[args.rule]],
             **{k: report[k] for k in ("teacher_steps", "teacher_guidance_scale", "prompts", "n")}})
     return report

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill import boot, fixtures, precision, run  # noqa: E402
+from boot import method as boot  # noqa: E402
+from distill import fixtures, loading, loop, precision  # noqa: E402
 
 # Published training costs of one-step/few-step SD-1.5 distillations, in A100-hours.
 PUBLISHED = {"LCM (SD-1.5), Luo et al. 2023": 32, "DMD2 (SD-1.5), Yin et al. 2024": 1600}
@@ -41,7 +42,7 @@ def peak_gb(dev: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
 
 
-def batch(teacher: run.Teacher, n: int, dev: torch.device, seed: int = 0):
+def batch(teacher: loading.Teacher, n: int, dev: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cond = teacher.text.encode([PROMPT]).float().to(dev).expand(n, -1, -1)
     uncond = teacher.text.encode([""]).float().to(dev).expand(n, -1, -1)
@@ -52,11 +53,11 @@ def batch(teacher: run.Teacher, n: int, dev: torch.device, seed: int = 0):
 
 
 def setup(folder: Path, amp: str, dev: torch.device, checkpointing: bool):
-    teacher = run.load_teacher(folder, precision.teacher_dtype("auto", amp))
+    teacher = loading.load_teacher(folder, precision.teacher_dtype("auto", amp))
     teacher.text.text_encoder.to(dev)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), sched, teacher.prediction_type)
-    student = run.build_student(teacher, sched).to(dev)
+    student = loading.build_student(teacher, sched).to(dev)
     if checkpointing:
         student.unet.enable_gradient_checkpointing()
     return teacher, teacher_x0, student
@@ -77,8 +78,8 @@ def time_steps(folder: Path, n: int, steps: int, dev: torch.device, amp: str = "
         t0 = time.perf_counter()
         with precision.autocast(dev, amp):
             loss = loss_fn(student, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean()
-        run.optimizer_step(loss, opt, None, student.unet, 1e-5, 1.0)
-        run.update_ema(ema.unet, student.unet, 0.999, i)
+        loop.optimizer_step(loss, opt, None, student.unet, 1e-5, 1.0)
+        loop.update_ema(ema.unet, student.unet, 0.999, i)
         sync(dev)
         times.append(time.perf_counter() - t0)
         print(f"  batch {n} step {i}: {times[-1]:.2f} s, loss {loss.item():.4f}", flush=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from boot.folders import FolderError, check_model_folder
-from distill import fixtures, run
+from distill import fixtures, loading, run
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn"]
 SEEDS = [0, 7]
@@ -224,9 +224,9 @@ def _fixed_batch_losses(teacher_dir: Path, student_dir: Path | None, parameteriz
     None the untrained student distill.run starts from."""
     from boot import method as boot
 
-    teacher = run.load_teacher(teacher_dir)
+    teacher = loading.load_teacher(teacher_dir)
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    student = run.build_student(teacher, schedule, str(student_dir) if student_dir else None, parameterization)
+    student = loading.build_student(teacher, schedule, str(student_dir) if student_dir else None, parameterization)
     g = torch.Generator().manual_seed(99)
     n = 32
     noise = torch.randn(n, *teacher.latent_shape, generator=g)
@@ -253,7 +253,7 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
     from boot import sdxl
 
     shutil.copytree(folder, out)
-    teacher = run.load_teacher(out)
+    teacher = loading.load_teacher(out)
     schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     states, pooled = teacher.text.encode_pooled(PROMPTS)
     null, null_pooled = teacher.text.unconditional()

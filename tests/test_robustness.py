@@ -157,11 +157,11 @@ def test_distill_run_teacher_with_missing_weights(tiny, tmp_path):
 
 
 def test_distill_run_prompt_file_with_blank_and_very_long_lines(tiny, tmp_path):
-    from distill import run
+    from distill import loading
 
     long_line = "a red circle " * 40
     (tmp_path / "p.txt").write_text(f"a red circle\n\n   \n{long_line}\na blue square\n")
-    prompts = run.read_prompts(tmp_path / "p.txt")
+    prompts = loading.read_prompts(tmp_path / "p.txt")
     assert prompts == ["a red circle", long_line.strip(), "a blue square"]
     argv = ["--teacher", str(tiny), "--prompts", str(tmp_path / "p.txt"), "--steps", "1", "--batch-size", "2",
             "--max-minutes", "0", "--sample-every", "0", "--eval-n", "0", "--work", str(tmp_path / "w"),

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from boot import method as boot
-from distill import checkpoint, run
+from distill import batches, checkpoint, config, loading, refine, run
 from tests.tiny import LATENT, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,13 +224,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import save_file
 from boot import method as boot
-from distill import run
+from distill import loading
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-teacher = run.load_teacher(sys.argv[1])
+teacher = loading.load_teacher(sys.argv[1])
 sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
 teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
-student = run.build_student(teacher, sched)
+student = loading.build_student(teacher, sched)
 if sys.argv[3] == "ckpt":
     student.unet.enable_gradient_checkpointing()
 net = DDP(student, broadcast_buffers=False)
@@ -290,12 +290,12 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     assert len(stored["t"]) == 12 and stored["t"].min() > 100 and stored["t"].max() <= 200  # (F − Δ, F]
     assert stored["w"].min() >= 1.0 and stored["w"].max() <= 6.0
     # Each target: the teacher's DDIM from the frozen starting student's ŷ_t to 0 in ceil(F/Δ) = 2 steps.
-    teacher = run.load_teacher(teacher_dir)
+    teacher = loading.load_teacher(teacher_dir)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    frozen = run.build_student(teacher, sched, str(baseline[0] / "student")).eval()
+    frozen = loading.build_student(teacher, sched, str(baseline[0] / "student")).eval()
     with pytest.raises(ValueError, match="reads its UNet as 'teacher-at-T', not --parameterization 'direct'"):
-        run.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
-    states, rows = run.encode_prompts(teacher.text, run.read_prompts(prompts))
+        loading.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
+    states, rows = loading.encode_prompts(teacher.text, loading.read_prompts(prompts))
     cond, uncond = states[rows[stored["prompt"]]], teacher.text.encode([""]).float()
     # Written out here with the teacher's UNet and diffusers' ᾱ (not boot.method): x-space DDIM (η = 0) with
     # CFG on the v-prediction, t -> t - t // 2 -> 0, from x_t = α_t ŷ_t + σ_t ε; the target is the signal
@@ -366,16 +366,16 @@ def test_refine_targets_are_keyed_on_the_contents_of_prompts_and_unets(baseline,
     cfg = run.config_from_args(p.parse_args(["--teacher", str(teacher2), "--prompts", str(file), "--init-from",
                                              str(start), "--final-hop", "200", "--refine", "12", "--batch-size", "4"]),
                                p)
-    key = run.refine_key(cfg)
-    assert run.refine_key(cfg) == key
+    key = refine.refine_key(cfg)
+    assert refine.refine_key(cfg) == key
     unet = "unet/diffusion_pytorch_model.safetensors"
     for changed, path in ((file, file), (teacher2, teacher2 / unet), (start, start / unet)):
         original = path.read_bytes()
         path.write_bytes(original + b" ")  # same path, other contents
-        assert run.refine_key(cfg) != key, changed
+        assert refine.refine_key(cfg) != key, changed
         path.write_bytes(original)
-    assert run.refine_key(cfg) == key
-    assert run.refine_key(dataclasses.replace(cfg, refine=16)) != key
+    assert refine.refine_key(cfg) == key
+    assert refine.refine_key(dataclasses.replace(cfg, refine=16)) != key
 
 
 def test_refine_two_process_ddp_equals_one_process(refined, baseline, setup):
@@ -403,7 +403,7 @@ def test_compiled_gradients_match_eager(setup):
     import copy
 
     _, teacher_dir, _ = setup
-    teacher = run.load_teacher(teacher_dir)
+    teacher = loading.load_teacher(teacher_dir)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
     cond = teacher.text.encode(PROMPTS[:4]).float()
@@ -417,7 +417,7 @@ def test_compiled_gradients_match_eager(setup):
         loss.backward()
         return loss.item(), {n: p.grad for n, p in student.unet.named_parameters() if p.grad is not None}
 
-    eager = run.build_student(teacher, sched)
+    eager = loading.build_student(teacher, sched)
     compiled = copy.deepcopy(eager)
     loss_e, g_e = grads(eager, eager)
     loss_c, g_c = grads(compiled, torch.compile(compiled))
@@ -433,21 +433,21 @@ def test_compile_is_refused_on_the_cpu(tiny_teacher, capsys, tmp_path):
 
 
 def test_global_batch_is_sharded_not_redrawn():
-    cfg = run.RunConfig(batch_size=6, seed=1)
-    full = run.draw_batch(cfg, 5, 10, LATENT, 999)
-    again = run.draw_batch(cfg, 5, 10, LATENT, 999)
+    cfg = config.RunConfig(batch_size=6, seed=1)
+    full = batches.draw_batch(cfg, 5, 10, LATENT, 999)
+    again = batches.draw_batch(cfg, 5, 10, LATENT, 999)
     parts = [full.shard(r, 3) for r in range(3)]
     assert torch.equal(torch.cat([p.noise for p in parts]), full.noise) and torch.equal(full.noise, again.noise)
     assert torch.equal(torch.cat([p.t for p in parts]), full.t)
-    other = run.draw_batch(cfg, 6, 10, LATENT, 999)
+    other = batches.draw_batch(cfg, 6, 10, LATENT, 999)
     assert not torch.equal(other.noise, full.noise)
     assert full.t.min() >= 1 and full.t.max() <= 999 and full.w.min() >= 1.0 and full.w.max() <= 6.0
 
 
 def test_final_hop_draws_its_share_from_below_f_and_the_rest_above():
-    plain = run.draw_batch(run.RunConfig(batch_size=400, seed=2), 3, 10, LATENT, 999)
-    cfg = run.RunConfig(batch_size=400, seed=2, delta=20, final_hop=100, final_fraction=0.3)
-    b = run.draw_batch(cfg, 3, 10, LATENT, 999)
+    plain = batches.draw_batch(config.RunConfig(batch_size=400, seed=2), 3, 10, LATENT, 999)
+    cfg = config.RunConfig(batch_size=400, seed=2, delta=20, final_hop=100, final_fraction=0.3)
+    b = batches.draw_batch(cfg, 3, 10, LATENT, 999)
     final = b.t <= 100
     assert b.t[final].min() >= 81 and b.t[final].max() <= 100 and b.t[~final].max() <= 999
     assert 0.2 < final.float().mean() < 0.4
@@ -477,7 +477,7 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     from distill import shapes
 
     ev, w = meta["evaluation"], meta["guidance_scale"]
-    captions, seeds = shapes.sample_captions(3, 0, "eval"), [run.SAMPLE_SEED0 + i for i in range(3)]
+    captions, seeds = shapes.sample_captions(3, 0, "eval"), [config.SAMPLE_SEED0 + i for i in range(3)]
     student = BootPipeline.from_pretrained(out)(captions, seeds, w)
     teacher_images = TeacherSampler(teacher, 50, w)(captions, seeds, w)
     report = json.loads((tmp_path / "w" / "eval" / "report.json").read_text())
@@ -657,9 +657,9 @@ def test_psnr_selection_with_a_prompts_file_keeps_the_step_closest_to_the_teache
     assert meta["selection"]["rule"] == "psnr" and meta["selection"]["step"] == records[best]["step"]
     assert meta["selection"]["value"] == psnrs[best] and meta["selection"]["teacher_steps"] == 50
     # Recompute: the exported student's images against the teacher's own 50-step DDIM images.
-    captions = selection.validation_prompts(run.read_prompts(prompts), 3, 3 + 1)
+    captions = selection.validation_prompts(loading.read_prompts(prompts), 3, 3 + 1)
     assert set(captions) <= set(PROMPTS) and len(set(captions)) == 3
-    seeds = [run.VAL_SEED0 + i for i in range(3)]
+    seeds = [config.VAL_SEED0 + i for i in range(3)]
     w = meta["guidance_scale"]
     ours = BootPipeline.from_pretrained(out)(captions, seeds, w)
     ref = TeacherSampler(teacher, 50, w)(captions, seeds, w)

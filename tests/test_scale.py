@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from boot import method as boot
-from distill import fixtures, lora, memory, precision, run
+from distill import config, fixtures, loading, loop, lora, memory, monitor, precision, run, student_folder
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle", "a yellow square"]
@@ -51,7 +51,7 @@ def _argv(root, teacher, name, *extra):
             "--work", str(root / name / "work"), *FLAGS, *extra]
 
 
-def _batch(teacher: run.Teacher, n: int = 4, seed: int = 0):
+def _batch(teacher: loading.Teacher, n: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cond = teacher.text.encode(PROMPTS[:n]).float()
     uncond = teacher.text.encode([""]).float().expand(n, -1, -1)
@@ -60,9 +60,9 @@ def _batch(teacher: run.Teacher, n: int = 4, seed: int = 0):
 
 
 def _setup(folder, dtype=torch.float32, **student_kw):
-    teacher = run.load_teacher(folder, dtype)
+    teacher = loading.load_teacher(folder, dtype)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    return teacher, sched, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), run.build_student(
+    return teacher, sched, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), loading.build_student(
         teacher, sched, **student_kw)
 
 
@@ -108,20 +108,20 @@ def test_fp16_teacher_folder_distils_in_bf16_with_checkpointing_and_no_samples(r
 
 
 def test_teacher_is_cast_to_the_run_precision_and_reference_grid_runs_in_it(root, sd15_fp16, monkeypatch):
-    monkeypatch.setattr(run, "REFERENCE_STEPS", 4)  # the grid's sampler, shortened
-    teacher = run.load_teacher(sd15_fp16, precision.teacher_dtype("auto", "bf16"))
+    monkeypatch.setattr(config, "REFERENCE_STEPS", 4)  # the grid's sampler, shortened
+    teacher = loading.load_teacher(sd15_fp16, precision.teacher_dtype("auto", "bf16"))
     assert next(teacher.unet.parameters()).dtype == torch.bfloat16
     assert next(teacher.vae.parameters()).dtype == torch.float32  # the VAE and text encoder stay fp32
     assert next(teacher.text.text_encoder.parameters()).dtype == torch.float32
     assert precision.teacher_dtype("auto", "no") == torch.float32
     assert precision.teacher_dtype("fp16", "bf16") == torch.float16
     # The reference grid of a bf16 run: the run's own bf16 UNet, no second copy.
-    samples = run.Samples(teacher, PROMPTS[:2], 7.5, root)
+    samples = monitor.Samples(teacher, PROMPTS[:2], 7.5, root)
     assert len(samples.teacher) == 2 and samples.teacher[0].size == (64, 64)
     # ... and equal to a sampler loading the folder itself in bf16 (same weights, same precision).
     from boot.samplers import TeacherSampler
 
-    own = TeacherSampler(sd15_fp16, run.REFERENCE_STEPS, 7.5, dtype=torch.bfloat16)(PROMPTS[:2], samples.seeds, 7.5)
+    own = TeacherSampler(sd15_fp16, config.REFERENCE_STEPS, 7.5, dtype=torch.bfloat16)(PROMPTS[:2], samples.seeds, 7.5)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(samples.teacher, own))
 
 
@@ -129,7 +129,7 @@ def test_bf16_loss_is_finite_and_close_to_fp32(tiny):
     """Same weights and batch: the BOOT loss under bf16 autocast with a bf16 teacher within 2% of fp32's and
     gradients at cosine > 0.99 (measured on this tiny teacher: 0.26% and 0.9994; on the tiny SD-1.5
     fixture 0.02% and 0.9997). The UNet outputs are read in fp32 before the x0 read, residual and 1/δ²."""
-    batch = _batch(run.load_teacher(tiny))
+    batch = _batch(loading.load_teacher(tiny))
     loss_fn = boot.BootLoss(delta_steps=100)
     _, _, t32, s32 = _setup(tiny)
     _, _, t16, s16 = _setup(tiny, torch.bfloat16)
@@ -206,7 +206,7 @@ def test_beta_zero_skips_the_boundary_teacher_call_and_the_t_branch(tiny, beta, 
 
 
 def test_text_states_fp16_cache_and_on_the_fly(tiny):
-    teacher = run.load_teacher(tiny)
+    teacher = loading.load_teacher(tiny)
     prompts = PROMPTS + PROMPTS[:2]
     idx = torch.tensor([5, 0, 3, 1])
     cached = memory.PromptStates(teacher.text, prompts, "fp32")
@@ -218,7 +218,7 @@ def test_text_states_fp16_cache_and_on_the_fly(tiny):
     assert torch.allclose(fly(idx), ref, atol=1e-6)
     assert torch.allclose(half(idx), ref, rtol=1e-3, atol=1e-3) and not torch.equal(half(idx), ref)
     assert half.nbytes * 2 == cached.nbytes and fly.nbytes == 0 and len(cached.table) == 4
-    states, rows = run.encode_prompts(teacher.text, prompts)  # the function the refine test calls
+    states, rows = loading.encode_prompts(teacher.text, prompts)  # the function the refine test calls
     assert torch.equal(states[rows[idx]], ref)
 
 
@@ -399,10 +399,10 @@ def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teac
     if _available_gb() < needs_gb:
         pytest.skip(f"needs about {needs_gb} GB of free memory, {_available_gb():.1f} GB available")
     t0 = time.perf_counter()
-    teacher = run.load_teacher(sd15_full, precision.DTYPES[teacher_dtype])
+    teacher = loading.load_teacher(sd15_full, precision.DTYPES[teacher_dtype])
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
-    student = run.build_student(teacher, sched)
+    student = loading.build_student(teacher, sched)
     student.unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(student.unet.parameters(), lr=1e-5, weight_decay=0.0)
     assert teacher.latent_shape == (4, 64, 64) and teacher.image_shape == (512, 512, 3)
@@ -420,7 +420,7 @@ def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teac
         terms = boot.BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)
     record["loss_forward_s"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
-    run.optimizer_step(terms["loss"].mean(), opt, None, student.unet, 1e-5, 1.0)  # backward, clip, AdamW
+    loop.optimizer_step(terms["loss"].mean(), opt, None, student.unet, 1e-5, 1.0)  # backward, clip, AdamW
     record.update(backward_and_adamw_s=round(time.perf_counter() - t1, 1), step_s=round(time.perf_counter() - t0, 1),
                   peak_rss_gb=round(_peak_rss_gb(), 2), loss=terms["loss"].item(), loadavg=os.getloadavg(),
                   threads=torch.get_num_threads())
@@ -442,11 +442,11 @@ def test_full_size_sd15_student_exports_with_parity_and_serves(sd15_full, tmp_pa
     from boot_serve.triton_repo import write_configs
 
     student, repo = tmp_path / "student", Path(os.environ.get("BOOT_SCALE_REPO", tmp_path / "repo"))
-    teacher = run.load_teacher(sd15_full)
+    teacher = loading.load_teacher(sd15_full)
     sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    cfg = run.RunConfig(teacher=str(sd15_full), guidance_max=8.0)
-    meta = run.student_meta(cfg, teacher, {"source": "test"}, 0, 7.5, {})
-    run.write_student(student, teacher, run.build_student(teacher, sched).unet, meta, tmp_path)
+    cfg = config.RunConfig(teacher=str(sd15_full), guidance_max=8.0)
+    meta = student_folder.student_meta(cfg, teacher, {"source": "test"}, 0, 7.5, {})
+    student_folder.write_student(student, teacher, loading.build_student(teacher, sched).unet, meta, tmp_path)
     del teacher
     t0 = time.perf_counter()
     info = ex.export(student, repo, "fp32", parity_batches=(1,), e2e_prompts=1)

@@ -945,7 +945,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
         "config": {"url": args.url, "variants": args.variants, "protocol": args.protocol,
                    "concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
                    "max_seconds": args.max_seconds, "repository": str(args.repository),
-                   "student": str(student_dir) if student_dir else None,
+                   "student": _shown(student_dir) if student_dir else None,
                    "teacher": str(args.teacher) if args.teacher else None, "teacher_steps": args.teacher_steps,
                    "teacher_requests": args.teacher_requests, "guidance_scale": guidance,
                    "precision": manifest.get("precision"), "image_shape": manifest.get("image_shape"),
@@ -1006,6 +1006,15 @@ def _torch_threads() -> int | None:
     if "torch" not in sys.modules:
         return None
     return sys.modules["torch"].get_num_threads()
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the working directory where it lies below it (a report
+    names no machine's absolute paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

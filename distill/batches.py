@@ -1,0 +1,55 @@
+"""Each step's global batch, drawn from a generator seeded by (seed, step): a resumed run sees the
+batches an uninterrupted one would, and every rank draws the same batch and keeps its slice; the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distill.config import RunConfig
+
+
+@dataclass
+class Batch:
+    prompt: torch.Tensor  # (B,) index into the prompt list
+    noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
+    t: torch.Tensor  # (B,) long, uniform in [1, T] (with --final-hop: see draw_batch)
+    w: torch.Tensor  # (B,) guidance scale
+
+    def shard(self, rank: int, world: int) -> Batch:
+        """This rank's contiguous slice of the global batch."""
+        n = self.t.shape[0] // world
+        return Batch(*(x[rank * n:(rank + 1) * n] for x in dataclasses.astuple(self)))
+
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, step): resume- and world-size-invariant draws."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+
+def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[int, ...], T: int) -> Batch:
+    """The global batch of `step` (identical on every rank)."""
+    gen = step_generator(cfg.seed, step)
+    b = cfg.batch_size
+    prompt = torch.randint(0, n_prompts, (b,), generator=gen)
+    noise = torch.randn((b, *latent_shape), generator=gen)
+    t = torch.randint(1, T + 1, (b,), generator=gen)
+    w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
+    if cfg.final_hop:  # final hops from (F - Δ, F] (their y_t trained by the hops from (F, F + Δ]), the rest (F, T]
+        final = torch.rand(b, generator=gen) < cfg.final_fraction
+        t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
+        t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
+    return Batch(prompt, noise, t, w)
+
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+

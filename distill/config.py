@@ -1,0 +1,132 @@
+"""The run's typed configuration: RunConfig (stored in every checkpoint and in boot.json), the
+presets, each value with its reason, and the constants the parts share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from boot import method as boot
+
+DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
+
+
+
+GRAMMAR = "shapes-grammar"
+
+
+
+N_SAMPLES = 8  # fixed prompts in the sample grid
+
+
+
+SAMPLE_SEED0 = 1_000_000  # seeds of the sample grid and evaluation: SAMPLE_SEED0 + i
+
+
+
+VAL_SEED0 = 2_000_000  # noise seeds of the periodic validation: VAL_SEED0 + i
+
+
+
+REFERENCE_STEPS = 50  # the teacher's DDIM steps the student is compared against
+
+
+
+@dataclass
+class RunConfig:
+    """Every choice that shapes the student; stored in each checkpoint and in boot.json."""
+
+    teacher: str = str(DEFAULT_TEACHER)
+    prompts: str = GRAMMAR  # a prompts file, or GRAMMAR (distill.shapes.sample_captions)
+    num_prompts: int = 4096  # captions drawn from the grammar
+    preset: str = "quick"
+    steps: int = 600
+    batch_size: int = 24  # global batch, split across ranks
+    lr: float = 2e-5
+    warmup: int = 50  # linear LR warmup steps, constant afterwards
+    grad_clip: float = 1.0
+    delta: int = 20  # Δ: s = max(t - Δ, 0)
+    beta: float = 1.0  # β: weight of the boundary loss
+    solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
+    final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)
+    final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
+    refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
+    refine_space: str = "latent"  # --refine's squared error between latents, or between VAE-decoded images
+    parameterization: str = boot.DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.PARAMETERIZATIONS)
+    guidance_min: float = 1.0
+    guidance_max: float = 6.0
+    guidance_scale: float | None = None  # recommended w; None: the teacher's
+    ema: float = 0.99  # EMA decay; 0 disables EMA (the student is the online network)
+    target: str = "online"  # network giving the stop-gradient bootstrap target ŷ_t
+    seed: int = 0
+    init_from: str | None = None  # a student folder whose UNet starts the student (and EMA) instead of the teacher's
+    mixed_precision: str = "no"
+    teacher_dtype: str = "auto"  # the frozen teacher UNet's dtype (distill.precision.teacher_dtype)
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # R > 0: LoRA adapters of rank R + the condition projection train, the rest is frozen
+    text_states: str = "fp32"  # text states cached in fp32, fp16, or encoded per batch ("on-the-fly")
+    ema_device: str = "same"  # where the EMA copy lives: the training device, or "cpu"
+    refine_chunk: int = 0  # --refine targets per chunk (0: from the memory budget on a GPU, 64 on the CPU)
+    memory_budget: float = 0.0  # GB a refine-target chunk may use on a GPU (0: 80% of the free memory)
+    compile: bool = False  # torch.compile the student and teacher forwards of the training loop
+    checkpoint_every: int = 100
+    sample_every: int = 100
+    eval_n: int = 64  # held-out grammar captions judged at the end (0: none)
+    max_minutes: float = 0.0  # wall-clock cap on the training loop, 0 = none (then `steps_done` < steps)
+    val_every: int = 0  # steps between judge validations of the exported student (grammar prompts), 0 = none
+    val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
+    keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
+    select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
+
+
+
+# Flags left out of the resume check: they do not change the weights of step k.
+BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
+               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
+
+
+
+PRESETS: dict[str, dict] = {
+    # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
+    # for batch 24 (target g(ε,t), 2 CFG teacher calls, online g at (s, T) forward + backward),
+    # i.e. 1.1-2.2 s depending on how fast that forward is (DESIGN.md §2 scoping run vs 0.3 s).
+    # Batch 16 x 600 steps is 7-15 min; the 15-minute cap keeps the whole command, with the
+    # 50-step teacher reference and the 64-caption evaluation, inside 20 minutes on a slow day.
+    "quick": dict(steps=600, batch_size=16, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
+                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0, val_every=0),
+    # The quality recipe (hours on CPU, minutes on a GPU).
+    # lr 1e-4 at batch 128: 80.3% where lr 2e-5 gave 72.7% after the same 6.2 GPU minutes
+    # (docs/ablations.md, "Learning rate and solver steps"); the validation picks the exported step.
+    "full": dict(steps=6000, batch_size=128, lr=1e-4, warmup=100, ema=0.999, num_prompts=16384,
+                 checkpoint_every=250, sample_every=500, eval_n=300, max_minutes=0.0, val_every=250),
+    # A second stage for a GPU: the final-hop refinement of a distilled student (--init-from) at the scale
+    # that made the shipped student (docs/ablations.md, "Refinement at GPU scale": 84.8 -> 88.2% validation,
+    # best at step 2,800). On 2 CPU cores its targets alone take about 2 h.
+    "refine": dict(steps=3500, batch_size=256, lr=2e-5, warmup=50, ema=0.995, num_prompts=16384,
+                   checkpoint_every=250, sample_every=1000, eval_n=300, max_minutes=0.0, val_every=200,
+                   final_hop=100, refine=65536, val_n=600),
+}
+
+
+
+# Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
+PRESET_EXTRAS = ("final_hop", "refine", "val_n")
+
+
+
+def preset_values(name: str) -> dict:
+    """A preset's values, with RunConfig's for the PRESET_EXTRAS it does not set."""
+    defaults = RunConfig()
+    return {**{key: getattr(defaults, key) for key in PRESET_EXTRAS}, **PRESETS[name]}
+
+
+
+def preset_help(key: str) -> str:
+    return "(default: " + ", ".join(f"{name} {preset_values(name)[key]}" for name in PRESETS) + ")"
+
+
+
+def default_name(teacher: Path) -> str:
+    name = teacher.resolve().name
+    return (name[: -len("-teacher")] if name.endswith("-teacher") else name) + "-boot"
+

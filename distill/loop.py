@@ -1,0 +1,266 @@
+"""The distillation loop (numbered steps in `train`), the optimizer step, the EMA, resume and the
+run's end (the student folder and its evaluation)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from boot import method as boot
+from distill import checkpoint, config, memory, precision
+from distill.batches import Batch, draw_batch, lr_at
+from distill.config import BOOKKEEPING, GRAMMAR, RunConfig
+from distill.distributed import Dist, all_mean
+from distill.loading import Teacher, build_student, recommended_guidance
+from distill.monitor import (
+    Samples,
+    Validation,
+    append_jsonl,
+    evaluate_student,
+    final_losses,
+    make_pipeline,
+    plot_loss,
+    sample_prompt_list,
+    truncate_log,
+)
+from distill.refine import final_hop_targets, image_decoder, pooled_pair
+from distill.student_folder import lineage, load_unet_weights, student_meta, update_student_meta, write_student
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step: int) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ with d warmed up as min(decay, (1 + step) / (10 + step)); over the
+    trained parameters only (frozen ones, a LoRA student's base, are equal in both), wherever the EMA lives."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), online.parameters()):
+        if p.requires_grad:
+            pe.lerp_(p.detach().to(pe.device), 1 - d)
+
+
+
+def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict, opt, scaler, dist: Dist) -> int:
+    """Load the newest checkpoint (--resume) or clear old ones; return the first step to run."""
+    last = checkpoint.latest(ckpt_dir)
+    if not resume:
+        if last is not None and dist.main:
+            print(f"starting fresh: removing checkpoints in {ckpt_dir} (pass --resume to continue from {last.name})")
+            shutil.rmtree(ckpt_dir)
+        return 0
+    if last is None:
+        if dist.main:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
+        return 0
+    info = checkpoint.load(last, modules, opt)
+    stored = info["meta"]["config"]
+    defaults = dataclasses.asdict(RunConfig())  # for fields newer than the checkpoint
+    changed = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in BOOKKEEPING and stored.get(k, defaults[k]) != v]
+    if changed:
+        raise ValueError(f"--resume: {', '.join(f'{k} {stored.get(k)!r} -> {getattr(cfg, k)!r}' for k in changed)}"
+                         f" differ from the checkpoint {last}; use the same flags or a new --work")
+    if scaler is not None and info["meta"].get("scaler"):
+        scaler.load_state_dict(info["meta"]["scaler"])
+    if dist.main:
+        print(f"resumed {last} (step {info['step']})")
+    return int(info["step"])
+
+
+
+def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_info: dict, dist: Dist,
+          out: Path, work: Path) -> Path:
+    """The distillation procedure, top to bottom (numbered as in the module docstring)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = dist.device
+    w_rec = recommended_guidance(cfg, teacher)
+    # 0a. Frozen teacher f_w and cached text states (one per distinct prompt; uncond = "").
+    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
+    if cfg.final_hop >= schedule.T:
+        raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
+    teacher.text.to(dev)
+    # SDXL: pooled embeddings cached beside the states; the unconditional context as its pipeline makes it.
+    states = memory.PromptStates(teacher.text, prompts, cfg.text_states, dev)
+    uncond, uncond_pooled = (None if x is None else x.float().to(dev) for x in teacher.text.unconditional())
+    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
+    teacher.vae.to(dev)
+    # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
+    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
+    if dist.main:
+        lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
+    ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
+           if cfg.ema > 0 else None)
+    if cfg.gradient_checkpointing:
+        student.unet.enable_gradient_checkpointing()
+    target = ema if cfg.target == "ema" else student
+    exported = ema if ema is not None else student
+    opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
+    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (boot/method.py)
+    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
+                            final_hop=cfg.final_hop)
+    refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
+              if cfg.refine else None)
+    refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
+    ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
+
+    # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
+    #     --sample-every 0 renders none (at SD scale on a CPU the 50-step teacher grid alone takes hours).
+    samples = None
+    if dist.main and cfg.sample_every:
+        samples = Samples(teacher, sample_prompt_list(cfg, prompts), w_rec, work)
+        with memory.placed(exported, dev):
+            samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
+    modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
+    start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
+    val = None
+    if dist.main:
+        truncate_log(log_path, start)
+        if samples is not None:
+            samples.truncate(start)
+        if cfg.val_every:
+            val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
+            if start == 0:
+                with memory.placed(exported, dev):
+                    val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
+              broadcast_buffers=False) if dist.world > 1 else student
+    if cfg.compile:  # the loop's calls only; samples, checkpoints and the export use the plain modules
+        net, teacher_x0 = torch.compile(net), boot.TeacherX0(torch.compile(teacher.unet), schedule,
+                                                              teacher.prediction_type, teacher.time_ids)
+        target = torch.compile(target)
+
+    t0, done = time.time(), start
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="boot", disable=not dist.main)
+    for step in bar:
+        # 1. This rank's slice of the global batch of `step` (--refine: of the stored final hops).
+        r = refine.rows(cfg, step, dist) if refine is not None else None
+        b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
+             draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
+        cond = states(b.prompt)
+        pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
+        noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
+        # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
+        #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
+        with precision.autocast(dev, cfg.mixed_precision):
+            terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
+                     if refine is not None else
+                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
+                             pooled_c, pooled_u))
+        loss = terms["loss"].mean()
+        # 3. AdamW with clipping, then EMA.
+        optimizer_step(loss, opt, scaler, student.unet, kappa * lr_at(cfg, step), cfg.grad_clip)
+        if ema is not None:
+            update_ema(ema.unet, student.unet, cfg.ema, step)
+        # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
+        done = step + 1
+        out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
+        flag = torch.tensor(float(out_of_time) * dist.world, device=dev)
+        *logged, stop = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean(),
+                                              flag]).float(), dist).tolist()
+        last = done == cfg.steps or stop > 0
+        if dist.main:
+            record = dict(zip(("loss", "bootstrap", "boundary"), logged))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",
+                            bc=f"{record['boundary']:.4f}")
+            append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
+            if cfg.sample_every and done % cfg.sample_every == 0 and not last:
+                with memory.placed(exported, dev):
+                    value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
+                tqdm.write(f"step {done}: sample PSNR vs teacher-{config.REFERENCE_STEPS} {value:.2f} dB")
+                plot_loss(log_path, work)
+            validate = val is not None and (done % cfg.val_every == 0 or last)
+            if done % cfg.checkpoint_every == 0 or last or validate:
+                meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
+                checkpoint.save(ckpt_dir, done, modules, opt, meta)
+            if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
+                with memory.placed(exported, dev):
+                    record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
+                tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
+                           f"{val.describe(val.best)} at step {val.best['step']})")
+        if stop > 0:
+            if dist.main:
+                tqdm.write(f"--max-minutes {cfg.max_minutes} reached after step {done} of {cfg.steps}; "
+                           "continue with --resume")
+            break
+    bar.close()
+    if dist.main:
+        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0, val)
+    return out
+
+
+
+def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: float, clip: float) -> None:
+    """Backward (loss-scaled under fp16), unscale, clip the global grad norm, AdamW step at `lr`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
+
+def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples | None,
+           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
+           val: Validation | None = None) -> None:
+    """Rank 0 after training: last sample grid, student folder, losses and evaluation summary."""
+    log_path = work / "loss.jsonl"
+    plot_loss(log_path, work)
+    steps, extra = done, {}
+    if val is not None:
+        extra["validation"] = {"captions": cfg.val_n, "every": cfg.val_every, "best": val.best,
+                               "last": val.records[-1] if val.records else None}
+        if cfg.keep == "best":
+            exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
+            steps = val.best["step"]
+            extra["steps_run"] = done
+            extra["selection"] = val.selection()
+            print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
+                  f"last step {done}: {val.describe(val.records[-1])})")
+    exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
+    pipe = make_pipeline(teacher, exported, cfg, w_rec)
+    psnr = samples.save(pipe, steps) if samples is not None else None
+    losses = final_losses(log_path)
+    meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
+        "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
+        "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
+        exported.conditioning)
+    unet = exported.unet
+    if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
+        from distill import lora
+
+        meta["lora"] = {"rank": cfg.lora_rank, "target_modules": list(lora.TARGET_MODULES), "merged": True}
+        unet = lora.merged(unet)
+    write_student(out, teacher, unet, meta, work)
+    if done < cfg.steps:
+        print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")
+    print("final losses (mean of last 20 steps): " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
+    if samples is not None:
+        print(f"sample grid PSNR vs teacher-{config.REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
+              f"-> {work / 'samples.png'}")
+    if cfg.prompts == GRAMMAR and cfg.eval_n:
+        summary = evaluate_student(cfg, teacher, pipe, w_rec, work)
+        update_student_meta(out, evaluation=summary)
+        print(f"student-1 accuracy {100 * summary['student_accuracy']:.1f}% vs teacher-{config.REFERENCE_STEPS} "
+              f"{100 * summary[f'teacher{config.REFERENCE_STEPS}_accuracy']:.1f}%, PSNR vs teacher "
+              f"{summary['psnr_vs_teacher']:.2f} dB ({cfg.eval_n} held-out captions)")
+    print(f"student written to {out}")
+

@@ -1,0 +1,288 @@
+"""The Triton Python models of boot: one source for every Python-backend model of the repository.
+
+`python -m boot_serve.triton_repo` copies this file, unchanged, to `<model>/1/model.py` of each
+Python-backend model; what a copy does follows from its model's name:
+
+    preprocess     PROMPT, SEED, GUIDANCE_SCALE -> input_ids [L], noise [C, h, w], guidance_scale [1]
+                   (first step of the ensemble: checks the request, tokenizes, draws the noise;
+                   SDXL-family repositories, manifest "tokenizer_2": also input_ids_2 [L])
+    text_encoder,  one ONNX graph of the repository in ONNX Runtime: tensor names and dims come
+    boot_unet,     from config.pbtxt (identical to the graph's, docs/interfaces.md), per-request
+    vae_decoder    dims from `reshape` where the config has one
+    boot_txt2img   (cpu-onehop variant) the whole request in this one model: the checks, tokenizer
+                   and noise of `preprocess`, then the three graphs one after the other:
+                   PROMPT, SEED, GUIDANCE_SCALE -> IMAGE [H, W, 3]
+
+The file needs numpy, tokenizers and onnxruntime, not boot_serve (NVIDIA's Triton container runs it
+with nothing else installed); without `triton_python_backend_utils` it still imports, so that the
+request handling below can be run and tested in-process.
+
+Request handling (docs/interfaces.md):
+1. prompt -> input_ids with the repository's tokenizer.json (written by `boot_serve.export`, path in
+   manifest.json "tokenizer"), padded to L = manifest "max_length" exactly as
+   `tokenizer(prompts, padding="max_length", max_length=L)` in the in-process pipelines; an SDXL-family
+   repository's second tokenizer (manifest "tokenizer_2", its own padding token) gives input_ids_2 alike.
+2. seed -> noise, the noise contract:
+       numpy.random.default_rng(seed).standard_normal((C, h, w), dtype=float32) * init_noise_sigma
+   so an image depends only on (prompt, seed, guidance), never on its batch.
+3. GUIDANCE_SCALE absent -> the student's recommended scale (manifest "guidance_scale").
+
+Rejected with a per-request error (INVALID_ARG; the other requests of the batch go on): a prompt over
+MAX_PROMPT_BYTES (checked before any decoding, so a megabyte prompt costs nothing to refuse); bytes
+that are not UTF-8; an empty or whitespace-only prompt; a prompt longer than L tokens (special tokens
+included; REJECTED, not truncated: truncation silently drops objects or positions from the picture);
+a negative seed (INT64 cannot exceed 2**63 - 1); a NaN/Inf guidance or one outside manifest
+"guidance_range".
+
+Graph runs: one run per execute over the whole dynamic batch, the requests' tensors stacked along
+the batch axis and the outputs split back. A failing run fails each request of the batch with the
+error, and the model keeps serving. ONNX Runtime settings are the config parameters `providers`
+(comma-separated, default CPUExecutionProvider), `intra_op_thread_count` (0: ORT's default, one
+thread per physical core) and `allow_spinning` (default "0": spinning worker threads burn the
+cores that the next request or the server's other models need).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside a Triton stub (tests, tools)
+    pb_utils = None
+
+# Far above any prompt that fits the token limit (16-77 tokens are a few hundred bytes), far
+# below what would make tokenizing a rejected prompt cost more than serving a good one.
+MAX_PROMPT_BYTES = 4096
+GRAPHS = ("text_encoder", "boot_unet", "vae_decoder")
+
+
+class RequestRejected(ValueError):
+    """A request outside the client contract: answered with its own INVALID_ARG error."""
+
+
+# --------------------------------------------------------------------------------------------
+# Request -> graph inputs
+# --------------------------------------------------------------------------------------------
+class Preprocessor:
+    """Checks one request and turns it into input_ids (B, L) (and input_ids_2 (B, L) for SDXL-family
+    repositories), noise (B, C, h, w), guidance (B,)."""
+
+    def __init__(self, repository: Path, manifest: dict):
+        from tokenizers import Tokenizer
+
+        self.max_length = int(manifest["max_length"])
+        self.latent_shape = tuple(int(v) for v in manifest["latent_shape"])
+        self.init_noise_sigma = np.float32(manifest["init_noise_sigma"])
+        self.low, self.high = (float(v) for v in manifest["guidance_range"])
+        self.default_guidance = float(manifest["guidance_scale"])
+        self.tokenizers = {}  # output name -> tokenizer
+        for key, output in (("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")):
+            if key not in manifest:
+                continue
+            tokenizer = Tokenizer.from_file(str(repository / manifest[key] / "tokenizer.json"))
+            padding = tokenizer.padding or {}
+            if padding.get("length") != self.max_length:
+                raise RuntimeError(f"{manifest[key]}/tokenizer.json pads to {padding.get('length')}, manifest "
+                                   f"max_length is {self.max_length}: re-run `python -m boot_serve.export`")
+            tokenizer.no_truncation()  # an over-long prompt must show its true length to be rejected
+            self.tokenizers[output] = tokenizer
+
+    def __call__(self, prompts, seeds, scales=None) -> dict[str, np.ndarray]:
+        """prompts (B,) bytes or str, seeds (B,) int64, scales (B,) float32 or None."""
+        prompts, seeds = np.asarray(prompts, dtype=object).reshape(-1), np.asarray(seeds).reshape(-1)
+        scales = (np.full(seeds.shape, self.default_guidance, dtype=np.float32) if scales is None
+                  else np.asarray(scales).reshape(-1).astype(np.float32))
+        rows = [self._ids(p, _at(i, len(prompts))) for i, p in enumerate(prompts)]
+        ids = {name: np.stack([row[name] for row in rows]) for name in self.tokenizers}  # (B, L) each
+        for i, (seed, w) in enumerate(zip(seeds.tolist(), scales.tolist())):
+            at = _at(i, len(seeds))
+            if seed < 0:
+                raise RequestRejected(f"SEED{at} is {seed}; seeds are integers in [0, 2**63 - 1]")
+            if not math.isfinite(w):
+                raise RequestRejected(f"GUIDANCE_SCALE{at} is {w}; it must be a finite number")
+            if not self.low <= w <= self.high:
+                raise RequestRejected(f"GUIDANCE_SCALE{at} is {w}, outside this student's range "
+                                      f"[{self.low}, {self.high}]")
+        noise = np.stack([np.random.default_rng(s).standard_normal(self.latent_shape, dtype=np.float32)
+                          for s in seeds.tolist()]) * self.init_noise_sigma  # (B, C, h, w)
+        return {**ids, "noise": noise.astype(np.float32, copy=False), "guidance_scale": scales}
+
+    def _ids(self, raw, at: str) -> dict[str, np.ndarray]:
+        text = self._decode(raw, at)
+        return {name: self._tokenize(tokenizer, text, at) for name, tokenizer in self.tokenizers.items()}
+
+    def _decode(self, raw, at: str) -> str:
+        size = len(raw) if isinstance(raw, bytes) else len(str(raw).encode())
+        if size > MAX_PROMPT_BYTES:
+            raise RequestRejected(f"PROMPT{at} is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are accepted "
+                                  f"(and at most {self.max_length} tokens)")
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as err:
+            raise RequestRejected(f"PROMPT{at} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        if not text.strip():
+            raise RequestRejected(f"PROMPT{at} is empty; send a non-empty caption")
+        return text
+
+    def _tokenize(self, tokenizer, text: str, at: str) -> np.ndarray:
+        ids = tokenizer.encode(text).ids
+        if len(ids) > self.max_length:
+            raise RequestRejected(f"PROMPT{at} is {len(ids)} tokens long (special tokens included); this model "
+                                  f"accepts at most {self.max_length}. Over-long prompts are rejected, not truncated")
+        return np.asarray(ids, dtype=np.int64)
+
+
+def _at(i: int, n: int) -> str:
+    """Which element of a multi-prompt request, for the error message."""
+    return f"[{i}]" if n > 1 else ""
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------------------------
+def session(path: Path, params: dict[str, str]):
+    """An ONNX Runtime session with the config's settings (module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0"))
+    options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+    providers = [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",") if p.strip()]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def split(outputs: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Batch outputs back into one dict per request of `sizes` rows each."""
+    parts, start = [], 0
+    for size in sizes:
+        parts.append({k: np.ascontiguousarray(v[start:start + size]) for k, v in outputs.items()})
+        start += size
+    return parts
+
+
+class OneHop:
+    """The whole request in one process: Preprocessor, then text encoder -> UNet -> VAE decoder."""
+
+    def __init__(self, repository: Path, params: dict[str, str]):
+        manifest = json.loads((repository / "manifest.json").read_text())
+        self.preprocess = Preprocessor(repository, manifest)
+        self.sessions = {g: session(repository / manifest["graphs"][g]["path"], params) for g in GRAPHS}
+
+    def __call__(self, requests: list[tuple]) -> list[np.ndarray | Exception]:
+        """(prompts, seeds, scales or None) per request -> its images (B, H, W, 3) uint8, or the
+        RequestRejected / RuntimeError that answers it."""
+        results: list = [None] * len(requests)
+        good, feeds = [], []
+        for i, request in enumerate(requests):
+            try:
+                feeds.append(self.preprocess(*request))
+                good.append(i)
+            except RequestRejected as err:
+                results[i] = err
+        if not good:
+            return results
+        batch = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        try:
+            images = self.run(batch)
+        except Exception as err:  # noqa: BLE001 - reported to every request of the batch
+            failure = RuntimeError(f"boot_txt2img: ONNX Runtime failed on a batch of {len(batch['noise'])}: {err}")
+            for i in good:
+                results[i] = failure
+            return results
+        for i, part in zip(good, split({"image": images}, [len(f["noise"]) for f in feeds])):
+            results[i] = part["image"]
+        return results
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """input_ids (and input_ids_2), noise, guidance_scale (B,) -> (B, H, W, 3) uint8: the ensemble's
+        three graphs (SDXL family: the text encoder also gives text_embeds, which the UNet takes)."""
+        ids = [k for k in ("input_ids", "input_ids_2") if k in batch]
+        outputs = ["text_states", "text_embeds"] if "input_ids_2" in batch else ["text_states"]
+        encoded = dict(zip(outputs, self.sessions["text_encoder"].run(outputs, {k: batch[k] for k in ids})))
+        (latents,) = self.sessions["boot_unet"].run(["latents"], {
+            "noise": batch["noise"], "guidance_scale": batch["guidance_scale"], **encoded})
+        (image,) = self.sessions["vae_decoder"].run(["image"], {"latents": latents})
+        return image
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------
+def _input(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _error(err: Exception):
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(err, RequestRejected) else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
+
+
+class TritonPythonModel:
+    """What this copy of the file serves follows from its model's name (module docstring)."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        repository = Path(args["model_repository"]).parent
+        try:
+            if self.name == "boot_txt2img":
+                self.onehop = OneHop(repository, params)
+            elif self.name == "preprocess":
+                self.preprocess = Preprocessor(repository, json.loads((repository / "manifest.json").read_text()))
+            else:
+                self._init_graph(config, params, Path(args["model_repository"]) / args["model_version"])
+        except RuntimeError as err:
+            raise pb_utils.TritonModelException(f"{self.name}: {err}") from err
+
+    def _init_graph(self, config: dict, params: dict[str, str], version: Path) -> None:
+        # Per-request dims as the graph sees them: `reshape` where the config has one.
+        self.inputs = [(t["name"], [int(d) for d in (t["reshape"].get("shape", []) if "reshape" in t else t["dims"])])
+                       for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        self.session = session(version / params.get("onnx_file", "model.onnx"), params)
+
+    def execute(self, requests):
+        if self.name == "boot_txt2img":
+            return self._execute_onehop(requests)
+        if self.name == "preprocess":
+            return self._execute_preprocess(requests)
+        return self._execute_graph(requests)
+
+    def _execute_onehop(self, requests):
+        results = self.onehop([(_input(r, "PROMPT"), _input(r, "SEED"), _input(r, "GUIDANCE_SCALE"))
+                               for r in requests])
+        return [_error(x) if isinstance(x, Exception) else pb_utils.InferenceResponse([pb_utils.Tensor("IMAGE", x)])
+                for x in results]
+
+    def _execute_preprocess(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                out = self.preprocess(_input(request, "PROMPT"), _input(request, "SEED"),
+                                      _input(request, "GUIDANCE_SCALE"))
+            except RequestRejected as err:
+                responses.append(_error(err))
+                continue
+            out["guidance_scale"] = out["guidance_scale"].reshape(-1, 1)  # GUIDANCE_SCALE dims [1] per request
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+        return responses
+
+    def _execute_graph(self, requests):
+        sizes, feeds = [], {}
+        for name, dims in self.inputs:
+            parts = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
+            feeds[name] = np.concatenate([p.reshape(p.shape[0], *dims) for p in parts])  # (sum B, *dims)
+            sizes = [p.shape[0] for p in parts]
+        try:
+            outputs = self.session.run(self.outputs, feeds)
+        except Exception as err:  # noqa: BLE001 - reported to every request of the batch
+            error = pb_utils.TritonError(f"{self.name}: ONNX Runtime failed on a batch of {sum(sizes)}: {err}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in part.items()])
+                for part in split(dict(zip(self.outputs, outputs)), sizes)]
