@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from boot.contract import seed_noise_tensor as seed_noise
+from boot.contract import to_uint8
 from boot.pipeline import BootPipeline
-from boot.samplers import TeacherSampler, seed_noise, to_uint8
+from boot.samplers import TeacherSampler
 from distill import shapes
 
 

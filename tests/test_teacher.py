@@ -12,8 +12,9 @@ import torch
 
 from boot import text
 from boot.folders import load_teacher_pipeline
-from boot.samplers import TeacherSampler, evaluate, seed_noise
+from boot.samplers import TeacherSampler
 from distill import shapes
+from distill.evaluate import evaluate, seed_noise
 from tests.tiny import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
