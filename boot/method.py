@@ -1,6 +1,6 @@
 """BOOT (Gu et al., arXiv 2306.05544): teacher x0-wrapper, signal-space student, bootstrapping loss.
 
-Notation map (DESIGN.md §2 -> code):
+Notation map (docs/method.md -> code):
     t, s            integer teacher timesteps 0..T (T = num_train_timesteps - 1), s = max(t - Δ, 0)
     α_t, σ_t        schedule.alpha[t], schedule.sigma[t]  (α_t² + σ_t² = 1; α_T = 0 allowed)
     f_w(x_t, t, c)  TeacherX0(x_t, t, cond, uncond, w)    (x0-prediction with CFG)
@@ -442,7 +442,7 @@ def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, c
 
 @dataclass
 class BootLoss:
-    """L = L_BS + β·L_BC (DESIGN.md §2), per sample.
+    """L = L_BS + β·L_BC (docs/method.md), per sample.
 
         ŷ_t  = stopgrad(g_target(ε, t, c))
         tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)

@@ -3,7 +3,7 @@
     pipe = BootPipeline.from_pretrained("pretrained/shapes-boot")
     images = pipe(["a red circle"], seeds=[0], guidance_scale=4.0)   # list[PIL.Image]
 
-One image = one student evaluation (DESIGN.md §2, `x_0 = g_θ(ε, 0, c, w)`):
+One image = one student evaluation (docs/method.md, `x_0 = g_θ(ε, 0, c, w)`):
   1. text states  c = text_encoder(tokenizer(prompt, padding="max_length"))   (docs/interfaces.md);
                   SDXL family: both encoders' states and the pooled embedding p (boot.sdxl)
   2. noise        ε = default_rng(seed).standard_normal(latent_shape, float32) * init_noise_sigma

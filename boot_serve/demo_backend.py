@@ -1,6 +1,6 @@
 """What the gradio demo (demo/app.py) runs: backend choice, timing and readable errors.
 
-The demo file holds only widgets (STYLE.md 12); everything it calls is here:
+The demo file holds only widgets; everything it calls is here:
   - `load_backend`: the student behind the demo, best first: the Triton server at `--url`
     (through boot_serve.client), else the in-process ONNX Runtime pipeline of `--repository`,
     else the PyTorch reference pipeline of `--student`;
@@ -10,7 +10,7 @@ The demo file holds only widgets (STYLE.md 12); everything it calls is here:
     backend call (time.perf_counter), and a status line; every failure becomes a message for
     the user (`readable_error`), the traceback goes to the server log only.
 
-Every backend has the project's one generator signature (STYLE.md 4):
+Every backend has the project's one generator signature:
     backend.generate(prompts, seeds, guidance_scale=None) -> list[PIL.Image]
 """
 

@@ -2,7 +2,7 @@
 
     python -m boot_serve.serve --repository model_repository            # 127.0.0.1:8000/8001/8002
 
-Which `tritonserver` (DESIGN.md §4):
+Which `tritonserver` (docs/export-serving.md):
 - the one on PATH when there is one (NVIDIA's container, a local build): started as is, with its
   own backends (the GPU variant of the repository needs its onnxruntime / tensorrt backends);
 - otherwise the CPU build bundled in the PyPI wheel `nvidia-pytriton` (Triton 2.51, Python

@@ -5,7 +5,7 @@
     python -m demo.app --repository model_repository             # no server: ONNX Runtime in-process
     python -m demo.app --url 127.0.0.1:8000 --teacher pretrained/shapes-teacher   # + side by side
 
-Widgets only (STYLE.md 12): the backends, timing and error messages live in
+Widgets only: the backends, timing and error messages live in
 boot_serve/demo_backend.py. Binds 127.0.0.1 unless --host says otherwise; never a share link.
 """
 

@@ -89,7 +89,7 @@ BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", 
 PRESETS: dict[str, dict] = {
     # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
     # for batch 24 (target g(ε,t), 2 CFG teacher calls, online g at (s, T) forward + backward),
-    # i.e. 1.1-2.2 s depending on how fast that forward is (DESIGN.md §2 scoping run vs 0.3 s).
+    # i.e. 1.1-2.2 s depending on how fast that forward is (a 2-core machine's measured range).
     # Batch 16 x 600 steps is 7-15 min; the 15-minute cap keeps the whole command, with the
     # 50-step teacher reference and the 64-caption evaluation, inside 20 minutes on a slow day.
     "quick": dict(steps=600, batch_size=16, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,

@@ -30,7 +30,7 @@ def setup_distributed(device: str) -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
         # TF32 matmuls and convolutions, as distill.teacher trains; the GPU refinements that made the
-        # shipped student ran with them (docs/ablations.md, session 10).
+        # shipped student ran with them (docs/ablations.md, the GPU-scale refinement).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         # Long timeout: rank 0 renders the teacher reference while the others wait.

@@ -5,7 +5,7 @@
     python -m distill.evaluate --student pretrained/shapes-boot --guidance-sweep 1,2,3,4,5,6 --n 100
     python -m distill.evaluate --url 127.0.0.1:8000 --student pretrained/shapes-boot --steps 50  # + the served model
 
-Every generator has one signature (STYLE.md 4):
+Every generator has one signature:
     gen(prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> list[PIL.Image]
 plus `name` and `nfe` (network evaluations per image, a CFG pair counted as 2), so the evaluator,
 the benchmark and the demo treat teacher-k-steps and the one-step student alike.

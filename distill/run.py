@@ -1,4 +1,4 @@
-"""BOOT distillation (DESIGN.md §2): a diffusers teacher -> a one-step student, with no data.
+"""BOOT distillation (docs/method.md): a diffusers teacher -> a one-step student, with no data.
 
     python -m distill.run                                   # shipped shapes teacher, quick preset, CPU
     python -m distill.run --preset full                     # the quality recipe

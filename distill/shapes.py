@@ -1,4 +1,4 @@
-"""The "shapes" world (DESIGN.md §3): caption grammar, renderer, exact judge, data stream.
+"""The "shapes" world (docs/teacher.md): caption grammar, renderer, exact judge, data stream.
 
 Geometry convention: continuous image coordinates, pixel (row i, column j) covers the square
 [j, j+1) x [i, i+1); x grows to the right, y grows downwards. A shape's reference point is
@@ -473,7 +473,7 @@ def judge_detailed(caption: str, image) -> Verdict:
 
 
 def judge(caption: str, image) -> bool:
-    """True when the image shows exactly the objects the caption names (DESIGN.md §3)."""
+    """True when the image shows exactly the objects the caption names (docs/teacher.md)."""
     return judge_detailed(caption, image).ok
 
 

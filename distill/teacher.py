@@ -1,4 +1,4 @@
-"""Train the shipped "shapes" teacher: an SD-shaped latent text-to-image model (DESIGN.md §3).
+"""Train the shipped "shapes" teacher: an SD-shaped latent text-to-image model (docs/teacher.md).
 
     python -m distill.teacher                       # all stages, resumable; writes pretrained/shapes-teacher
     python -m distill.teacher --stage unet          # one stage only

@@ -1,4 +1,4 @@
-"""The shapes world: grammar, renderer to the DESIGN.md §3 pixel spec, and the judge's accuracy."""
+"""The shapes world: grammar, renderer to the pixel spec of docs/teacher.md, and the judge's accuracy."""
 
 import random
 
