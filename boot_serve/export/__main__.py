@@ -1,0 +1,5 @@
+import sys
+
+from boot_serve.export import main
+
+sys.exit(main())
