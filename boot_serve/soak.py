@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from boot_serve.bench import BenchError, closed_loop, hardware, load_average
+from boot_serve.bench.loadgen import BenchError, closed_loop
+from boot_serve.bench.machine import hardware, load_average
 
 
 # --------------------------------------------------------------------------------------------

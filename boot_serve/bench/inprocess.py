@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from boot_serve.bench import hardware, load_average, versions
+from boot_serve.bench.machine import hardware, load_average, versions
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Published one-step 512x512 numbers to read ours against (other GPUs, other software).
