@@ -52,15 +52,18 @@ def test_committed_configs_are_valid_model_configs():
 
 
 def test_committed_configs_are_the_generator_output(tmp_path):
-    """model_repository/ holds what `triton_repo --shapes-defaults` writes (no hand edits): the
-    default CPU variant's configs and every Python model's model.py."""
+    """model_repository/ holds the configs `triton_repo --shapes-defaults` writes (no hand edits); every
+    Python model's 1/model.py it writes is a copy of the one source, boot_serve/triton_model.py (generated,
+    not committed, like the graphs)."""
     assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
     committed = ROOT / "model_repository"
-    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert written == sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*")  # exports aside
-                             if p.name in ("config.pbtxt", "model.py") and "__pycache__" not in p.parts)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("config.pbtxt"))
+    assert written == sorted(p.relative_to(committed).as_posix() for p in committed.rglob("config.pbtxt"))
     for rel in written:
         assert (tmp_path / rel).read_text() == (committed / rel).read_text(), f"{rel}: rerun with --shapes-defaults"
+    sources = sorted(tmp_path.glob("*/1/model.py"))
+    assert {p.parent.parent.name for p in sources} == {"boot_txt2img", "preprocess", *triton_repo.HEAVY_MODELS}
+    assert all(p.read_text() == triton_repo.MODEL_SOURCE.read_text() for p in sources)
     guidance = triton_repo.parse_config(_committed_configs()[triton_repo.ENSEMBLE]).parameters["guidance_scale"]
     assert guidance.string_value == "4.5"  # the shipped student's recommended scale
 
