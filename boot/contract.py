@@ -66,8 +66,6 @@ def seed_noise(seeds, latent_shape: tuple[int, ...], init_noise_sigma: float = 1
     return noise * np.float32(init_noise_sigma)
 
 
-
-
 def seed_noise_tensor(seeds, shape: tuple[int, ...], init_noise_sigma: float = 1.0):
     """seed_noise as a torch tensor (the PyTorch pipelines and the evaluator)."""
     import torch

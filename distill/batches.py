@@ -26,12 +26,10 @@ class Batch:
         return Batch(*(x[rank * n:(rank + 1) * n] for x in dataclasses.astuple(self)))
 
 
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator that depends only on (seed, step): resume- and world-size-invariant draws."""
     state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
 
 
 def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[int, ...], T: int) -> Batch:
@@ -47,7 +45,6 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
         t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
         t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
     return Batch(prompt, noise, t, w)
-
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:

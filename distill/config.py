@@ -11,25 +11,19 @@ from boot import method as boot
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 
 
-
 GRAMMAR = "shapes-grammar"
-
 
 
 N_SAMPLES = 8  # fixed prompts in the sample grid
 
 
-
 SAMPLE_SEED0 = 1_000_000  # seeds of the sample grid and evaluation: SAMPLE_SEED0 + i
-
 
 
 VAL_SEED0 = 2_000_000  # noise seeds of the periodic validation: VAL_SEED0 + i
 
 
-
 REFERENCE_STEPS = 50  # the teacher's DDIM steps the student is compared against
-
 
 
 @dataclass
@@ -79,11 +73,9 @@ class RunConfig:
     select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
 
 
-
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
                "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
-
 
 
 PRESETS: dict[str, dict] = {
@@ -108,10 +100,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-
 # Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
 PRESET_EXTRAS = ("final_hop", "refine", "val_n")
-
 
 
 def preset_values(name: str) -> dict:
@@ -120,10 +110,8 @@ def preset_values(name: str) -> dict:
     return {**{key: getattr(defaults, key) for key in PRESET_EXTRAS}, **PRESETS[name]}
 
 
-
 def preset_help(key: str) -> str:
     return "(default: " + ", ".join(f"{name} {preset_values(name)[key]}" for name in PRESETS) + ")"
-
 
 
 def default_name(teacher: Path) -> str:

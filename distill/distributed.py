@@ -20,7 +20,6 @@ class Dist:
         return self.rank == 0
 
 
-
 def setup_distributed(device: str) -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPU."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -36,7 +35,6 @@ def setup_distributed(device: str) -> Dist:
         # Long timeout: rank 0 renders the teacher reference while the others wait.
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
     return Dist(rank, world, dev)
-
 
 
 def all_mean(values: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -41,7 +41,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-
 def load_prompts(cfg: RunConfig) -> tuple[list[str], dict]:
     """Training prompts and the provenance record stored in boot.json."""
     if cfg.prompts == GRAMMAR:
@@ -54,7 +53,6 @@ def load_prompts(cfg: RunConfig) -> tuple[list[str], dict]:
     digest = hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()
     return prompts, {"source": cfg.prompts, "sha256": digest, "count": len(prompts),
                      "distinct": len(set(prompts))}
-
 
 
 @dataclass
@@ -91,10 +89,8 @@ class Teacher:
         return sdxl.time_ids(self.image_shape[:2]) if sdxl.uses_text_time(self.unet) else None
 
 
-
 class TeacherLoadError(ValueError):
     """A teacher folder whose files are missing or unreadable (message names the part)."""
-
 
 
 def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teacher:
@@ -122,7 +118,6 @@ def load_teacher(folder: str | Path, dtype: torch.dtype = torch.float32) -> Teac
     return Teacher(folder, text_stack, unet, vae, sched_cfg, read_meta(folder))
 
 
-
 def check_added_conditioning(folder: Path, unet: torch.nn.Module, text_stack) -> None:
     """TeacherLoadError unless the UNet's added conditioning and the text stack fit (SDXL family)."""
     from boot import sdxl
@@ -135,7 +130,6 @@ def check_added_conditioning(folder: Path, unet: torch.nn.Module, text_stack) ->
     elif getattr(unet.config, "addition_embed_type", None) is not None:
         raise TeacherLoadError(f"cannot distil {folder}: its UNet takes {unet.config.addition_embed_type!r} added "
                                "conditioning, which needs the SDXL layout (text_encoder_2/ and tokenizer_2/)")
-
 
 
 def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
@@ -155,7 +149,6 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
     print(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens"
           f"{where}; they are truncated to {limit} tokens for distillation, and the served model rejects them",
           file=sys.stderr)
-
 
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
@@ -192,13 +185,11 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
     return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
-
 @torch.no_grad()
 def encode_prompts(text, prompts: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states once per distinct prompt: (states (N_distinct, L, D), row of each prompt (N,))."""
     cache = memory.PromptStates(text, prompts, "fp32", chunk=chunk)
     return cache.table, cache.rows
-
 
 
 def recommended_guidance(cfg: RunConfig, teacher: Teacher) -> float:

@@ -43,7 +43,6 @@ def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step
             pe.lerp_(p.detach().to(pe.device), 1 - d)
 
 
-
 def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict, opt, scaler, dist: Dist) -> int:
     """Load the newest checkpoint (--resume) or clear old ones; return the first step to run."""
     last = checkpoint.latest(ckpt_dir)
@@ -69,7 +68,6 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
     if dist.main:
         print(f"resumed {last} (step {info['step']})")
     return int(info["step"])
-
 
 
 def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_info: dict, dist: Dist,
@@ -197,7 +195,6 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     return out
 
 
-
 def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: float, clip: float) -> None:
     """Backward (loss-scaled under fp16), unscale, clip the global grad norm, AdamW step at `lr`."""
     for group in opt.param_groups:
@@ -215,7 +212,6 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
         scaler.update()
     else:
         opt.step()
-
 
 
 def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples | None,

@@ -24,13 +24,11 @@ def append_jsonl(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-
 def truncate_log(path: Path, start: int) -> None:
     """Drop records of steps a resumed run will redo (written after its last checkpoint)."""
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start]
         path.write_text("".join(line + "\n" for line in keep))
-
 
 
 def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: float):
@@ -39,7 +37,6 @@ def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: fl
     meta = {"latent_shape": list(teacher.latent_shape), "guidance_range": [cfg.guidance_min, cfg.guidance_max],
             "guidance_scale": w}
     return BootPipeline(teacher.text, boot.OneStepGenerator(student), teacher.vae, teacher.scheduler_config, meta)
-
 
 
 class Samples:
@@ -85,7 +82,6 @@ class Samples:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, path)
-
 
 
 class Validation:
@@ -183,7 +179,6 @@ class Validation:
         plt.close(fig)
 
 
-
 def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path) -> dict:
     """Judge accuracy of student-1 and teacher-50 on held-out grammar captions (same noise)."""
     from distill import evaluate, shapes
@@ -203,19 +198,16 @@ def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Pat
             "psnr_vs_teacher": s_res.psnr_vs_reference, "report": str(work / "eval" / "report.md")}
 
 
-
 def final_losses(log: Path, last: int = 20) -> dict:
     records = [json.loads(line) for line in log.read_text().splitlines()][-last:] if log.exists() else []
     keys = ("loss", "bootstrap", "boundary")
     return {k: float(np.mean([r[k] for r in records])) for k in keys} if records else {}
 
 
-
 def plot_loss(log_path: Path, work: Path) -> None:
     from distill.teacher import plot_losses
 
     plot_losses(log_path, work / "loss.png", ["loss", "bootstrap", "boundary"], "BOOT loss (L = L_BS + β L_BC)")
-
 
 
 def sample_prompt_list(cfg: RunConfig, prompts: list[str]) -> list[str]:

@@ -25,7 +25,6 @@ REFINE_KEY = ("teacher", "prompts", "num_prompts", "init_from", "refine", "final
               "guidance_min", "guidance_max", "seed", "teacher_dtype", "mixed_precision", "text_states")
 
 
-
 def refine_key(cfg: RunConfig) -> str:
     """What the stored final-hop targets depend on: the recipe's fields, and the contents (not only the
     paths) of the prompts, the teacher's UNet and the starting student's UNet."""
@@ -38,7 +37,6 @@ def refine_key(cfg: RunConfig) -> str:
     return json.dumps({**{k: getattr(cfg, k) for k in REFINE_KEY}, "prompts_sha256": prompts,
                        "teacher_unet_sha256": unet_sha256(cfg.teacher), "init_unet_sha256": unet_sha256(cfg.init_from)},
                       sort_keys=True)
-
 
 
 @dataclass
@@ -57,7 +55,6 @@ class FinalHopTargets:
         idx = torch.randint(0, len(self.t), (cfg.batch_size,), generator=step_generator(cfg.seed, step))
         n = cfg.batch_size // dist.world
         return idx[dist.rank * n:(dist.rank + 1) * n]
-
 
 
 def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
@@ -112,7 +109,6 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
     return targets
 
 
-
 def pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None,
                 n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(the prompts' pooled embeddings, the unconditional one expanded to n rows), or (None, None) for
@@ -120,7 +116,6 @@ def pooled_pair(pooled: torch.Tensor | None, uncond_pooled: torch.Tensor | None,
     if pooled is None:
         return None, None
     return pooled, uncond_pooled.expand(n, -1)
-
 
 
 def image_decoder(teacher: Teacher):

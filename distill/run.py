@@ -240,7 +240,6 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     return cfg
 
 
-
 def main(argv: list[str] | None = None) -> Path:
     p = build_parser()
     args = p.parse_args(argv)
@@ -287,7 +286,6 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ def package_version() -> str:
         return "unknown"
 
 
-
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
                  extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING) -> dict:
     """boot.json (docs/interfaces.md "Student folder")."""
@@ -69,7 +68,6 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
     return meta
 
 
-
 def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict:
     """With --init-from: the starting student's boot.json (kept in `work` when a run starts, so that
     writing over that same folder does not lose it; a resumed run keeps what its start kept, a fresh
@@ -84,7 +82,6 @@ def lineage(cfg: RunConfig, work: Path, steps: int, fresh: bool = False) -> dict
     if not prior:  # a student folder without boot.json: its history is unknown
         return {"continued_from": None}
     return {"continued_from": prior, "steps_total": prior.get("steps_total", prior["steps"]) + steps}
-
 
 
 def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict, work: Path) -> Path:
@@ -107,7 +104,6 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
     return out
 
 
-
 def load_unet_weights(folder: Path) -> dict:
     """A state dict as boot.save_student_unet wrote it (with the t weights of a "diffusers-guidance" UNet)."""
     from safetensors.torch import load_file
@@ -116,7 +112,6 @@ def load_unet_weights(folder: Path) -> dict:
     if (folder / boot.TIME_WEIGHTS).is_file():
         weights.update(load_file(str(folder / boot.TIME_WEIGHTS)))
     return weights
-
 
 
 def update_student_meta(out: Path, **fields) -> None:

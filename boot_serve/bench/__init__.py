@@ -75,7 +75,6 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-
 def _variants(text: str) -> list[str]:
     from boot_serve.triton_repo import VARIANTS, resolve_variant
 
@@ -88,7 +87,6 @@ def _variants(text: str) -> list[str]:
     return names
 
 
-
 def _positive(kind):
     def parse(text: str):
         v = kind(text)
@@ -98,13 +96,11 @@ def _positive(kind):
     return parse
 
 
-
 def _non_negative(text: str) -> int:
     v = int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,7 +142,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-
 def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, list[str], list[int]]:
     """manifest, guidance, student folder, prompts, seeds of the run."""
     manifest_path = args.repository / "manifest.json"
@@ -166,7 +161,6 @@ def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, li
     return manifest, guidance, student_dir, prompts, [FIRST_SEED + i for i in range(n_prompts)]
 
 
-
 def _load_warnings(hw: dict, load_start) -> list[str]:
     warnings = []
     if hw["benchmark_process_nice"] > 0:
@@ -177,7 +171,6 @@ def _load_warnings(hw: dict, load_start) -> list[str]:
                         f"{hw['usable_cpus']} CPUs): other processes shared the CPUs, so every number here is "
                         "pessimistic and the ratios are noisier than on an idle machine")
     return warnings
-
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> dict:
@@ -248,7 +241,6 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     return report
 
 
-
 def _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines: list, log):
     """PyTorch student alone, or interleaved with the teacher; appends their pipeline rows.
     Returns (student summary, teacher summary, rounds record) with None where not run."""
@@ -288,12 +280,10 @@ def _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines:
     return student, teacher, rounds
 
 
-
 def _torch_threads() -> int | None:
     if "torch" not in sys.modules:
         return None
     return sys.modules["torch"].get_num_threads()
-
 
 
 def _shown(path: Path) -> str:
@@ -303,7 +293,6 @@ def _shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / "bench.md").read_text())
     print(f"written: {args.out}/bench.json, bench.md, bench.png")
     return 0 if all(r["errors"] == 0 for s in report["servers"] for r in s["served"]) else 1
-
 
 
 from boot_serve.bench.loadgen import *  # noqa: E402,F401,F403

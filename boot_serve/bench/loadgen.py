@@ -14,14 +14,11 @@ import numpy as np
 PROMPT_OFFSET = 0
 
 
-
 FIRST_SEED = 1_000_000
-
 
 
 class BenchError(RuntimeError):
     """The benchmark could not run (no server, no repository, every request failed)."""
-
 
 
 @dataclass
@@ -50,7 +47,6 @@ class Summary:
                    images_per_s=len(ms) * images_per_request / wall_s if wall_s > 0 else float("nan"))
 
 
-
 @dataclass
 class Series:
     """Raw outcome of one timed run: per-request latencies (seconds) and the level's wall time."""
@@ -63,9 +59,7 @@ class Series:
         return Summary.of(self.latencies_s, self.wall_s, len(self.errors))
 
 
-
 Generate = Callable[[list[str], list[int], float | None], object]
-
 
 
 class _Phase:
@@ -88,7 +82,6 @@ class _Phase:
                 return None
             self.next += 1
             return self.next - 1
-
 
 
 def closed_loop(make_generator: Callable[[], ContextManager[Generate]], concurrency: int, prompts: Sequence[str],

@@ -39,13 +39,11 @@ def hardware() -> dict:
             "gpus": gpus, "platform": platform.platform(), "benchmark_process_nice": os.nice(0)}
 
 
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
 
 
 def versions() -> dict:
@@ -57,7 +55,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             continue
     return out
-
 
 
 def server_metadata(url: str, protocol: str) -> dict:

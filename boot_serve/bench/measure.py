@@ -44,7 +44,6 @@ def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds,
     return results
 
 
-
 def server_session_settings(repository: Path, model: str) -> dict:
     """ONNX Runtime settings the CPU server gives `model`'s graph (config.pbtxt parameters, read the
     way boot_serve/triton_model.py reads them: those of the one-hop boot_txt2img where it serves the
@@ -63,7 +62,6 @@ def server_session_settings(repository: Path, model: str) -> dict:
     return {"intra_op_num_threads": int(params.get("intra_op_thread_count", "0")),
             "allow_spinning": params.get("allow_spinning", "0"),
             "providers": [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",") if p.strip()]}
-
 
 
 def floor_pipeline(repository: Path, threads: int = 0):
@@ -91,14 +89,12 @@ def floor_pipeline(repository: Path, threads: int = 0):
     return pipe, settings
 
 
-
 def bench_pipeline(gen: Generate, prompts, seeds, guidance, n: int, warmup: int, max_seconds: float) -> dict:
     """One in-process pipeline, one request at a time (batch 1)."""
     series = closed_loop(lambda: nullcontext(gen), 1, prompts, seeds, guidance, n, warmup, max_seconds)
     if not series.latencies_s:
         raise BenchError(f"every call failed; first error: {series.errors[:1]}")
     return {**asdict(series.summary()), "error_samples": series.errors[:5], "latencies_ms": _ms_list(series)}
-
 
 
 def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, warmup: int, block: int,
@@ -133,7 +129,6 @@ def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, war
     return series
 
 
-
 def bench_overhead(urls: dict[str, str], protocol: str, floor_pipe: Generate, prompts, seeds, guidance, n: int,
                    warmup: int, block: int, max_seconds: float) -> dict[str, dict]:
     """Compute floor and every server at concurrency 1, interleaved (see `interleaved`): "floor" and
@@ -147,7 +142,6 @@ def bench_overhead(urls: dict[str, str], protocol: str, floor_pipe: Generate, pr
         series = interleaved(gens, prompts, seeds, guidance, n, warmup, block, max_seconds)
     return {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
             for name, s in series.items()}
-
 
 
 def teacher_rounds(student: Generate, teacher: Generate, prompts, seeds, guidance, rounds: int, n_student: int,
@@ -184,7 +178,6 @@ def teacher_rounds(student: Generate, teacher: Generate, prompts, seeds, guidanc
     return out
 
 
-
 def _timed(gen: Generate, prompts, seeds, guidance, i: int, out: Series) -> float | None:
     """One call of request i, recorded in `out`; its latency in seconds, None if it failed."""
     t0 = time.perf_counter()
@@ -197,7 +190,6 @@ def _timed(gen: Generate, prompts, seeds, guidance, i: int, out: Series) -> floa
     out.latencies_s.append(elapsed)
     out.wall_s += elapsed
     return elapsed
-
 
 
 def _ms_list(series: Series) -> list[float]:

@@ -10,7 +10,6 @@ import numpy as np
 GOALS = {"speedup_vs_teacher": 40.0, "serving_overhead_c1": 0.10, "throughput_ratio": 1.5}
 
 
-
 def headlines(servers: list[dict], ab: dict | None, student: dict | None, teacher: dict | None,
               teacher_steps: int, round_ratios: Sequence[float] = ()) -> list[dict]:
     """The headline rows: the student/teacher speedup (with its spread over the interleaved rounds),
@@ -35,7 +34,6 @@ def headlines(servers: list[dict], ab: dict | None, student: dict | None, teache
     for server in servers:
         rows += _variant_headlines(server, ab, teacher, teacher_steps)
     return rows
-
 
 
 def _variant_headlines(server: dict, ab: dict | None, teacher: dict | None, teacher_steps: int) -> list[dict]:
@@ -65,11 +63,9 @@ def _variant_headlines(server: dict, ab: dict | None, teacher: dict | None, teac
     return rows
 
 
-
 def headline(report: dict, metric: str, variant: str | None = None) -> dict | None:
     """The headline row of `metric` (for `variant`), or None."""
     return next((h for h in report["headlines"] if h["metric"] == metric and h["variant"] == variant), None)
-
 
 
 def ranking(report: dict) -> list[str]:
@@ -82,7 +78,6 @@ def ranking(report: dict) -> list[str]:
     return sorted((s["variant"] for s in report["servers"]), key=key)
 
 
-
 def _fmt_headline(h: dict) -> str:
     m = h["metric"]
     value = (f"{100 * h['value']:+.1f}%" if m == "serving_overhead_c1" else
@@ -93,7 +88,6 @@ def _fmt_headline(h: dict) -> str:
                   f"{sp['q25']:.1f} / {sp['median']:.1f} / {sp['q75']:.1f}x, max {sp['max']:.1f}x)")
     met = {True: "yes", False: "**no**", None: "n/a"}[h.get("met")]
     return f"| {m} | {h['variant'] or '–'} | {value} | {h.get('goal') or '–'} | {met} | {h['basis']} |"
-
 
 
 def _md_header(report: dict) -> list[str]:
@@ -116,7 +110,6 @@ def _md_header(report: dict) -> list[str]:
         lines += [f"Variants, best first (most goals met, then lower overhead at concurrency 1): "
                   f"{', '.join(report['ranking'])}.", ""]
     return lines
-
 
 
 def _md_served(report: dict) -> list[str]:
@@ -153,7 +146,6 @@ def _md_served(report: dict) -> list[str]:
     return lines + [""]
 
 
-
 def _md_pipelines(report: dict) -> list[str]:
     lines = ["## In-process pipelines (batch 1, one call at a time)", "",
              "| pipeline | runtime | network evaluations | requests | p50 ms | p90 ms | p99 ms | images/s |",
@@ -173,7 +165,6 @@ def _md_pipelines(report: dict) -> list[str]:
     return lines + [""]
 
 
-
 def _md_environment(report: dict) -> list[str]:
     th = report["threads"]
     lines = ["## Versions", "", "| package | version |", "|---|---|"]
@@ -189,10 +180,8 @@ def _md_environment(report: dict) -> list[str]:
     return lines
 
 
-
 def markdown(report: dict) -> str:
     return "\n".join(_md_header(report) + _md_served(report) + _md_pipelines(report) + _md_environment(report))
-
 
 
 def _settings_text(v: dict) -> str:
@@ -204,7 +193,6 @@ def _settings_text(v: dict) -> str:
     if v.get("providers"):
         parts.append("/".join(v["providers"]))
     return ", ".join(parts)
-
 
 
 def plot(report: dict, path: Path) -> None:

@@ -23,7 +23,6 @@ def variant_repository(repository: Path, variant: str, dest: Path) -> Path:
     return dest
 
 
-
 @contextmanager
 def started_servers(repository: Path, variants: Sequence[str], log=print):
     """{variant: TritonServer} of one server per variant, all ready; stopped on exit."""

@@ -10,7 +10,6 @@ from boot_serve.triton_repo import MODELS as SERVER_MODELS
 COUNTERS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
-
 def model_counters(stats: dict) -> dict[str, int]:
     """Cumulative counters of one model from Triton's statistics JSON (HTTP or gRPC form: gRPC
     writes int64 as strings and leaves zeros out)."""
@@ -24,7 +23,6 @@ def model_counters(stats: dict) -> dict[str, int]:
     return out
 
 
-
 def snapshot(client, models: Sequence[str]) -> dict[str, dict[str, int]]:
     snap = {}
     for model in models:
@@ -33,7 +31,6 @@ def snapshot(client, models: Sequence[str]) -> dict[str, dict[str, int]]:
         except Exception:  # noqa: BLE001 - a model this server does not have: left out
             continue
     return snap
-
 
 
 def settled_snapshot(client, before: dict[str, dict[str, int]], expected: int, timeout: float = 5.0
@@ -54,10 +51,8 @@ def settled_snapshot(client, before: dict[str, dict[str, int]], expected: int, t
         time.sleep(0.05)
 
 
-
 def _per_request_ms(n: int) -> Callable[[int], float]:
     return (lambda ns: ns / n / 1e6) if n else (lambda ns: float("nan"))
-
 
 
 def stats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict]:

@@ -127,7 +127,6 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     return info
 
 
-
 def _batch_list(text: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in text.split(","))
     if not values or min(values) < 1:
@@ -135,13 +134,11 @@ def _batch_list(text: str) -> tuple[int, ...]:
     return values
 
 
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,7 +172,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tensorrt and (problem := tensorrt_problem()):
@@ -199,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         write_configs(args.repository, variant)
         log(f"wrote the {variant} Triton configs of {args.repository}")
     return 0
-
 
 
 from boot_serve.export.fp16 import *  # noqa: E402,F401,F403

@@ -15,7 +15,6 @@ from boot_serve.export.spec import save_onnx
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
 
 
-
 def _ancestors(graph, roots: list, stop_ops: tuple[str, ...] = ("Shape",)) -> set[str]:
     """Names of `roots` and every node upstream of them (not crossing `stop_ops`)."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -30,7 +29,6 @@ def _ancestors(graph, roots: list, stop_ops: tuple[str, ...] = ("Shape",)) -> se
     return seen
 
 
-
 def fp32_nodes(graph) -> set[str]:
     """Nodes an fp16 graph keeps in fp32: sinusoidal embeddings and the uint8 postprocess."""
     keep = _ancestors(graph, [n for n in graph.node if n.op_type in ("Sin", "Cos")])
@@ -40,7 +38,6 @@ def fp32_nodes(graph) -> set[str]:
             convs = _ancestors(graph, [n for n in graph.node if n.op_type == "Conv"])
             keep |= _ancestors(graph, [producer[out.name]]) - convs
     return keep
-
 
 
 def _remove_cast_round_trips(graph, fp32_producers: set[str]) -> None:
@@ -82,7 +79,6 @@ def _remove_cast_round_trips(graph, fp32_producers: set[str]) -> None:
     live = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
     graph.value_info.extend(live)
-
 
 
 def to_fp16(src: Path, dst: Path) -> dict:

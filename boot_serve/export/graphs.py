@@ -36,7 +36,6 @@ class TextEncoderGraph(nn.Module):
         return self.text_encoder(input_ids)[0]
 
 
-
 class VaeDecoderGraph(nn.Module):
     """latents (B, C, h, w) -> image (B, H, W, 3) uint8, diffusers' postprocess in the graph:
     decode(latents / scaling_factor) -> (x/2 + 0.5).clamp(0, 1) -> round(255 x) -> uint8, NHWC.
@@ -51,7 +50,6 @@ class VaeDecoderGraph(nn.Module):
         x = self.vae.decode(latents / self.scaling_factor).sample if self.vae is not None else latents
         x = (x / 2 + 0.5).clamp(0, 1)
         return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
-
 
 
 @dataclass
@@ -71,7 +69,6 @@ class Student:
     @property
     def specs(self) -> dict[str, GraphSpec]:
         return SPECS if self.text_embeds_size is None else SDXL_SPECS
-
 
 
 def load_student(folder: str | Path) -> Student:
@@ -108,7 +105,6 @@ def load_student(folder: str | Path) -> Student:
                    int(tok.model_max_length), hidden, vocab, enc.pooled_size if pooled else None)
 
 
-
 def example_inputs(student: Student, name: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random inputs of graph `name` with batch size `batch` (also the parity inputs)."""
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +126,6 @@ def example_inputs(student: Student, name: str, batch: int, seed: int = 0) -> tu
     raise KeyError(name)
 
 
-
 def io_shapes(student: Student, name: str) -> dict[str, tuple]:
     """Contract shapes of a graph's tensors (docs/interfaces.md), batch axis named "batch"."""
     c, h, w = student.latent_shape
@@ -140,7 +135,6 @@ def io_shapes(student: Student, name: str) -> dict[str, tuple]:
             "boot_unet": {"noise": lat, "text_states": states, "guidance_scale": ("batch",), "text_embeds": embeds,
                           "latents": lat},
             "vae_decoder": {"latents": lat, "image": ("batch", *student.image_shape)}}[name]
-
 
 
 def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, path: Path,
@@ -173,14 +167,11 @@ def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], spec: GraphS
     shutil.rmtree(raw)
 
 
-
-
 def graph_precisions(precision: str, vae_precision: str = "same") -> dict[str, str]:
     """Each graph's precision: --precision, but the VAE decoder's fp32 with --vae-precision fp32."""
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
     return {m: "fp32" if m == "vae_decoder" and vae_precision == "fp32" else precision for m in MODELS}
-
 
 
 def export_graphs(student: Student, stage: Path, precision: str | dict[str, str], opset: int) -> dict[str, dict]:

@@ -49,13 +49,11 @@ def compare(name: str, output: str, got: np.ndarray, ref: np.ndarray, tol: Toler
     return err
 
 
-
 def _merge(a: dict | None, b: dict) -> dict:
     """Worst case over several checks of one output (mean_abs: the mean of the checks')."""
     if a is None:
         return dict(b)
     return {k: max(a[k], b[k]) if k != "mean_abs" else (a[k] + b[k]) / 2 for k in b}
-
 
 
 def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple[int, ...]) -> dict:
@@ -73,7 +71,6 @@ def check_graph(student: Student, name: str, run, tol: Tolerance, batches: tuple
     return {out: {**err, "batches": list(batches)} for out, err in worst.items()}
 
 
-
 def check_tokenizer(student: Student, onnx_pipe) -> dict:
     """The repository's tokenizer.json must give the reference tokenizer's ids exactly."""
     prompts = list(PARITY_PROMPTS) + ["", "A Red CIRCLE!!", "ünïcode çircle"]
@@ -89,7 +86,6 @@ def check_tokenizer(student: Student, onnx_pipe) -> dict:
     return {"prompts": len(prompts), "identical": True}
 
 
-
 def check_end_to_end(student: Student, onnx_pipe, tol: Tolerance, n_prompts: int = len(PARITY_PROMPTS)) -> dict:
     """Prompt -> image through OnnxPipeline (the staged repository) against BootPipeline, at
     the lowest, recommended and highest guidance of the student."""
@@ -102,7 +98,6 @@ def check_end_to_end(student: Student, onnx_pipe, tol: Tolerance, n_prompts: int
         worst = _merge(worst, compare("end_to_end", "image", got, ref, tol, f"prompts, guidance {w}"))
         cases += len(prompts)
     return {"image": {**worst, "images": cases}}
-
 
 
 def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[int, ...], e2e_prompts: int,
@@ -130,7 +125,6 @@ def check_parity(student: Student, stage: Path, tol: Tolerance, batches: tuple[i
     parity["end_to_end"] = check_end_to_end(student, onnx_pipe, tol, e2e_prompts)
     log(f"end to end: {_summary(parity['end_to_end'])}")
     return parity
-
 
 
 def _summary(errs: dict) -> str:

@@ -33,7 +33,6 @@ def graph_info(path: Path, repo_root: Path) -> dict:
             "inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -43,7 +42,6 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
-
 
 
 def write_tokenizer(student: Student, folder: Path, tok=None) -> None:
@@ -62,7 +60,6 @@ def write_tokenizer(student: Student, folder: Path, tok=None) -> None:
     backend.enable_padding(length=student.max_length, pad_id=tok.pad_token_id, pad_token=tok.pad_token,
                            pad_type_id=tok.pad_token_type_id, direction=tok.padding_side)
     backend.save(str(folder / "tokenizer.json"))
-
 
 
 def manifest(student: Student, stage: Path, precision: str, max_batch: int, opset: int) -> dict:
@@ -90,7 +87,6 @@ def manifest(student: Student, stage: Path, precision: str, max_batch: int, opse
     }
 
 
-
 def sdxl_manifest(student: Student) -> dict:
     """SDXL family: the second tokenizer, the pooled width and the time ids folded into boot_unet."""
     if student.text_embeds_size is None:
@@ -99,13 +95,11 @@ def sdxl_manifest(student: Student) -> dict:
             "time_ids": student.pipe.generator.student.time_ids.int().tolist()}
 
 
-
 def stage_dir(repository: Path) -> Path:
     """Staging folder beside the repository (same filesystem, so the final move is a rename;
     outside it, so a polling tritonserver never sees half-written models)."""
     repository.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{repository.name}-export-", dir=repository.parent))
-
 
 
 def install(stage: Path, repository: Path) -> None:

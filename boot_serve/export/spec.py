@@ -8,49 +8,37 @@ from pathlib import Path
 MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 
 
-
 MANIFEST = "manifest.json"
-
 
 
 MANIFEST_FORMAT = "boot-repository/1"
 
 
-
 TOKENIZER_DIR = "text_encoder/1/tokenizer"
-
 
 
 TOKENIZER_2_DIR = "text_encoder/1/tokenizer_2"  # SDXL family
 
 
-
 DATA_SUFFIX = ".data"  # external weights: model.onnx.data
-
 
 
 TWO_GB = 2**31
 
 
-
 OPSETS = (17, 20)  # the TorchScript exporter's range that TensorRT 10 parses
-
 
 
 DEFAULT_OPSET = 17
 
 
-
 DEFAULT_MAX_BATCH = 8
-
 
 
 TRT_OPT_BATCH = 4
 
 
-
 EXIT_NO_GPU = 2
-
 
 
 # Real prompts for the end-to-end check; the last is longer than any context (truncation).
@@ -63,9 +51,7 @@ PARITY_PROMPTS = (
 )
 
 
-
 PARITY_SEEDS = (0, 1, 2**63 - 1, 12345, 7)
-
 
 
 @dataclass(frozen=True)
@@ -77,13 +63,11 @@ class GraphSpec:
     outputs: tuple[str, ...]
 
 
-
 SPECS = {
     "text_encoder": GraphSpec("text_encoder", ("input_ids",), ("text_states",)),
     "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale"), ("latents",)),
     "vae_decoder": GraphSpec("vae_decoder", ("latents",), ("image",)),
 }
-
 
 
 # SDXL family: the second tokenizer's ids in, the pooled embedding out of the text encoder and into the UNet.
@@ -92,7 +76,6 @@ SDXL_SPECS = {
     "text_encoder": GraphSpec("text_encoder", ("input_ids", "input_ids_2"), ("text_states", "text_embeds")),
     "boot_unet": GraphSpec("boot_unet", ("noise", "text_states", "guidance_scale", "text_embeds"), ("latents",)),
 }
-
 
 
 @dataclass(frozen=True)
@@ -114,33 +97,26 @@ class Tolerance:
     image_levels: int
 
 
-
 TOLERANCES = {"fp32": Tolerance(1e-4, 2), "fp16": Tolerance(1e-2, 10)}
-
 
 
 class ParityError(RuntimeError):
     """An exported graph disagrees with PyTorch beyond tolerance."""
 
 
-
 class StudentLoadError(ValueError):
     """The --student folder is missing files or holds unreadable weights."""
-
 
 
 class TensorRTUnavailable(RuntimeError):
     """--tensorrt on a machine without an NVIDIA GPU or without TensorRT."""
 
 
-
 def log(msg: str) -> None:
     print(f"[export] {msg}", flush=True)
 
 
-
 VAE_PRECISIONS = ("same", "fp32")
-
 
 
 VAE_FP16_HINT = ("an fp16 VAE decoder's activations can exceed fp16's range (65504); export with "

@@ -30,14 +30,12 @@ def tensorrt_problem() -> str | None:
     return None
 
 
-
 def plan_name() -> str:
     """Engines are only valid for the TensorRT version and GPU architecture that built them."""
     import tensorrt as trt
 
     major, minor = torch.cuda.get_device_capability()
     return f"model-trt{trt.__version__}-sm{major}{minor}.plan"
-
 
 
 def build_engine(onnx_path: Path, plan_path: Path, precision: str, max_batch: int, cache_path: Path) -> dict:
@@ -79,7 +77,6 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, max_batch: in
             "profile": {"min": 1, "opt": opt, "max": max_batch}}
 
 
-
 class EngineRunner:
     """Runs a TensorRT plan on CUDA tensors (PyTorch owns the memory): feeds -> outputs."""
 
@@ -111,14 +108,12 @@ class EngineRunner:
         return [t.cpu().numpy() for t in outs]
 
 
-
 def default_timing_cache() -> Path:
     import tensorrt as trt
 
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "boot" / "tensorrt"
     major, minor = torch.cuda.get_device_capability()
     return base / f"timing-trt{trt.__version__}-sm{major}{minor}.cache"
-
 
 
 def build_engines(stage: Path, precision: str, max_batch: int, student: Student, tol: Tolerance,
