@@ -147,13 +147,15 @@ def test_tensorrt_variant_needs_plans():
         triton_repo.model_configs(triton_repo.SHAPES_MANIFEST, "tensorrt")
 
 
-def test_every_python_model_runs_the_one_shared_source():
-    """preprocess, the three ONNX Runtime models and the one-hop boot_txt2img: one model.py."""
+def test_every_python_model_runs_the_one_shared_source(tmp_path):
+    """preprocess, the three ONNX Runtime models and the one-hop boot_txt2img: one model.py, as the
+    repository writer puts it beside the committed configs."""
+    assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
     source = triton_repo.MODEL_SOURCE.read_text()
     python = [name for name, text in _committed_configs().items() if triton_repo.parse_config(text).backend == "python"]
     assert set(triton_repo.PYTHON_MODELS + triton_repo.HEAVY_MODELS) <= set(python)
     for name in python:
-        assert (ROOT / "model_repository" / name / "1" / "model.py").read_text() == source, name
+        assert (tmp_path / name / "1" / "model.py").read_text() == source, name
 
 
 def test_variant_names_and_switching(tmp_path):
