@@ -152,14 +152,14 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
-                  parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0) -> boot.Student:
+                  parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
+                  conditioning: str = boot.DEFAULT_CONDITIONING) -> boot.Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
-    get boot.DEFAULT_CONDITIONING; `init_from` keeps its own."""
+    get `conditioning` (boot.CONDITIONINGS); `init_from` keeps its own."""
     from diffusers import UNet2DConditionModel
 
-    conditioning = boot.DEFAULT_CONDITIONING
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
         theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

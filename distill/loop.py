@@ -88,7 +88,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
-    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank).to(dev)
+    student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
+                            cfg.conditioning).to(dev)
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)

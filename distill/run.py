@@ -66,7 +66,7 @@ FLAG_GROUPS = {
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
-                                      "--target"),
+                                      "--conditioning", "--target"),
 }
 
 
@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
            "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
            "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
            f"(default {d.parameterization})")
+    a("--conditioning", choices=boot.CONDITIONINGS, default=d.conditioning,
+      help="how a new student's UNet takes t and w, for ablations (docs/ablations.md): diffusers-guidance = "
+           "diffusers' own guidance embedding of w - 1 beside fixed features of t, so plain diffusers runs the "
+           "folder; sinusoid = one learned projection of sinusoidal features of t and 62.5·w (older students; "
+           f"BootPipeline only). --init-from keeps the student's own (default {d.conditioning})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -194,7 +199,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
-        parameterization=args.parameterization,
+        parameterization=args.parameterization, conditioning=args.conditioning,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
