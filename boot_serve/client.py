@@ -206,7 +206,8 @@ class Client:
 
         if isinstance(err, InferenceServerException):
             status = str(err.status() or "")
-            if status in ("StatusCode.UNAVAILABLE",) or "failed to connect" in _message(err).lower():
+            # 502/503: the HTTP guard of boot_serve.serve answers for a tritonserver that is restarting
+            if status in ("StatusCode.UNAVAILABLE", "502", "503") or "failed to connect" in _message(err).lower():
                 return self._unavailable(err)
             return RequestError(_message(err), status, index)
         if isinstance(err, (OSError, ConnectionError, TimeoutError)):

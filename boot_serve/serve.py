@@ -118,9 +118,12 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None,
                  tritonserver: str | Path | None = None, bundled: bool = False, log_verbose: int = 0,
                  extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, exit_timeout: int = 30,
-                 echo: bool = False, check: bool = True, log_path: str | Path | None = None):
+                 echo: bool = False, check: bool = True, log_path: str | Path | None = None,
+                 http_host: str | None = None, grpc_host: str | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
+        self.http_host = http_host or host  # 127.0.0.1 behind the guards (boot_serve.service)
+        self.grpc_host = grpc_host or host
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.tritonserver = tritonserver
         self.bundled = bundled
@@ -140,11 +143,11 @@ class TritonServer:
     # endpoints ---------------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return f"{_url_host(self.host)}:{self.ports['http']}"
+        return f"{_url_host(self.http_host)}:{self.ports['http']}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{_url_host(self.host)}:{self.ports['grpc']}"
+        return f"{_url_host(self.grpc_host)}:{self.ports['grpc']}"
 
     @property
     def metrics_url(self) -> str:
@@ -172,8 +175,9 @@ class TritonServer:
             # The stub's embedded interpreter finds its prefix (this venv) through `python3` on PATH.
             env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         for name in ("http", "grpc", "metrics"):
+            host = {"http": self.http_host, "grpc": self.grpc_host}.get(name, self.host)
             if self.ports[name] is None:
-                self.ports[name] = find_free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
+                self.ports[name] = find_free_port(host if host not in ("", "::") else "127.0.0.1")
         admin_key = secrets.token_hex(16)  # nobody gets it: no model (un)loading over the API
         args += [
             f"--model-repository={self.repository}",
@@ -182,8 +186,8 @@ class TritonServer:
             f"--grpc-restricted-protocol=model-repository:boot-admin-key={admin_key}",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={self.http_host}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.grpc_host}", f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             "--allow-metrics=true",
             f"--log-verbose={self.log_verbose}",
@@ -194,8 +198,8 @@ class TritonServer:
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> TritonServer:
-        if self.host not in LOCAL_HOSTS:
-            warn_public_bind(self.host)
+        for host in {self.host, self.http_host, self.grpc_host} - set(LOCAL_HOSTS):
+            warn_public_bind(host)
         if self.check:
             check_repository(self.repository)
         cmd, env = self.command()
@@ -246,7 +250,7 @@ class TritonServer:
 
     def _grpc_listens(self) -> bool:
         try:
-            socket.create_connection((_url_host(self.host).strip("[]"), self.ports["grpc"]), timeout=1).close()
+            socket.create_connection((_url_host(self.grpc_host).strip("[]"), self.ports["grpc"]), timeout=1).close()
             return True
         except OSError:
             return False
@@ -316,8 +320,12 @@ def warn_public_bind(host: str) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    from boot_serve.guard import MAX_BODY_BYTES, MAX_JSON_DEPTH, Limits
+    from boot_serve.service import CRASH_WINDOW, MAX_CRASHES, Service
+
     p = argparse.ArgumentParser(prog="python -m boot_serve.serve",
-                                description="Start tritonserver on an exported boot model repository.",
+                                description="Start tritonserver on an exported boot model repository, supervised, "
+                                            "with the HTTP guard in front (docs/robustness.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repository", default="model_repository",
                    help="model repository filled by `python -m boot_serve.export`")
@@ -336,20 +344,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     p.add_argument("--exit-timeout", type=int, default=30,
                    help="seconds Triton waits for in-flight requests and open connections at shutdown")
+    g = p.add_argument_group("protection (docs/robustness.md)")
+    g.add_argument("--no-guard", action="store_true",
+                   help="let clients reach Triton's HTTP and gRPC endpoints directly, without the guards that "
+                        "refuse requests able to crash or exhaust it (never on an address beyond loopback)")
+    g.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help="guards: largest HTTP body / gRPC message accepted")
+    g.add_argument("--max-json-depth", type=int, default=MAX_JSON_DEPTH, help="guard: deepest JSON nesting accepted")
+    g.add_argument("--max-crashes", type=int, default=MAX_CRASHES,
+                   help="restart a tritonserver that dies, until it has died more than this many times within "
+                        "--crash-window (0: no restarts)")
+    g.add_argument("--crash-window", type=float, default=CRASH_WINDOW, help="seconds --max-crashes counts over")
     args = p.parse_args(argv)
     for name in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, name) <= 65535:
             p.error(f"--{name.replace('_', '-')} must be in [0, 65535]")
+    if args.max_crashes < 0 or args.crash_window <= 0:
+        p.error("--max-crashes must be >= 0 and --crash-window > 0")
+    try:
+        limits = Limits(args.max_body_bytes, args.max_json_depth)
+    except ValueError as err:
+        p.error(str(err))
+    if args.no_guard and args.host not in LOCAL_HOSTS:
+        warn_unguarded(args.host)
 
-    server = TritonServer(args.repository, host=args.host, http_port=args.http_port or None,
-                          grpc_port=args.grpc_port or None, metrics_port=args.metrics_port or None,
-                          tritonserver=args.tritonserver, bundled=args.bundled, log_verbose=args.log_verbose,
-                          startup_timeout=args.startup_timeout, exit_timeout=args.exit_timeout, echo=True)
+    service = Service(args.repository, host=args.host, http_port=args.http_port or None,
+                      grpc_port=args.grpc_port or None, metrics_port=args.metrics_port or None,
+                      guard=not args.no_guard, limits=limits, max_crashes=args.max_crashes,
+                      window=args.crash_window, tritonserver=args.tritonserver, bundled=args.bundled,
+                      log_verbose=args.log_verbose, startup_timeout=args.startup_timeout,
+                      exit_timeout=args.exit_timeout, echo=True)
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
         stopping.set()
-        server.abort.set()
+        service.server.abort.set()
 
     # Installed before start so that Ctrl-C during model loading also shuts the server down.
     signal.signal(signal.SIGINT, on_signal)
@@ -357,26 +386,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.variant is not None:
             write_configs(args.repository, args.variant)
-        server.start()
-    except (RepositoryError, ServerError, ValueError) as err:
-        server.stop()
+        service.start()
+    except (RepositoryError, ServerError, ValueError, OSError) as err:
+        service.stop()
         print(f"error: {err}", file=sys.stderr)
         return 130 if stopping.is_set() else 2
-    print(f"\nboot: Triton is ready on {server.repository}\n"
-          f"  HTTP     {server.http_url}\n"
-          f"  gRPC     {server.grpc_url}\n"
-          f"  metrics  {server.metrics_url}\n"
-          f"  try: python -m boot_serve.client \"a red circle\" --seed 0 --out img.png --url {server.http_url}\n"
+    restarts = f"up to {args.max_crashes} crashes within {args.crash_window:g} s" if args.max_crashes else "off"
+    guarded = service.guard is not None
+    http = f"{service.http_url}  (guarded; Triton's own: {service.triton_http_url})" if guarded else service.http_url
+    grpc = f"{service.grpc_url}  (guarded; Triton's own: {service.triton_grpc_url})" if guarded else service.grpc_url
+    print(f"\nboot: Triton is ready on {service.server.repository}\n"
+          f"  HTTP     {http}\n"
+          f"  gRPC     {grpc}\n"
+          f"  metrics  {service.metrics_url}\n"
+          f"  restarts {restarts}\n"
+          f"  try: python -m boot_serve.client \"a red circle\" --seed 0 --out img.png --url {service.http_url}\n"
           f"Ctrl-C stops it.", flush=True)
-    while not stopping.is_set() and server.is_running():
+    while not stopping.is_set() and service.running():
         stopping.wait(0.5)
-    if not server.is_running():
-        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-        server.stop()
+    if not service.running():
+        print(f"error: tritonserver exited ({_exit_text(service.server.process.returncode)})", file=sys.stderr)
+        service.stop()
         return 1
     print("boot: shutting down tritonserver ...", file=sys.stderr, flush=True)
-    code = server.stop()
+    code = service.stop()
     return 0 if code in (0, None, -signal.SIGINT) else int(code)
+
+
+def _exit_text(code: int | None) -> str:
+    from boot_serve.service import describe_exit
+
+    return describe_exit(code)
+
+
+def warn_unguarded(host: str) -> None:
+    sys.stderr.write(f"WARNING: --no-guard on {host!r}: requests that crash Triton 2.51 (deeply nested JSON) or "
+                     "make it buffer 64 MB bodies reach it from the network unchecked.\n")
 
 
 if __name__ == "__main__":
