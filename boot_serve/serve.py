@@ -40,6 +40,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -57,6 +58,7 @@ from pathlib import Path
 from boot_serve.triton_repo import ENSEMBLE, VARIANTS, RepositoryError, check_repository, write_configs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SHM_REGION = re.compile(r"/dev/shm/triton_python_backend_shm_region_\S+")
 
 
 class ServerError(RuntimeError):
@@ -139,6 +141,7 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log: deque[str] = deque(maxlen=400)
         self._reader: threading.Thread | None = None
+        self._shm: set[str] = set()  # Python-backend shared memory files, removed at stop (a crash leaves them)
 
     # endpoints ---------------------------------------------------------------------------------
     @property
@@ -212,6 +215,7 @@ class TritonServer:
         self._reader.start()
         try:
             self._wait_ready()
+            self._shm = shm_regions(self.process.pid)
         except BaseException:
             self.stop()
             raise
@@ -281,6 +285,10 @@ class TritonServer:
             _RUNNING.discard(self)
             if self._reader is not None:
                 self._reader.join(timeout=5)
+        for path in self._shm:  # a graceful exit removed them already; a crash or a kill did not
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._shm = set()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -300,6 +308,19 @@ _RUNNING: set[TritonServer] = set()
 def _stop_all() -> None:
     for server in list(_RUNNING):
         server.stop()
+
+
+def shm_regions(group: int) -> set[str]:
+    """The Python-backend shared memory files (/dev/shm) mapped by the processes of process group `group`."""
+    found: set[str] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != group:  # field 5, pgrp
+                continue
+            found.update(SHM_REGION.findall((stat.parent / "maps").read_text()))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def _die_with_parent() -> None:
