@@ -133,12 +133,18 @@ def check_body(body: bytes, headers: dict[str, str], limits: Limits) -> None:
 # --------------------------------------------------------------------------------------------
 # HTTP/1.1 framing
 # --------------------------------------------------------------------------------------------
+def check_request_line(line: bytes) -> list[bytes]:
+    """[method, target, version] of an HTTP/1.x request line, else Refused(400)."""
+    parts = line.rstrip(b"\r\n").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise Refused(400, f"not an HTTP/1.x request line: {line[:80]!r}")
+    return parts
+
+
 def parse_head(head: bytes) -> tuple[str, str, dict[str, str], list[bytes]]:
     """(method, version, headers by lower-case name, raw header lines) of a request head."""
     lines = head[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        raise Refused(400, f"not an HTTP/1.x request line: {lines[0][:80]!r}")
+    parts = check_request_line(lines[0])
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
@@ -373,7 +379,12 @@ class Guard:
         return keep_alive and not close
 
     async def _read_request(self, first: bytes, reader, writer):
-        head = first if first == b"\r\n" else first + await reader.readuntil(b"\r\n\r\n")
+        check_request_line(first)
+        head = first
+        while not head.endswith(b"\r\n\r\n"):  # header lines up to the empty one
+            head += await reader.readuntil(b"\r\n")
+            if len(head) > MAX_HEAD_BYTES:
+                raise Refused(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
         method, version, headers, lines = parse_head(head)
         length, chunked = headers.get("content-length"), "transfer-encoding" in headers
         if chunked and (length is not None or headers["transfer-encoding"].lower() != "chunked"):
