@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class TextStack:
     text_encoder: torch.nn.Module
     tokenizer_2: object | None = None
     force_zeros_for_empty_prompt: bool = False  # the unconditional context is zeros (SDXL pipelines)
+    _empty_ids: list[int] | None = field(default=None, init=False, repr=False)  # tokenizer("").input_ids
 
     @property
     def pooled(self) -> bool:
@@ -54,6 +55,16 @@ class TextStack:
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(sdxl.tokenize(self.tokenizer, prompts).to(device),
                                  sdxl.tokenize(self.tokenizer_2, prompts).to(device))
+
+    def reads_as_empty(self, prompt: str) -> bool:
+        """Whether the tokenizer gives `prompt` the empty prompt's ids (special tokens only): a prompt
+        the text encoder cannot tell from "" (boot.contract.check_inputs refuses it as empty). For the
+        SDXL family the first tokenizer decides, as in every family: the rule stays one rule, and the
+        two SDXL tokenizers are both CLIP's, differing in their padding token only."""
+        ids = self.tokenizer(prompt, truncation=True).input_ids
+        if self._empty_ids is None:
+            self._empty_ids = self.tokenizer("", truncation=True).input_ids
+        return ids == self._empty_ids
 
     def unconditional(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(1, L, D) states and (1, P) pooled embedding (or None) of the classifier-free guidance

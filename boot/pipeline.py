@@ -117,7 +117,8 @@ class BootPipeline(ChunkedCall):
     # ----------------------------------------------------------------------------------------
     def check_inputs(self, prompts: list[str], seeds: list[int], guidance_scale: float | None) -> float:
         """Raise ValueError for anything outside the client contract; return the guidance scale."""
-        return check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range)
+        return check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range,
+                            self.text.reads_as_empty)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:

@@ -13,9 +13,10 @@ flight at once, so that Triton's dynamic batcher groups them with everyone else'
 prompt fails alone. Errors:
 - `ServerUnavailableError` (also a ConnectionError): no server at the URL, or the model is not
   loaded / not ready;
-- `RequestError` (also a ValueError): the server rejected a request (empty or over-long prompt,
-  non-UTF-8 bytes, negative seed, NaN or out-of-range guidance, wrong dtype or shape, batch
-  over max_batch_size); `.index` is the prompt it belongs to in `generate_many`.
+- `RequestError` (also a ValueError): the server rejected a request (empty or over-long prompt, a
+  prompt of invisible characters only, non-UTF-8 bytes, negative seed, NaN or out-of-range guidance,
+  wrong dtype or shape, batch over max_batch_size); `.index` is the prompt it belongs to in
+  `generate_many`.
 """
 
 from __future__ import annotations

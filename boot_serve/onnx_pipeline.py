@@ -49,6 +49,7 @@ class OnnxPipeline(runtime.ChunkedCall):
         self.guidance_range = (lo, hi)
         self.guidance_scale = float(manifest["guidance_scale"])
         self.batch_size = batch_size
+        self.empty_ids = tokenizer.encode("").ids  # special tokens and padding only
 
     @classmethod
     def from_pretrained(cls, repository: str | Path, providers=None, threads: int | None = None,
@@ -85,7 +86,13 @@ class OnnxPipeline(runtime.ChunkedCall):
     # ----------------------------------------------------------------------------------------
     def check_inputs(self, prompts: list[str], seeds: list[int], guidance_scale: float | None) -> float:
         """Raise ValueError for anything outside the client contract; return the guidance scale."""
-        return runtime.check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range)
+        return runtime.check_inputs(prompts, seeds, guidance_scale, self.guidance_scale, self.guidance_range,
+                                    self.reads_as_empty)
+
+    def reads_as_empty(self, prompt: str) -> bool:
+        """Whether the (first) tokenizer gives `prompt` the empty prompt's ids: refused as empty, as
+        BootPipeline's TextStack.reads_as_empty refuses it (the first tokenizer decides there too)."""
+        return self.tokenizer.encode(prompt).ids == self.empty_ids
 
     def tokenize(self, prompts: list[str], second: bool = False) -> np.ndarray:
         """(B, L) int64 ids, as `tokenizer(prompts, padding="max_length", truncation=True)` (`second`:

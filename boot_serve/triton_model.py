@@ -29,8 +29,12 @@ Request handling (docs/interfaces.md):
 
 Rejected with a per-request error (INVALID_ARG; the other requests of the batch go on): a prompt over
 MAX_PROMPT_BYTES (checked before any decoding, so a megabyte prompt costs nothing to refuse); bytes
-that are not UTF-8; an empty or whitespace-only prompt; a prompt longer than L tokens (special tokens
-included; REJECTED, not truncated: truncation silently drops objects or positions from the picture);
+that are not UTF-8; a prompt with no content, answered as the empty prompt is (`PROMPT is empty`): empty,
+or made only of characters nobody sees (whitespace, NUL and other controls, zero-width and format
+characters, combining marks alone, blank fillers: `has_content`), or one the tokenizer reads as the
+empty prompt (special tokens only; an SDXL-family repository's first tokenizer decides); a prompt longer
+than L tokens (special tokens included; REJECTED, not truncated: truncation silently drops objects or
+positions from the picture);
 a negative seed (INT64 cannot exceed 2**63 - 1); a NaN/Inf guidance or one outside manifest
 "guidance_range".
 
@@ -44,6 +48,7 @@ cores that the next request or the server's other models need).
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +62,32 @@ except ImportError:  # imported outside a Triton stub (tests, tools)
 # below what would make tokenizing a rejected prompt cost more than serving a good one.
 MAX_PROMPT_BYTES = 4096
 GRAPHS = ("text_encoder", "boot_unet", "vae_decoder")
+
+# boot.contract's prompt-content rule, copied (this file imports no project package);
+# tests/test_prompt_content.py holds each copy equal to its original.
+# Copied from boot.contract.NO_CONTENT_CATEGORIES
+NO_CONTENT_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zs", "Zl", "Zp", "Mn", "Me"})
+# Copied from boot.contract.NO_CONTENT_CHARACTERS
+NO_CONTENT_CHARACTERS = frozenset({
+    0x115F, 0x1160, 0x3164, 0xFFA0,  # Hangul fillers (Lo): blank by design
+    0x2800,  # BRAILLE PATTERN BLANK (So)
+    0x1D159,  # MUSICAL SYMBOL NULL NOTEHEAD (So): no glyph
+    0x2065, *range(0xFFF0, 0xFFF9),  # reserved default-ignorable (Cn): only invisible characters ever go here
+    *range(0xFDD0, 0xFDF0),  # noncharacters (Cn); the U+xFFFE/U+xFFFF of every plane are tested in has_content
+})
+
+
+# Copied from boot.contract.has_content
+def has_content(text: str) -> bool:
+    """Whether `text` has a character that can be seen: one outside NO_CONTENT_CATEGORIES and
+    NO_CONTENT_CHARACTERS, not whitespace, not a noncharacter, not in the tag / variation selector
+    block U+E0000-U+E0FFF (format characters or reserved default-ignorable)."""
+    for ch in text:
+        cp = ord(ch)
+        if not (ch.isspace() or unicodedata.category(ch) in NO_CONTENT_CATEGORIES or cp in NO_CONTENT_CHARACTERS
+                or cp & 0xFFFE == 0xFFFE or 0xE0000 <= cp <= 0xE0FFF):
+            return True
+    return False
 
 
 class RequestRejected(ValueError):
@@ -89,6 +120,10 @@ class Preprocessor:
                                    f"max_length is {self.max_length}: re-run `python -m boot_serve.export`")
             tokenizer.no_truncation()  # an over-long prompt must show its true length to be rejected
             self.tokenizers[output] = tokenizer
+        # The empty prompt's padded ids: a prompt the first tokenizer gives these is refused as empty. The
+        # first decides for SDXL-family repositories too, as in the in-process pipelines: one rule for
+        # every family (SDXL's two tokenizers are both CLIP's and differ in their padding token only).
+        self.empty_ids = self.tokenizers["input_ids"].encode("").ids
 
     def __call__(self, prompts, seeds, scales=None) -> dict[str, np.ndarray]:
         """prompts (B,) bytes or str, seeds (B,) int64, scales (B,) float32 or None."""
@@ -112,7 +147,8 @@ class Preprocessor:
 
     def _ids(self, raw, at: str) -> dict[str, np.ndarray]:
         text = self._decode(raw, at)
-        return {name: self._tokenize(tokenizer, text, at) for name, tokenizer in self.tokenizers.items()}
+        # input_ids first: the empty check comes before any token-length check
+        return {name: self._tokenize(name, tokenizer, text, at) for name, tokenizer in self.tokenizers.items()}
 
     def _decode(self, raw, at: str) -> str:
         size = len(raw) if isinstance(raw, bytes) else len(str(raw).encode())
@@ -123,16 +159,23 @@ class Preprocessor:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as err:
             raise RequestRejected(f"PROMPT{at} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-        if not text.strip():
-            raise RequestRejected(f"PROMPT{at} is empty; send a non-empty caption")
+        if not has_content(text):
+            raise _empty(at)
         return text
 
-    def _tokenize(self, tokenizer, text: str, at: str) -> np.ndarray:
+    def _tokenize(self, name: str, tokenizer, text: str, at: str) -> np.ndarray:
         ids = tokenizer.encode(text).ids
+        if name == "input_ids" and ids == self.empty_ids:  # what has_content misses for this tokenizer
+            raise _empty(at)
         if len(ids) > self.max_length:
             raise RequestRejected(f"PROMPT{at} is {len(ids)} tokens long (special tokens included); this model "
                                   f"accepts at most {self.max_length}. Over-long prompts are rejected, not truncated")
         return np.asarray(ids, dtype=np.int64)
+
+
+def _empty(at: str) -> RequestRejected:
+    """The one answer to every prompt without content, the empty prompt's."""
+    return RequestRejected(f"PROMPT{at} is empty; send a non-empty caption")
 
 
 def _at(i: int, n: int) -> str:

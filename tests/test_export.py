@@ -157,6 +157,7 @@ def test_batch_invariance(repo32):
 
 @pytest.mark.parametrize("args", [
     ([], []), ("a red circle", [0]), (["a red circle"], [0, 1]), ([""], [0]), (["  "], [0]),
+    (["\x00\u200b\u0301"], [0]), (["a red circle", "\ufffd"], [0, 1]),  # no content; the tokenizer's empty
     (["a red circle"], [-1]), (["a red circle"], [2**63]), (["a red circle"], [True]), (["a red circle"], [1.5]),
     (["a red circle"], [0], float("nan")), (["a red circle"], [0], 5.5), (["a red circle"], [0], "3"),
 ])

@@ -326,6 +326,16 @@ def test_concurrent_requests_are_batched(triton_server, reference):
 BAD_PROMPTS = {
     "empty": ("", "PROMPT is empty"),
     "whitespace": ("   \n", "PROMPT is empty"),
+    # No content: answered as the empty prompt (boot.contract.has_content, copied into triton_model.py)
+    "nul": ("\x00\x00\x00", "PROMPT is empty; send a non-empty caption"),
+    "zero_width": ("\u200b\u200c\u200d\u2060", "PROMPT is empty; send a non-empty caption"),
+    "bom": ("\ufeff", "PROMPT is empty; send a non-empty caption"),
+    "soft_hyphen": ("\u00ad", "PROMPT is empty; send a non-empty caption"),
+    "combining_mark_alone": ("\u0301", "PROMPT is empty; send a non-empty caption"),
+    "hangul_filler": ("\u3164\u115f\u1160", "PROMPT is empty; send a non-empty caption"),
+    "braille_blank": ("\u2800", "PROMPT is empty; send a non-empty caption"),
+    # Content for the character rule, the empty prompt's ids for the tokenizer (MiniLM drops U+FFFD)
+    "reads_as_empty": ("\ufffd", "PROMPT is empty; send a non-empty caption"),
     "too_long": ("a red circle " * 10, "tokens long .* at most 16. Over-long prompts are rejected, not truncated"),
     "not_utf8": (b"a red \xff\xfe circle", "PROMPT is not valid UTF-8"),
 }
@@ -338,6 +348,11 @@ def test_bad_prompt(client, reference, case):
         client.generate([prompt], [0])
     assert err.value.status == "400"
     assert_still_serving(client, reference)
+
+
+def test_invisible_characters_around_content_are_served(client, reference):
+    prompts = ["\u200ba red\u00ad circle\ufeff", "\u3164円"]
+    assert _max_diff(client.generate(prompts, [0, 1]), reference(prompts, [0, 1])) <= TOLERANCE
 
 
 def test_negative_seed(client, reference):
