@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import sys
 import threading
 import zlib
@@ -439,23 +440,44 @@ def _address(text: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m boot_serve.guard", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--listen", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT the guard binds")
+    p.add_argument("--listen", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT the HTTP guard binds")
     p.add_argument("--upstream", type=_address, required=True, help="HOST:PORT of Triton's HTTP endpoint")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body accepted")
+    p.add_argument("--grpc-listen", type=_address, default=None,
+                   help="HOST:PORT the gRPC guard binds (boot_serve.grpc_guard; with --grpc-upstream)")
+    p.add_argument("--grpc-upstream", type=_address, default=None, help="HOST:PORT of Triton's gRPC endpoint")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help="largest HTTP body / gRPC message accepted")
     p.add_argument("--max-json-depth", type=int, default=MAX_JSON_DEPTH, help="deepest JSON nesting accepted")
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                    help="seconds a request's head and body may take to arrive")
     args = p.parse_args(argv)
+    if (args.grpc_listen is None) != (args.grpc_upstream is None):
+        p.error("--grpc-listen and --grpc-upstream go together")
     try:
         limits = Limits(args.max_body_bytes, args.max_json_depth, args.read_timeout)
-        guard = Guard(*args.upstream, *args.listen, limits=limits).start()
-    except (ValueError, OSError) as err:
+    except ValueError as err:
+        p.error(str(err))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    guards = []
+    try:
+        guards.append(Guard(*args.upstream, *args.listen, limits=limits).start())
+        print(f"boot guard: HTTP {guards[0].url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
+        if args.grpc_listen is not None:
+            from boot_serve.grpc_guard import GrpcGuard
+
+            upstream = "{}:{}".format(*args.grpc_upstream)
+            guards.append(GrpcGuard(upstream, *args.grpc_listen, max_message_bytes=limits.max_body_bytes).start())
+            print(f"boot guard: gRPC {guards[1].url} -> {upstream}", flush=True)
+    except OSError as err:
+        for guard in guards:
+            guard.stop()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"boot guard: {guard.url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
-    guard.stop()
+    stop.wait()
+    for guard in guards:
+        guard.stop()
     return 0
 
 

@@ -29,26 +29,74 @@ def test_schema_check_rejects_a_broken_manifest():
         kv.validate(broken, K8S_VERSION, strict=True)
 
 
+def _containers() -> dict[str, dict]:
+    pod = _docs()["Deployment"]["spec"]["template"]["spec"]
+    return {c["name"]: c for c in pod["containers"]}
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
 def test_probes_ports_and_targets_agree():
     docs = _docs()
     dep, svc, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
     pod = dep["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    guard, triton = _containers()["guard"], _containers()["tritonserver"]
+    ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == set(ports) == {"http", "grpc", "metrics"}
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    args = " ".join(container["args"])
-    for name, port in ports.items():
-        assert f"--{name}-port={port}" in args
+    # The pod's HTTP and gRPC ports are the guard's; Triton binds loopback, where the guard forwards.
+    g, t = _flags(guard["args"]), _flags(triton["args"])
+    assert g["listen"] == f"0.0.0.0:{ports['http']}" and g["grpc-listen"] == f"0.0.0.0:{ports['grpc']}"
+    assert t["http-address"] == t["grpc-address"] == "127.0.0.1"
+    assert g["upstream"] == f"127.0.0.1:{t['http-port']}" and g["grpc-upstream"] == f"127.0.0.1:{t['grpc-port']}"
+    assert t["metrics-port"] == str(ports["metrics"]) and "metrics-address" not in t
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live"),
+                        ("startupProbe", "/v2/health/ready")):  # through the guard: the kubelet cannot reach loopback
+        assert triton[probe]["httpGet"] == {"path": path, "port": ports["http"]}
     claims = {d["metadata"]["name"] for f in MANIFESTS for d in yaml.safe_load_all(f.read_text())
               if d and d["kind"] == "PersistentVolumeClaim"}
     used = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert used == claims == {"boot-model-repository", "boot-trt-cache"}
-    mounted = {m["name"] for m in container["volumeMounts"]}
+    mounted = {m["name"] for m in triton["volumeMounts"]}
     assert {v["name"] for v in pod["volumes"]} == mounted
+
+
+def test_the_guard_container_runs_as_written(tmp_path):
+    """The guard container's command, with its ports made free, starts both guards; the image holds every
+    boot_serve module they import (deploy/Dockerfile copies them)."""
+    import ast
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    guard = _containers()["guard"]
+    assert guard["command"] == ["python3", "-m", "boot_serve.guard"]
+    args = [a.replace(":8000", ":0").replace(":8001", ":0").replace(":18000", ":1").replace(":18001", ":2")
+            .replace("0.0.0.0", "127.0.0.1") for a in guard["args"]]
+    proc = subprocess.Popen([sys.executable, "-m", "boot_serve.guard", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("boot guard: HTTP 127.0.0.1:") and lines[1].startswith("boot guard: gRPC"), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    copy = next(line for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines() if line.startswith("COPY"))
+    copied = set(copy.split()[1:-1])
+    needed, todo = set(), ["boot_serve/guard.py", "boot_serve/grpc_guard.py"]
+    while todo:
+        path = todo.pop()
+        needed.add(path)
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("boot", "boot_serve"):
+                dep = node.module.replace(".", "/") + ".py"
+                if dep not in needed:
+                    todo.append(dep)
+    assert needed | {"boot_serve/__init__.py"} <= copied, needed - copied
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +166,7 @@ def test_gpu_variant_fields_are_what_the_onnxruntime_backend_accepts(precision):
             assert set(shapes) == set(dims)
             for tensor, shape in shapes.items():
                 assert [int(d) for d in shape.split("x")] == [batch, *dims[tensor]], (key, tensor)
-    deployment = _docs()["Deployment"]["spec"]["template"]["spec"]
-    mounts = {m["mountPath"] for m in deployment["containers"][0]["volumeMounts"]}
+    mounts = {m["mountPath"] for m in _containers()["tritonserver"]["volumeMounts"]}
     assert triton_repo.TRT_CACHE_DIR in mounts
 
 
@@ -143,7 +190,7 @@ def test_tensorrt_variant_fields_and_version_check():
 def test_gpus_per_pod_agree_with_the_instance_groups():
     """The Deployment asks for as many GPUs as the README's --gpus list names, and pins the GPU model."""
     pod = _docs()["Deployment"]["spec"]["template"]["spec"]
-    limits = pod["containers"][0]["resources"]["limits"]
+    limits = _containers()["tritonserver"]["resources"]["limits"]
     readme = (ROOT / "deploy" / "README.md").read_text()
     gpus = int(limits["nvidia.com/gpu"])
     assert f"--gpus {','.join(str(i) for i in range(gpus))}" in readme

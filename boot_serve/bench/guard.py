@@ -108,7 +108,8 @@ def write(report: dict, out: Path) -> None:
     lines = [f"# What the guards cost ({hw['cpu']}, {hw['usable_cpus']} usable CPUs)", "",
              f"{report['requests']} requests per path and round, {report['rounds']} rounds interleaved; "
              f"load average before {report['load_average_before']}, after {report['load_average_after']}.", "",
-             "| concurrency | path | p50 ms | p90 ms | p99 ms | images/s | errors |", "|---:|---|---:|---:|---:|---:|---:|"]
+             "| concurrency | path | p50 ms | p90 ms | p99 ms | images/s | errors |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for row in report["results"]:
         for path in PATHS:
             s = row[path]
