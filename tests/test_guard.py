@@ -208,6 +208,22 @@ def test_malformed_framing_is_refused(service, reference, data, status):
     assert_serving_unrestarted(service, reference, service.server.process.pid)
 
 
+def test_a_request_slower_than_the_read_timeout_gets_408(service, reference):
+    from boot_serve.guard import Guard
+
+    host, port = service.triton_http_url.rsplit(":", 1)
+    with Guard(host, int(port), limits=Limits(read_timeout=0.5), log=lambda line: None) as guard:
+        gh, gp = guard.url.rsplit(":", 1)
+        with socket.create_connection((gh, int(gp)), timeout=30) as sock:
+            sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            t = time.monotonic()
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+        assert 0.4 < time.monotonic() - t < 10
+        with Client(guard.url) as c:  # an idle connection is left alone, a prompt one served
+            assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), reference)
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP guard: valid requests pass unchanged
 # --------------------------------------------------------------------------------------------
