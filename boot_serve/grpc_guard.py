@@ -88,10 +88,13 @@ class GrpcGuard:
         return self._channel
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop(grace=5).wait()
-        if self._channel is not None:
-            self._channel.close()
+        """Stop serving and close the channel to Triton (idempotent)."""
+        server, channel = self._server, self._channel
+        self._server = self._channel = self._target = None
+        if server is not None:
+            server.stop(grace=5).wait()
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> GrpcGuard:
         return self.start()

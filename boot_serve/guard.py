@@ -295,10 +295,13 @@ class Guard:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop listening and end the thread (idempotent)."""
+        loop, server, thread = self._loop, self._server, self._thread
+        self._loop = self._server = self._thread = None
+        if loop is not None and server is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(server.close)
+        if thread is not None:
+            thread.join(timeout=10)
 
     def __enter__(self) -> Guard:
         return self.start()
