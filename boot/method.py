@@ -69,6 +69,10 @@ TIME_COND_PROJ_DIM = 2 * EMBED_DIM
 GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # "sinusoid": w in [0, 16] spans the same range as t in [0, 1000]
 # A "diffusers-guidance" UNet's t weights A_t, beside its diffusers weights in unet/ (diffusers never reads them).
 TIME_WEIGHTS = "boot_time_condition.safetensors"
+# E(w - 1) holds sinusoids of w from 0.1 to 1000 rad per unit of w; the "sinusoid" features stop at 62.5
+# (GUIDANCE_EMBED_SCALE). A band-limited student trains only E's columns up to this frequency and keeps
+# the faster ones at exactly 0, so diffusers' plain cond_proj still computes it.
+GUIDANCE_BAND = GUIDANCE_EMBED_SCALE
 
 
 def recorded_conditioning(meta: dict) -> str:
@@ -76,13 +80,19 @@ def recorded_conditioning(meta: dict) -> str:
     return (meta.get("conditioning") or {}).get("kind", LEGACY_CONDITIONING)
 
 
-def conditioning_record(kind: str) -> dict:
-    """boot.json "conditioning" of a student of this kind."""
+def conditioning_record(kind: str, guidance_band: float | None = None) -> dict:
+    """boot.json "conditioning" of a student of this kind (`guidance_band`: see GUIDANCE_BAND)."""
     if kind == LEGACY_CONDITIONING:
         return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "embed_dim": EMBED_DIM,
                 "guidance_embed_scale": GUIDANCE_EMBED_SCALE}
     return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "guidance": "get_guidance_scale_embedding(w - 1)",
-            "time": "sinusoid(t) - sinusoid(0)", "embed_dim": EMBED_DIM, "time_weights": f"unet/{TIME_WEIGHTS}"}
+            "time": "sinusoid(t) - sinusoid(0)", "embed_dim": EMBED_DIM, "time_weights": f"unet/{TIME_WEIGHTS}",
+            **({"guidance_band": guidance_band} if guidance_band else {})}
+
+
+def recorded_guidance_band(meta: dict) -> float | None:
+    """The guidance band a student was trained with (None: all of E's columns)."""
+    return (meta.get("conditioning") or {}).get("guidance_band")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +209,14 @@ def sinusoid(x: torch.Tensor, dim: int = EMBED_DIM) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def guidance_frequencies(dim: int = TIME_COND_PROJ_DIM) -> torch.Tensor:
+    """(dim,) angular frequency, in rad per unit of w, of each column of E(w) (its sin and cos halves)."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step) * 1000.0
+    return torch.cat([freqs, freqs])
+
+
 def guidance_embedding(w: torch.Tensor, dim: int = TIME_COND_PROJ_DIM) -> torch.Tensor:
     """E(w): (B,) -> (B, dim), diffusers' `get_guidance_scale_embedding(w)` (VDM's sinusoid of 1000·w),
     the same float32 operations, so that a pipeline feeding E(w - 1) reproduces the student exactly."""
@@ -228,36 +246,50 @@ class GuidanceTimeProjection(nn.Linear):
 
     `weight` (C x 256) is diffusers' cond_proj weight; `time_weight` A_t (C x 128) reads the t features
     τ = φ(t) - φ(0), which are 0 at t = 0. Given only E (256 columns, as StableDiffusionPipeline passes
-    them) it is diffusers' plain cond_proj."""
+    them) it is diffusers' plain cond_proj. With `guidance_band` F, W's columns for frequencies above F
+    take no part (masked in the forward pass: zero-initialised, they get no gradient and stay 0)."""
 
-    def __init__(self, in_features: int, out_features: int, time_features: int = EMBED_DIM):
+    def __init__(self, in_features: int, out_features: int, time_features: int = EMBED_DIM,
+                 guidance_band: float | None = None):
         super().__init__(in_features, out_features, bias=False)
         self.time_weight = nn.Parameter(torch.zeros(out_features, time_features))
+        self.guidance_band = guidance_band
+        mask = (guidance_frequencies(in_features) <= guidance_band).float() if guidance_band else None
+        self.register_buffer("band_mask", mask, persistent=False)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         n = self.in_features
-        out = nn.functional.linear(condition[..., :n], self.weight)
+        weight = self.weight if self.band_mask is None else self.weight * self.band_mask
+        out = nn.functional.linear(condition[..., :n], weight)
         if condition.shape[-1] > n:
             out = out + nn.functional.linear(condition[..., n:], self.time_weight)
         return out
 
 
-def add_condition_projection(unet: nn.Module, kind: str = LEGACY_CONDITIONING) -> nn.Module:
+def add_condition_projection(unet: nn.Module, kind: str = LEGACY_CONDITIONING,
+                             guidance_band: float | None = None) -> nn.Module:
     """Give a teacher UNet the zero-initialised `time_embedding.cond_proj` of diffusers'
-    `time_cond_proj_dim` (for `kind`, see CONDITIONINGS), so the student starts as the teacher at
-    time T for every (t, w)."""
+    `time_cond_proj_dim` (for `kind`, see CONDITIONINGS; `guidance_band`: see GUIDANCE_BAND), so the
+    student starts as the teacher at time T for every (t, w)."""
     if kind not in CONDITIONINGS:
         raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {kind!r}")
     emb = unet.time_embedding
     wanted = GuidanceTimeProjection if kind == DEFAULT_CONDITIONING else nn.Linear
-    if type(getattr(emb, "cond_proj", None)) is not wanted:
-        emb.cond_proj = (GuidanceTimeProjection(TIME_COND_PROJ_DIM, emb.linear_1.in_features)
+    if type(getattr(emb, "cond_proj", None)) is not wanted or \
+            getattr(emb.cond_proj, "guidance_band", None) != guidance_band:
+        emb.cond_proj = (GuidanceTimeProjection(TIME_COND_PROJ_DIM, emb.linear_1.in_features,
+                                                guidance_band=guidance_band)
                          if kind == DEFAULT_CONDITIONING else
                          nn.Linear(TIME_COND_PROJ_DIM, emb.linear_1.in_features, bias=False))
         unet.register_to_config(time_cond_proj_dim=TIME_COND_PROJ_DIM)
     for p in emb.cond_proj.parameters():
         nn.init.zeros_(p)
     return unet
+
+
+def unet_guidance_band(unet: nn.Module) -> float | None:
+    """The guidance band of a student UNet's condition projection (None: none)."""
+    return getattr(unet.time_embedding.cond_proj, "guidance_band", None)
 
 
 def unet_conditioning(unet: nn.Module) -> str:

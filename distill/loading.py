@@ -153,11 +153,11 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
                   parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
-                  conditioning: str = boot.DEFAULT_CONDITIONING) -> boot.Student:
+                  conditioning: str = boot.DEFAULT_CONDITIONING, guidance_band: float = 0.0) -> boot.Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
-    get `conditioning` (boot.CONDITIONINGS); `init_from` keeps its own."""
+    get `conditioning` (boot.CONDITIONINGS) and `guidance_band` (0: none); `init_from` keeps its own."""
     from diffusers import UNet2DConditionModel
 
     if init_from:
@@ -167,9 +167,10 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
             raise ValueError(f"--init-from {init_from} reads its UNet as {boot.recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
         conditioning = boot.recorded_conditioning(theirs)
+        guidance_band = boot.recorded_guidance_band(theirs)
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
-        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning)
+        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning, guidance_band or None)
     if init_from:
         try:
             trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)

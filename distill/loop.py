@@ -89,7 +89,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
-                            cfg.conditioning).to(dev)
+                            cfg.conditioning, cfg.guidance_band).to(dev)
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
@@ -239,7 +239,7 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
         "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
-        exported.conditioning)
+        exported.conditioning, boot.unet_guidance_band(exported.unet))
     unet = exported.unet
     if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
         from distill import lora

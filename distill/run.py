@@ -66,7 +66,7 @@ FLAG_GROUPS = {
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
-                                      "--conditioning", "--target"),
+                                      "--conditioning", "--guidance-band", "--target"),
 }
 
 
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
            "diffusers' own guidance embedding of w - 1 beside fixed features of t, so plain diffusers runs the "
            "folder; sinusoid = one learned projection of sinusoidal features of t and 62.5·w (older students; "
            f"BootPipeline only). --init-from keeps the student's own (default {d.conditioning})")
+    a("--guidance-band", type=float, default=d.guidance_band,
+      help="with --conditioning diffusers-guidance: train only the columns of E(w - 1) whose frequency is at most "
+           f"this many rad per unit of w, the faster ones stay 0 (boot.GUIDANCE_BAND = {boot.GUIDANCE_BAND:g} is the "
+           f"band of the sinusoid features); 0 = all columns (default {d.guidance_band:g})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -199,7 +203,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
         beta=args.beta, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
-        parameterization=args.parameterization, conditioning=args.conditioning,
+        parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -216,6 +220,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.final_hop == 0 or cfg.final_hop >= cfg.delta, "--final-hop must be 0 (off) or >= --delta"),
         (0 < cfg.final_fraction < 1, "--final-fraction must be in (0, 1)"),
         (cfg.refine >= 0, "--refine must be >= 0"),
+        (cfg.guidance_band >= 0, "--guidance-band must be >= 0"),
+        (cfg.guidance_band == 0 or cfg.conditioning == boot.DEFAULT_CONDITIONING,
+         "--guidance-band needs --conditioning diffusers-guidance"),
         (cfg.refine == 0 or (cfg.final_hop > 0 and cfg.init_from is not None),
          "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),

@@ -36,7 +36,8 @@ def package_version() -> str:
 
 
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
-                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING) -> dict:
+                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING,
+                 guidance_band: float | None = None) -> dict:
     """boot.json (docs/interfaces.md "Student folder")."""
     meta = {
         "format": "boot-student/1",
@@ -56,7 +57,7 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": boot.conditioning_record(conditioning),
+        "conditioning": boot.conditioning_record(conditioning, guidance_band),
         "package_version": package_version(),
         **extra,
     }

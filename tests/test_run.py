@@ -714,3 +714,27 @@ def test_refine_preset_is_the_recorded_stage_4_recipe(tmp_path, capsys):
     assert cfg("--preset", "full").val_n == 128
     err = _error(["--preset", "refine"], capsys)
     assert "--refine needs --final-hop F and --init-from STUDENT" in err
+
+
+def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plain_diffusers_unet(setup):
+    """--guidance-band F: E(w - 1)'s columns above F rad per unit of w get no gradient and are saved as
+    exactly 0 (so diffusers' plain cond_proj computes the student), the band's columns train, boot.json
+    records F, and --init-from keeps it."""
+    from diffusers import UNet2DConditionModel
+
+    root, teacher, prompts = setup
+    _in_process(_cli(root, teacher, prompts, "band", ("--guidance-band", str(boot.GUIDANCE_BAND))))
+    student = root / "band" / "student"
+    meta = json.loads((student / "boot.json").read_text())
+    assert meta["conditioning"]["guidance_band"] == boot.GUIDANCE_BAND
+    weight = UNet2DConditionModel.from_pretrained(student / "unet").time_embedding.cond_proj.weight
+    fast = boot.guidance_frequencies() > boot.GUIDANCE_BAND
+    assert 0 < int(fast.sum()) < len(fast)
+    assert torch.equal(weight[:, fast], torch.zeros_like(weight[:, fast]))
+    assert weight[:, ~fast].abs().max() > 1e-4
+    s = loading.build_student(loading.load_teacher(teacher), boot.NoiseSchedule(torch.linspace(0.999, 0.0, 1000)),
+                              init_from=str(student))
+    assert boot.unet_guidance_band(s.unet) == boot.GUIDANCE_BAND
+    proc = _run([sys.executable, "-m", "distill.run", *_cli(root, teacher, prompts, "band-sinusoid",
+                                                           ("--conditioning", "sinusoid", "--guidance-band", "10"))])
+    assert proc.returncode == 2 and "--guidance-band needs --conditioning diffusers-guidance" in proc.stderr
