@@ -18,7 +18,9 @@ tritonclient shows the message), and logged in one line:
 - 408: a request head or body that has not arrived within `read_timeout` seconds;
 - 413: a body over `max_body_bytes`, decided from Content-Length before any byte of it is read, or
   while a chunked body arrives, or while a gzip/deflate body (Content-Encoding) is inflated;
-- 431: a request head over MAX_HEAD_BYTES.
+- 431: a request head over MAX_HEAD_BYTES;
+- 503: a new connection while MAX_CONNECTIONS are open (idle keep-alive connections close after
+  IDLE_TIMEOUT seconds without a request).
 A refused request closes its connection (its body may be unread). When Triton does not answer
 (restarting after a crash), requests get 503 `{"error": "..."}`, which boot_serve.client reports as
 ServerUnavailableError.
@@ -51,7 +53,8 @@ MAX_JSON_DEPTH = 16
 MAX_BODY_BYTES = 1 << 20
 MAX_HEAD_BYTES = 16 << 10
 READ_TIMEOUT = 30.0
-IDLE_TIMEOUT = 300.0  # an open connection with no request in it
+IDLE_TIMEOUT = 75.0  # an open connection with no request in it
+MAX_CONNECTIONS = 512  # open client connections; beyond, a new one gets 503 and is closed
 LINGER = 2.0
 CHUNK = 1 << 18
 STATUS_TEXT = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
@@ -275,6 +278,7 @@ class Guard:
         self.limits = limits
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.refused = 0  # requests answered 4xx here
+        self.connections = 0  # open client connections
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -326,14 +330,23 @@ class Guard:
             await self._server.serve_forever()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = Upstream(*self.upstream)
         peer = writer.get_extra_info("peername")
+        if self.connections >= MAX_CONNECTIONS:  # idle or slow connections must not exhaust file descriptors
+            self.log(f"boot guard: {MAX_CONNECTIONS} connections open; refused one from {peer[0] if peer else '?'}")
+            writer.write(response(503, f"this server has {MAX_CONNECTIONS} connections open; try again shortly"))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            writer.close()
+            return
+        self.connections += 1
+        upstream = Upstream(*self.upstream)
         try:
             while await self._one_request(reader, writer, upstream, peer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass  # the client went away
         finally:
+            self.connections -= 1
             upstream.close()
             writer.close()
 

@@ -224,6 +224,26 @@ def test_a_request_slower_than_the_read_timeout_gets_408(service, reference):
             assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), reference)
 
 
+def test_connections_beyond_the_cap_get_503_and_the_cap_frees_up(service, reference, monkeypatch):
+    from boot_serve import guard as guard_module
+
+    monkeypatch.setattr(guard_module, "MAX_CONNECTIONS", 4)
+    host, port = service.triton_http_url.rsplit(":", 1)
+    with guard_module.Guard(host, int(port), log=lambda line: None) as guard:
+        gh, gp = guard.url.rsplit(":", 1)
+        idle = [socket.create_connection((gh, int(gp)), timeout=30) for _ in range(4)]
+        time.sleep(0.3)
+        with socket.create_connection((gh, int(gp)), timeout=30) as extra:
+            assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while guard.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with Client(guard.url) as c:
+            assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), reference)
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP guard: valid requests pass unchanged
 # --------------------------------------------------------------------------------------------
