@@ -266,14 +266,85 @@ class GuidanceTimeProjection(nn.Linear):
         return out
 
 
+def sinusoid_projection(guidance_range: tuple[float, float], n: int = 50_001, ridge: float = 1e-6) -> torch.Tensor:
+    """P (128 x 256): the ridge least-squares map with P·E(w - 1) ≈ φ(62.5·w) for w in `guidance_range`."""
+    w = torch.linspace(*guidance_range, n, dtype=torch.float64)
+    target = sinusoid(w * GUIDANCE_EMBED_SCALE).double()
+    feats = guidance_embedding((w - 1.0).float()).double()
+    gram = feats.T @ feats + ridge * n * torch.eye(feats.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, feats.T @ target).T.float()
+
+
+class SinusoidSpaceProjection(nn.Module):
+    """The training form of a "diffusers-guidance" cond_proj that learns where a "sinusoid" one does:
+    c = [E, τ] -> A_w·(P·E) + A_t·(τ + φ(0)), with P = sinusoid_projection(range) fixed, so that
+    P·E(w - 1) ≈ φ(62.5·w) and τ + φ(0) = φ(t): the features, and so the optimizer's steps, of a "sinusoid"
+    student. It takes the same inputs as GuidanceTimeProjection and is saved as one (to_plain_projection:
+    W = A_w·P, time_weight = A_t, A_t·φ(0) folded into linear_1's bias), which is exact."""
+
+    def __init__(self, in_features: int, out_features: int, guidance_range: tuple[float, float],
+                 time_features: int = EMBED_DIM):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.guidance_range = tuple(float(x) for x in guidance_range)
+        self.guidance_weight = nn.Parameter(torch.zeros(out_features, EMBED_DIM))
+        self.time_weight = nn.Parameter(torch.zeros(out_features, time_features))
+        self.register_buffer("projection", sinusoid_projection(self.guidance_range), persistent=False)
+        self.register_buffer("phi0", sinusoid(torch.zeros(1), time_features)[0], persistent=False)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        n = self.in_features
+        features = nn.functional.linear(condition[..., :n], self.projection.to(condition.dtype))
+        out = nn.functional.linear(features, self.guidance_weight)
+        tau = condition[..., n:] if condition.shape[-1] > n else torch.zeros_like(self.phi0)
+        return out + nn.functional.linear(tau + self.phi0.to(condition.dtype), self.time_weight)
+
+
+def to_plain_projection(unet: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """Turn a SinusoidSpaceProjection cond_proj into the GuidanceTimeProjection that computes the same
+    function, in place (linear_1's bias takes A_t·φ(0)); returns (the old cond_proj, the old bias) to put
+    back with `restore_projection`, or None where there was nothing to convert."""
+    emb = unet.time_embedding
+    proj = emb.cond_proj
+    if not isinstance(proj, SinusoidSpaceProjection):
+        return None
+    old_bias = emb.linear_1.bias.detach().clone()
+    plain = GuidanceTimeProjection(proj.in_features, proj.out_features).to(proj.guidance_weight.device)
+    with torch.no_grad():
+        plain.weight.copy_((proj.guidance_weight.double() @ proj.projection.double()).to(plain.weight.dtype))
+        plain.time_weight.copy_(proj.time_weight)
+        shift = emb.linear_1.weight.double() @ (proj.time_weight.double() @ proj.phi0.double())
+        emb.linear_1.bias += shift.to(emb.linear_1.bias.dtype)
+    emb.cond_proj = plain
+    return proj, old_bias
+
+
+def restore_projection(unet: nn.Module, saved: tuple[nn.Module, torch.Tensor] | None) -> None:
+    """Undo to_plain_projection exactly."""
+    if saved is None:
+        return
+    proj, bias = saved
+    unet.time_embedding.cond_proj = proj
+    with torch.no_grad():
+        unet.time_embedding.linear_1.bias.copy_(bias)
+
+
 def add_condition_projection(unet: nn.Module, kind: str = LEGACY_CONDITIONING,
-                             guidance_band: float | None = None) -> nn.Module:
+                             guidance_band: float | None = None,
+                             sinusoid_space: tuple[float, float] | None = None) -> nn.Module:
     """Give a teacher UNet the zero-initialised `time_embedding.cond_proj` of diffusers'
-    `time_cond_proj_dim` (for `kind`, see CONDITIONINGS; `guidance_band`: see GUIDANCE_BAND), so the
-    student starts as the teacher at time T for every (t, w)."""
+    `time_cond_proj_dim` (for `kind`, see CONDITIONINGS; `guidance_band`: see GUIDANCE_BAND;
+    `sinusoid_space`: a "diffusers-guidance" one in its SinusoidSpaceProjection training form for this
+    guidance range), so the student starts as the teacher at time T for every (t, w)."""
     if kind not in CONDITIONINGS:
         raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {kind!r}")
     emb = unet.time_embedding
+    if sinusoid_space is not None:
+        if kind != DEFAULT_CONDITIONING or guidance_band:
+            raise ValueError("the sinusoid-space form is for 'diffusers-guidance' students without a guidance band")
+        emb.cond_proj = SinusoidSpaceProjection(TIME_COND_PROJ_DIM, emb.linear_1.in_features, sinusoid_space)
+        unet.register_to_config(time_cond_proj_dim=TIME_COND_PROJ_DIM)
+        return unet
     wanted = GuidanceTimeProjection if kind == DEFAULT_CONDITIONING else nn.Linear
     if type(getattr(emb, "cond_proj", None)) is not wanted or \
             getattr(emb.cond_proj, "guidance_band", None) != guidance_band:
@@ -294,13 +365,22 @@ def unet_guidance_band(unet: nn.Module) -> float | None:
 
 def unet_conditioning(unet: nn.Module) -> str:
     """The conditioning kind of a student UNet, from its condition projection's type."""
-    return DEFAULT_CONDITIONING if isinstance(unet.time_embedding.cond_proj, GuidanceTimeProjection) \
+    return DEFAULT_CONDITIONING if isinstance(unet.time_embedding.cond_proj,
+                                              (GuidanceTimeProjection, SinusoidSpaceProjection)) \
         else LEGACY_CONDITIONING
 
 
 def save_student_unet(unet: nn.Module, folder: str | Path) -> None:
     """unet.save_pretrained(folder) in diffusers' own form (a plain cond_proj), plus TIME_WEIGHTS beside it
     for a "diffusers-guidance" UNet, so that diffusers loads unet/ with no unknown weights."""
+    saved = to_plain_projection(unet)  # a training form is saved as the plain one it equals
+    try:
+        _save_plain_student_unet(unet, folder)
+    finally:
+        restore_projection(unet, saved)
+
+
+def _save_plain_student_unet(unet: nn.Module, folder: str | Path) -> None:
     from safetensors.torch import save_file
 
     emb = unet.time_embedding

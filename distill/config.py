@@ -49,6 +49,7 @@ class RunConfig:
     parameterization: str = boot.DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.PARAMETERIZATIONS)
     conditioning: str = boot.DEFAULT_CONDITIONING  # how t and w enter a new student's UNet (boot.CONDITIONINGS)
     guidance_band: float = 0.0  # "diffusers-guidance": train E(w - 1)'s columns up to this frequency, 0 = all
+    condition_space: str = "diffusers"  # "diffusers-guidance": the space its cond_proj learns in (see --help)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's

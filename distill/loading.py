@@ -153,11 +153,13 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 
 def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
                   parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
-                  conditioning: str = boot.DEFAULT_CONDITIONING, guidance_band: float = 0.0) -> boot.Student:
+                  conditioning: str = boot.DEFAULT_CONDITIONING, guidance_band: float = 0.0,
+                  sinusoid_space: tuple[float, float] | None = None) -> boot.Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
-    get `conditioning` (boot.CONDITIONINGS) and `guidance_band` (0: none); `init_from` keeps its own."""
+    get `conditioning` (boot.CONDITIONINGS), `guidance_band` (0: none) and, with `sinusoid_space` (a guidance
+    range), the SinusoidSpaceProjection training form; `init_from` keeps its own (in the plain form it was saved in)."""
     from diffusers import UNet2DConditionModel
 
     if init_from:
@@ -168,9 +170,11 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
                              f"not --parameterization {parameterization!r}")
         conditioning = boot.recorded_conditioning(theirs)
         guidance_band = boot.recorded_guidance_band(theirs)
+        sinusoid_space = None
 
     unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
-        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning, guidance_band or None)
+        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning, guidance_band or None,
+        sinusoid_space)
     if init_from:
         try:
             trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)

@@ -89,7 +89,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
-                            cfg.conditioning, cfg.guidance_band).to(dev)
+                            cfg.conditioning, cfg.guidance_band,
+                            (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "sinusoid" else None).to(dev)
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
@@ -226,6 +227,7 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
         extra["validation"] = {"captions": cfg.val_n, "every": cfg.val_every, "best": val.best,
                                "last": val.records[-1] if val.records else None}
         if cfg.keep == "best":
+            boot.to_plain_projection(exported.unet)  # the form the best weights were saved in
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done

@@ -66,7 +66,7 @@ FLAG_GROUPS = {
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
-                                      "--conditioning", "--guidance-band", "--target"),
+                                      "--conditioning", "--guidance-band", "--condition-space", "--target"),
 }
 
 
@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --conditioning diffusers-guidance: train only the columns of E(w - 1) whose frequency is at most "
            f"this many rad per unit of w, the faster ones stay 0 (boot.GUIDANCE_BAND = {boot.GUIDANCE_BAND:g} is the "
            f"band of the sinusoid features); 0 = all columns (default {d.guidance_band:g})")
+    a("--condition-space", choices=("diffusers", "sinusoid"), default=d.condition_space,
+      help="with --conditioning diffusers-guidance, where its condition projection learns: diffusers = on "
+           "diffusers' E(w - 1) and φ(t) - φ(0) directly; sinusoid = on the features of a sinusoid student "
+           "(a fixed linear map of E(w - 1) onto φ(62.5·w), and φ(t)), saved as the diffusers form it equals "
+           f"(boot.SinusoidSpaceProjection) (default {d.condition_space})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -204,6 +209,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         beta=args.beta, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
+        condition_space=args.condition_space,
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
@@ -223,6 +229,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.guidance_band >= 0, "--guidance-band must be >= 0"),
         (cfg.guidance_band == 0 or cfg.conditioning == boot.DEFAULT_CONDITIONING,
          "--guidance-band needs --conditioning diffusers-guidance"),
+        (cfg.condition_space == "diffusers" or (cfg.conditioning == boot.DEFAULT_CONDITIONING
+                                                and cfg.guidance_band == 0),
+         "--condition-space sinusoid needs --conditioning diffusers-guidance and no --guidance-band"),
         (cfg.refine == 0 or (cfg.final_hop > 0 and cfg.init_from is not None),
          "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -738,3 +739,47 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
     proc = _run([sys.executable, "-m", "distill.run", *_cli(root, teacher, prompts, "band-sinusoid",
                                                            ("--conditioning", "sinusoid", "--guidance-band", "10"))])
     assert proc.returncode == 2 and "--guidance-band needs --conditioning diffusers-guidance" in proc.stderr
+
+
+def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffusers_form(setup):
+    """--condition-space sinusoid: the cond_proj trains on a fixed map of E(w - 1) onto φ(62.5·w) and on φ(t),
+    as a "sinusoid" student does, and is saved as the plain "diffusers-guidance" projection computing the
+    same function (linear_1's bias takes A_t·φ(0)); saving leaves the training form untouched."""
+    root, teacher, prompts = setup
+    _in_process(_cli(root, teacher, prompts, "space", ("--condition-space", "sinusoid")))
+    student = root / "space" / "student"
+    assert json.loads((student / "boot.json").read_text())["conditioning"]["kind"] == boot.DEFAULT_CONDITIONING
+    assert (student / "model_index.json").is_file()
+    plain = boot.load_student_unet(student / "unet", boot.DEFAULT_CONDITIONING)
+    assert isinstance(plain.time_embedding.cond_proj, boot.GuidanceTimeProjection)
+    # The training form with random weights against what it saves as.
+    from diffusers import UNet2DConditionModel
+
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet"),
+                                         boot.DEFAULT_CONDITIONING, sinusoid_space=(1.0, 5.0))
+    proj = unet.time_embedding.cond_proj
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        proj.guidance_weight.copy_(torch.randn(proj.guidance_weight.shape, generator=g) * 0.3)
+        proj.time_weight.copy_(torch.randn(proj.time_weight.shape, generator=g) * 0.3)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    boot.save_student_unet(unet, root / "space-unet")
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    saved = boot.load_student_unet(root / "space-unet", boot.DEFAULT_CONDITIONING)
+    t = torch.tensor([0, 0, 37, 900])
+    w = torch.tensor([1.0, 4.5, 2.25, 5.0])
+    cond = boot.student_condition(t, w, boot.DEFAULT_CONDITIONING)
+    emb = torch.randn(4, unet.time_embedding.linear_1.in_features, generator=g)
+    with torch.no_grad():
+        ours, theirs = (m.time_embedding(emb, cond) for m in (unet, saved))
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (ours - unet.time_embedding(emb)).abs().max() > 0.1  # the condition matters here
+    # and P·E(w - 1) is the sinusoid student's guidance feature over the range, but for its fastest columns
+    # (E's log-spaced frequencies cannot hold a tone between two of them over the whole range)
+    ws = torch.linspace(1.0, 5.0, 401)
+    fit = boot.guidance_embedding(ws - 1.0) @ proj.projection.T
+    target = boot.sinusoid(ws * boot.GUIDANCE_EMBED_SCALE)
+    freqs = boot.GUIDANCE_EMBED_SCALE * torch.exp(-math.log(10000.0) * torch.arange(64) / 64)
+    slow = torch.cat([freqs, freqs]) <= 20
+    assert int(slow.sum()) == 112
+    assert float((fit - target)[:, slow].norm() / target[:, slow].norm()) < 1e-3
