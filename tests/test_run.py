@@ -728,7 +728,7 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
     student = root / "band" / "student"
     meta = json.loads((student / "boot.json").read_text())
     assert meta["conditioning"]["guidance_band"] == boot.GUIDANCE_BAND
-    weight = UNet2DConditionModel.from_pretrained(student / "unet").time_embedding.cond_proj.weight
+    weight = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True).time_embedding.cond_proj.weight
     fast = boot.guidance_frequencies() > boot.GUIDANCE_BAND
     assert 0 < int(fast.sum()) < len(fast)
     assert torch.equal(weight[:, fast], torch.zeros_like(weight[:, fast]))
@@ -755,7 +755,7 @@ def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffuser
     # The training form with random weights against what it saves as.
     from diffusers import UNet2DConditionModel
 
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet"),
+    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
                                          boot.DEFAULT_CONDITIONING, sinusoid_space=(1.0, 5.0))
     proj = unet.time_embedding.cond_proj
     g = torch.Generator().manual_seed(0)
