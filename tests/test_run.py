@@ -728,7 +728,8 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
     student = root / "band" / "student"
     meta = json.loads((student / "boot.json").read_text())
     assert meta["conditioning"]["guidance_band"] == boot.GUIDANCE_BAND
-    weight = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True).time_embedding.cond_proj.weight
+    unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
+    weight = unet.time_embedding.cond_proj.weight
     fast = boot.guidance_frequencies() > boot.GUIDANCE_BAND
     assert 0 < int(fast.sum()) < len(fast)
     assert torch.equal(weight[:, fast], torch.zeros_like(weight[:, fast]))
