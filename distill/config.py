@@ -15,6 +15,10 @@ GRAMMAR = "shapes-grammar"
 
 
 N_SAMPLES = 8  # fixed prompts in the sample grid
+# Where a new "diffusers-guidance" student's condition projection learns (docs/ablations.md, "Which conditioning
+# lets plain diffusers run the student"): sinusoid = as a "sinusoid" student, written converted to the diffusers
+# form (boot.convert_conditioning); diffusers = on E(w - 1) directly; projected = boot.SinusoidSpaceProjection.
+CONDITION_SPACES = ("sinusoid", "diffusers", "projected")
 
 
 SAMPLE_SEED0 = 1_000_000  # seeds of the sample grid and evaluation: SAMPLE_SEED0 + i
@@ -49,7 +53,7 @@ class RunConfig:
     parameterization: str = boot.DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.PARAMETERIZATIONS)
     conditioning: str = boot.DEFAULT_CONDITIONING  # how t and w enter a new student's UNet (boot.CONDITIONINGS)
     guidance_band: float = 0.0  # "diffusers-guidance": train E(w - 1)'s columns up to this frequency, 0 = all
-    condition_space: str = "diffusers"  # "diffusers-guidance": the space its cond_proj learns in (see --help)
+    condition_space: str = "sinusoid"  # "diffusers-guidance": where its cond_proj learns (CONDITION_SPACES)
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's

@@ -33,6 +33,14 @@ from distill.refine import final_hop_targets, image_decoder, pooled_pair
 from distill.student_folder import lineage, load_unet_weights, student_meta, update_student_meta, write_student
 
 
+def training_conditioning(cfg: config.RunConfig) -> str:
+    """The conditioning a new student trains with: a "diffusers-guidance" student of --condition-space sinusoid
+    trains as a "sinusoid" one and is written converted (boot.convert_conditioning)."""
+    if cfg.conditioning == boot.DEFAULT_CONDITIONING and cfg.condition_space == "sinusoid" and not cfg.init_from:
+        return boot.LEGACY_CONDITIONING
+    return cfg.conditioning
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ with d warmed up as min(decay, (1 + step) / (10 + step)); over the
@@ -88,9 +96,9 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
+    projected = (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "projected" else None
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
-                            cfg.conditioning, cfg.guidance_band,
-                            (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "sinusoid" else None).to(dev)
+                            training_conditioning(cfg), cfg.guidance_band, projected).to(dev)
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)
@@ -248,6 +256,10 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
 
         meta["lora"] = {"rank": cfg.lora_rank, "target_modules": list(lora.TARGET_MODULES), "merged": True}
         unet = lora.merged(unet)
+    if exported.conditioning != cfg.conditioning and not cfg.init_from:  # trained as a "sinusoid" student
+        fit = boot.convert_conditioning(unet, (cfg.guidance_min, cfg.guidance_max))
+        meta["conditioning"] = {**boot.conditioning_record(cfg.conditioning),
+                                "trained_as": {**boot.conditioning_record(exported.conditioning), "fit": fit}}
     write_student(out, teacher, unet, meta, work)
     if done < cfg.steps:
         print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")

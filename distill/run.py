@@ -40,6 +40,7 @@ from boot import method as boot
 from boot.folders import check_model_folder
 from distill import memory, precision
 from distill.config import (
+    CONDITION_SPACES,
     DEFAULT_TEACHER,
     GRAMMAR,
     PRESETS,
@@ -127,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --conditioning diffusers-guidance: train only the columns of E(w - 1) whose frequency is at most "
            f"this many rad per unit of w, the faster ones stay 0 (boot.GUIDANCE_BAND = {boot.GUIDANCE_BAND:g} is the "
            f"band of the sinusoid features); 0 = all columns (default {d.guidance_band:g})")
-    a("--condition-space", choices=("diffusers", "sinusoid"), default=d.condition_space,
-      help="with --conditioning diffusers-guidance, where its condition projection learns: diffusers = on "
-           "diffusers' E(w - 1) and φ(t) - φ(0) directly; sinusoid = on the features of a sinusoid student "
-           "(a fixed linear map of E(w - 1) onto φ(62.5·w), and φ(t)), saved as the diffusers form it equals "
-           f"(boot.SinusoidSpaceProjection) (default {d.condition_space})")
+    a("--condition-space", choices=CONDITION_SPACES, default=d.condition_space,
+      help="with --conditioning diffusers-guidance, where its condition projection learns: sinusoid = as a "
+           "sinusoid student (features of t and 62.5·w), the folder written converted to the diffusers form "
+           "(exact in t, a least-squares fit in w; the fit is recorded in boot.json); diffusers = on diffusers' "
+           "E(w - 1) and φ(t) - φ(0) directly; projected = on a fixed linear map of E(w - 1) onto the sinusoid "
+           f"features (boot.SinusoidSpaceProjection) (default {d.condition_space})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -229,9 +231,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.guidance_band >= 0, "--guidance-band must be >= 0"),
         (cfg.guidance_band == 0 or cfg.conditioning == boot.DEFAULT_CONDITIONING,
          "--guidance-band needs --conditioning diffusers-guidance"),
-        (cfg.condition_space == "diffusers" or (cfg.conditioning == boot.DEFAULT_CONDITIONING
-                                                and cfg.guidance_band == 0),
-         "--condition-space sinusoid needs --conditioning diffusers-guidance and no --guidance-band"),
+        (cfg.condition_space == "diffusers" or cfg.guidance_band == 0,
+         "--guidance-band needs --condition-space diffusers"),
         (cfg.refine == 0 or (cfg.final_hop > 0 and cfg.init_from is not None),
          "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),

@@ -724,7 +724,8 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
     from diffusers import UNet2DConditionModel
 
     root, teacher, prompts = setup
-    _in_process(_cli(root, teacher, prompts, "band", ("--guidance-band", str(boot.GUIDANCE_BAND))))
+    _in_process(_cli(root, teacher, prompts, "band", ("--condition-space", "diffusers",
+                                                      "--guidance-band", str(boot.GUIDANCE_BAND))))
     student = root / "band" / "student"
     meta = json.loads((student / "boot.json").read_text())
     assert meta["conditioning"]["guidance_band"] == boot.GUIDANCE_BAND
@@ -743,11 +744,11 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
 
 
 def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffusers_form(setup):
-    """--condition-space sinusoid: the cond_proj trains on a fixed map of E(w - 1) onto φ(62.5·w) and on φ(t),
+    """--condition-space projected: the cond_proj trains on a fixed map of E(w - 1) onto φ(62.5·w) and on φ(t),
     as a "sinusoid" student does, and is saved as the plain "diffusers-guidance" projection computing the
     same function (linear_1's bias takes A_t·φ(0)); saving leaves the training form untouched."""
     root, teacher, prompts = setup
-    _in_process(_cli(root, teacher, prompts, "space", ("--condition-space", "sinusoid")))
+    _in_process(_cli(root, teacher, prompts, "space", ("--condition-space", "projected")))
     student = root / "space" / "student"
     assert json.loads((student / "boot.json").read_text())["conditioning"]["kind"] == boot.DEFAULT_CONDITIONING
     assert (student / "model_index.json").is_file()
@@ -784,3 +785,22 @@ def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffuser
     slow = torch.cat([freqs, freqs]) <= 20
     assert int(slow.sum()) == 112
     assert float((fit - target)[:, slow].norm() / target[:, slow].norm()) < 1e-3
+
+
+def test_a_new_student_trains_as_a_sinusoid_one_and_is_written_in_the_diffusers_form(setup):
+    """The default: checkpoints hold the "sinusoid" training form; the folder is a "diffusers-guidance" one
+    (plain diffusers runs it), converted with the fit recorded; --conditioning sinusoid writes it unconverted."""
+    root, teacher, prompts = setup
+    _in_process(_cli(root, teacher, prompts, "default"))
+    student = root / "default" / "student"
+    record = json.loads((student / "boot.json").read_text())["conditioning"]
+    assert record["kind"] == boot.DEFAULT_CONDITIONING and (student / "model_index.json").is_file()
+    assert record["trained_as"]["kind"] == boot.LEGACY_CONDITIONING
+    assert 0 < record["trained_as"]["fit"]["relative_residual"] < 0.2  # 0.017 for the quick students
+    last = checkpoint.latest(root / "default" / "work" / "checkpoints")
+    weights = load_file(str(last / "tensors.safetensors"))
+    assert weights["unet.time_embedding.cond_proj.weight"].shape[1] == boot.TIME_COND_PROJ_DIM
+    assert not any("time_weight" in k for k in weights)  # the training form is the sinusoid one
+    _in_process(_cli(root, teacher, prompts, "legacy", ("--conditioning", "sinusoid")))
+    legacy = json.loads((root / "legacy" / "student" / "boot.json").read_text())["conditioning"]
+    assert legacy["kind"] == boot.LEGACY_CONDITIONING and "trained_as" not in legacy
