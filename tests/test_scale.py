@@ -288,7 +288,8 @@ def test_lora_run_saves_a_merged_student_that_exports_with_parity(root, tiny):
     from boot.pipeline import BootPipeline
     from boot_serve import export as ex
 
-    out = run.main(_argv(root, tiny, "lora", "--lora-rank", "4", "--sample-every", "0", "--ema", "0.5"))
+    out = run.main(_argv(root, tiny, "lora", "--lora-rank", "4", "--sample-every", "0", "--ema", "0.5",
+                         "--condition-space", "diffusers"))  # saved as trained: checkpoint and folder compare
     meta = json.loads((out / "boot.json").read_text())
     assert meta["lora"]["rank"] == 4 and meta["lora"]["merged"] and meta["hyperparameters"]["lora_rank"] == 4
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
