@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ from distill.monitor import (
 )
 from distill.refine import final_hop_targets, image_decoder, pooled_pair
 from distill.student_folder import lineage, load_unet_weights, student_meta, update_student_meta, write_student
+
+# RunConfig fields a checkpoint may predate, with the value its run used.
+PREDATING = {"condition_space": "diffusers"}
 
 
 def training_conditioning(cfg: config.RunConfig) -> str:
@@ -63,14 +67,16 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
         if dist.main:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting at step 0")
         return 0
-    info = checkpoint.load(last, modules, opt)
-    stored = info["meta"]["config"]
-    defaults = dataclasses.asdict(RunConfig())  # for fields newer than the checkpoint
+    stored = json.loads((last / "meta.json").read_text())["meta"]["config"]  # checked before any weight loads
+    # Fields newer than the checkpoint: what the code that wrote it did (condition_space: it trained the
+    # diffusers form directly), else today's default.
+    defaults = {**dataclasses.asdict(RunConfig()), **PREDATING}
     changed = [k for k, v in dataclasses.asdict(cfg).items()
                if k not in BOOKKEEPING and stored.get(k, defaults[k]) != v]
     if changed:
-        raise ValueError(f"--resume: {', '.join(f'{k} {stored.get(k)!r} -> {getattr(cfg, k)!r}' for k in changed)}"
-                         f" differ from the checkpoint {last}; use the same flags or a new --work")
+        diff = ", ".join(f"{k} {stored.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"--resume: {diff} differ from the checkpoint {last}; use the same flags or a new --work")
+    info = checkpoint.load(last, modules, opt)
     if scaler is not None and info["meta"].get("scaler"):
         scaler.load_state_dict(info["meta"]["scaler"])
     if dist.main:

@@ -564,6 +564,26 @@ def test_resume_refuses_a_changed_recipe(baseline, setup, tmp_path, capsys):
     assert "delta 100 -> 50" in err
 
 
+def test_a_checkpoint_predating_the_condition_space_resumes_as_the_diffusers_form(baseline, setup, tmp_path, capsys):
+    """Runs made before --condition-space trained the diffusers form: without the flag, resuming one says so
+    (before loading any weight); with --condition-space diffusers it resumes."""
+    root, teacher, prompts = setup
+    import shutil
+
+    shutil.copytree(baseline[0] / "work", tmp_path / "work")
+    for meta_path in (tmp_path / "work" / "checkpoints").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["meta"]["config"]["condition_space"]
+        meta_path.write_text(json.dumps(meta))
+    argv = _cli(root, teacher, prompts, "x", ["--resume"])
+    argv[argv.index("--work") + 1] = str(tmp_path / "work")
+    at = argv.index("--condition-space")
+    err = _error(argv[:at] + argv[at + 2:], capsys)
+    assert "condition_space 'diffusers' -> 'sinusoid' differ from the checkpoint" in err
+    argv[argv.index("--out") + 1] = str(tmp_path / "s")
+    assert "resumed" in _in_process(argv)
+
+
 def test_max_minutes_stops_early_and_records_the_steps_done(setup, tmp_path):
     root, teacher, prompts = setup
     argv = _cli(root, teacher, prompts, "x", ["--max-minutes", "1e-6", "--steps", "50"])
