@@ -271,8 +271,9 @@ def sinusoid_projection(guidance_range: tuple[float, float], n: int = 50_001, ri
     w = torch.linspace(*guidance_range, n, dtype=torch.float64)
     target = sinusoid(w * GUIDANCE_EMBED_SCALE).double()
     feats = guidance_embedding((w - 1.0).float()).double()
+    # Ridge-regularised: E's fast columns make the plain least-squares weights huge (float32 noise amplifiers).
     gram = feats.T @ feats + ridge * n * torch.eye(feats.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(gram, feats.T @ target).T.float()
+    return torch.linalg.solve(gram, feats.T @ target).T  # float64
 
 
 class SinusoidSpaceProjection(nn.Module):
@@ -289,7 +290,7 @@ class SinusoidSpaceProjection(nn.Module):
         self.guidance_range = tuple(float(x) for x in guidance_range)
         self.guidance_weight = nn.Parameter(torch.zeros(out_features, EMBED_DIM))
         self.time_weight = nn.Parameter(torch.zeros(out_features, time_features))
-        self.register_buffer("projection", sinusoid_projection(self.guidance_range), persistent=False)
+        self.register_buffer("projection", sinusoid_projection(self.guidance_range).float(), persistent=False)
         self.register_buffer("phi0", sinusoid(torch.zeros(1), time_features)[0], persistent=False)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
@@ -434,13 +435,10 @@ def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n
         raise ValueError("the time embedding's linear_1 has no bias to fold the constant t = 0 term into")
     a = emb.cond_proj.weight.detach().double()
     a_t, a_w = a[:, :EMBED_DIM], a[:, EMBED_DIM:]
+    b = a_w @ sinusoid_projection(guidance_range, n, ridge)  # the fit is linear in the target: A_w·P
     w = torch.linspace(*guidance_range, n, dtype=torch.float64)
     target = sinusoid(w * GUIDANCE_EMBED_SCALE).double() @ a_w.T
-    feats = guidance_embedding((w - 1.0).float()).double()
-    # Ridge-regularised: E's fast columns make the plain least-squares weights huge (float32 noise amplifiers).
-    gram = feats.T @ feats + ridge * n * torch.eye(feats.shape[1], dtype=torch.float64)
-    b = torch.linalg.solve(gram, feats.T @ target).T
-    residual = feats @ b.T - target
+    residual = guidance_embedding((w - 1.0).float()).double() @ b.T - target
     phi0 = sinusoid(torch.zeros(1))[0].double()
     with torch.no_grad():
         emb.linear_1.bias += (emb.linear_1.weight.double() @ (a_t @ phi0)).to(emb.linear_1.bias.dtype)
