@@ -1,6 +1,7 @@
 """Client of the boot text-to-image model on Triton (`boot_txt2img`, docs/interfaces.md).
 
-    from boot_serve.client import Client
+    from boot_serve import access
+from boot_serve.client import Client
     with Client("127.0.0.1:8000") as client:                      # or Client("127.0.0.1:8001", "grpc")
         images = client.generate(["a red circle"], seeds=[0])     # list[PIL.Image.Image]
         results = client.generate_many(prompts, seeds, return_errors=True)
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from boot_serve import access
 
 MODEL = "boot_txt2img"
 PROTOCOLS = ("http", "grpc")
@@ -70,13 +73,15 @@ class Client:
     """Talks to `model` on the Triton server at `url` ("host:port", no scheme) over HTTP or gRPC.
 
     `concurrency`: requests in flight at once in generate_many. `timeout`: seconds for one
-    request (network timeout) and for connecting. Like tritonclient's clients underneath, a
-    Client is not meant to be shared between threads: one per thread.
+    request (network timeout) and for connecting. `operator_key`: opens `statistics()` on a
+    server that restricts them (boot_serve.access; default: $BOOT_OPERATOR_KEY). Like tritonclient's
+    clients underneath, a Client is not meant to be shared between threads: one per thread.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = MODEL,
-                 concurrency: int = 8, timeout: float = 120.0):
+                 concurrency: int = 8, timeout: float = 120.0, operator_key: str | None = None):
         self.protocol = protocol
+        self.operator_key = operator_key or access.read_key()
         self.lib = _lib(protocol)
         self.url = (url or DEFAULT_URLS[protocol]).removeprefix("http://").removeprefix("https://")
         self.model = model
@@ -182,10 +187,12 @@ class Client:
         return data.get("config", data)
 
     def statistics(self, model: str | None = None) -> dict:
-        """Triton's inference statistics of a model (JSON form, both protocols)."""
+        """Triton's inference statistics of a model (JSON form, both protocols); the server answers
+        them to operators only (`operator_key`)."""
+        headers = {access.KEY_HEADER: self.operator_key} if self.operator_key else None
         if self.protocol == "http":
-            return self._client.get_inference_statistics(model or self.model)
-        return self._client.get_inference_statistics(model or self.model, as_json=True)
+            return self._client.get_inference_statistics(model or self.model, headers=headers)
+        return self._client.get_inference_statistics(model or self.model, headers=headers, as_json=True)
 
     # --- requests -------------------------------------------------------------------------------
     def _inputs(self, prompts: Sequence[str | bytes], seeds: Sequence[int], guidance) -> list:

@@ -1,34 +1,31 @@
-"""An HTTP guard in front of Triton's HTTP endpoint: a request that could crash or exhaust the server
-is refused before Triton parses it; every other request passes through unchanged.
+"""An HTTP guard in front of Triton's HTTP endpoint: it reads every request with h11 (a strict,
+fuzzed HTTP/1.1 parser), decides by the rules of boot_serve.guard_rules, and sends Triton a
+request of its own making; Triton never parses a byte a client wrote.
 
-    python -m boot_serve.guard --listen 0.0.0.0:8000 --upstream 127.0.0.1:18000
+    python -m boot_serve.guard --listen 0.0.0.0:8000 --upstream 127.0.0.1:18000 --models boot_txt2img
 
 `python -m boot_serve.serve` starts one in front of its tritonserver by default (docs/robustness.md).
 
-Why it exists: the tritonserver 2.51 of the nvidia-pytriton wheel dies with a segmentation fault on
-an inference request whose JSON nests about 35,000 arrays deep (a body of ~70 KB, no authentication
-needed), and it buffers any body up to its built-in 64 MB limit (2.51 has no flag to lower it).
+Why it exists: the tritonserver 2.51 of the nvidia-pytriton wheel dies on some requests no client
+needs to send (a JSON body nesting ~35,000 arrays, an Accept-Encoding q-value out of double range,
+out-of-range numbers in trace and logging settings), buffers bodies up to 64 MB, and answers its
+control APIs (shared memory, repository, trace, logging) to anyone.
 
-Refused here, each with a 4xx and `{"error": "..."}` (the body Triton gives its own errors, so
-tritonclient shows the message), and logged in one line:
-- 400: a request line or header that is not HTTP/1.x; Content-Length together with
-  Transfer-Encoding, or a Transfer-Encoding other than chunked (the request-smuggling shapes); a
-  JSON part (the whole body, or the first Inference-Header-Content-Length bytes of a binary-tensor
-  request) nesting arrays/objects deeper than `max_json_depth`;
-- 408: a request head or body that has not arrived within `read_timeout` seconds;
-- 413: a body over `max_body_bytes`, decided from Content-Length before any byte of it is read, or
-  while a chunked body arrives, or while a gzip/deflate body (Content-Encoding) is inflated;
-- 431: a request head over MAX_HEAD_BYTES;
-- 503: a new connection while MAX_CONNECTIONS are open (idle keep-alive connections close after
-  IDLE_TIMEOUT seconds without a request).
-A refused request closes its connection (its body may be unread). When Triton does not answer
-(restarting after a crash), requests get 503 `{"error": "..."}`, which boot_serve.client reports as
-ServerUnavailableError.
-
-Passed through: request line, headers and body bytes as received (a chunked body is forwarded
-de-chunked with a Content-Length; an `Expect: 100-continue` is answered here and not forwarded),
-over one upstream connection per client connection, so keep-alive and pipelining behave as they do
-with Triton (responses in request order). Responses are relayed byte for byte.
+Answered here, each with `{"error": "..."}` (the body Triton gives its own errors) and a log line:
+- 400: anything h11 refuses (request line, header syntax, chunk framing, ...); a header the guard
+  or Triton interprets that does not match its strict grammar, or that appears twice;
+  Content-Length with Transfer-Encoding; a body that is not what its Content-Encoding says (or has
+  trailing data, a bad checksum, is truncated); an inference JSON part that is not an object,
+  does not balance, or nests deeper than `max_json_depth`;
+- 403: a closed API (shared memory, repository, trace, logging) or statistics without the
+  operator key; 404: a path outside the allow-list or a model not served; 405: a wrong method;
+- 408: a request head not complete within `head_timeout` s, or a request within `read_timeout` s;
+- 413: a body (or what it inflates to) over `max_body_bytes`, decided as early as possible;
+- 415: a Content-Encoding other than gzip, deflate, identity; 417: an Expect other than 100-continue;
+- 429: a connection beyond `max_connections_per_client` from one address, or beyond
+  `max_connections` in all when none is idle (an idle keep-alive connection is closed to make room);
+- 503: Triton is down (restarting after a crash, or the supervisor gave up: the message says which).
+Triton's own answers (its errors included) are relayed byte for byte.
 """
 
 from __future__ import annotations
@@ -37,12 +34,25 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import signal
 import sys
 import threading
-import zlib
+import time
 from dataclasses import dataclass
+
+import h11
+
+from boot_serve import access
+from boot_serve.guard_rules import (
+    Refused,
+    check_headers,
+    check_infer_body,
+    decode_body,
+    nests_deeper,  # noqa: F401 - part of this module's interface
+    route,
+    upstream_request,
+)
+from boot_serve.guard_rules import canonical_path as _canonical_path
 
 # A valid boot_txt2img request nests 5 levels (body {, inputs [, input {, data [, row [); twice
 # that and more leaves room for any client's layout and stays three orders of magnitude below the
@@ -52,21 +62,20 @@ MAX_JSON_DEPTH = 16
 # byte (\uXXXX pairs for 4-byte characters), is ~100 KB; a megabyte is ten times that.
 MAX_BODY_BYTES = 1 << 20
 MAX_HEAD_BYTES = 16 << 10
-READ_TIMEOUT = 30.0
+HEAD_TIMEOUT = 10.0  # from a request's first byte to the end of its head
+READ_TIMEOUT = 30.0  # from a request's first byte to the end of its body
 IDLE_TIMEOUT = 75.0  # an open connection with no request in it
-MAX_CONNECTIONS = 512  # open client connections; beyond, a new one gets 503 and is closed
+WRITE_TIMEOUT = 30.0  # a client that does not read its response
+UPSTREAM_TIMEOUT = 300.0  # Triton's answer to one request (a 512² model on a CPU takes ~35 s)
+MAX_CONNECTIONS = 512  # open client connections in all
+MAX_CONNECTIONS_PER_CLIENT = 64  # ... from one address (0: no per-address cap, e.g. behind an ingress)
+BIG_BODY = 64 << 10  # bodies from this size are decoded and scanned off the event loop
 LINGER = 2.0
 CHUNK = 1 << 18
-STATUS_TEXT = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-               431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable"}
-
-
-class Refused(Exception):
-    """A request the guard answers itself: HTTP `status` with `message`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+               408: "Request Timeout", 413: "Content Too Large", 415: "Unsupported Media Type",
+               417: "Expectation Failed", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+               503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 @dataclass(frozen=True)
@@ -74,114 +83,18 @@ class Limits:
     max_body_bytes: int = MAX_BODY_BYTES
     max_json_depth: int = MAX_JSON_DEPTH
     read_timeout: float = READ_TIMEOUT
+    head_timeout: float = HEAD_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
+    upstream_timeout: float = UPSTREAM_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
 
     def __post_init__(self):
-        if self.max_body_bytes < 1 or self.max_json_depth < 1 or self.read_timeout <= 0:
+        positive = (self.max_body_bytes, self.max_json_depth, self.read_timeout, self.head_timeout,
+                    self.idle_timeout, self.write_timeout, self.upstream_timeout, self.max_connections)
+        if min(positive) <= 0 or self.max_connections_per_client < 0:
             raise ValueError(f"guard limits must be positive, got {self}")
-
-
-# --------------------------------------------------------------------------------------------
-# What a request carries
-# --------------------------------------------------------------------------------------------
-# A JSON string (escapes included) or one bracket; everything else between them is skipped.
-_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
-
-
-def nests_deeper(data: bytes, limit: int) -> bool:
-    """Whether JSON text `data` nests arrays/objects more than `limit` levels deep (brackets inside
-    strings do not count). Linear, no recursion, stops at the first level past the limit."""
-    if data.count(b"[") + data.count(b"{") <= limit:  # cannot nest deeper than it has brackets
-        return False
-    depth = 0
-    for token in _JSON_TOKENS.finditer(data):
-        c = token.group()[0]
-        if c in b"[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in b"]}":
-            depth -= 1
-    return False
-
-
-def inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip/deflate body decompressed, Refused(413) as soon as it would exceed `limit` bytes."""
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        return b""  # not what it says it is: Triton answers that one itself
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise Refused(413, f"the request body inflates ({encoding}) to over {limit} bytes; this server "
-                           f"accepts at most {limit}")
-    return out
-
-
-def check_body(body: bytes, headers: dict[str, str], limits: Limits) -> None:
-    """Refused unless the body's JSON part nests at most limits.max_json_depth levels."""
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("gzip", "deflate"):
-        body = inflate(body, encoding, limits.max_body_bytes)
-    json_part = body
-    header_length = headers.get("inference-header-content-length")
-    if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
-            return  # Triton refuses a bad binary header length before it parses anything
-        json_part = body[:int(header_length)]
-    if nests_deeper(json_part, limits.max_json_depth):
-        raise Refused(400, f"the request JSON nests more than {limits.max_json_depth} levels deep; no valid "
-                           "request to this server needs that")
-
-
-# --------------------------------------------------------------------------------------------
-# HTTP/1.1 framing
-# --------------------------------------------------------------------------------------------
-def check_request_line(line: bytes) -> list[bytes]:
-    """[method, target, version] of an HTTP/1.x request line, else Refused(400)."""
-    parts = line.rstrip(b"\r\n").split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        raise Refused(400, f"not an HTTP/1.x request line: {line[:80]!r}")
-    return parts
-
-
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str], list[bytes]]:
-    """(method, version, headers by lower-case name, raw header lines) of a request head."""
-    lines = head[:-4].split(b"\r\n")
-    parts = check_request_line(lines[0])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise Refused(400, f"malformed header line: {line[:80]!r}")
-        key = name.decode("latin-1").lower()
-        value_text = value.strip().decode("latin-1")
-        if key in headers and key in ("content-length", "transfer-encoding", "content-encoding",
-                                      "inference-header-content-length"):
-            if headers[key] != value_text:
-                raise Refused(400, f"conflicting {key} headers")
-        headers[key] = value_text
-    return parts[0].decode("latin-1"), parts[2].decode("latin-1"), headers, lines[1:]
-
-
-async def read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """A chunked body, de-chunked; Refused(413) once it passes `limit` bytes."""
-    body = bytearray()
-    while True:
-        size_line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise Refused(400, f"malformed chunk size {size_line[:40]!r}") from None
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, dropped
-                pass
-            return bytes(body)
-        if len(body) + size > limit:
-            raise Refused(413, f"the chunked request body passes {limit} bytes; this server accepts at most {limit}")
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise Refused(400, "malformed chunked body")
 
 
 def response(status: int, message: str, close: bool = True) -> bytes:
@@ -191,27 +104,35 @@ def response(status: int, message: str, close: bool = True) -> bytes:
             ).encode() + body
 
 
-# --------------------------------------------------------------------------------------------
-# The proxy
-# --------------------------------------------------------------------------------------------
-async def _drain_input(reader: asyncio.StreamReader) -> None:
-    while await reader.read(CHUNK):
-        pass
+@dataclass
+class Request:
+    """One accepted client request: what goes to Triton, and whether the client keeps the connection."""
+
+    method: str
+    data: bytes
+    keep_alive: bool
 
 
+# --------------------------------------------------------------------------------------------
+# Upstream
+# --------------------------------------------------------------------------------------------
 class Upstream:
-    """One client connection's connection to Triton, opened on first use and after Triton closed it."""
+    """One client connection's connection to Triton, opened on first use, after Triton closed it,
+    and when Triton moved (a restart on new ports)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self):
+        self.address: tuple[str, int] | None = None
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def send(self, data: bytes) -> bool:
+    async def send(self, address: tuple[str, int], data: bytes) -> bool:
         """Write a request; True when it went over a connection that had served before (may be stale)."""
-        reused = self.writer is not None and not self.writer.is_closing()
+        reused = self.writer is not None and not self.writer.is_closing() and self.address == address
         if not reused:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=MAX_HEAD_BYTES * 4)
+            self.close()
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(*address, limit=MAX_HEAD_BYTES * 4), 5.0)
+            self.address = address
         self.writer.write(data)
         await self.writer.drain()
         return reused
@@ -219,13 +140,14 @@ class Upstream:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.reader = self.writer = None
+        self.reader = self.writer = self.address = None
 
 
 async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter, method: str,
-                         relayed: list[bool]) -> bool:
-    """Copy one response from Triton to the client, byte for byte (relayed[0] = True once its head is
-    written); False when the connection must close."""
+                         relayed: list[bool], drain) -> bool:
+    """Copy one response from Triton (trusted: it only ever answers the guard's own requests) to
+    the client byte for byte (relayed[0] = True once its head is written); False when the
+    connection must close."""
     head = await up.readuntil(b"\r\n\r\n")
     client.write(head)
     relayed[0] = True
@@ -237,6 +159,7 @@ async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter,
         headers[name.strip().lower()] = value.strip().lower()
     keep_alive = headers.get(b"connection") != b"close"
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        await drain()
         return keep_alive
     if b"content-length" in headers:
         left = int(headers[b"content-length"])
@@ -246,7 +169,7 @@ async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter,
                 raise ConnectionError("tritonserver closed the connection mid-response")
             client.write(piece)
             left -= len(piece)
-            await client.drain()
+            await drain()
     elif headers.get(b"transfer-encoding") == b"chunked":
         while True:
             size_line = await up.readuntil(b"\r\n")
@@ -258,27 +181,49 @@ async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter,
                 client.write(line)
                 break
             client.write(await up.readexactly(size + 2))
-            await client.drain()
+            await drain()
     else:  # delimited by closing the connection
         while piece := await up.read(CHUNK):
             client.write(piece)
+            await drain()
         keep_alive = False
-    await client.drain()
+    await drain()
     return keep_alive
+
+
+# --------------------------------------------------------------------------------------------
+# The guard
+# --------------------------------------------------------------------------------------------
+class _Client:
+    """A client connection: its writer, address, and whether it waits between requests."""
+
+    def __init__(self, writer: asyncio.StreamWriter, ip: str):
+        self.writer, self.ip = writer, ip
+        self.idle = True
+        self.since = time.monotonic()
 
 
 class Guard:
     """The guard on (host, port), forwarding to Triton's HTTP endpoint at (upstream_host, upstream_port).
-    `start()` returns once it listens (port 0: a free one, then in `.port`); it runs on a thread of its own."""
+    `models`: the model names clients may reach (None: any); `operator_key`: the key that opens
+    statistics. `start()` returns once it listens (port 0: a free one, then in `.port`); it runs
+    on a thread of its own. `set_upstream(None, reason)` answers 503 with `reason` until Triton is
+    back (`set_upstream((host, port))`)."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, host: str = "127.0.0.1", port: int = 0,
-                 limits: Limits = Limits(), log=None):
-        self.upstream = (upstream_host, upstream_port)
+    def __init__(self, upstream_host: str | None, upstream_port: int | None, host: str = "127.0.0.1",
+                 port: int = 0, limits: Limits = Limits(), log=None, models: tuple[str, ...] | None = None,
+                 operator_key: str | None = None):
+        self.upstream = (upstream_host, upstream_port) if upstream_host is not None else None
+        self.down_reason = "tritonserver is not answering; it may be restarting, try again shortly"
         self.host, self.port = host, port
         self.limits = limits
+        self.models = tuple(models) if models is not None else None
+        self.operator_key = operator_key
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.refused = 0  # requests answered 4xx here
-        self.connections = 0  # open client connections
+        self.heartbeat = time.monotonic()  # refreshed by the event loop while it runs freely
+        self._clients: dict[asyncio.StreamWriter, _Client] = {}
+        self._per_ip: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -286,9 +231,23 @@ class Guard:
         self._error: BaseException | None = None
 
     @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("[::1]" if self.host == "::" else self.host)
         return f"{host}:{self.port}"
+
+    def set_upstream(self, address: tuple[str, int] | None, reason: str | None = None) -> None:
+        """Where Triton is now; None while it is down, answering 503 with `reason`."""
+        if reason:
+            self.down_reason = reason
+        self.upstream = address
+
+    def responsive(self, within: float = 5.0) -> bool:
+        """Whether the event loop ran its heartbeat within the last `within` seconds."""
+        return self._loop is not None and time.monotonic() - self.heartbeat < within
 
     def start(self) -> Guard:
         self._thread = threading.Thread(target=self._run, name="boot-http-guard", daemon=True)
@@ -317,7 +276,7 @@ class Guard:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         try:
             self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=MAX_HEAD_BYTES)
         except OSError as err:
@@ -325,126 +284,239 @@ class Guard:
             self._started.set()
             return
         self.port = self._server.sockets[0].getsockname()[1]
+        self._loop = loop
+        beat = loop.create_task(self._beat())
         self._started.set()
         with contextlib.suppress(asyncio.CancelledError):
             await self._server.serve_forever()
+        beat.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(0.5)
+
+    # connections -------------------------------------------------------------------------------
+    def _admit(self, ip: str) -> str | None:
+        """None when a new connection from `ip` may open, else why not."""
+        cap = self.limits.max_connections_per_client
+        if cap and self._per_ip.get(ip, 0) >= cap:
+            return f"{cap} connections from your address are open; close one or try again shortly"
+        if len(self._clients) >= self.limits.max_connections:
+            idle = [c for c in self._clients.values() if c.idle]
+            if not idle:
+                return f"this server has {self.limits.max_connections} connections open; try again shortly"
+            oldest = min(idle, key=lambda c: c.since)  # an idle keep-alive connection gives way
+            oldest.writer.transport.abort()
+            self._forget(oldest)
+        return None
+
+    def _forget(self, client: _Client) -> None:
+        if self._clients.pop(client.writer, None) is not None:
+            self._per_ip[client.ip] -= 1
+            if not self._per_ip[client.ip]:
+                del self._per_ip[client.ip]
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if self.connections >= MAX_CONNECTIONS:  # idle or slow connections must not exhaust file descriptors
-            self.log(f"boot guard: {MAX_CONNECTIONS} connections open; refused one from {peer[0] if peer else '?'}")
-            writer.write(response(503, f"this server has {MAX_CONNECTIONS} connections open; try again shortly"))
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.drain()
-            writer.close()
+        ip = peer[0] if peer else "?"
+        why = self._admit(ip)
+        if why is not None:
+            self.log(f"boot guard: refused a connection from {ip}: {why}")
+            writer.write(response(429, why))
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.transport.abort()
             return
-        self.connections += 1
-        upstream = Upstream(*self.upstream)
+        client = _Client(writer, ip)
+        self._clients[writer] = client
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        upstream, buffered = Upstream(), b""
         try:
-            while await self._one_request(reader, writer, upstream, peer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            pass  # the client went away
+            while True:
+                client.idle, client.since = True, time.monotonic()
+                try:
+                    got = await self._read_request(reader, writer, buffered, client)
+                except Refused as refused:
+                    await self._refuse(reader, writer, ip, refused)
+                    return
+                if got is None:
+                    return
+                request, buffered = got
+                if not await self._forward(request, writer, upstream) or not request.keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+            pass  # the client went away, or stopped reading
+        except asyncio.CancelledError:
+            pass  # the guard is stopping
         finally:
-            self.connections -= 1
+            self._forget(client)
             upstream.close()
             writer.close()
 
-    async def _one_request(self, reader, writer, upstream: Upstream, peer) -> bool:
-        """Read, check and forward one request, relay its response; False when the connection ends."""
-        try:  # an idle keep-alive connection waits up to IDLE_TIMEOUT, then closes without a word
-            first = await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-            return False
-        except asyncio.LimitOverrunError:
-            return await self._refuse(reader, writer, peer, Refused(431, f"the request line is over {MAX_HEAD_BYTES} "
-                                                                         "bytes"))
+    async def _read(self, reader: asyncio.StreamReader, deadline: float | None, refusal: Refused | None) -> bytes:
+        """The next bytes from the client; b"" at its end. Past `deadline`: Refused `refusal`
+        (None: asyncio.TimeoutError, a silent close)."""
+        timeout = self.limits.idle_timeout if deadline is None else deadline - time.monotonic()
         try:
-            head, method, version, headers, body = await asyncio.wait_for(
-                self._read_request(first, reader, writer), self.limits.read_timeout)
-        except asyncio.IncompleteReadError:
-            self.log(f"boot guard: {peer}: connection closed mid-request")
-            return False
+            return await asyncio.wait_for(reader.read(CHUNK), max(timeout, 0.0))
         except asyncio.TimeoutError:
-            return await self._refuse(reader, writer, peer, Refused(
-                408, f"the request did not arrive within {self.limits.read_timeout:g} s"))
-        except asyncio.LimitOverrunError:
-            return await self._refuse(reader, writer, peer, Refused(431, f"the request head is over {MAX_HEAD_BYTES} "
-                                                                         "bytes"))
-        except Refused as refused:
-            return await self._refuse(reader, writer, peer, refused)
-        relayed = [False]  # set once the response head went to the client: no retry, no 503 after that
-        try:
-            reused = await upstream.send(head + body)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+    async def _read_request(self, reader, writer, buffered: bytes, client: _Client):
+        """(Request, bytes already read past it), None when the client closed; Refused for anything
+        the guard answers itself; asyncio.TimeoutError when the connection idled out."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        if buffered:  # (b"" would tell h11 the client closed)
+            conn.receive_data(buffered)
+        received = len(buffered)
+        limits = self.limits
+        started = time.monotonic() if buffered else None  # the first byte of this request
+        accepted, headers, body, size = None, None, [], 0
+        while True:
             try:
-                keep_alive = await relay_response(upstream.reader, writer, method, relayed)
+                event = conn.next_event()
+            except h11.RemoteProtocolError as err:
+                if accepted is None and received - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                    raise Refused(431, f"the request head is over {MAX_HEAD_BYTES} bytes") from None
+                hint = err.error_status_hint
+                raise Refused(hint if 400 <= hint < 500 else 400, f"malformed HTTP request: {err}") from None
+            if event is h11.NEED_DATA:
+                if started is None:  # between requests: wait up to idle_timeout, then close quietly
+                    data = await self._read(reader, None, None)
+                    started = time.monotonic()
+                else:
+                    limit = limits.head_timeout if accepted is None else limits.read_timeout
+                    what = "request head" if accepted is None else "request"
+                    data = await self._read(reader, started + limit,
+                                            Refused(408, f"the {what} did not arrive within {limit:g} s"))
+                client.idle = False
+                received += len(data)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                # h11 caps a head that arrives in pieces; one that arrives whole is measured here.
+                if received - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                    raise Refused(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+                accepted, headers = self._check_head(event)
+                framing = "chunked " if any(n == b"transfer-encoding" for n, _ in event.headers) else ""
+                if headers.expect_continue and conn.they_are_waiting_for_100_continue:
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await self._drain(writer)
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limits.max_body_bytes:
+                    raise Refused(413, f"the {framing}request body passes {limits.max_body_bytes} bytes; this server "
+                                       f"accepts at most {limits.max_body_bytes}")
+                body.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                data = await self._check_body(accepted, headers, b"".join(body))
+                request, r = accepted
+                tokens = {t.strip().lower() for name, value in request.headers if name == b"connection"
+                          for t in value.split(b",")}
+                keep = b"close" not in tokens and (request.http_version == b"1.1" or b"keep-alive" in tokens)
+                leftover, closed = conn.trailing_data
+                return Request(r.method, data, keep and not closed), leftover
+            else:  # h11.ConnectionClosed: the client closed between requests
+                return None
+
+    def _check_head(self, event: h11.Request):
+        """(route, headers) of a request head, or Refused."""
+        headers = check_headers(list(event.headers), self.operator_key)
+        r = route(event.method.decode("ascii", "replace"), _canonical_path(event.target), self.models,
+                  headers.operator)
+        length = next((int(v) for n, v in event.headers if n == b"content-length"), None)
+        if length is not None and length > self.limits.max_body_bytes:
+            raise Refused(413, f"the request body is {length} bytes; this server accepts at most "
+                               f"{self.limits.max_body_bytes}")
+        return (event, r), headers
+
+    async def _check_body(self, accepted, headers, body: bytes) -> bytes:
+        """The request Triton gets (boot_serve.guard_rules.upstream_request), or Refused."""
+        _, r = accepted
+        if not r.infer:
+            if body:
+                raise Refused(400, f"{r.method} {r.path} takes no body")
+            return upstream_request(r, headers, b"", self._host(), self.operator_key)
+        if not body:
+            raise Refused(400, "an inference request needs a JSON body")
+
+        def check() -> bytes:
+            decoded = decode_body(body, headers.content_encoding, self.limits.max_body_bytes)
+            check_infer_body(decoded, headers.header_length, self.limits.max_json_depth)
+            return decoded
+
+        # numpy and zlib release the GIL: a megabyte scanned on a worker thread leaves the loop free.
+        decoded = await asyncio.to_thread(check) if len(body) >= BIG_BODY or headers.content_encoding != "identity" \
+            else check()
+        return upstream_request(r, headers, decoded, self._host(), self.operator_key)
+
+    def _host(self) -> str:
+        return "{}:{}".format(*self.upstream) if self.upstream else "tritonserver"
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        await asyncio.wait_for(writer.drain(), self.limits.write_timeout)
+
+    async def _forward(self, request: Request, writer, upstream: Upstream) -> bool:
+        """Send one accepted request to Triton and relay its answer; False when the connection ends."""
+        address = self.upstream
+        if address is None:
+            writer.write(response(503, self.down_reason))
+            await self._drain(writer)
+            return False
+        relayed = [False]  # set once the response head went to the client: no retry, no 503 after that
+
+        async def exchange(fresh: bool) -> bool:
+            if fresh:
+                upstream.close()
+            reused = await upstream.send(address, request.data)
+            try:
+                return await asyncio.wait_for(relay_response(upstream.reader, writer, request.method, relayed,
+                                                             lambda: self._drain(writer)),
+                                              self.limits.upstream_timeout)
             except (ConnectionError, asyncio.IncompleteReadError):
                 if not reused or relayed[0]:
                     raise
-                upstream.close()  # Triton restarted since this connection last served: once more, fresh
-                await upstream.send(head + body)
-                keep_alive = await relay_response(upstream.reader, writer, method, relayed)
+                return await exchange(True)  # Triton restarted since this connection last served
+
+        try:
+            return await exchange(False)
+        except asyncio.TimeoutError:
+            upstream.close()
+            if relayed[0]:
+                return False
+            writer.write(response(504, f"tritonserver did not answer within {self.limits.upstream_timeout:g} s"))
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as err:
             upstream.close()
-            if not relayed[0]:
-                writer.write(response(503, f"tritonserver is not answering ({type(err).__name__}); it may be "
-                                           "restarting, try again shortly"))
-                await writer.drain()
-            return False
-        close = headers.get("connection", "").lower() == "close" or (
-            version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive")
-        return keep_alive and not close
+            if relayed[0]:
+                return False
+            writer.write(response(503, f"tritonserver is not answering ({type(err).__name__}); it may be "
+                                       "restarting, try again shortly"))
+        await self._drain(writer)
+        return False
 
-    async def _read_request(self, first: bytes, reader, writer):
-        check_request_line(first)
-        head = first
-        while not head.endswith(b"\r\n\r\n"):  # header lines up to the empty one
-            head += await reader.readuntil(b"\r\n")
-            if len(head) > MAX_HEAD_BYTES:
-                raise Refused(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
-        method, version, headers, lines = parse_head(head)
-        length, chunked = headers.get("content-length"), "transfer-encoding" in headers
-        if chunked and (length is not None or headers["transfer-encoding"].lower() != "chunked"):
-            raise Refused(400, "Transfer-Encoding must be chunked alone, without Content-Length")
-        if length is not None and not length.isdigit():
-            raise Refused(400, f"Content-Length {length[:20]!r} is not a byte count")
-        if length is not None and int(length) > self.limits.max_body_bytes:
-            raise Refused(413, f"the request body is {int(length)} bytes; this server accepts at most "
-                               f"{self.limits.max_body_bytes}")
-        if "expect" in headers or chunked:  # answered here / re-framed: forward the rest of the head
-            if headers.get("expect", "").lower() == "100-continue":
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                await writer.drain()
-            drop = (b"expect:", b"transfer-encoding:")
-            kept = [line for line in lines if not line.lower().startswith(drop)]
-            body = await read_chunked(reader, self.limits.max_body_bytes) if chunked else \
-                await reader.readexactly(int(length or 0))
-            if chunked:
-                kept.append(f"Content-Length: {len(body)}".encode())
-            head = b"\r\n".join([head.split(b"\r\n", 1)[0], *kept]) + b"\r\n\r\n"
-        else:
-            body = await reader.readexactly(int(length or 0))
-        if body:
-            check_body(body, headers, self.limits)
-        return head, method, version, headers, body
-
-    async def _refuse(self, reader, writer, peer, refused: Refused) -> bool:
+    async def _refuse(self, reader, writer, ip: str, refused: Refused) -> None:
         """Answer `refused` and end the connection. What the client still sends is read and dropped
         for up to LINGER seconds first: closing with unread bytes would reset the connection, and the
         client would see the reset instead of the answer."""
         self.refused += 1
-        self.log(f"boot guard: refused a request from {peer[0] if peer else '?'}: {refused.status} {refused}")
+        self.log(f"boot guard: refused a request from {ip}: {refused.status} {refused}")
         writer.write(response(refused.status, str(refused)))
         with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
-            await writer.drain()
+            await self._drain(writer)
             if writer.can_write_eof():
                 writer.write_eof()
-            await asyncio.wait_for(_drain_input(reader), LINGER)
-        return False
+            await asyncio.wait_for(_discard(reader), LINGER)
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(CHUNK):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
-# CLI (a guard on its own, e.g. in front of a tritonserver started otherwise)
+# CLI (a guard on its own, e.g. in front of a tritonserver started otherwise, as in deploy/)
 # --------------------------------------------------------------------------------------------
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -454,6 +526,9 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from boot_serve.grpc_guard import GrpcGuard
+    from boot_serve.health import HealthListener
+
     p = argparse.ArgumentParser(prog="python -m boot_serve.guard", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--listen", type=_address, default=("127.0.0.1", 8000), help="HOST:PORT the HTTP guard binds")
@@ -461,31 +536,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-listen", type=_address, default=None,
                    help="HOST:PORT the gRPC guard binds (boot_serve.grpc_guard; with --grpc-upstream)")
     p.add_argument("--grpc-upstream", type=_address, default=None, help="HOST:PORT of Triton's gRPC endpoint")
+    p.add_argument("--health-listen", type=_address, default=None,
+                   help="HOST:PORT of the probe listener (/v2/health/live and /ready), outside the client caps")
+    p.add_argument("--models", default=None, help="comma-separated model names clients may reach (default: any)")
+    p.add_argument("--operator-key-file", default=None,
+                   help=f"file holding the key that opens statistics (default: ${access.OPERATOR_KEY_ENV}; "
+                        "none: statistics closed)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="largest HTTP body / gRPC message accepted")
     p.add_argument("--max-json-depth", type=int, default=MAX_JSON_DEPTH, help="deepest JSON nesting accepted")
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                    help="seconds a request's head and body may take to arrive")
+    p.add_argument("--max-connections-per-client", type=int, default=MAX_CONNECTIONS_PER_CLIENT,
+                   help="open connections from one address (0: no cap, e.g. behind an ingress)")
     args = p.parse_args(argv)
     if (args.grpc_listen is None) != (args.grpc_upstream is None):
         p.error("--grpc-listen and --grpc-upstream go together")
     try:
-        limits = Limits(args.max_body_bytes, args.max_json_depth, args.read_timeout)
-    except ValueError as err:
+        limits = Limits(args.max_body_bytes, args.max_json_depth, args.read_timeout,
+                        max_connections_per_client=args.max_connections_per_client)
+        key = access.read_key(args.operator_key_file)
+    except (ValueError, OSError) as err:
         p.error(str(err))
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     guards = []
     try:
-        guards.append(Guard(*args.upstream, *args.listen, limits=limits).start())
-        print(f"boot guard: HTTP {guards[0].url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
+        http = Guard(*args.upstream, *args.listen, limits=limits, models=models, operator_key=key).start()
+        guards.append(http)
+        print(f"boot guard: HTTP {http.url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
+        grpc_guard = None
         if args.grpc_listen is not None:
-            from boot_serve.grpc_guard import GrpcGuard
-
             upstream = "{}:{}".format(*args.grpc_upstream)
-            guards.append(GrpcGuard(upstream, *args.grpc_listen, max_message_bytes=limits.max_body_bytes).start())
-            print(f"boot guard: gRPC {guards[1].url} -> {upstream}", flush=True)
+            grpc_guard = GrpcGuard(upstream, *args.grpc_listen, max_message_bytes=limits.max_body_bytes,
+                                   models=models, operator_key=key).start()
+            guards.append(grpc_guard)
+            print(f"boot guard: gRPC {grpc_guard.url} -> {upstream}", flush=True)
+        if args.health_listen is not None:
+            health = HealthListener(http, *args.health_listen).start()
+            guards.append(health)
+            print(f"boot guard: probes {health.url}", flush=True)
     except OSError as err:
         for guard in guards:
             guard.stop()

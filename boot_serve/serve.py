@@ -41,7 +41,6 @@ import contextlib
 import ctypes
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -55,6 +54,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from boot_serve.access import KEY_HEADER, new_key, triton_restriction_args, write_key_file
 from boot_serve.triton_repo import ENSEMBLE, VARIANTS, RepositoryError, check_repository, write_configs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -121,11 +121,16 @@ class TritonServer:
                  tritonserver: str | Path | None = None, bundled: bool = False, log_verbose: int = 0,
                  extra_args: tuple[str, ...] = (), startup_timeout: float = 600.0, exit_timeout: int = 30,
                  echo: bool = False, check: bool = True, log_path: str | Path | None = None,
-                 http_host: str | None = None, grpc_host: str | None = None):
+                 http_host: str | None = None, grpc_host: str | None = None, metrics_host: str | None = None,
+                 operator_key: str | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self.http_host = http_host or host  # 127.0.0.1 behind the guards (boot_serve.service)
         self.grpc_host = grpc_host or host
+        self.metrics_host = metrics_host or host
+        # Opens the statistics APIs (header access.KEY_HEADER); shared memory, repository, trace
+        # and logging stay closed behind a key made per start that nothing hands out.
+        self.operator_key = operator_key or new_key()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.tritonserver = tritonserver
         self.bundled = bundled
@@ -154,7 +159,7 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.ports['metrics']}/metrics"
+        return f"http://{_url_host(self.metrics_host)}:{self.ports['metrics']}/metrics"
 
     def log_tail(self, lines: int = 60) -> str:
         return "".join(list(self._log)[-lines:])
@@ -178,20 +183,18 @@ class TritonServer:
             # The stub's embedded interpreter finds its prefix (this venv) through `python3` on PATH.
             env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         for name in ("http", "grpc", "metrics"):
-            host = {"http": self.http_host, "grpc": self.grpc_host}.get(name, self.host)
+            host = {"http": self.http_host, "grpc": self.grpc_host, "metrics": self.metrics_host}[name]
             if self.ports[name] is None:
                 self.ports[name] = find_free_port(host if host not in ("", "::") else "127.0.0.1")
-        admin_key = secrets.token_hex(16)  # nobody gets it: no model (un)loading over the API
         args += [
             f"--model-repository={self.repository}",
             "--model-control-mode=explicit", f"--load-model={ENSEMBLE}",
-            f"--http-restricted-api=model-repository:boot-admin-key={admin_key}",
-            f"--grpc-restricted-protocol=model-repository:boot-admin-key={admin_key}",
+            *triton_restriction_args(self.operator_key),
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--http-address={self.http_host}", f"--http-port={self.ports['http']}",
             f"--grpc-address={self.grpc_host}", f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            f"--metrics-address={self.metrics_host}", f"--metrics-port={self.ports['metrics']}",
             "--allow-metrics=true",
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout}",
@@ -245,12 +248,22 @@ class TritonServer:
                                   f"on {self.repository}; its log ends with:\n{self.log_tail()}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, OSError):
                 with urllib.request.urlopen(url, timeout=2) as response:
-                    # HTTP can answer "ready" a moment before the gRPC port listens (seen after a
-                    # restart on the same ports): ready means both endpoints take connections.
-                    if response.status == 200 and self._grpc_listens():
+                    # HTTP can answer "ready" a moment before the gRPC port listens: ready means both
+                    # endpoints take connections, and both are this process's own sockets (another
+                    # local process may have bound a port between its choice and Triton's bind).
+                    if response.status == 200 and self._grpc_listens() and self.owns_ports():
                         return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def owns_ports(self) -> bool:
+        """Whether this tritonserver process holds the listening sockets of its HTTP and gRPC ports."""
+        if self.process is None:
+            return False
+        inodes = listening_inodes()
+        mine = process_socket_inodes(self.process.pid)
+        return all(inodes.get(self.ports[name], set()) & mine and inodes[self.ports[name]] <= mine
+                   for name in ("http", "grpc"))
 
     def _grpc_listens(self) -> bool:
         try:
@@ -323,6 +336,33 @@ def shm_regions(group: int) -> set[str]:
     return found
 
 
+def listening_inodes() -> dict[int, set[int]]:
+    """Port -> inodes of the TCP sockets listening on it (Linux /proc/net/tcp and tcp6)."""
+    found: dict[int, set[int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                found.setdefault(int(fields[1].rsplit(":", 1)[1], 16), set()).add(int(fields[9]))
+    return found
+
+
+def process_socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` holds open."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found
+
+
 def _die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when the parent exits (PR_SET_PDEATHSIG)."""
     with contextlib.suppress(Exception):
@@ -341,7 +381,7 @@ def warn_public_bind(host: str) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from boot_serve.guard import MAX_BODY_BYTES, MAX_JSON_DEPTH, Limits
+    from boot_serve.guard import MAX_BODY_BYTES, MAX_CONNECTIONS_PER_CLIENT, MAX_JSON_DEPTH, Limits
     from boot_serve.service import CRASH_WINDOW, MAX_CRASHES, Service
 
     p = argparse.ArgumentParser(prog="python -m boot_serve.serve",
@@ -355,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (0: a free one)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics port binds (operators only: Triton's metrics have no authentication)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="port of the probe listener (/v2/health/live, /ready) on --host, outside the client caps "
+                        "(0: a free one; default: none)")
     p.add_argument("--tritonserver", default=None,
                    help="tritonserver binary (default: the one on PATH, else the one bundled in nvidia-pytriton)")
     p.add_argument("--bundled", action="store_true", help="use the bundled CPU tritonserver even if one is on PATH")
@@ -372,18 +417,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="guards: largest HTTP body / gRPC message accepted")
     g.add_argument("--max-json-depth", type=int, default=MAX_JSON_DEPTH, help="guard: deepest JSON nesting accepted")
+    g.add_argument("--max-connections-per-client", type=int, default=MAX_CONNECTIONS_PER_CLIENT,
+                   help="guard: open connections from one address (0: no cap, e.g. behind an ingress)")
+    g.add_argument("--operator-key-file", default=None,
+                   help="where to write the key that opens Triton's statistics (mode 0600; default: a private "
+                        "temporary file, printed at start and removed at exit)")
     g.add_argument("--max-crashes", type=int, default=MAX_CRASHES,
                    help="restart a tritonserver that dies, until it has died more than this many times within "
                         "--crash-window (0: no restarts)")
     g.add_argument("--crash-window", type=float, default=CRASH_WINDOW, help="seconds --max-crashes counts over")
     args = p.parse_args(argv)
-    for name in ("http_port", "grpc_port", "metrics_port"):
-        if not 0 <= getattr(args, name) <= 65535:
+    for name in ("http_port", "grpc_port", "metrics_port", "health_port"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 65535:
             p.error(f"--{name.replace('_', '-')} must be in [0, 65535]")
     if args.max_crashes < 0 or args.crash_window <= 0:
         p.error("--max-crashes must be >= 0 and --crash-window > 0")
     try:
-        limits = Limits(args.max_body_bytes, args.max_json_depth)
+        limits = Limits(args.max_body_bytes, args.max_json_depth,
+                        max_connections_per_client=args.max_connections_per_client)
     except ValueError as err:
         p.error(str(err))
     if args.no_guard and args.host not in LOCAL_HOSTS:
@@ -394,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                       guard=not args.no_guard, limits=limits, max_crashes=args.max_crashes,
                       window=args.crash_window, tritonserver=args.tritonserver, bundled=args.bundled,
                       log_verbose=args.log_verbose, startup_timeout=args.startup_timeout,
-                      exit_timeout=args.exit_timeout, echo=True)
+                      exit_timeout=args.exit_timeout, echo=True, metrics_host=args.metrics_host,
+                      health_port=args.health_port)
+    key_dir = None if args.operator_key_file else tempfile.mkdtemp(prefix="boot-operator-")  # 0700
+    key_file = write_key_file(args.operator_key_file or Path(key_dir) / "operator-key", service.operator_key)
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -410,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         service.start()
     except (RepositoryError, ServerError, ValueError, OSError) as err:
         service.stop()
+        _remove_key(key_file, key_dir)
         print(f"error: {err}", file=sys.stderr)
         return 130 if stopping.is_set() else 2
     restarts = f"up to {args.max_crashes} crashes within {args.crash_window:g} s" if args.max_crashes else "off"
@@ -419,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nboot: Triton is ready on {service.server.repository}\n"
           f"  HTTP     {http}\n"
           f"  gRPC     {grpc}\n"
-          f"  metrics  {service.metrics_url}\n"
+          f"  metrics  {service.metrics_url}  (operators)\n"
+          + (f"  probes   {service.health_url}/v2/health/live, /ready\n" if service.health_url else "")
+          + f"  statistics: operators send header {KEY_HEADER} with the key in {key_file}\n"
           f"  restarts {restarts}\n"
           f"  try: python -m boot_serve.client \"a red circle\" --seed 0 --out img.png --url {service.http_url}\n"
           f"Ctrl-C stops it.", flush=True)
@@ -428,10 +485,18 @@ def main(argv: list[str] | None = None) -> int:
     if not service.running():
         print(f"error: tritonserver exited ({_exit_text(service.server.process.returncode)})", file=sys.stderr)
         service.stop()
+        _remove_key(key_file, key_dir)
         return 1
     print("boot: shutting down tritonserver ...", file=sys.stderr, flush=True)
     code = service.stop()
+    _remove_key(key_file, key_dir)
     return 0 if code in (0, None, -signal.SIGINT) else int(code)
+
+
+def _remove_key(key_file: Path, key_dir: str | None) -> None:
+    """The temporary operator key goes with the server that used it; a key file the operator named stays."""
+    if key_dir is not None:
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 def _exit_text(code: int | None) -> str:

@@ -3,15 +3,20 @@
     with Service("model_repository") as service:          # free ports, waits until ready
         Client(service.http_url).generate(["a red circle"], [0])
 
-- `Supervisor` restarts a tritonserver that dies (a crash, a kill), on the same ports, after a
-  backoff that doubles with each crash in the window (1 s, 2 s, 4 s, ... at most 30 s), and logs why
-  it died (the signal) and how long service was down. More than `max_crashes` crashes within
-  `window` seconds and it gives up: the launcher then exits 1 rather than crash-loop. During the gap
-  clients get ServerUnavailableError, and the same `Client` works again once Triton is back.
+- `Supervisor` restarts a tritonserver that dies (a crash, a kill) after a backoff that doubles with
+  each crash in the window (1 s, 2 s, 4 s, ... at most 30 s), and logs why it died (the signal) and
+  how long service was down. Behind the guards each restart takes fresh loopback ports, and the
+  guards are pointed at it only once the new process is seen to own its listening sockets: a local
+  process that binds the old port during the backoff gets no client traffic. More than
+  `max_crashes` crashes within `window` seconds and it gives up: the guards and the probe listener
+  then answer 503 with the reason, and the launcher exits 1 (Kubernetes or systemd restarts it).
+  During a restart clients get ServerUnavailableError, and the same `Client` works again once
+  Triton is back.
 - `Guard` (boot_serve.guard) owns the public HTTP port and `GrpcGuard` (boot_serve.grpc_guard) the
   public gRPC port; they forward to Triton's own endpoints on 127.0.0.1, so a request that would crash
-  or exhaust Triton never reaches it; while Triton restarts they answer 503 / UNAVAILABLE. The metrics
-  endpoint is Triton's own.
+  or exhaust Triton never reaches it, and only the served model and the public APIs are reachable
+  (boot_serve.access). `HealthListener` (boot_serve.health) answers probes on a port of its own. The
+  metrics endpoint is Triton's own, on loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ import time
 from collections import deque
 from pathlib import Path
 
+from boot_serve.access import new_key
 from boot_serve.grpc_guard import GrpcGuard
 from boot_serve.guard import Guard, Limits
+from boot_serve.health import HealthListener
 from boot_serve.serve import ServerError, TritonServer
+from boot_serve.triton_repo import ENSEMBLE
 
 MAX_CRASHES = 5
 CRASH_WINDOW = 300.0
@@ -55,7 +63,8 @@ class Supervisor:
     """
 
     def __init__(self, server: TritonServer, max_crashes: int = MAX_CRASHES, window: float = CRASH_WINDOW,
-                 backoff: tuple[float, float] = BACKOFF, log=_log):
+                 backoff: tuple[float, float] = BACKOFF, log=_log, fresh_ports: bool = False,
+                 on_up=lambda server: None, on_down=lambda reason: None):
         if max_crashes < 0 or window <= 0 or backoff[0] < 0 or backoff[1] < backoff[0]:
             raise ValueError(f"bad supervision settings: max_crashes={max_crashes}, window={window}, backoff={backoff}")
         self.server = server
@@ -63,6 +72,9 @@ class Supervisor:
         self.window = window
         self.backoff = backoff
         self.log = log
+        self.fresh_ports = fresh_ports  # restart on new free HTTP/gRPC ports (behind the guards)
+        self.on_up, self.on_down = on_up, on_down  # called when Triton serves / stops serving
+        self.give_up_reason: str | None = None
         self.restarts: list[dict] = []
         self.gave_up = threading.Event()
         self.serving = threading.Event()
@@ -97,12 +109,14 @@ class Supervisor:
             self._started.set()
             return
         self.serving.set()
+        self.on_up(self.server)
         self._started.set()
         while not self._stopping.is_set():
             code = self.server.wait()
             if self._stopping.is_set():
                 return
             self.serving.clear()
+            self.on_down(f"tritonserver died ({describe_exit(code)}) and is restarting; try again shortly")
             if not self._restart(describe_exit(code)):
                 return
 
@@ -115,9 +129,12 @@ class Supervisor:
             while self._crashes and self._crashes[0] < now - self.window:
                 self._crashes.popleft()
             if len(self._crashes) > self.max_crashes:
-                self.log(f"boot: tritonserver died ({cause}); {len(self._crashes)} crashes within "
-                         f"{self.window:g} s, more than the {self.max_crashes} allowed: not restarting it again")
+                self.give_up_reason = (f"tritonserver died ({cause}); {len(self._crashes)} crashes within "
+                                       f"{self.window:g} s, more than the {self.max_crashes} allowed: not restarting "
+                                       "it again; this service gave up and must be restarted")
+                self.log(f"boot: {self.give_up_reason}")
                 self.gave_up.set()
+                self.on_down(self.give_up_reason)
                 return False
             delay = min(self.backoff[0] * 2 ** (len(self._crashes) - 1), self.backoff[1])
             self.log(f"boot: tritonserver died ({cause}); restarting it in {delay:g} s "
@@ -125,6 +142,8 @@ class Supervisor:
             self.server.stop(timeout=10)  # its temporary backend folder, any stub left behind
             if self._stopping.wait(delay):
                 return False
+            if self.fresh_ports:  # the old ports may be taken by now; Triton must not share them
+                self.server.ports["http"] = self.server.ports["grpc"] = None
             try:
                 self.server.start()
             except ServerError as err:
@@ -134,27 +153,58 @@ class Supervisor:
             self.restarts.append({"cause": cause, "down_s": round(down, 2)})
             self.log(f"boot: tritonserver is serving again, {down:.1f} s after it died")
             self.serving.set()
+            self.on_up(self.server)
             return True
         return False
 
 
 class Service:
-    """tritonserver on `repository` under a Supervisor (`max_crashes` 0: none), with the HTTP guard on
-    (host, http_port) in front unless `guard=False`. Ports left None are picked free. Other keyword
-    arguments go to TritonServer."""
+    """tritonserver on `repository` under a Supervisor (`max_crashes` 0: none), with the HTTP and gRPC
+    guards on (host, http_port) and (host, grpc_port) in front unless `guard=False`, and the probe
+    listener on (host, health_port) when a health port is given. Ports left None are picked free.
+    `models`: what clients may reach (default: the served text-to-image model); `operator_key`:
+    opens statistics (default: one made here, in `.operator_key`). Other keyword arguments go to
+    TritonServer."""
 
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, guard: bool = True,
                  limits: Limits = Limits(), max_crashes: int = MAX_CRASHES, window: float = CRASH_WINDOW,
-                 backoff: tuple[float, float] = BACKOFF, log=_log, **server_args):
+                 backoff: tuple[float, float] = BACKOFF, log=_log, models: tuple[str, ...] | None = (ENSEMBLE,),
+                 operator_key: str | None = None, health_port: int | None = None,
+                 metrics_host: str = "127.0.0.1", **server_args):
         self.host = host
+        self.operator_key = operator_key or new_key()
         inner = "127.0.0.1" if guard else host  # behind the guards Triton listens on loopback only
         self.server = TritonServer(repository, host=host, http_port=None if guard else http_port,
                                    grpc_port=None if guard else grpc_port, metrics_port=metrics_port,
-                                   http_host=inner, grpc_host=inner, **server_args)
-        self.supervisor = Supervisor(self.server, max_crashes, window, backoff, log) if max_crashes else None
-        self.guard = Guard("127.0.0.1", 0, host, http_port or 0, limits, log) if guard else None
-        self.grpc_guard = GrpcGuard("127.0.0.1:0", host, grpc_port or 0, limits.max_body_bytes) if guard else None
+                                   http_host=inner, grpc_host=inner, metrics_host=metrics_host,
+                                   operator_key=self.operator_key, **server_args)
+        self.guard = self.grpc_guard = self.health = None
+        if guard:
+            self.guard = Guard(None, None, host, http_port or 0, limits, log, models=models,
+                               operator_key=self.operator_key)
+            self.grpc_guard = GrpcGuard("127.0.0.1:0", host, grpc_port or 0, limits.max_body_bytes, models=models,
+                                        operator_key=self.operator_key)
+            self.grpc_guard.set_upstream(None)
+            if health_port is not None:
+                self.health = HealthListener(self.guard, host, health_port, gave_up=self._gave_up)
+        self.supervisor = Supervisor(self.server, max_crashes, window, backoff, log, fresh_ports=guard,
+                                     on_up=self._up, on_down=self._down) if max_crashes else None
+
+    def _up(self, server: TritonServer) -> None:
+        if self.guard is not None:
+            self.guard.set_upstream(("127.0.0.1", server.ports["http"]))
+            self.grpc_guard.set_upstream(server.grpc_url)
+
+    def _down(self, reason: str) -> None:
+        if self.guard is not None:
+            self.guard.set_upstream(None, reason)
+            self.grpc_guard.set_upstream(None)
+
+    def _gave_up(self) -> str | None:
+        if self.supervisor is not None:
+            return self.supervisor.give_up_reason
+        return None if self.server.is_running() else "tritonserver exited"
 
     @property
     def http_url(self) -> str:
@@ -164,6 +214,10 @@ class Service:
     @property
     def grpc_url(self) -> str:
         return self.grpc_guard.url if self.grpc_guard is not None else self.server.grpc_url
+
+    @property
+    def health_url(self) -> str | None:
+        return self.health.url if self.health is not None else None
 
     @property
     def metrics_url(self) -> str:
@@ -182,14 +236,14 @@ class Service:
         if self.guard is not None:  # first: a busy public port fails before Triton spends time loading
             self.guard.start()
             self.grpc_guard.start()
+            if self.health is not None:
+                self.health.start()
         try:
             if self.supervisor is not None:
                 self.supervisor.start()
             else:
                 self.server.start()
-            if self.guard is not None:
-                self.guard.upstream = ("127.0.0.1", self.server.ports["http"])
-                self.grpc_guard.upstream = self.server.grpc_url
+                self._up(self.server)
         except BaseException:
             self.stop()
             raise
@@ -206,9 +260,9 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stop()
         code = self.server.stop()
-        if self.guard is not None:
-            self.guard.stop()
-            self.grpc_guard.stop()
+        for part in (self.health, self.guard, self.grpc_guard):
+            if part is not None:
+                part.stop()
         return code
 
     def __enter__(self) -> Service:

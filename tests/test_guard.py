@@ -46,9 +46,11 @@ def json_request(prompt: str = GOOD[0], seed: int = GOOD[1], binary_output: bool
                        "outputs": [{"name": "IMAGE", "parameters": {"binary_data": binary_output}}]}).encode()
 
 
-def post(url: str, body: bytes, headers: dict | None = None, path: str = INFER) -> tuple[int | str, bytes]:
-    """(status, body); a dropped connection gives the exception's name instead of a status."""
-    req = urllib.request.Request(f"http://{url}{path}", data=body, method="POST", headers=headers or {})
+def post(url: str, body: bytes | None, headers: dict | None = None, path: str = INFER) -> tuple[int | str, bytes]:
+    """(status, body) of a POST (a GET when `body` is None); a dropped connection gives the
+    exception's name instead of a status."""
+    req = urllib.request.Request(f"http://{url}{path}", data=body, method="GET" if body is None else "POST",
+                                 headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.read()
@@ -224,24 +226,31 @@ def test_a_request_slower_than_the_read_timeout_gets_408(service, reference):
             assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), reference)
 
 
-def test_connections_beyond_the_cap_get_503_and_the_cap_frees_up(service, reference, monkeypatch):
-    from boot_serve import guard as guard_module
+def test_connections_beyond_the_cap_get_429_idle_ones_give_way_and_the_cap_frees_up(service, reference):
+    from boot_serve.guard import Guard
 
-    monkeypatch.setattr(guard_module, "MAX_CONNECTIONS", 4)
     host, port = service.triton_http_url.rsplit(":", 1)
-    with guard_module.Guard(host, int(port), log=lambda line: None) as guard:
+    with Guard(host, int(port), limits=Limits(max_connections=4), log=lambda line: None) as guard:
         gh, gp = guard.url.rsplit(":", 1)
-        idle = [socket.create_connection((gh, int(gp)), timeout=30) for _ in range(4)]
+        busy = [socket.create_connection((gh, int(gp)), timeout=30) for _ in range(4)]
+        for sock in busy:  # each in the middle of a request head
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\n")
         time.sleep(0.3)
         with socket.create_connection((gh, int(gp)), timeout=30) as extra:
-            assert extra.recv(4096).startswith(b"HTTP/1.1 503")
-        for sock in idle:
+            answer = extra.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 429") and b"4 connections open" in answer, answer
+        for sock in busy:
             sock.close()
         deadline = time.monotonic() + 10
         while guard.connections and time.monotonic() < deadline:
             time.sleep(0.05)
-        with Client(guard.url) as c:
+        idle = [socket.create_connection((gh, int(gp)), timeout=30) for _ in range(4)]  # no request in them
+        time.sleep(0.3)
+        with Client(guard.url) as c:  # the oldest idle connection makes room
             assert np.array_equal(np.asarray(c.generate([GOOD[0]], [GOOD[1]])[0]), reference)
+        assert idle[0].recv(16) == b""  # closed by the guard
+        for sock in idle:
+            sock.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +353,8 @@ def test_a_crash_past_the_guard_is_restarted_and_the_same_clients_recover(export
 
 def test_the_supervisor_gives_up_after_too_many_crashes(exported_repository):
     logs: list[str] = []
-    with Service(exported_repository, exit_timeout=5, log=logs.append, max_crashes=1, backoff=(0.2, 0.2)) as svc:
+    with Service(exported_repository, exit_timeout=5, log=logs.append, max_crashes=1, backoff=(0.2, 0.2),
+                 health_port=0) as svc:
         for _ in range(2):
             svc.supervisor.serving.wait(60)
             svc.server.process.send_signal(signal.SIGSEGV)
@@ -355,6 +365,12 @@ def test_the_supervisor_gives_up_after_too_many_crashes(exported_repository):
         assert "more than the 1 allowed: not restarting it again" in logs[-1]
         with Client(svc.http_url) as c, pytest.raises(ServerUnavailableError):
             c.generate([GOOD[0]], [GOOD[1]])
+        for path in ("/v2/health/ready", INFER):  # the service says it gave up, on every road
+            status, text = post(svc.http_url, json_request() if path == INFER else None, path=path)
+            assert status == 503 and "gave up" in json.loads(text)["error"], (path, status, text)
+        for probe in ("live", "ready"):  # and the probes tell a supervisor (Kubernetes) to restart it
+            status, text = post(svc.health_url, None, path=f"/v2/health/{probe}")
+            assert status == 503 and "gave up" in json.loads(text)["error"], (probe, status, text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from boot_serve import access
+from boot_serve.access import new_key
 from boot_serve.bench.loadgen import FIRST_SEED, PROMPT_OFFSET, BenchError
 from boot_serve.bench.machine import hardware, load_average, server_metadata, versions
 from boot_serve.bench.measure import (
@@ -137,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="intra-op threads of the in-process runs, torch and ONNX Runtime (default 0: torch's "
                         "default, and for ONNX Runtime the server's own setting read from config.pbtxt)")
+    p.add_argument("--operator-key-file", type=Path, default=None,
+                   help="file holding the server's operator key, which opens Triton's statistics for the report "
+                        "(python -m boot_serve.serve prints where it is; default: $BOOT_OPERATOR_KEY; without one "
+                        "the report has no server-side split)")
     p.add_argument("--note", default=None, help="a line about this run for the report (what model, which machine)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default docs/bench)")
     return p.parse_args(argv)
@@ -180,8 +186,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     manifest, guidance, student_dir, prompts, seeds = _inputs(args, log)
     load_start, hw = load_average(), hardware()
     warnings = _load_warnings(hw, load_start)
+    # Triton answers its statistics to operators only: the key of the servers started here, or
+    # the one the operator gives for --url.
+    operator_key = new_key() if args.variants else access.read_key(args.operator_key_file)
     if args.variants:
-        servers_cm = started_servers(args.repository, args.variants, log)
+        servers_cm = started_servers(args.repository, args.variants, log, operator_key)
     else:
         servers_cm = nullcontext({served_variant(args.repository): None})
     with servers_cm as started:
@@ -194,7 +203,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
             log(f"[bench] {variant} at {url}")
             servers.append({"variant": variant, "url": url,
                             "served": bench_server(url, args.protocol, args.concurrency, prompts, seeds, guidance,
-                                                   args.requests, args.warmup, args.max_seconds, log)})
+                                                   args.requests, args.warmup, args.max_seconds, log,
+                                                   operator_key)})
         # 2. compute floor: ONNX Runtime in-process, interleaved with every server at concurrency 1
         onnx_pipe, floor_settings = floor_pipeline(floor_repo, args.threads)
         ab = bench_overhead(urls, args.protocol, onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup,

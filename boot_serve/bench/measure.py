@@ -18,7 +18,7 @@ from boot_serve.triton_repo import MODELS as SERVER_MODELS
 
 
 def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds, guidance, n: int, warmup: int,
-                 max_seconds: float, log=print) -> list[dict]:
+                 max_seconds: float, log=print, operator_key: str | None = None) -> list[dict]:
     from boot_serve.client import Client
 
     @contextmanager
@@ -26,7 +26,7 @@ def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds,
         with Client(url, protocol, concurrency=1) as client:
             yield client.generate
 
-    with Client(url, protocol) as probe:
+    with Client(url, protocol, operator_key=operator_key) as probe:  # the key opens Triton's statistics
         probe.check()  # ServerUnavailableError with what to run, before any thread starts
         results = []
         for c in levels:

@@ -24,8 +24,9 @@ def variant_repository(repository: Path, variant: str, dest: Path) -> Path:
 
 
 @contextmanager
-def started_servers(repository: Path, variants: Sequence[str], log=print):
-    """{variant: TritonServer} of one server per variant, all ready; stopped on exit."""
+def started_servers(repository: Path, variants: Sequence[str], log=print, operator_key: str | None = None):
+    """{variant: TritonServer} of one server per variant, all ready (statistics open to
+    `operator_key`); stopped on exit."""
     import tempfile
 
     from boot_serve.serve import TritonServer
@@ -34,7 +35,8 @@ def started_servers(repository: Path, variants: Sequence[str], log=print):
         servers = {}
         for variant in variants:
             repo = variant_repository(repository, variant, Path(tmp) / variant)
-            servers[variant] = stack.enter_context(TritonServer(repo, exit_timeout=5))
+            servers[variant] = stack.enter_context(TritonServer(repo, exit_timeout=5,
+                                                                          operator_key=operator_key))
             log(f"[bench] {variant}: tritonserver ready at {servers[variant].http_url}")
         yield servers
 
