@@ -197,20 +197,24 @@ def _content_encoding(value: bytes) -> str:
 
 
 def _accept_encoding(value: bytes) -> str | None:
-    """The coding Triton picks for this Accept-Encoding (highest q among identity, deflate, gzip;
-    the first on a tie), after the whole value matched RFC 9110's grammar."""
-    best, weight = None, 0.0
-    for part in value.split(b","):
-        if not part.strip(b" \t"):
-            continue  # empty list elements are allowed
-        m = _CODING.fullmatch(part)
-        if m is None:
-            raise Refused(400, f"malformed Accept-Encoding {value[:60].decode()!r}")
-        q = float(m.group(2)) if m.group(2) else 1.0
-        coding = m.group(1).decode()
-        if coding in DECODABLE and q > weight:
-            best, weight = coding, q
-    return None if best in (None, "identity") else best
+    """The coding Triton picks for this Accept-Encoding, once the whole value matched RFC 9110's
+    grammar (so every q-value is a number in [0, 1] that Triton's std::stod can hold). The pick is
+    Triton's own rule, spaces and all: per comma-separated element, the name runs from its first
+    non-space to a literal ";q=" (or the end); the highest q among exactly "identity", "deflate" and
+    "gzip" wins, the first on a tie."""
+    if not all(_CODING.fullmatch(part) or not part.strip(b" \t") for part in value.split(b",")):
+        raise Refused(400, f"malformed Accept-Encoding {value[:60].decode()!r}")
+    best, weight = "identity", 0.0
+    for element in value.decode("ascii").split(","):
+        start = len(element) - len(element.lstrip(" "))
+        at = element.find(";q=")
+        if start == len(element) or (at >= 0 and start >= at):
+            continue
+        name = element[start:] if at < 0 else element[start:at]
+        q = 1.0 if at < 0 else float(re.match(r"\s*([0-9.]+)", element[at + 3:]).group(1))
+        if name in DECODABLE and q > weight:
+            best, weight = name, q
+    return None if best == "identity" else best
 
 
 # --------------------------------------------------------------------------------------------
