@@ -15,10 +15,12 @@ Which `tritonserver` (docs/export-serving.md):
 The server loads `boot_txt2img` and the models it composes, nothing else (model control mode
 `explicit` with `--load-model=boot_txt2img`: in the cpu-onehop variant the composing models'
 configs are in the repository but unused), and a model that fails to load stops the server with
-its error. Loading and unloading models over the API is closed: the model-repository API answers
-only requests carrying a random key that this launcher never hands out. Endpoints bind
-127.0.0.1 unless told otherwise; anything else is announced with a loud warning, since Triton has
-no authentication of its own.
+its error. Triton's control APIs are closed by its own restriction flags (boot_serve.access): shared
+memory, model repository, trace and logging answer only a random key that this launcher never hands
+out; statistics answer the operator key (`operator_key`). Endpoints bind 127.0.0.1 unless told
+otherwise; anything else is announced with a loud warning, since Triton has no authentication of
+its own. The CLI runs Triton behind the guards (boot_serve.service), which is how clients should
+reach it.
 
 `--variant` rewrites the repository's configs first (boot_serve.triton_repo), e.g. `--variant
 cpu-onehop` to serve the whole request from one Python model instead of the default ensemble.

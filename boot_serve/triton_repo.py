@@ -455,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="max_queue_delay_microseconds of every batching model (default: 0 for the cpu variants; "
                         f"per model for gpu/tensorrt: {', '.join(f'{k} {v}' for k, v in QUEUE_DELAY_US.items())})")
     p.add_argument("--trt-cache-dir", default=TRT_CACHE_DIR,
-                   help="gpu variant: directory (on a persistent volume) of ONNX Runtime's TensorRT engine and "
-                        "timing caches")
+                   help="gpu variant: directory of ONNX Runtime's TensorRT engine and timing caches (one writer "
+                        "only: in Kubernetes a per-pod emptyDir, deploy/README.md)")
     p.add_argument("--serving-tensorrt", default=SERVING_TENSORRT[SERVING_IMAGE],
                    help="tensorrt variant: TensorRT major.minor of the server that loads the plans (default: that "
                         f"of nvcr.io/nvidia/tritonserver:{SERVING_IMAGE}-py3); plans built by another are refused")
