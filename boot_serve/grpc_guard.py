@@ -1,98 +1,367 @@
-"""The gRPC side of the guard: a pass-through gRPC server in front of Triton's gRPC endpoint that
-refuses messages over a size limit before they are buffered.
+"""The gRPC side of the guard: a gRPC server in front of Triton's gRPC endpoint that lets through
+only what a client of the service needs, checked, and bounds what one client can hold.
 
-Why: Triton 2.51 accepts gRPC messages up to 2 GB and has no flag to lower that; each refused 64 MiB
-request left ~250 MB more resident in the server and its Python-backend stub (measured on the
-2-core CPU machine: 504 -> 1545 MB after four), memory it keeps. gRPC's own receive limit
-(`grpc.max_receive_message_length`) fails such a call with RESOURCE_EXHAUSTED from the message's
-length prefix, so the body is never held here nor sent on.
+What passes (service inference.GRPCInferenceService; boot_serve.access is the shared policy):
+- public: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
+  ModelInfer, ModelStreamInfer;
+- operator: ModelStatistics, when the call's metadata carries access.KEY_HEADER (or Triton's name
+  for it, TRITON_KEY_METADATA) equal to the operator key; Triton, started with
+  access.triton_restriction_args, checks the key again;
+- nothing else: the control methods (repository index/load/unload, system and CUDA shared memory,
+  trace and log settings) are refused with PERMISSION_DENIED, any other path (unknown service or
+  method, or a known one spelled differently) with UNIMPLEMENTED, before a byte goes to Triton.
 
-Every method of inference.GRPCInferenceService passes through as raw bytes (no protobuf parsing
-here): unary calls one to one, ModelStreamInfer as a stream, with the caller's metadata and
-deadline; Triton's status codes and messages come back unchanged. While Triton is not answering
-(restarting after a crash) calls fail with UNAVAILABLE, which boot_serve.client reports as
-ServerUnavailableError.
+Each request message is parsed with the protobuf classes tritonclient ships
+(tritonclient.grpc.service_pb2): one that does not parse is refused with INVALID_ARGUMENT, one
+naming a model that is not served with NOT_FOUND, and Triton gets the message re-serialized from
+what was parsed (unknown fields dropped), under the canonical method path, with only the metadata
+listed in `_forwarded_metadata` (the operator key for ModelStatistics, Triton's documented
+`triton_grpc_error` stream option); the deadline goes along. Triton's answers to allowed calls
+(status codes and messages included) come back unchanged.
+
+Why a receive limit: Triton 2.51 accepts gRPC messages up to 2 GB and has no flag to lower that;
+each refused 64 MiB request left ~250 MB more resident in the server and its Python-backend stub
+(measured on the 2-core CPU machine: 504 -> 1545 MB after four), memory it keeps. gRPC's own
+receive limit (`grpc.max_receive_message_length`) fails such a call with RESOURCE_EXHAUSTED from
+the message's length prefix, so the body is never held here nor sent on.
+
+Bounds on what callers hold (constants below, each a constructor keyword): calls in flight per
+client address and in all, open streams, a deadline on every unary call, an idle timeout and a
+lifetime for streams, requests a stream may have awaiting their answer, and HTTP/2 limits on
+connections (idle connections closed, keepalive pings enforced, streams per connection).
+
+While Triton is not serving (`set_upstream(None)`: restarting after a crash, or given up on)
+every allowed call fails at once with UNAVAILABLE, which boot_serve.client reports as
+ServerUnavailableError; calls made while a restarted Triton is not yet answering fail the same
+way, from gRPC.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
+import time
+import urllib.parse
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
+from tritonclient.grpc import service_pb2
 
+from boot_serve import access
 from boot_serve.guard import MAX_BODY_BYTES
 
-STREAM_METHODS = ("/inference.GRPCInferenceService/ModelStreamInfer",)
-WORKERS = 64  # calls in flight at once (each holds a thread while Triton computes)
+SERVICE = "inference.GRPCInferenceService"
+PUBLIC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                  "ModelInfer", "ModelStreamInfer")
+OPERATOR_METHODS = ("ModelStatistics",)
+# Every other method of the service, as tritonclient's copy of Triton's protocol lists them, plus
+# those this server is known to offer (in case an older protocol file lacks one).
+CLOSED_METHODS = tuple(sorted((
+    {m.name for m in service_pb2.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods}
+    | {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+       "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+       "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings"})
+    - set(PUBLIC_METHODS) - set(OPERATOR_METHODS)))
+STREAM_METHODS = (f"/{SERVICE}/ModelStreamInfer",)
+
+# Request message class of each allowed method, and the field that names a model ("" for none).
+_REQUESTS = {
+    "ServerLive": (service_pb2.ServerLiveRequest, ""),
+    "ServerReady": (service_pb2.ServerReadyRequest, ""),
+    "ServerMetadata": (service_pb2.ServerMetadataRequest, ""),
+    "ModelReady": (service_pb2.ModelReadyRequest, "name"),
+    "ModelMetadata": (service_pb2.ModelMetadataRequest, "name"),
+    "ModelConfig": (service_pb2.ModelConfigRequest, "name"),
+    "ModelInfer": (service_pb2.ModelInferRequest, "model_name"),
+    "ModelStreamInfer": (service_pb2.ModelInferRequest, "model_name"),
+    "ModelStatistics": (service_pb2.ModelStatisticsRequest, "name"),  # "" = all models: operators only
+}
+
+# Threads serving calls; a call holds one while Triton computes (a stream for its whole life).
+WORKERS = 64
+# Calls in flight at once, in all: below WORKERS, so threads stay free to refuse calls past the
+# caps at once instead of queueing them behind running ones.
+MAX_CALLS = 48
+# Calls in flight from one client address: a client (boot_serve.client runs 8 at once) cannot take
+# every thread; clients behind one NAT or proxy share it, so it is not much lower than MAX_CALLS.
+MAX_CALLS_PER_CLIENT = 32
+# Open ModelStreamInfer streams, in all and per client address: each holds a thread here (and one
+# in gRPC's channel) for as long as it is open, however little it sends.
+MAX_STREAMS = 16
+MAX_STREAMS_PER_CLIENT = 4
+# A unary call without a deadline gets this one, so a hung upstream call frees its thread; longer
+# deadlines a client asks for are cut to MAX_CALL_DEADLINE_S.
+CALL_DEADLINE_S = 60.0
+MAX_CALL_DEADLINE_S = 300.0
+# A stream with no message either way for this long is closed (DEADLINE_EXCEEDED): a client that
+# opens streams and sends nothing does not keep their threads.
+STREAM_IDLE_S = 30.0
+# A stream is closed after this long, however busy: a client reconnects, and caps apply afresh.
+STREAM_LIFETIME_S = 600.0
+# Requests a stream may have sent to Triton without an answer yet; the guard reads the client's
+# next message only when one comes back. Without it a single stream (one call against the caps)
+# could queue any amount of work in Triton. Each request of the served (non-decoupled) models is
+# answered by one stream response.
+STREAM_PENDING = 8
+# HTTP/2 streams at once on one connection (gRPC's default is unbounded): no more than a client
+# may hold anyway; beyond, the client's own gRPC waits.
+MAX_STREAMS_PER_CONNECTION = MAX_CALLS_PER_CLIENT
+# Connections without a call for this long are closed (clients' gRPC reconnects when needed).
+CONNECTION_IDLE_S = 120.0
+# The guard pings idle-looking connections to find dead peers; clients may ping no more often
+# than every 10 s without data (tritonclient's default is never), two strikes close the connection.
+SERVER_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                  ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                  ("grpc.http2.max_ping_strikes", 2), ("grpc.so_reuseport", 0),
+                  ("grpc.max_send_message_length", -1)]
 # Reconnect to a restarted Triton within a second, not after gRPC's default backoff of up to 2 min.
 UPSTREAM_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
                     ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
+# Triton's gRPC endpoint reads the header of a restricted protocol under this prefix (tritonserver 2.51
+# refuses keyless statistics with "expecting header 'triton-grpc-protocol-boot-operator-key'"), so
+# the key goes to Triton under TRITON_KEY_METADATA. Callers present it as access.KEY_HEADER, as over
+# HTTP, or under Triton's own name.
+TRITON_KEY_METADATA = "triton-grpc-protocol-" + access.KEY_HEADER
+DOWN_MESSAGE = "Triton is not serving right now (restarting, or stopped); retry shortly"
 
-def _metadata(context) -> list[tuple[str, str]]:
-    """The caller's own metadata (transport headers such as user-agent stay with the transport)."""
-    return [(k, v) for k, v in context.invocation_metadata() if not k.startswith((":", "grpc-")) and k != "user-agent"]
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
-def _timeout(context) -> float | None:
-    remaining = context.time_remaining()
-    return remaining if remaining is not None and remaining < 1e6 else None
+def client_address(peer: str) -> str:
+    """The address part of a gRPC peer string ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555",
+    "ipv6:%5B::1%5D:5555", "unix:/path"): one per client host; IPv4-mapped IPv6 as IPv4."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        host = rest.rsplit(":", 1)[0].strip("[]") if rest.startswith("[") else rest
+        try:
+            ip = ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return host
+        return str(ip.ipv4_mapped or ip)
+    return kind or peer
+
+
+@dataclass
+class _Counts:
+    calls: int = 0
+    streams: int = 0
+
+
+class _Admission:
+    """Calls and streams in flight, per client address and in all."""
+
+    def __init__(self, guard: GrpcGuard):
+        self.guard = guard
+        self.lock = threading.Lock()
+        self.total = _Counts()
+        self.clients: dict[str, _Counts] = {}
+
+    def take(self, client: str, stream: bool) -> None:
+        g = self.guard
+        with self.lock:
+            mine = self.clients.get(client, _Counts())
+            if mine.calls >= g.max_calls_per_client:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{client} has {mine.calls} calls in flight, the most one client may; "
+                               "retry when one finishes")
+            if self.total.calls >= g.max_calls:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server has {self.total.calls} calls in flight, its limit; retry shortly")
+            if stream and mine.streams >= g.max_streams_per_client:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{client} has {mine.streams} streams open, the most one client may; close one first")
+            if stream and self.total.streams >= g.max_streams:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server has {self.total.streams} streams open, its limit; retry later")
+            for counts in (mine, self.total):
+                counts.calls += 1
+                counts.streams += stream
+            self.clients[client] = mine
+
+    def give(self, client: str, stream: bool) -> None:
+        with self.lock:
+            mine = self.clients[client]
+            for counts in (mine, self.total):
+                counts.calls -= 1
+                counts.streams -= stream
+            if mine.calls == 0:
+                del self.clients[client]
+
+
+class _Stream:
+    """One open ModelStreamInfer: its activity for the watchdog, its answers awaited, and why it was
+    closed (the first reason wins; closing cancels the upstream call)."""
+
+    def __init__(self, pending: int):
+        self.started = self.active = time.monotonic()
+        self.pending_limit = pending
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.reason: tuple[grpc.StatusCode, str] | None = None
+        self.call = None
+
+    def touch(self) -> None:
+        self.active = time.monotonic()
+
+    def attach(self, call) -> None:
+        with self.cond:
+            self.call = call
+            closed = self.reason is not None
+        if closed:
+            call.cancel()
+
+    def close(self, code: grpc.StatusCode, message: str) -> None:
+        with self.cond:
+            if self.reason is not None:
+                return
+            self.reason = (code, message)
+            call = self.call
+            self.cond.notify_all()
+        if call is not None:
+            call.cancel()
+
+    def wait_for_room(self) -> bool:
+        """Block while STREAM_PENDING requests await their answer; False once the stream is closed."""
+        with self.cond:
+            while self.reason is None and self.pending_limit and self.pending >= self.pending_limit:
+                self.cond.wait()
+            if self.reason is not None:
+                return False
+            self.pending += 1
+            return True
+
+    def answered(self) -> None:
+        with self.cond:
+            self.pending = max(0, self.pending - 1)
+            self.cond.notify_all()
 
 
 class GrpcGuard:
-    """Listens on (host, port) (port 0: a free one, then in `.port`), forwards to `upstream` "host:port"."""
+    """Listens on (host, port) (port 0: a free one, then in `.port`), forwards to `upstream` "host:port".
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0,
-                 max_message_bytes: int = MAX_BODY_BYTES, workers: int = WORKERS):
-        self.upstream = upstream
+    `models`: the model names served (None: any); `operator_key`: the key that opens ModelStatistics
+    (None: closed to everyone). The other keywords override the module constants of the same names.
+    """
+
+    def __init__(self, upstream: str | None, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = MAX_BODY_BYTES, workers: int = WORKERS, *,
+                 models: tuple[str, ...] | None = None, operator_key: str | None = None,
+                 max_calls: int = MAX_CALLS, max_calls_per_client: int = MAX_CALLS_PER_CLIENT,
+                 max_streams: int = MAX_STREAMS, max_streams_per_client: int = MAX_STREAMS_PER_CLIENT,
+                 call_deadline_s: float = CALL_DEADLINE_S, max_call_deadline_s: float = MAX_CALL_DEADLINE_S,
+                 stream_idle_s: float = STREAM_IDLE_S, stream_lifetime_s: float = STREAM_LIFETIME_S,
+                 stream_pending: int = STREAM_PENDING,
+                 max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION,
+                 connection_idle_s: float = CONNECTION_IDLE_S):
         self.host, self.port = host, port
         self.max_message_bytes = max_message_bytes
         self.workers = workers
+        self.models = None if models is None else tuple(models)
+        self.operator_key = operator_key
+        self.max_calls, self.max_calls_per_client = max_calls, max_calls_per_client
+        self.max_streams, self.max_streams_per_client = max_streams, max_streams_per_client
+        self.call_deadline_s, self.max_call_deadline_s = call_deadline_s, max_call_deadline_s
+        self.stream_idle_s, self.stream_lifetime_s = stream_idle_s, stream_lifetime_s
+        self.stream_pending = stream_pending
+        self.max_streams_per_connection = max_streams_per_connection
+        self.connection_idle_s = connection_idle_s
         self._server = None
         self._channel = None
         self._target = None
+        self._upstream = upstream
+        self.down_reason = DOWN_MESSAGE
         self._lock = threading.Lock()
+        self._admission = _Admission(self)
+        self._streams: set[_Stream] = set()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
+    # upstream ----------------------------------------------------------------------------------
+    @property
+    def upstream(self) -> str | None:
+        """Triton's gRPC "host:port"; None while Triton is not serving."""
+        return self._upstream
+
+    @upstream.setter
+    def upstream(self, url: str | None) -> None:
+        self.set_upstream(url)
+
+    def set_upstream(self, url: str | None, reason: str | None = None) -> None:
+        """Forward to `url` ("host:port") from now on; None: Triton is down, and every allowed call
+        fails at once with UNAVAILABLE and `reason` (or DOWN_MESSAGE) without connecting anywhere."""
+        with self._lock:
+            self._upstream = url
+            self.down_reason = reason or DOWN_MESSAGE
+            old = None
+            if url is None or url != self._target:
+                old, self._channel, self._target = self._channel, None, None
+        if old is not None:
+            old.close()
+
+    def channel(self):
+        """The channel to Triton (rebuilt when `upstream` changes); None while Triton is down."""
+        with self._lock:
+            if self._upstream is None:
+                return None
+            if self._target != self._upstream:
+                old, self._channel = self._channel, grpc.insecure_channel(self._upstream, options=UPSTREAM_OPTIONS)
+                self._target = self._upstream
+                if old is not None:
+                    old.close()
+            return self._channel
+
+    def in_flight(self) -> dict[str, int]:
+        """Calls and streams open now (admitted; refused ones are not counted)."""
+        with self._admission.lock:
+            return {"calls": self._admission.total.calls, "streams": self._admission.total.streams,
+                    "clients": len(self._admission.clients)}
+
+    # lifecycle ---------------------------------------------------------------------------------
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("[::1]" if self.host == "::" else self.host)
         return f"{host}:{self.port}"
 
     def start(self) -> GrpcGuard:
+        options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", self.max_message_bytes),
+                   ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+                   ("grpc.max_connection_idle_ms", int(self.connection_idle_s * 1000))]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="boot-grpc-guard"),
-            handlers=[_Forward(self)], maximum_concurrent_rpcs=self.workers * 4,
-            options=[("grpc.max_receive_message_length", self.max_message_bytes),
-                     ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+            handlers=[_Handler(self)], maximum_concurrent_rpcs=self.workers * 4, options=options)
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = self._server.add_insecure_port(f"{host}:{self.port}")
         if port == 0:
             raise OSError(f"the gRPC guard cannot listen on {self.host}:{self.port}")
         self.port = port
+        self._stopping.clear()
+        self._watchdog = threading.Thread(target=self._watch_streams, name="boot-grpc-guard-streams", daemon=True)
+        self._watchdog.start()
         self._server.start()
         return self
 
-    def channel(self):
-        """The channel to Triton (rebuilt when `upstream` changes)."""
-        with self._lock:
-            return self._channel_locked()
-
-    def _channel_locked(self):
-        if self._target != self.upstream:
-            old, self._channel = self._channel, grpc.insecure_channel(self.upstream, options=UPSTREAM_OPTIONS)
-            self._target = self.upstream
-            if old is not None:
-                old.close()
-        return self._channel
-
     def stop(self) -> None:
         """Stop serving and close the channel to Triton (idempotent)."""
-        server, channel = self._server, self._channel
-        self._server = self._channel = self._target = None
+        with self._lock:
+            server, channel, watchdog = self._server, self._channel, self._watchdog
+            self._server = self._channel = self._target = self._watchdog = None
+        self._stopping.set()
         if server is not None:
+            for stream in list(self._streams):
+                stream.close(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             server.stop(grace=5).wait()
+        if watchdog is not None:
+            watchdog.join(timeout=5)
         if channel is not None:
             channel.close()
 
@@ -102,6 +371,31 @@ class GrpcGuard:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _watch_streams(self) -> None:
+        """Close streams idle for stream_idle_s or open for stream_lifetime_s."""
+        interval = max(0.05, min(1.0, self.stream_idle_s / 10, self.stream_lifetime_s / 10))
+        while not self._stopping.wait(interval):
+            now = time.monotonic()
+            for stream in list(self._streams):
+                if now - stream.started >= self.stream_lifetime_s:
+                    stream.close(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"the stream was open for {self.stream_lifetime_s:g} s, the most this server "
+                                 "allows, and is closed; open a new one")
+                elif now - stream.active >= self.stream_idle_s:
+                    stream.close(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"no message went either way on the stream for {self.stream_idle_s:g} s; "
+                                 "it is closed")
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+def _refuse(code: grpc.StatusCode, message: str):
+    """A handler that answers `code` without reading the request (a stream handler reads nothing)."""
+    def behaviour(requests, context):
+        context.abort(code, message)
+    return grpc.stream_stream_rpc_method_handler(behaviour)
+
 
 def _relay_error(err: grpc.RpcError, context) -> None:
     """Triton's status and message as this call's (context.abort raises)."""
@@ -109,27 +403,178 @@ def _relay_error(err: grpc.RpcError, context) -> None:
     context.abort(code, err.details() if hasattr(err, "details") else str(err))
 
 
-class _Forward(grpc.GenericRpcHandler):
+def _forwarded_metadata(guard: GrpcGuard, name: str, context) -> list[tuple[str, str]]:
+    """The only metadata Triton gets: the operator key on ModelStatistics (checked before, sent under
+    Triton's name for it), and `triton_grpc_error: true` on streams (Triton's documented option to
+    end a stream with a gRPC status on its first error). Anything else the caller sent stays here."""
+    if name in OPERATOR_METHODS:
+        return [(TRITON_KEY_METADATA, guard.operator_key)]
+    if name == "ModelStreamInfer" and any(k == "triton_grpc_error" and str(v).lower() == "true"
+                                          for k, v in context.invocation_metadata()):
+        return [("triton_grpc_error", "true")]
+    return []
+
+
+class _Handler(grpc.GenericRpcHandler):
     def __init__(self, guard: GrpcGuard):
         self.guard = guard
+        self.allowed = {f"/{SERVICE}/{name}": name for name in (*PUBLIC_METHODS, *OPERATOR_METHODS)}
+        self.closed = {f"/{SERVICE}/{name}": name for name in CLOSED_METHODS}
 
     def service(self, details):
         method = details.method
-        if method in STREAM_METHODS:
-            return grpc.stream_stream_rpc_method_handler(
-                lambda requests, context: self._stream(method, requests, context))
-        return grpc.unary_unary_rpc_method_handler(lambda request, context: self._unary(method, request, context))
+        name = self.allowed.get(method)
+        if name is None:
+            if method in self.closed:
+                return _refuse(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{self.closed[method]} is closed on this server")
+            return _refuse(grpc.StatusCode.UNIMPLEMENTED,
+                           f"unknown method {method[:200]!r}: this server answers {SERVICE}'s "
+                           f"{', '.join(PUBLIC_METHODS)} (and {', '.join(OPERATOR_METHODS)} for operators)")
+        if name == "ModelStreamInfer":
+            return grpc.stream_stream_rpc_method_handler(lambda requests, context: self._stream(requests, context))
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: self._unary(name, request, context))
 
-    def _unary(self, method: str, request: bytes, context):
-        try:
-            return self.guard.channel().unary_unary(method)(request, metadata=_metadata(context),
-                                                            timeout=_timeout(context))
-        except grpc.RpcError as err:
-            _relay_error(err, context)
+    # checks ------------------------------------------------------------------------------------
+    def _check_operator(self, context) -> None:
+        keys = [v for k, v in context.invocation_metadata() if k in (access.KEY_HEADER, TRITON_KEY_METADATA)]
+        if len(keys) != 1 or not access.key_matches(keys[0], self.guard.operator_key):
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"ModelStatistics is for operators: it needs the operator key in the "
+                           f"'{access.KEY_HEADER}' metadata")
 
-    def _stream(self, method: str, requests, context):
+    def _parse(self, name: str, data: bytes) -> bytes:
+        """The message re-serialized from what parsed, unknown fields dropped; refused when it does
+        not parse or names a model that is not served."""
+        cls, field = _REQUESTS[name]
         try:
-            yield from self.guard.channel().stream_stream(method)(requests, metadata=_metadata(context),
-                                                                  timeout=_timeout(context))
+            message = cls.FromString(data)
+        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, or worse for hostile bytes
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the {name} request is not a valid {cls.DESCRIPTOR.full_name} message") from err
+        message.DiscardUnknownFields()
+        model = getattr(message, field) if field else ""
+        models = self.guard.models
+        if models is not None and (model or name != "ModelStatistics") and field and model not in models:
+            raise _Refused(grpc.StatusCode.NOT_FOUND,
+                           f"model {model[:200]!r} is not served here (served: {', '.join(models)})")
+        return message.SerializeToString()
+
+    def _admit(self, context, stream: bool):
+        """(channel, release) for an admitted call. `release` frees its slot (idempotent): the handler
+        calls it as it ends, before the caller sees the status; gRPC calls it too when the call ends
+        any other way (cancelled by the caller)."""
+        channel = self.guard.channel()
+        if channel is None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.guard.down_reason)
+        client = client_address(context.peer())
+        self.guard._admission.take(client, stream)
+        released = threading.Lock()
+
+        def release():
+            if released.acquire(blocking=False):
+                self.guard._admission.give(client, stream)
+
+        if not context.add_callback(release):  # the call ended meanwhile (the caller cancelled)
+            release()
+            raise _Refused(grpc.StatusCode.CANCELLED, "the call was cancelled")
+        return channel, release
+
+    def _deadline(self, context) -> float:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e6:
+            return self.guard.call_deadline_s
+        return min(remaining, self.guard.max_call_deadline_s)
+
+    # unary -------------------------------------------------------------------------------------
+    def _unary(self, name: str, request: bytes, context):
+        try:
+            if name in OPERATOR_METHODS:
+                self._check_operator(context)
+            data = self._parse(name, request)
+            channel, release = self._admit(context, stream=False)
+        except _Refused as refusal:
+            context.abort(refusal.code, refusal.message)
+        try:
+            return self._forward_unary(name, channel, data, context)
+        finally:
+            release()
+
+    def _forward_unary(self, name: str, channel, data: bytes, context):
+        timeout = self._deadline(context)
+        try:
+            call = channel.unary_unary(f"/{SERVICE}/{name}").future(
+                data, metadata=_forwarded_metadata(self.guard, name, context), timeout=timeout)
+        except ValueError:  # the channel was closed by set_upstream meanwhile
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.guard.down_reason)
+        context.add_callback(call.cancel)  # the caller gave up: so does Triton
+        try:
+            return call.result()
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and (context.time_remaining() or 1e9) > 0.05:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no answer from Triton within {timeout:g} s, the most this server waits for one call")
             _relay_error(err, context)
+        except grpc.FutureCancelledError:
+            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+
+    # stream ------------------------------------------------------------------------------------
+    def _stream(self, requests, context):
+        guard = self.guard
+        try:
+            channel, release = self._admit(context, stream=True)
+        except _Refused as refusal:
+            context.abort(refusal.code, refusal.message)
+        stream = _Stream(guard.stream_pending)
+
+        def ended():  # however the call ended (this handler may never be resumed after a cancel)
+            stream.close(grpc.StatusCode.CANCELLED, "the client went away")
+            with guard._lock:
+                guard._streams.discard(stream)
+        if not context.add_callback(ended):
+            release()
+            context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+
+        def upstream_requests():
+            try:
+                for raw in requests:
+                    stream.touch()
+                    try:
+                        data = self._parse("ModelStreamInfer", raw)
+                    except _Refused as refusal:
+                        stream.close(refusal.code, refusal.message)
+                        return
+                    if not stream.wait_for_room():
+                        return
+                    yield data
+            except grpc.RpcError:  # the client's side ended
+                stream.close(grpc.StatusCode.CANCELLED, "the client went away")
+
+        remaining = context.time_remaining()
+        lifetime = guard.stream_lifetime_s
+        timeout = min(remaining, lifetime + 5) if remaining is not None and remaining < 1e6 else lifetime + 5
+        with guard._lock:
+            guard._streams.add(stream)
+        try:
+            try:
+                call = channel.stream_stream(STREAM_METHODS[0])(
+                    upstream_requests(), metadata=_forwarded_metadata(guard, "ModelStreamInfer", context),
+                    timeout=timeout)
+            except ValueError:  # the channel was closed by set_upstream meanwhile
+                context.abort(grpc.StatusCode.UNAVAILABLE, guard.down_reason)
+            stream.attach(call)
+            try:
+                for response in call:
+                    stream.touch()
+                    stream.answered()
+                    yield response
+            except grpc.RpcError as err:
+                if stream.reason is not None:
+                    context.abort(*stream.reason)
+                _relay_error(err, context)
+            if stream.reason is not None:
+                context.abort(*stream.reason)
+        finally:
+            with guard._lock:
+                guard._streams.discard(stream)
+            release()
