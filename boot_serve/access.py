@@ -24,6 +24,8 @@ from pathlib import Path
 # The header (gRPC: metadata key) that carries a key for a restricted category, to the guards
 # and to Triton alike. Lower case: gRPC metadata keys must be.
 KEY_HEADER = "boot-operator-key"
+# Triton's gRPC endpoint reads a restriction key from metadata under this prefixed name.
+TRITON_GRPC_KEY_HEADER = "triton-grpc-protocol-" + KEY_HEADER
 
 # Triton's restriction categories (tritonserver --help, "--http-restricted-api").
 PUBLIC = ("health", "metadata", "model-config", "inference")

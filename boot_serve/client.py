@@ -192,6 +192,8 @@ class Client:
         headers = {access.KEY_HEADER: self.operator_key} if self.operator_key else None
         if self.protocol == "http":
             return self._client.get_inference_statistics(model or self.model, headers=headers)
+        if headers:  # the guard reads the plain name; Triton's own gRPC port its prefixed one
+            headers[access.TRITON_GRPC_KEY_HEADER] = self.operator_key
         return self._client.get_inference_statistics(model or self.model, headers=headers, as_json=True)
 
     # --- requests -------------------------------------------------------------------------------

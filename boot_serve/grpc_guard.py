@@ -124,7 +124,7 @@ UPSTREAM_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconn
 # refuses keyless statistics with "expecting header 'triton-grpc-protocol-boot-operator-key'"), so
 # the key goes to Triton under TRITON_KEY_METADATA. Callers present it as access.KEY_HEADER, as over
 # HTTP, or under Triton's own name.
-TRITON_KEY_METADATA = "triton-grpc-protocol-" + access.KEY_HEADER
+TRITON_KEY_METADATA = access.TRITON_GRPC_KEY_HEADER
 DOWN_MESSAGE = "Triton is not serving right now (restarting, or stopped); retry shortly"
 
 

@@ -34,13 +34,16 @@ def test_triton_binds_localhost_by_default(tmp_path):
     cmd, _ = server.command()
     for endpoint in ("http", "grpc", "metrics"):
         assert f"--{endpoint}-address=127.0.0.1" in cmd
-    # Explicit mode loads only the client-facing model (and what it composes); the model-repository API
-    # (load/unload) sits behind a random key nobody is given, on both protocols.
+    # Explicit mode loads only the client-facing model (and what it composes); shared memory, the model
+    # repository, trace and logging sit behind a random key nobody is given, statistics behind the
+    # operator key, on both protocols.
     assert "--model-control-mode=explicit" in cmd and "--load-model=boot_txt2img" in cmd
-    for flag in ("--http-restricted-api=model-repository:boot-admin-key=",
-                 "--grpc-restricted-protocol=model-repository:boot-admin-key="):
-        keys = [a[len(flag):] for a in cmd if a.startswith(flag)]
-        assert len(keys) == 1 and len(keys[0]) == 32
+    for option in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        closed = option + "shared-memory,model-repository,trace,logging:boot-operator-key="
+        keys = [a[len(closed):] for a in cmd if a.startswith(closed)]
+        assert len(keys) == 1 and len(keys[0]) >= 32 and keys[0] != server.operator_key
+        assert f"{option}statistics:boot-operator-key={server.operator_key}" in cmd
+    assert TritonServer(tmp_path).operator_key != server.operator_key  # a key per server
 
 
 def test_serve_cli_defaults_and_warns_on_a_public_address(tmp_path):

@@ -312,7 +312,7 @@ def _batching(server) -> tuple[str, ...]:
 def test_concurrent_requests_are_batched(triton_server, reference):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
     seeds = list(range(100, 132))
-    with Client(triton_server.grpc_url, "grpc", concurrency=32) as c:
+    with Client(triton_server.grpc_url, "grpc", concurrency=32, operator_key=triton_server.operator_key) as c:
         before = {m: _stats(c, m) for m in _batching(triton_server)}
         images = c.generate_many(prompts, seeds)
         counts = _counts_since(c, before, 32)
@@ -446,7 +446,7 @@ def test_bad_request_fails_alone_among_concurrent_good_ones(triton_server, refer
     bad = {3: "", 7: "x " * 40, 11: b"\xc3\x28"}
     prompts = [bad.get(i, PROMPTS[i % 4]) for i in range(16)]
     seeds = list(range(200, 216))
-    with Client(triton_server.grpc_url, "grpc", concurrency=16) as c:
+    with Client(triton_server.grpc_url, "grpc", concurrency=16, operator_key=triton_server.operator_key) as c:
         first = _batching(triton_server)[0] if _onehop(triton_server) else "preprocess"  # where requests are checked
         before = {first: _stats(c, first)}
         results = c.generate_many(prompts, seeds, return_errors=True)
@@ -540,7 +540,7 @@ def test_serve_cli_starts_prints_endpoints_and_stops_on_sigterm(exported_reposit
 # --------------------------------------------------------------------------------------------
 # Load: 64 concurrent requests from 8 clients (slow; prints the numbers)
 # --------------------------------------------------------------------------------------------
-def run_load(url: str, models: tuple[str, ...], clients: int = 8, per_client: int = 8) -> dict:
+def run_load(url: str, models: tuple[str, ...], operator_key: str, clients: int = 8, per_client: int = 8) -> dict:
     """`clients` gRPC clients (one thread each), each with `per_client` requests in flight at
     once (async_infer); per-request latency from send to callback."""
     import tritonclient.grpc as grpcclient
@@ -570,7 +570,7 @@ def run_load(url: str, models: tuple[str, ...], clients: int = 8, per_client: in
             for _ in range(per_client):
                 done.acquire()
 
-    with Client(url, "grpc") as c:
+    with Client(url, "grpc", operator_key=operator_key) as c:  # the key opens Triton's statistics
         c.generate(PROMPTS, SEEDS)  # warm-up
         before = {m: _stats(c, m) for m in models}
         threads = [threading.Thread(target=one_client, args=(k,)) for k in range(clients)]
@@ -591,7 +591,7 @@ def run_load(url: str, models: tuple[str, ...], clients: int = 8, per_client: in
 
 @pytest.mark.slow
 def test_64_concurrent_requests_from_8_clients(triton_server):
-    result = run_load(triton_server.grpc_url, _batching(triton_server))
+    result = run_load(triton_server.grpc_url, _batching(triton_server), triton_server.operator_key)
     print(f"\n{json.dumps(result)}")
     assert result["requests"] == 64 and result["failed"] == 0, result["errors"]
     for m in _batching(triton_server):
