@@ -69,6 +69,9 @@ TIME_COND_PROJ_DIM = 2 * EMBED_DIM
 GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # "sinusoid": w in [0, 16] spans the same range as t in [0, 1000]
 # A "diffusers-guidance" UNet's t weights A_t, beside its diffusers weights in unet/ (diffusers never reads them).
 TIME_WEIGHTS = "boot_time_condition.safetensors"
+# unet/config.json key naming the conditioning kind the weights were saved in (diffusers ignores "_" keys), so a
+# folder whose boot.json records another kind is refused at load (load_student_unet).
+SAVED_CONDITIONING_KEY = "_boot_conditioning"
 # E(w - 1) holds sinusoids of w from 0.1 to 1000 rad per unit of w; the "sinusoid" features stop at 62.5
 # (GUIDANCE_EMBED_SCALE). A band-limited student trains only E's columns up to this frequency and keeps
 # the faster ones at exactly 0, so diffusers' plain cond_proj still computes it.
@@ -386,6 +389,7 @@ def _save_plain_student_unet(unet: nn.Module, folder: str | Path) -> None:
 
     emb = unet.time_embedding
     proj = emb.cond_proj
+    unet.register_to_config(**{SAVED_CONDITIONING_KEY: unet_conditioning(unet)})
     if not isinstance(proj, GuidanceTimeProjection):
         unet.save_pretrained(folder, safe_serialization=True)
         return
@@ -400,24 +404,64 @@ def _save_plain_student_unet(unet: nn.Module, folder: str | Path) -> None:
               str(Path(folder) / TIME_WEIGHTS))
 
 
-def load_student_unet(folder: str | Path, kind: str) -> nn.Module:
-    """A student's UNet from `folder` (its unet/ directory) as save_student_unet wrote it, ready for Student."""
+def check_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> None:
+    """ValueError, one line naming the mismatch, unless the UNet folder `folder` holds weights of the conditioning
+    `kind` (and `guidance_band`) its boot.json records: the time_cond_proj_dim of a student, the kind its
+    config.json says they were saved in (SAVED_CONDITIONING_KEY, where present), and TIME_WEIGHTS beside them
+    exactly when the kind is "diffusers-guidance". From the config files alone, before any weight is read."""
+    import json
+
+    folder = Path(folder)
+    said = f"boot.json records a {kind!r} conditioning, but {folder}"
+    if kind not in CONDITIONINGS:
+        raise ValueError(f"boot.json conditioning kind {kind!r} is not one of {CONDITIONINGS}")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config and config.get("time_cond_proj_dim") != TIME_COND_PROJ_DIM:
+        raise ValueError(f"{said}/config.json has time_cond_proj_dim {config.get('time_cond_proj_dim')} (a student's "
+                         f"is {TIME_COND_PROJ_DIM}): not a BOOT student's UNet")
+    saved_as = config.get(SAVED_CONDITIONING_KEY)
+    if saved_as is not None and saved_as != kind:
+        raise ValueError(f"{said} holds weights saved as a {saved_as!r} student ({SAVED_CONDITIONING_KEY} in its "
+                         "config.json): the record does not match the weights")
+    has_time_weights = (folder / TIME_WEIGHTS).is_file()
+    if kind == DEFAULT_CONDITIONING and not has_time_weights:
+        raise ValueError(f"{said} lacks {TIME_WEIGHTS}, the t weights of that kind (weights of a "
+                         f"{LEGACY_CONDITIONING!r} student, or a conversion left unfinished): the record does not "
+                         "match the weights")
+    if kind == LEGACY_CONDITIONING and has_time_weights:
+        raise ValueError(f"{said} holds {TIME_WEIGHTS}, the t weights of a {DEFAULT_CONDITIONING!r} student: "
+                         "the record does not match the weights")
+    if guidance_band and kind != DEFAULT_CONDITIONING:
+        raise ValueError(f"boot.json records a guidance band {guidance_band:g} for a {kind!r} conditioning, "
+                         f"which has none (only {DEFAULT_CONDITIONING!r} students are band-limited)")
+
+
+def load_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> nn.Module:
+    """A student's UNet from `folder` (its unet/ directory) as save_student_unet wrote it, ready for Student.
+    Weights that are not of the conditioning `kind` (and `guidance_band`) boot.json records are refused with a
+    ValueError naming the mismatch (check_student_unet; a band-limited student's guidance weights above its band
+    must be 0), rather than loaded and run with the wrong features."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    check_student_unet(folder, kind, guidance_band)
     unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
     if kind == LEGACY_CONDITIONING:
         return unet
     weight = unet.time_embedding.cond_proj.weight.detach().clone()
+    if guidance_band:
+        fast = guidance_frequencies(weight.shape[1]) > guidance_band
+        if bool(weight[:, fast].ne(0).any()):
+            raise ValueError(f"boot.json records a guidance band of {guidance_band:g} rad per unit of w, but the "
+                             f"guidance weights in {folder} use E(w - 1)'s columns above it: the record does not match "
+                             "the weights")
     add_condition_projection(unet, kind)
     with torch.no_grad():
         unet.time_embedding.cond_proj.weight.copy_(weight)
-        if (folder / TIME_WEIGHTS).is_file():
-            unet.time_embedding.cond_proj.time_weight.copy_(
-                load_file(str(folder / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"])
-        else:
-            raise FileNotFoundError(f"{folder} lacks {TIME_WEIGHTS}, the t weights of a {kind!r} student")
+        unet.time_embedding.cond_proj.time_weight.copy_(
+            load_file(str(folder / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"])
     return unet
 
 
@@ -483,8 +527,13 @@ class Student(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.parameterization = parameterization
-        self.conditioning = unet_conditioning(unet)  # the kind its condition projection was built for
         self.register_buffer("time_ids", time_ids, persistent=False)  # SDXL's (6,) add_time_ids, else None
+
+    @property
+    def conditioning(self) -> str:
+        """The kind its condition projection is now (read from the UNet at every call, so that a UNet converted in
+        place, boot.convert_conditioning, is never fed the features of the kind it was before)."""
+        return unet_conditioning(self.unet)
 
     @property
     def update_scale(self) -> float:

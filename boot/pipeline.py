@@ -70,6 +70,7 @@ class BootPipeline(ChunkedCall):
             Student,
             load_student_unet,
             recorded_conditioning,
+            recorded_guidance_band,
             recorded_parameterization,
             unet_input_timestep,
         )
@@ -91,7 +92,8 @@ class BootPipeline(ChunkedCall):
         conditioning = recorded_conditioning(meta)
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"boot.json conditioning kind {conditioning!r} is not one of {CONDITIONINGS}")
-        unet = load_student_unet(folder / "unet", conditioning).requires_grad_(False)
+        # weights whose form is not the recorded conditioning are refused here, never run (one-line ValueError)
+        unet = load_student_unet(folder / "unet", conditioning, recorded_guidance_band(meta)).requires_grad_(False)
         student = Student(unet, schedule, meta["prediction_type"], parameterization, sdxl.student_time_ids(meta, unet))
         generator = OneStepGenerator(student).eval().to(device=device, dtype=dtype)
         vae = None

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from boot import method as boot
@@ -124,16 +126,23 @@ def convert_student(folder: Path, out: Path) -> dict:
         stored = f.get_slice("time_embedding.cond_proj.weight").get_dtype()
     if stored == "F16":  # stored as it was (the shipped student's weights are fp16)
         unet.half()
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("unet"))
-    boot.save_student_unet(unet, out / "unet")
-    meta["conditioning"] = {**boot.conditioning_record(boot.DEFAULT_CONDITIONING),
-                            "converted_from": {**meta.get("conditioning", {}), "kind": boot.LEGACY_CONDITIONING,
-                                               "fit": fit}}
-    (out / STUDENT_META).write_text(json.dumps(meta, indent=1))
-    teacher_sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    write_student_files(out, folder, teacher_sched)
+    # Written under a temporary name and renamed into place: `out` is never a half-converted folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("unet"), dirs_exist_ok=True)
+        boot.save_student_unet(unet, tmp / "unet")
+        meta["conditioning"] = {**boot.conditioning_record(boot.DEFAULT_CONDITIONING),
+                                "converted_from": {**meta.get("conditioning", {}), "kind": boot.LEGACY_CONDITIONING,
+                                                   "fit": fit}}
+        (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
+        teacher_sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        write_student_files(tmp, folder, teacher_sched)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return fit
 
 

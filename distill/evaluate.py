@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,11 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
+    if args.guidance_sweep is not None and (not args.guidance_sweep or args.sweep_steps < 1):
+        p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
+    student = None
+    if args.student:  # loaded first: a folder that cannot be loaded is refused before anything is scored
+        try:
+            student = StudentGenerator(args.student)
+        except (OSError, ValueError) as err:
+            from boot.folders import describe_error
+
+            print(f"error: cannot load the student from {args.student}: {describe_error(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.guidance_sweep is not None:
-        if not args.guidance_sweep or args.sweep_steps < 1:
-            p.error("--guidance-sweep needs at least one scale and --sweep-steps >= 1")
-        gens = ([StudentGenerator(args.student)] if args.student else []) + [
-            TeacherSampler(args.teacher, args.sweep_steps)]
+        gens = ([student] if student else []) + [TeacherSampler(args.teacher, args.sweep_steps)]
         captions = shapes.sample_captions(args.n, args.seed, args.split)
         guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
         print((args.out / "guidance.md").read_text())
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         images[gen.name] = imgs
         print(f"{gen.name}: accuracy {100 * res.accuracy:.1f}% (single {100 * res.single:.1f}%, "
               f"two {100 * res.two:.1f}%)", flush=True)
-    extra = ([StudentGenerator(args.student)] if args.student else []) + (
+    extra = ([student] if student else []) + (
         [ServedGenerator(args.url, args.protocol)] if args.url else [])
     for gen in extra:
         res, imgs = evaluate(gen, captions, seeds, args.guidance, reference)

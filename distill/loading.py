@@ -177,7 +177,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
         sinusoid_space)
     if init_from:
         try:
-            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning)
+            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning, guidance_band or None)
             unet.load_state_dict(trained.state_dict())
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "

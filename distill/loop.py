@@ -31,7 +31,14 @@ from distill.monitor import (
     truncate_log,
 )
 from distill.refine import final_hop_targets, image_decoder, pooled_pair
-from distill.student_folder import lineage, load_unet_weights, student_meta, update_student_meta, write_student
+from distill.student_folder import (
+    lineage,
+    load_unet_weights,
+    saved_form,
+    student_meta,
+    update_student_meta,
+    write_student,
+)
 
 # RunConfig fields a checkpoint may predate, with the value its run used.
 PREDATING = {"condition_space": "diffusers"}
@@ -43,6 +50,12 @@ def training_conditioning(cfg: config.RunConfig) -> str:
     if cfg.conditioning == boot.DEFAULT_CONDITIONING and cfg.condition_space == "sinusoid" and not cfg.init_from:
         return boot.LEGACY_CONDITIONING
     return cfg.conditioning
+
+
+def saved_pipeline(teacher: Teacher, exported: boot.Student, cfg: RunConfig, w: float):
+    """The pipeline of the exported student as its folder will hold it (saved_form): what the sample grids and
+    the validation render, so that they score the model a run writes."""
+    return make_pipeline(teacher, saved_form(exported, cfg).student, cfg, w)
 
 
 @torch.no_grad()
@@ -130,7 +143,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     if dist.main and cfg.sample_every:
         samples = Samples(teacher, sample_prompt_list(cfg, prompts), w_rec, work)
         with memory.placed(exported, dev):
-            samples.save(make_pipeline(teacher, exported, cfg, w_rec), 0)
+            samples.save(saved_pipeline(teacher, exported, cfg, w_rec), 0)
     modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
     start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
     val = None
@@ -142,7 +155,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             val = Validation(cfg, w_rec, work, start, teacher.folder, prompts)
             if start == 0:
                 with memory.placed(exported, dev):
-                    val.run(make_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
+                    val.run(saved_pipeline(teacher, exported, cfg, w_rec), 0, exported.unet)
     if dist.world > 1:
         torch.distributed.barrier()
     net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
@@ -188,7 +201,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
             if cfg.sample_every and done % cfg.sample_every == 0 and not last:
                 with memory.placed(exported, dev):
-                    value = samples.save(make_pipeline(teacher, exported, cfg, w_rec), done)
+                    value = samples.save(saved_pipeline(teacher, exported, cfg, w_rec), done)
                 tqdm.write(f"step {done}: sample PSNR vs teacher-{config.REFERENCE_STEPS} {value:.2f} dB")
                 plot_loss(log_path, work)
             validate = val is not None and (done % cfg.val_every == 0 or last)
@@ -197,7 +210,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                 checkpoint.save(ckpt_dir, done, modules, opt, meta)
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
                 with memory.placed(exported, dev):
-                    record = val.run(make_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
+                    record = val.run(saved_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)
                 tqdm.write(f"step {done}: validation {val.describe(record)} (best by {cfg.select}: "
                            f"{val.describe(val.best)} at step {val.best['step']})")
         if stop > 0:
@@ -233,7 +246,8 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
 def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples | None,
            done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
            val: Validation | None = None) -> None:
-    """Rank 0 after training: last sample grid, student folder, losses and evaluation summary."""
+    """Rank 0 after training: last sample grid, student folder, losses and evaluation summary, all of the student
+    as the folder holds it (saved_form)."""
     log_path = work / "loss.jsonl"
     plot_loss(log_path, work)
     steps, extra = done, {}
@@ -249,24 +263,15 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
             print(f"--keep best: exporting step {steps} (validation {val.describe(val.best)}, "
                   f"last step {done}: {val.describe(val.records[-1])})")
     exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
-    pipe = make_pipeline(teacher, exported, cfg, w_rec)
+    saved = saved_form(exported, cfg)  # the validation scored this same form of the kept step's weights
+    pipe = make_pipeline(teacher, saved.student, cfg, w_rec)
     psnr = samples.save(pipe, steps) if samples is not None else None
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
         "world_size": dist.world, "device": str(dist.device), "wall_time_s_this_run": round(wall, 1),
         "final_losses": losses, "sample_psnr_vs_teacher": psnr, **extra, **lineage(cfg, work, steps)},
-        exported.conditioning, boot.unet_guidance_band(exported.unet))
-    unet = exported.unet
-    if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
-        from distill import lora
-
-        meta["lora"] = {"rank": cfg.lora_rank, "target_modules": list(lora.TARGET_MODULES), "merged": True}
-        unet = lora.merged(unet)
-    if exported.conditioning != cfg.conditioning and not cfg.init_from:  # trained as a "sinusoid" student
-        fit = boot.convert_conditioning(unet, (cfg.guidance_min, cfg.guidance_max))
-        meta["conditioning"] = {**boot.conditioning_record(cfg.conditioning),
-                                "trained_as": {**boot.conditioning_record(exported.conditioning), "fit": fit}}
-    write_student(out, teacher, unet, meta, work)
+        saved.record)
+    write_student(out, teacher, saved.student.unet, meta, work)
     if done < cfg.steps:
         print(f"warning: stopped at step {done} of {cfg.steps} (--max-minutes {cfg.max_minutes})")
     print("final losses (mean of last 20 steps): " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))

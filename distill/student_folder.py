@@ -3,11 +3,14 @@ and lineage, the UNet, the teacher's parts, the diffusers pipeline files."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,10 +38,57 @@ def package_version() -> str:
         return "unknown"
 
 
+@dataclass
+class SavedForm:
+    """A student as its folder holds it: `student` reads the UNet that is written, `record` holds the boot.json
+    fields that describe that UNet ("conditioning", and "lora" for a merged LoRA student)."""
+
+    student: boot.Student
+    record: dict
+
+
+def saved_form(student: boot.Student, cfg: RunConfig) -> SavedForm:
+    """The student as write_student will write it, built beside the training modules and leaving them as they are:
+    a LoRA student's adapters merged into a plain UNet (distill.lora.merged), a SinusoidSpaceProjection as the
+    plain projection it equals (boot.to_plain_projection), and a new "diffusers-guidance" student trained as a
+    "sinusoid" one converted (boot.convert_conditioning, its fit recorded), read by a Student built on that UNet.
+
+    Everything a run scores renders this form: the sample grids, the validation that picks the --keep best step
+    and the end-of-run evaluation, and the folder is written from it, so each reports what
+    BootPipeline.from_pretrained(out) computes. Without LoRA only the time embedding is copied; every other weight
+    is shared with `student` (render the form, then drop it; do not train or move it)."""
+    record = {}
+    if cfg.lora_rank:  # W + (α/r)·B·A into a plain UNet: the folder is an ordinary student's
+        from distill import lora
+
+        record["lora"] = {"rank": cfg.lora_rank, "target_modules": list(lora.TARGET_MODULES), "merged": True}
+        unet = lora.merged(student.unet)
+    else:
+        unet = copy_time_embedding(student.unet)
+    boot.to_plain_projection(unet)  # a SinusoidSpaceProjection is saved as the GuidanceTimeProjection it equals
+    kind = boot.unet_conditioning(unet)
+    conditioning = boot.conditioning_record(kind, boot.unet_guidance_band(unet))
+    if kind != cfg.conditioning and not cfg.init_from:  # trained as a "sinusoid" student (--condition-space sinusoid)
+        fit = boot.convert_conditioning(unet, (cfg.guidance_min, cfg.guidance_max))
+        conditioning = {**boot.conditioning_record(cfg.conditioning), "trained_as": {**conditioning, "fit": fit}}
+    record["conditioning"] = conditioning
+    form = boot.Student(unet.eval(), student.schedule, student.prediction_type, student.parameterization,
+                        student.time_ids)
+    return SavedForm(form, record)
+
+
+def copy_time_embedding(unet: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `unet` with its own time embedding (where the conditioning forms differ) that shares every other
+    parameter and buffer with it."""
+    shared = {id(t): t for name, t in itertools.chain(unet.named_parameters(), unet.named_buffers())
+              if not name.startswith("time_embedding.")}
+    return copy.deepcopy(unet, shared)
+
+
 def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: int, w: float,
-                 extra: dict, conditioning: str = boot.DEFAULT_CONDITIONING,
-                 guidance_band: float | None = None) -> dict:
-    """boot.json (docs/interfaces.md "Student folder")."""
+                 extra: dict, form: dict | None = None) -> dict:
+    """boot.json (docs/interfaces.md "Student folder"); `form`: SavedForm.record of the UNet written (default:
+    a "diffusers-guidance" student's conditioning)."""
     meta = {
         "format": "boot-student/1",
         "teacher": cfg.teacher,
@@ -57,7 +107,8 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": boot.conditioning_record(conditioning, guidance_band),
+        "conditioning": boot.conditioning_record(boot.DEFAULT_CONDITIONING),
+        **(form or {}),
         "package_version": package_version(),
         **extra,
     }
