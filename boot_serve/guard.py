@@ -97,6 +97,15 @@ class Limits:
             raise ValueError(f"guard limits must be positive, got {self}")
 
 
+async def within(awaitable, seconds: float):
+    """`awaitable`'s result, or asyncio.TimeoutError after `seconds` (asyncio.timeout where Python has
+    it: no task per call, which asyncio.wait_for costs on every read and write of every request)."""
+    if hasattr(asyncio, "timeout"):  # Python >= 3.11
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 def response(status: int, message: str, close: bool = True) -> bytes:
     body = json.dumps({"error": message}).encode()
     return (f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
@@ -149,8 +158,6 @@ async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter,
     the client byte for byte (relayed[0] = True once its head is written); False when the
     connection must close."""
     head = await up.readuntil(b"\r\n\r\n")
-    client.write(head)
-    relayed[0] = True
     lines = head[:-4].split(b"\r\n")
     status = int(lines[0].split(b" ")[1])
     headers = {}
@@ -159,8 +166,18 @@ async def relay_response(up: asyncio.StreamReader, client: asyncio.StreamWriter,
         headers[name.strip().lower()] = value.strip().lower()
     keep_alive = headers.get(b"connection") != b"close"
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        client.write(head)
+        relayed[0] = True
         await drain()
         return keep_alive
+    if b"content-length" in headers and int(headers[b"content-length"]) <= CHUNK:
+        # The usual answer (an image or an error): head and body in one write, one send.
+        client.write(head + await up.readexactly(int(headers[b"content-length"])))
+        relayed[0] = True
+        await drain()
+        return keep_alive
+    client.write(head)
+    relayed[0] = True
     if b"content-length" in headers:
         left = int(headers[b"content-length"])
         while left:
@@ -359,7 +376,7 @@ class Guard:
         (None: asyncio.TimeoutError, a silent close)."""
         timeout = self.limits.idle_timeout if deadline is None else deadline - time.monotonic()
         try:
-            return await asyncio.wait_for(reader.read(CHUNK), max(timeout, 0.0))
+            return await within(reader.read(CHUNK), max(timeout, 0.0))
         except asyncio.TimeoutError:
             if refusal is None:
                 raise
@@ -456,7 +473,7 @@ class Guard:
         return "{}:{}".format(*self.upstream) if self.upstream else "tritonserver"
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        await asyncio.wait_for(writer.drain(), self.limits.write_timeout)
+        await within(writer.drain(), self.limits.write_timeout)
 
     async def _forward(self, request: Request, writer, upstream: Upstream) -> bool:
         """Send one accepted request to Triton and relay its answer; False when the connection ends."""
@@ -472,7 +489,7 @@ class Guard:
                 upstream.close()
             reused = await upstream.send(address, request.data)
             try:
-                return await asyncio.wait_for(relay_response(upstream.reader, writer, request.method, relayed,
+                return await within(relay_response(upstream.reader, writer, request.method, relayed,
                                                              lambda: self._drain(writer)),
                                               self.limits.upstream_timeout)
             except (ConnectionError, asyncio.IncompleteReadError):
