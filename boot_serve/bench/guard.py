@@ -8,13 +8,16 @@ each concurrency level, --rounds rounds; each round sends --requests single-imag
 (closed loop, boot_serve.bench.loadgen) to each path in turn: HTTP through the guard, HTTP to
 Triton's own port, and the same for gRPC, so that drift in the machine's load falls on every
 path alike. Latencies are pooled over the rounds. Overhead = guarded p50 / direct p50 - 1.
-Writes report.json, report.md and latency.png (p50 per path and level) to --out.
+Also the CPU time the serve process (the guards, on their threads) spends per measured request on
+each path: unlike latency it hardly depends on what else the machine is doing. Writes report.json,
+report.md and latency.png (p50 per path and level) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,10 +43,17 @@ def _generate(url: str, protocol: str):
     return make
 
 
-class Served:
-    """The endpoints `python -m boot_serve.serve` printed: guarded and Triton's own."""
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (all its threads; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, text: str):
+
+class Served:
+    """The endpoints `python -m boot_serve.serve` printed: guarded and Triton's own; `pid` its process."""
+
+    def __init__(self, text: str, pid: int = 0):
+        self.pid = pid
         found = {name: re.search(rf"{name}\s+(\S+)\s+\(guarded; Triton's own: (\S+)\)", text)
                  for name in ("HTTP", "gRPC")}
         if not all(found.values()):
@@ -64,7 +74,7 @@ def serve(repository: str, timeout: float = 600.0):
             text += line
             if "Ctrl-C stops it." in line or time.monotonic() > deadline:
                 break
-        yield Served(text)
+        yield Served(text, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -81,18 +91,26 @@ def measure(service: Served, levels: list[int], n: int, rounds: int, warmup: int
     results = []
     for c in levels:
         pooled = {path: Series([], 0.0, []) for path in PATHS}
+        cpu = {path: [0.0, 0] for path in PATHS}  # serve-process CPU seconds, requests
         for _ in range(rounds):
             for path in PATHS:
-                s = closed_loop(_generate(*urls[path]), c, prompts, seeds, None, n, warmup, max_seconds)
+                start: list[float] = []
+                s = closed_loop(_generate(*urls[path]), c, prompts, seeds, None, n, warmup, max_seconds,
+                                between=lambda start=start: start.append(process_cpu_s(service.pid)))
+                cpu[path][0] += process_cpu_s(service.pid) - start[0]
+                cpu[path][1] += len(s.latencies_s) + len(s.errors)
                 pooled[path] = Series(pooled[path].latencies_s + s.latencies_s, pooled[path].wall_s + s.wall_s,
                                       pooled[path].errors + s.errors)
-        row = {"concurrency": c, **{path: asdict(pooled[path].summary()) for path in PATHS}}
+        row = {"concurrency": c, **{path: asdict(pooled[path].summary()) for path in PATHS},
+               "serve_cpu_ms_per_request": {path: 1e3 * used / max(k, 1) for path, (used, k) in cpu.items()}}
         for proto in ("http", "grpc"):
             guarded, direct = row[f"{proto} guarded"]["p50_ms"], row[f"{proto} direct"]["p50_ms"]
             row[f"{proto} p50 overhead"] = guarded / direct - 1
         results.append(row)
         print(f"c={c}: " + ", ".join(f"{p} p50 {row[p]['p50_ms']:.1f} ms" for p in PATHS)
-              + f"; overhead http {row['http p50 overhead']:+.1%}, grpc {row['grpc p50 overhead']:+.1%}", flush=True)
+              + f"; overhead http {row['http p50 overhead']:+.1%}, grpc {row['grpc p50 overhead']:+.1%}; serve-process "
+              + "CPU per request " + ", ".join(f"{p} {v:.2f} ms" for p, v in row["serve_cpu_ms_per_request"].items()),
+              flush=True)
     return results
 
 
@@ -117,6 +135,9 @@ def write(report: dict, out: Path) -> None:
                          f"{s['p99_ms']:.1f} | {s['images_per_s']:.2f} | {s['errors']} |")
     lines += ["", "p50 overhead of the guard: " + "; ".join(
         f"c={r['concurrency']} HTTP {r['http p50 overhead']:+.1%}, gRPC {r['grpc p50 overhead']:+.1%}"
+        for r in report["results"])]
+    lines += ["", "CPU time of the serve process (the guards) per measured request: " + "; ".join(
+        f"c={r['concurrency']} " + ", ".join(f"{p} {v:.2f} ms" for p, v in r["serve_cpu_ms_per_request"].items())
         for r in report["results"])]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
