@@ -26,9 +26,10 @@ class Batch:
         return Batch(*(x[rank * n:(rank + 1) * n] for x in dataclasses.astuple(self)))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A generator that depends only on (seed, step): resume- and world-size-invariant draws."""
-    state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step): resume- and world-size-invariant draws. `stream` > 0 gives
+    an independent one of the same step (the DMD term's draws: stream 1), leaving stream 0's batch unchanged."""
+    state = np.random.SeedSequence([seed, step, *([stream] if stream else [])]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 _PREFIX = "step-"
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(state: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for pid, pstate in state["state"].items():
         for name, value in pstate.items():
-            key = f"optim.{pid}.{name}"
+            key = f"{prefix}.{pid}.{name}"
             if torch.is_tensor(value):
                 tensors[key] = value.detach().contiguous().cpu()
             else:
@@ -33,10 +33,10 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim") -> dict:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optim."):
+        if key.startswith(f"{prefix}."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
     for key, value in meta["scalars"].items():
@@ -52,8 +52,12 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     meta: dict | None = None,
     keep: int = 2,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` ones."""
+    """Write checkpoint `step` atomically and keep only the newest `keep` ones.
+
+    `extra_optimizers` (e.g. the DMD fake model's, {"fake": opt}) are stored beside the main one, each under its
+    own prefix: tensors "optim-<name>.<param>.<state>", hyperparameters in meta.json's "optimizer-<name>"."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -63,6 +67,9 @@ def save(
     info = {"step": step, "meta": meta or {}}
     if optimizer is not None:
         opt_tensors, info["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    for name, opt in (extra_optimizers or {}).items():
+        opt_tensors, info[f"optimizer-{name}"] = _flatten_optimizer(opt.state_dict(), f"optim-{name}")
         tensors.update(opt_tensors)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
     save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -102,8 +109,10 @@ def load(
     path: str | Path,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer | None = None,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> dict:
-    """Restore modules (and optimizer) from a checkpoint folder; return its meta dict."""
+    """Restore modules (and optimizers) from a checkpoint folder; return its meta dict. An extra optimizer the
+    checkpoint does not hold (one written before it existed) is refused with a ValueError."""
     path = Path(path)
     info = json.loads((path / "meta.json").read_text())
     tensors = load_file(str(path / "tensors.safetensors"))
@@ -111,4 +120,8 @@ def load(
         module.load_state_dict(_module_part(tensors, name))
     if optimizer is not None and "optimizer" in info:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    for name, opt in (extra_optimizers or {}).items():
+        if f"optimizer-{name}" not in info:
+            raise ValueError(f"checkpoint {path} holds no optimizer {name!r}")
+        opt.load_state_dict(_unflatten_optimizer(tensors, info[f"optimizer-{name}"], f"optim-{name}"))
     return info

@@ -78,6 +78,13 @@ class RunConfig:
     val_n: int = 128  # validation captions (eval split, their own caption and noise seeds)
     keep: str = "last"  # exported weights: "last", or "best" (by the --select rule)
     select: str = "psnr"  # validation rule for --keep best (distill.selection.RULES): teacher agreement or the judge
+    # Distribution matching of the one-step image (boot.dmd, docs/ablations.md): L = L_BOOT + dmd_weight·L_DM.
+    dmd_weight: float = 0.0  # 0 = off
+    dmd_fake_updates: int = 2  # fake-model AdamW steps per student step (two time-scale update)
+    dmd_fake_lr: float = 1e-4  # the fake model's AdamW learning rate
+    dmd_t_min: float = 0.02  # t of the DMD gradient and the fake model's loss ~ U{t_min·T..t_max·T}
+    dmd_t_max: float = 0.98
+    dmd_start: int = 0  # the term (and the fake model's training) starts at this step
 
 
 # Flags left out of the resume check: they do not change the weights of step k.

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from boot import dmd as boot_dmd
 from boot import method as boot
 from distill import checkpoint, config, memory, precision
-from distill.batches import Batch, draw_batch, lr_at
+from distill.batches import Batch, draw_batch, lr_at, step_generator
 from distill.config import BOOKKEEPING, GRAMMAR, RunConfig
 from distill.distributed import Dist, all_mean
 from distill.loading import Teacher, build_student, recommended_guidance
@@ -68,7 +69,8 @@ def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float, step
             pe.lerp_(p.detach().to(pe.device), 1 - d)
 
 
-def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict, opt, scaler, dist: Dist) -> int:
+def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict, opt, scaler, dist: Dist,
+                    extra_optimizers: dict | None = None) -> int:
     """Load the newest checkpoint (--resume) or clear old ones; return the first step to run."""
     last = checkpoint.latest(ckpt_dir)
     if not resume:
@@ -89,7 +91,7 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
     if changed:
         diff = ", ".join(f"{k} {stored.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume: {diff} differ from the checkpoint {last}; use the same flags or a new --work")
-    info = checkpoint.load(last, modules, opt)
+    info = checkpoint.load(last, modules, opt, extra_optimizers)
     if scaler is not None and info["meta"].get("scaler"):
         scaler.load_state_dict(info["meta"]["scaler"])
     if dist.main:
@@ -136,6 +138,15 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
               if cfg.refine else None)
     refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
+    # 0b'. --dmd-weight > 0: the fake x0-model f_φ (a trainable copy of the teacher's UNet) and its own AdamW
+    #      (boot/dmd.py); it lives in the checkpoints beside the student ("fake", optimizer "fake").
+    fake = fake_opt = None
+    if cfg.dmd_weight > 0:
+        fake = boot_dmd.FakeX0.from_teacher(teacher_x0).to(dev)
+        fake_opt = torch.optim.AdamW(fake.unet.parameters(), lr=cfg.dmd_fake_lr, weight_decay=0.0)
+    dm_loss = boot_dmd.DistributionMatchingLoss()
+    fake_update = boot_dmd.FakeScoreUpdate(cfg.dmd_fake_updates, cfg.dmd_t_min, cfg.dmd_t_max, cfg.grad_clip)
+    extra_opts = {"fake": fake_opt} if fake_opt is not None else None
 
     # 0c. Reference images (rank 0) before any checkpoint is loaded: "student init" is step 0's student.
     #     --sample-every 0 renders none (at SD scale on a CPU the 50-step teacher grid alone takes hours).
@@ -144,8 +155,9 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         samples = Samples(teacher, sample_prompt_list(cfg, prompts), w_rec, work)
         with memory.placed(exported, dev):
             samples.save(saved_pipeline(teacher, exported, cfg, w_rec), 0)
-    modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {})}
-    start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist)
+    modules = {"unet": student.unet, **({"ema": ema.unet} if ema is not None else {}),
+               **({"fake": fake.unet} if fake is not None else {})}
+    start = resume_or_reset(cfg, args.resume, ckpt_dir, modules, opt, scaler, dist, extra_opts)
     val = None
     if dist.main:
         truncate_log(log_path, start)
@@ -183,10 +195,23 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                      loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
                              pooled_c, pooled_u))
         loss = terms["loss"].mean()
-        # 3. AdamW with clipping, then EMA.
+        # 2'. --dmd-weight: + λ·L_DM on the one-step image x̂ = g(ε, 0, c, w) (boot/dmd.py), t and n from the
+        #     step's own stream of draws.
+        dmd_on = fake is not None and step >= cfg.dmd_start
+        if dmd_on:
+            gen = step_generator(cfg.seed, step, stream=1)
+            t_dm = boot_dmd.draw_timesteps(cfg.dmd_t_min, cfg.dmd_t_max, schedule.T, len(t), gen).to(dev)
+            n_dm = torch.randn(noise.shape, generator=gen).to(dev)
+            with precision.autocast(dev, cfg.mixed_precision):
+                x_hat = net(noise, torch.zeros_like(t), cond, w, *boot.pooled_args(pooled_c))
+                dm = dm_loss(x_hat, teacher_x0, fake, cond, uncond.expand(len(t), -1, -1), w, t_dm, n_dm,
+                             pooled_c, pooled_u)
+            loss = loss + cfg.dmd_weight * dm["loss"].mean()
+        # 3. AdamW with clipping, then EMA; with DMD, then the fake model's updates on this step's x̂.
         optimizer_step(loss, opt, scaler, student.unet, kappa * lr_at(cfg, step), cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
+        fake_loss = fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c) if dmd_on else 0.0
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1
         out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
@@ -196,6 +221,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         last = done == cfg.steps or stop > 0
         if dist.main:
             record = dict(zip(("loss", "bootstrap", "boundary"), logged))
+            if fake is not None:  # this rank's values (DMD runs on one process)
+                record.update(dmd=float(dm["loss"].detach().mean()) if dmd_on else 0.0, fake=fake_loss)
             bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",
                             bc=f"{record['boundary']:.4f}")
             append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
@@ -207,7 +234,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             validate = val is not None and (done % cfg.val_every == 0 or last)
             if done % cfg.checkpoint_every == 0 or last or validate:
                 meta = {"config": dataclasses.asdict(cfg), "scaler": scaler.state_dict() if scaler else None}
-                checkpoint.save(ckpt_dir, done, modules, opt, meta)
+                checkpoint.save(ckpt_dir, done, modules, opt, meta, extra_optimizers=extra_opts)
             if validate:  # after the checkpoint: a resumed run never sees a validation of steps it redoes
                 with memory.placed(exported, dev):
                     record = val.run(saved_pipeline(teacher, exported, cfg, w_rec), done, exported.unet)

@@ -61,6 +61,8 @@ FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--grad-clip", "--delta", "--beta",
                         "--final-hop", "--refine", "--ema", "--guidance-min", "--guidance-max", "--guidance-scale",
                         "--num-prompts"),
+    "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
+                                                                  "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
                                                  "--lora-rank", "--text-states", "--ema-device", "--refine-chunk",
                                                  "--memory-budget", "--compile"),
@@ -171,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="torch.compile the training forwards (student, target, teacher) for long GPU runs; unverified there. "
            "Refused on the CPU: with torch 2.13's CPU compiler the student's gradients came out 47%% away from "
            "eager ones (tests/test_run.py::test_compiled_gradients_match_eager) (default off)")
+    a("--dmd-weight", type=float, default=d.dmd_weight,
+      help="λ: add λ·L_DM, DMD's data-free distribution-matching term on the one-step image x̂ = g(ε, 0, c, w), "
+           "to the BOOT loss: x̂ is pushed along (fake − real)/mean|x̂ − real|, the teacher's CFG x0-prediction "
+           "(real) against an online fake x0-model trained on the student's own x̂ (boot/dmd.py; docs/ablations.md); "
+           f"0 = off (default {d.dmd_weight:g})")
+    a("--dmd-fake-updates", type=int, default=d.dmd_fake_updates,
+      help=f"with --dmd-weight: fake-model AdamW steps per student step (default {d.dmd_fake_updates})")
+    a("--dmd-fake-lr", type=float, default=d.dmd_fake_lr,
+      help=f"with --dmd-weight: the fake model's AdamW learning rate (default {d.dmd_fake_lr:g})")
+    a("--dmd-t-range", type=float, nargs=2, default=(d.dmd_t_min, d.dmd_t_max), metavar=("MIN", "MAX"),
+      help="with --dmd-weight: t of the DMD gradient and of the fake model's loss, uniform in [MIN·T, MAX·T] "
+           f"(fractions of the teacher's T) (default {d.dmd_t_min:g} {d.dmd_t_max:g})")
+    a("--dmd-start", type=int, default=d.dmd_start,
+      help=f"with --dmd-weight: the first step the term (and the fake model's training) runs (default {d.dmd_start})")
     a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
     a("--checkpoint-every", type=int, help=f"steps between checkpoints {preset_help('checkpoint_every')}")
     a("--sample-every", type=int,
@@ -219,6 +235,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
         keep=keep, select=args.select,
+        dmd_weight=args.dmd_weight, dmd_fake_updates=args.dmd_fake_updates, dmd_fake_lr=args.dmd_fake_lr,
+        dmd_t_min=args.dmd_t_range[0], dmd_t_max=args.dmd_t_range[1], dmd_start=args.dmd_start,
     )
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
@@ -253,6 +271,13 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
         (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
          "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (cfg.dmd_weight >= 0, "--dmd-weight must be >= 0"),
+        (cfg.dmd_fake_updates >= 1, "--dmd-fake-updates must be >= 1"),
+        (cfg.dmd_fake_lr > 0, "--dmd-fake-lr must be > 0"),
+        (0 < cfg.dmd_t_min <= cfg.dmd_t_max <= 1, "--dmd-t-range needs 0 < MIN <= MAX <= 1"),
+        (cfg.dmd_start >= 0, "--dmd-start must be >= 0"),
+        (cfg.dmd_weight == 0 or cfg.refine == 0,
+         "--dmd-weight needs the teacher in the loop; --refine trains on stored targets without it"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]
@@ -283,6 +308,8 @@ def main(argv: list[str] | None = None) -> Path:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
     if cfg.mixed_precision == "fp16" and dist.device.type != "cuda":
         p.error("--mixed-precision fp16 needs a CUDA device (use bf16 or no on CPU)")
+    if cfg.dmd_weight > 0 and dist.world > 1:
+        p.error("--dmd-weight runs on one process (its fake model is not synchronised across processes)")
     if cfg.compile and dist.device.type == "cpu":
         p.error("--compile is refused on the CPU: torch.compile's CPU backend gave student gradients 47% away "
                 "from eager ones here (tests/test_run.py::test_compiled_gradients_match_eager); train eagerly")
