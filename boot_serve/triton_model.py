@@ -44,11 +44,24 @@ error, and the model keeps serving. ONNX Runtime settings are the config paramet
 (comma-separated, default CPUExecutionProvider), `intra_op_thread_count` (0: ORT's default, one
 thread per physical core) and `allow_spinning` (default "0": spinning worker threads burn the
 cores that the next request or the server's other models need).
+
+Text-state cache (the one-hop boot_txt2img and the ensemble's text_encoder): a prompt's text-encoder
+outputs depend on its token ids alone (text_states; SDXL-family repositories: both tokenizers' ids give
+text_states and the pooled text_embeds; the student takes the guidance scale itself, so there are no
+unconditional states to keep), so the model keeps them in a least-recently-used table keyed by the exact
+ids, and a repeated prompt skips the text encoder (`TextStateCache`). A hit returns the arrays the miss
+computed, read-only: bit-identical states, so the image is the one the miss gave. Config parameter
+`text_cache_bytes`: the table's bound in bytes per model instance (arrays, keys and a per-entry
+allowance), default DEFAULT_TEXT_CACHE_BYTES, 0 turns the cache off. Hits, misses (rows the text encoder
+ran), evictions, entries and bytes held are Triton custom metrics on the metrics port
+(boot_text_cache_*, labels model, version, instance).
 """
 
 import json
 import math
+import threading
 import unicodedata
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +75,10 @@ except ImportError:  # imported outside a Triton stub (tests, tools)
 # below what would make tokenizing a rejected prompt cost more than serving a good one.
 MAX_PROMPT_BYTES = 4096
 GRAPHS = ("text_encoder", "boot_unet", "vae_decoder")
+# Text-state cache bound per model instance: 64 MiB hold about 2,600 prompts of the shapes student
+# (16 x 384 fp32 states, 25 KiB with key and allowance), about 280 of an SD-1.5 one (77 x 768), about 100
+# of an SDXL one.
+DEFAULT_TEXT_CACHE_BYTES = 64 << 20
 
 # boot.contract's prompt-content rule, copied (this file imports no project package);
 # tests/test_prompt_content.py holds each copy equal to its original.
@@ -184,6 +201,118 @@ def _at(i: int, n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Text-state cache
+# --------------------------------------------------------------------------------------------
+class TextStateCache:
+    """A bounded least-recently-used table of text-encoder outputs keyed by a prompt's exact token ids.
+
+    Each entry holds one prompt's output rows as owned, read-only arrays (a caller cannot change what the
+    next hit gets; a row never keeps its whole batch alive). Its size is its arrays, its key and
+    ENTRY_OVERHEAD for the table slot and the array headers; the sizes of all entries never exceed
+    `max_bytes`: the least recently used entries leave first, and an entry bigger than the bound is not
+    kept. One lock guards the table and the counters (execute may run from several threads); the text
+    encoder itself runs outside it."""
+
+    ENTRY_OVERHEAD = 1024
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"text_cache_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._entries: OrderedDict = OrderedDict()  # key -> (arrays, size)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes):
+        """The arrays stored under `key` (now the most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: bytes, rows) -> tuple:
+        """Store read-only copies of `rows` under `key`; returns what a lookup of `key` gives now (the
+        entry already there if another thread stored it first)."""
+        arrays = tuple(np.array(r, copy=True) for r in rows)
+        for a in arrays:
+            a.flags.writeable = False
+        size = sum(a.nbytes for a in arrays) + len(key) + self.ENTRY_OVERHEAD
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+            if size > self.max_bytes:
+                return arrays
+            while self.bytes + size > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self.bytes -= old
+                self.evictions += 1
+            self._entries[key] = (arrays, size)
+            self.bytes += size
+            return arrays
+
+    def count(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes}
+
+
+def text_cache_bytes(params: dict[str, str]) -> int:
+    """The config parameter `text_cache_bytes` (absent: DEFAULT_TEXT_CACHE_BYTES)."""
+    raw = params.get("text_cache_bytes", str(DEFAULT_TEXT_CACHE_BYTES)).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RuntimeError(f"parameter text_cache_bytes is {raw!r}; it must be a whole number of bytes >= 0 "
+                           "(0 turns the text-state cache off)")
+    return value
+
+
+class TextEncoder:
+    """The text encoder graph behind a TextStateCache: token ids (B, L) per input -> its outputs (B, ...).
+
+    Rows whose ids are in the cache are not run; the others run as one batch (a prompt twice in the batch
+    once) and are stored. Counted per row: a hit is a row the encoder did not run for, a miss one it ran.
+    `max_bytes` 0: every batch runs as it comes, nothing is kept or counted."""
+
+    def __init__(self, session, outputs: list[str], max_bytes: int):
+        self.session, self.outputs = session, list(outputs)
+        self.cache = TextStateCache(max_bytes) if max_bytes > 0 else None
+
+    def __call__(self, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.cache is None:
+            return dict(zip(self.outputs, self.session.run(self.outputs, ids)))
+        names = list(ids)
+        keys = [b"".join(np.ascontiguousarray(ids[name][i]).tobytes() for name in names)
+                for i in range(len(ids[names[0]]))]
+        rows = [self.cache.get(key) for key in keys]
+        todo: dict[bytes, int] = {}  # key -> its first row, in batch order
+        for i, (key, row) in enumerate(zip(keys, rows)):
+            if row is None:
+                todo.setdefault(key, i)
+        if todo:
+            first = list(todo.values())
+            outputs = self.session.run(self.outputs, {name: v[first] for name, v in ids.items()})
+            stored = {key: self.cache.put(key, [o[j] for o in outputs]) for j, key in enumerate(todo)}
+            rows = [stored[key] if row is None else row for key, row in zip(keys, rows)]
+        self.cache.count(hits=len(keys) - len(todo), misses=len(todo))
+        return {name: np.stack([row[k] for row in rows]) for k, name in enumerate(self.outputs)}
+
+
+# --------------------------------------------------------------------------------------------
 # ONNX Runtime
 # --------------------------------------------------------------------------------------------
 def session(path: Path, params: dict[str, str]):
@@ -214,6 +343,8 @@ class OneHop:
         manifest = json.loads((repository / "manifest.json").read_text())
         self.preprocess = Preprocessor(repository, manifest)
         self.sessions = {g: session(repository / manifest["graphs"][g]["path"], params) for g in GRAPHS}
+        outputs = ["text_states", "text_embeds"] if "tokenizer_2" in manifest else ["text_states"]
+        self.text_encoder = TextEncoder(self.sessions["text_encoder"], outputs, text_cache_bytes(params))
 
     def __call__(self, requests: list[tuple]) -> list[np.ndarray | Exception]:
         """(prompts, seeds, scales or None) per request -> its images (B, H, W, 3) uint8, or the
@@ -243,9 +374,7 @@ class OneHop:
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """input_ids (and input_ids_2), noise, guidance_scale (B,) -> (B, H, W, 3) uint8: the ensemble's
         three graphs (SDXL family: the text encoder also gives text_embeds, which the UNet takes)."""
-        ids = [k for k in ("input_ids", "input_ids_2") if k in batch]
-        outputs = ["text_states", "text_embeds"] if "input_ids_2" in batch else ["text_states"]
-        encoded = dict(zip(outputs, self.sessions["text_encoder"].run(outputs, {k: batch[k] for k in ids})))
+        encoded = self.text_encoder({k: batch[k] for k in ("input_ids", "input_ids_2") if k in batch})
         (latents,) = self.sessions["boot_unet"].run(["latents"], {
             "noise": batch["noise"], "guidance_scale": batch["guidance_scale"], **encoded})
         (image,) = self.sessions["vae_decoder"].run(["image"], {"latents": latents})
@@ -265,6 +394,45 @@ def _error(err: Exception):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err), code))
 
 
+class CacheMetrics:
+    """A TextStateCache's counters as Triton custom metrics (Prometheus, on the server's metrics port):
+    boot_text_cache_{hits,misses,evictions} counters, boot_text_cache_{entries,bytes} gauges, labelled
+    with the model, its version and the instance (each instance is its own process with its own cache).
+    `update()` after each execute sends what changed since the last one."""
+
+    COUNTERS = {"hits": "Prompts whose text-encoder states came from the text-state cache",
+                "misses": "Prompts the text encoder ran for (not in the text-state cache)",
+                "evictions": "Entries the text-state cache dropped to stay within its byte bound"}
+    GAUGES = {"entries": "Prompts held in the text-state cache",
+              "bytes": "Bytes the text-state cache holds (bounded by the config parameter text_cache_bytes)"}
+
+    def __init__(self, cache: TextStateCache, labels: dict[str, str]):
+        self.cache = cache
+        self.families, self.metrics = [], {}
+        for names, kind in ((self.COUNTERS, pb_utils.MetricFamily.COUNTER), (self.GAUGES, pb_utils.MetricFamily.GAUGE)):
+            for key, description in names.items():
+                family = pb_utils.MetricFamily(name=f"boot_text_cache_{key}", description=description, kind=kind)
+                self.families.append(family)
+                self.metrics[key] = family.Metric(labels=labels)
+        self.sent = dict.fromkeys(self.metrics, 0)
+
+    def update(self) -> None:
+        now = self.cache.stats()
+        for key, metric in self.metrics.items():
+            if now[key] == self.sent[key]:
+                continue
+            if key in self.COUNTERS:
+                metric.increment(float(now[key] - self.sent[key]))
+            else:
+                metric.set(float(now[key]))
+            self.sent[key] = now[key]
+
+    def close(self) -> None:
+        """Each Metric before its MetricFamily (Triton's rule for deleting them)."""
+        self.metrics.clear()
+        self.families.clear()
+
+
 class TritonPythonModel:
     """What this copy of the file serves follows from its model's name (module docstring)."""
 
@@ -273,15 +441,21 @@ class TritonPythonModel:
         self.name = config["name"]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         repository = Path(args["model_repository"]).parent
+        self.encoder = self.metrics = None
         try:
             if self.name == "boot_txt2img":
                 self.onehop = OneHop(repository, params)
+                self.encoder = self.onehop.text_encoder
             elif self.name == "preprocess":
                 self.preprocess = Preprocessor(repository, json.loads((repository / "manifest.json").read_text()))
             else:
                 self._init_graph(config, params, Path(args["model_repository"]) / args["model_version"])
         except RuntimeError as err:
             raise pb_utils.TritonModelException(f"{self.name}: {err}") from err
+        if self.encoder is not None and self.encoder.cache is not None and hasattr(pb_utils, "MetricFamily"):
+            self.metrics = CacheMetrics(self.encoder.cache, {
+                "model": self.name, "version": str(args["model_version"]),
+                "instance": str(args.get("model_instance_name", ""))})
 
     def _init_graph(self, config: dict, params: dict[str, str], version: Path) -> None:
         # Per-request dims as the graph sees them: `reshape` where the config has one.
@@ -289,13 +463,24 @@ class TritonPythonModel:
                        for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         self.session = session(version / params.get("onnx_file", "model.onnx"), params)
+        if self.name == "text_encoder":
+            self.encoder = TextEncoder(self.session, self.outputs, text_cache_bytes(params))
 
     def execute(self, requests):
         if self.name == "boot_txt2img":
-            return self._execute_onehop(requests)
-        if self.name == "preprocess":
-            return self._execute_preprocess(requests)
-        return self._execute_graph(requests)
+            responses = self._execute_onehop(requests)
+        elif self.name == "preprocess":
+            responses = self._execute_preprocess(requests)
+        else:
+            responses = self._execute_graph(requests)
+        if self.metrics is not None:
+            self.metrics.update()
+        return responses
+
+    def finalize(self):
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _execute_onehop(self, requests):
         results = self.onehop([(_input(r, "PROMPT"), _input(r, "SEED"), _input(r, "GUIDANCE_SCALE"))
@@ -323,7 +508,11 @@ class TritonPythonModel:
             feeds[name] = np.concatenate([p.reshape(p.shape[0], *dims) for p in parts])  # (sum B, *dims)
             sizes = [p.shape[0] for p in parts]
         try:
-            outputs = self.session.run(self.outputs, feeds)
+            if self.encoder is not None:
+                encoded = self.encoder(feeds)
+                outputs = [encoded[name] for name in self.outputs]
+            else:
+                outputs = self.session.run(self.outputs, feeds)
         except Exception as err:  # noqa: BLE001 - reported to every request of the batch
             error = pb_utils.TritonError(f"{self.name}: ONNX Runtime failed on a batch of {sum(sizes)}: {err}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]

@@ -41,6 +41,9 @@ Every Python-backend model runs the same source, boot_serve/triton_model.py, cop
 preprocess -> text_encoder -> boot_unet -> vae_decoder. preprocess is the only step that
 rejects requests, and no other step holds a request while it does (Triton 2.51 mishandles a
 request failed by one of two parallel ensemble steps: hangs, reads of freed inputs).
+In the CPU variants the model that runs the text encoder (cpu-onehop: boot_txt2img, cpu-ensemble:
+text_encoder) keeps a text-state cache, so a repeated prompt skips the text encoder: config parameter
+`text_cache_bytes` (--text-cache-bytes, bytes per instance, default TEXT_CACHE_BYTES, 0 = off).
 
 The configs are generated from manifest.json (concrete dims, so that clients see H, W in the
 model metadata and TensorRT gets its profiles) as ModelConfig protobufs, so an invalid field
@@ -83,6 +86,11 @@ CPU_QUEUE_DELAY_US = dict.fromkeys(QUEUE_DELAY_US, 0)
 # batch of 8 took 6 to 8 times as long as a batch of 1 (ONNX Runtime, shipped student, 2 shared CPU cores).
 ONEHOP_INSTANCES = 2
 MODEL_SOURCE = Path(__file__).resolve().parent / "triton_model.py"  # every Python model's 1/model.py
+# Bound of the text-state cache of each Python model that runs the text encoder (the one-hop boot_txt2img,
+# the CPU ensemble's text_encoder), bytes per instance; 0 = off. Equal to triton_model.DEFAULT_TEXT_CACHE_BYTES
+# (tests/test_text_cache.py), which that file cannot import from here.
+TEXT_CACHE_BYTES = 64 << 20
+TEXT_MODELS = (ENSEMBLE, "text_encoder")  # where the CPU variants keep the cache
 # gpu variant: ONNX Runtime's TensorRT engines and timing cache live here, on a volume that outlives the
 # container (deploy/kubernetes/deployment.yaml mounts one): /tmp would rebuild every engine on every restart.
 TRT_CACHE_DIR = "/var/cache/boot/trt"
@@ -182,13 +190,16 @@ def resolve_variant(variant: str) -> str:
     return variant
 
 
-def _python_cpu(instances: int, onnx_params: bool) -> dict:
-    """Config fields of a Python-backend model on the CPU; the ONNX Runtime settings where it runs graphs."""
+def _python_cpu(instances: int, onnx_params: bool, text_cache_bytes: int | None = None) -> dict:
+    """Config fields of a Python-backend model on the CPU; the ONNX Runtime settings where it runs graphs,
+    the text-state cache bound where it runs the text encoder."""
     cfg: dict = {"backend": "python", "instance_group": [{"kind": "KIND_CPU", "count": instances}]}
     if onnx_params:
         cfg["parameters"] = {"onnx_file": {"string_value": "model.onnx"},
                              "providers": {"string_value": "CPUExecutionProvider"},
                              "intra_op_thread_count": {"string_value": "0"}}
+    if text_cache_bytes is not None:
+        cfg["parameters"]["text_cache_bytes"] = {"string_value": str(int(text_cache_bytes))}
     return cfg
 
 
@@ -202,11 +213,13 @@ def _guidance_parameters(manifest: dict) -> dict:
                                                          ("guidance_scale", w))}
 
 
-def _onehop_config(manifest: dict, batch: int, instances: int, delay_us: int) -> dict:
+def _onehop_config(manifest: dict, batch: int, instances: int, delay_us: int,
+                   text_cache_bytes: int = TEXT_CACHE_BYTES) -> dict:
     """boot_txt2img as one Python model serving the whole request (cpu-onehop)."""
     inputs, outputs = _signatures(manifest)[ENSEMBLE]
     cfg = {"name": ENSEMBLE, "max_batch_size": batch, "input": inputs, "output": outputs,
-           **_python_cpu(instances, onnx_params=True), "dynamic_batching": {"max_queue_delay_microseconds": delay_us}}
+           **_python_cpu(instances, onnx_params=True, text_cache_bytes=text_cache_bytes),
+           "dynamic_batching": {"max_queue_delay_microseconds": delay_us}}
     params = cfg["parameters"]
     del params["onnx_file"]  # the graphs are the composing models' files, paths from manifest.json "graphs"
     params.update(_guidance_parameters(manifest))
@@ -241,7 +254,8 @@ def check_plan_version(manifest: dict, serving_tensorrt: str) -> None:
 def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | None = None,
                   queue_delay_us: dict[str, int] | None = None, instances: int | None = None,
                   gpus: tuple[int, ...] | None = None, trt_cache_dir: str = TRT_CACHE_DIR,
-                  serving_tensorrt: str = SERVING_TENSORRT[SERVING_IMAGE]) -> dict:
+                  serving_tensorrt: str = SERVING_TENSORRT[SERVING_IMAGE],
+                  text_cache_bytes: int = TEXT_CACHE_BYTES) -> dict:
     """ModelConfig protobufs of every model of the repository, by name.
 
     `instances`: instance_group count, i.e. copies of each model per device (None: ONEHOP_INSTANCES
@@ -250,7 +264,9 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
     instance_group `gpus`); None = every GPU the server sees. `queue_delay_us`: per model name
     (cpu-onehop: the key boot_txt2img sets its delay). `trt_cache_dir` (gpu): where ONNX Runtime keeps
     TensorRT engines and its timing cache. `serving_tensorrt` (tensorrt): the server's TensorRT
-    major.minor; plans from another version are refused (check_plan_version).
+    major.minor; plans from another version are refused (check_plan_version). `text_cache_bytes` (cpu
+    variants): bound of the text-state cache of the model that runs the text encoder, bytes per instance,
+    0 = off (boot_serve/triton_model.py).
     """
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2
@@ -260,6 +276,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
     instances = 1 if instances is None else instances
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
+    if int(text_cache_bytes) < 0:
+        raise ValueError(f"text_cache_bytes must be >= 0 (0: no text-state cache), got {text_cache_bytes}")
     if any(int(v) < 0 for v in (queue_delay_us or {}).values()):
         raise ValueError(f"queue delays must be >= 0 microseconds, got {queue_delay_us}")
     if gpus is not None and (variant in CPU_VARIANTS or not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
@@ -286,7 +304,7 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
     for name, (inputs, outputs) in _signatures(manifest).items():
         cfg: dict = {"name": name, "max_batch_size": batch, "input": inputs, "output": outputs}
         if name == ENSEMBLE and variant == ONEHOP:
-            cfg = _onehop_config(manifest, batch, onehop_instances, int(delays[ENSEMBLE]))
+            cfg = _onehop_config(manifest, batch, onehop_instances, int(delays[ENSEMBLE]), text_cache_bytes)
         elif name == ENSEMBLE:
             # Batching happens in each composing model: the ensemble forwards every request.
             steps = _ensemble_steps(sdxl="text_embeds_size" in manifest)
@@ -294,7 +312,8 @@ def model_configs(manifest: dict, variant: str = "cpu", max_batch_size: int | No
             if params := _guidance_parameters(manifest):
                 cfg["parameters"] = params
         elif name in PYTHON_MODELS or cpu:
-            cfg.update(_python_cpu(instances, onnx_params=name in HEAVY_MODELS))
+            cfg.update(_python_cpu(instances, onnx_params=name in HEAVY_MODELS,
+                                   text_cache_bytes=text_cache_bytes if name in TEXT_MODELS else None))
         elif variant == "gpu":
             trt = {**_trt_precision(manifest, name), "max_workspace_size_bytes": str(4 << 30),
                    "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"{trt_cache_dir}/{name}",
@@ -460,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serving-tensorrt", default=SERVING_TENSORRT[SERVING_IMAGE],
                    help="tensorrt variant: TensorRT major.minor of the server that loads the plans (default: that "
                         f"of nvcr.io/nvidia/tritonserver:{SERVING_IMAGE}-py3); plans built by another are refused")
+    p.add_argument("--text-cache-bytes", type=int, default=TEXT_CACHE_BYTES,
+                   help="cpu variants: bound of the text-state cache (a repeated prompt skips the text encoder) in "
+                        "bytes per instance of the model that runs the text encoder; 0 turns it off")
     p.add_argument("--shapes-defaults", action="store_true",
                    help="no manifest needed: use the shipped shapes student's dims (regenerates the committed configs)")
     args = p.parse_args(argv)
@@ -467,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = SHAPES_MANIFEST if args.shapes_defaults else read_manifest(args.repository)
         files = write_configs(args.repository, args.variant, manifest, max_batch_size=args.max_batch_size,
                               instances=args.instances, gpus=args.gpus, trt_cache_dir=args.trt_cache_dir,
-                              serving_tensorrt=args.serving_tensorrt,
+                              serving_tensorrt=args.serving_tensorrt, text_cache_bytes=args.text_cache_bytes,
                               queue_delay_us=None if args.queue_delay_us is None
                               else dict.fromkeys((ENSEMBLE, *QUEUE_DELAY_US), args.queue_delay_us))
     except (RepositoryError, ValueError) as err:

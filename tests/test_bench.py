@@ -94,6 +94,10 @@ def test_served_levels_are_consistent(run, variant):
             assert 1 <= s["mean_batch"] <= r["concurrency"], model
         # Server-side time of a request cannot exceed what the client waited for it.
         assert server["boot_txt2img"]["total_ms"] <= lat.mean() * 1.001
+        # The text-state cache looked up each measured request's prompt once (its metrics, warm-up excluded).
+        assert r["text_cache"]["hits"] + r["text_cache"]["misses"] == REQUESTS
+    if variant == "cpu-ensemble":  # one cache (cpu-onehop: one per instance, and either may get a prompt)
+        assert served[-1]["text_cache"]["hit_rate"] == 1.0  # --prompts cycle: every prompt was sent before
 
 
 def test_pipelines_and_headlines(run, exported_repository):
@@ -136,6 +140,7 @@ def test_pipelines_and_headlines(run, exported_repository):
         overhead = bench.headline(report, "serving_overhead_c1", v)
         ratio = bench.headline(report, "throughput_ratio", v)
         assert ab["served"][v]["count"] == REQUESTS
+        assert ab["served"][v]["text_cache"]["hits"] + ab["served"][v]["text_cache"]["misses"] == REQUESTS
         assert overhead["value"] == pytest.approx(ab["served"][v]["p50_ms"] / p50["floor"] - 1)
         assert overhead["met"] == (overhead["value"] <= 0.10)
         assert ratio["value"] == pytest.approx(served[3]["images_per_s"] / served[1]["images_per_s"])
@@ -237,6 +242,26 @@ def test_closed_loop_reports_setup_failure():
 
     with pytest.raises(bench.BenchError, match="refused"):
         bench.closed_loop(broken, 2, ["p"], [1], None, n=3, warmup=0, max_seconds=5)
+
+
+def test_unique_prompts_are_never_sent_twice():
+    levels, n, warmup = 3, 5, 2
+    prompts = [f"p{i}" for i in range(bench.prompts_needed("unique", levels, n, warmup))]
+    seeds = list(range(len(prompts)))
+    sent = []
+    for k in range(levels + 1):  # each level, then the interleaved run
+        run_prompts, run_seeds, offset = bench.run_prompts("unique", prompts, seeds, k, n, warmup)
+        calls, lock = [], threading.Lock()
+
+        def gen(p, s, g, calls=calls, lock=lock):
+            with lock:
+                calls.append(p[0])
+
+        bench.closed_loop(lambda gen=gen: nullcontext(gen), 2, run_prompts, run_seeds, None, n, warmup, 30,
+                          measured_offset=offset)
+        sent += calls
+    assert len(sent) == (levels + 1) * (n + warmup) == len(set(sent))
+    assert bench.run_prompts("cycle", prompts[:n], seeds[:n], 2, n, warmup) == (prompts[:n], seeds[:n], 0)
 
 
 def test_interleaved_alternates_blocks():

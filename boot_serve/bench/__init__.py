@@ -21,6 +21,11 @@ What is measured (wall times with time.perf_counter, always after a warm-up that
      queues, every model of the ensemble). Throughput = completed images / wall time of the level.
      Triton's own statistics, the difference over the measured part of the level, split each
      model's time into queue (waiting for the dynamic batcher / a free instance) and compute.
+     The text-state cache's hits and misses over the level (the server's Prometheus metrics
+     boot_text_cache_*, CPU variants) give its hit rate. Prompts (--prompts): `cycle` sends the
+     same list in every level, so after the first pass each prompt is a cache hit; `unique` sends
+     each level (and the interleaved run below) prompts the server has not seen, warm-up included:
+     every request misses, which measures the text encoder's full cost.
   2. compute floor: the same requests through OnnxPipeline in this process: the text encoder,
      student and VAE-decoder graphs of --repository in ONNX Runtime with the server's session
      settings, batch 1, no server. This is what a request costs on the serving runtime with
@@ -56,10 +61,13 @@ from boot_serve.access import new_key
 from boot_serve.bench.loadgen import FIRST_SEED, PROMPT_OFFSET, BenchError
 from boot_serve.bench.machine import hardware, load_average, server_metadata, versions
 from boot_serve.bench.measure import (
+    PROMPT_MODES,
     bench_overhead,
     bench_pipeline,
     bench_server,
     floor_pipeline,
+    prompts_needed,
+    run_prompts,
     server_session_settings,
     teacher_rounds,
 )
@@ -122,6 +130,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="warm-up requests before each level and each pipeline, not measured (default 8)")
     p.add_argument("--max-seconds", type=_positive(float), default=60.0,
                    help="time bound of each measured run; no new request after it (default 60)")
+    p.add_argument("--prompts", choices=PROMPT_MODES, default="cycle",
+                   help="cycle: one list of prompts in every level (a repeated prompt is a text-state cache hit); "
+                        "unique: no prompt is sent twice to a server (every request a cache miss)")
+    p.add_argument("--metrics-url", default=None,
+                   help="with --url: the server's Prometheus endpoint (http://host:8002/metrics), read for the "
+                        "text-state cache's hit rate (servers started by --variants: their own)")
     p.add_argument("--ab-block", type=_positive(int), default=8,
                    help="block size of the interleaved floor / served-at-concurrency-1 run (default 8)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
@@ -160,8 +174,16 @@ def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, li
     if student_dir is not None and not (student_dir / "boot.json").is_file():
         log(f"[bench] no student folder at {student_dir}: the PyTorch comparison uses the ONNX floor instead")
         student_dir = None
-    n_prompts = max(args.requests, args.warmup, 1)
-    from boot_serve.prompts import example_prompts
+    n_prompts = prompts_needed(args.prompts, len(args.concurrency), args.requests, args.warmup)
+    from boot_serve.prompts import distinct_example_prompts, example_prompts
+
+    if args.prompts == "unique":
+        try:
+            prompts = distinct_example_prompts(n_prompts, PROMPT_OFFSET)
+        except ValueError as err:
+            raise BenchError(f"--prompts unique needs {n_prompts} different prompts ((levels + 1) x (--warmup + "
+                             f"--requests)): {err}; lower --requests or --warmup") from None
+        return manifest, guidance, student_dir, prompts, [FIRST_SEED + i for i in range(n_prompts)]
 
     prompts = example_prompts(n_prompts, PROMPT_OFFSET)
     return manifest, guidance, student_dir, prompts, [FIRST_SEED + i for i in range(n_prompts)]
@@ -196,6 +218,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
     with servers_cm as started:
         urls = {v: (s.http_url if args.protocol == "http" else s.grpc_url) if s is not None else args.url
                 for v, s in started.items()}
+        metrics_urls = {v: s.metrics_url if s is not None else args.metrics_url for v, s in started.items()}
         floor_repo = next(iter(started.values())).repository if args.variants else args.repository
         # 1. served, over the concurrency sweep, one variant after the other
         servers = []
@@ -204,18 +227,21 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
             servers.append({"variant": variant, "url": url,
                             "served": bench_server(url, args.protocol, args.concurrency, prompts, seeds, guidance,
                                                    args.requests, args.warmup, args.max_seconds, log,
-                                                   operator_key)})
+                                                   operator_key, args.prompts, metrics_urls[variant])})
         # 2. compute floor: ONNX Runtime in-process, interleaved with every server at concurrency 1
         onnx_pipe, floor_settings = floor_pipeline(floor_repo, args.threads)
-        ab = bench_overhead(urls, args.protocol, onnx_pipe, prompts, seeds, guidance, args.requests, args.warmup,
-                            args.ab_block, args.max_seconds)
+        ab_prompts, ab_seeds, ab_offset = run_prompts(args.prompts, prompts, seeds, len(args.concurrency),
+                                                      args.requests, args.warmup)
+        ab = bench_overhead(urls, args.protocol, onnx_pipe, ab_prompts, ab_seeds, guidance, args.requests,
+                            args.warmup, args.ab_block, args.max_seconds, ab_offset, metrics_urls)
         server_meta = server_metadata(next(iter(urls.values())), args.protocol)
         server_settings = {m: server_session_settings(floor_repo, m) for m in floor_settings}
     del onnx_pipe
     floor = ab.pop("floor")
     ab = {"block": args.ab_block, "floor": floor, "served": ab}
     log(f"[bench] compute floor: p50 {floor['p50_ms']:.1f} ms; served at concurrency 1 in the same interleaved "
-        "run: " + ", ".join(f"{v} p50 {r['p50_ms']:.1f} ms" for v, r in ab["served"].items()))
+        "run: " + ", ".join(f"{v} p50 {r['p50_ms']:.1f} ms" + _hit_rate_note(r.get("text_cache"))
+                            for v, r in ab["served"].items()))
     pipelines = [{"key": "floor", "name": "student 1-step (compute floor)", "nfe": 1,
                   "runtime": f"ONNX Runtime {', '.join(floor_settings['boot_unet']['providers'])}, in-process",
                   "summary": floor}]
@@ -237,7 +263,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, log=print) -> d
                    "teacher": str(args.teacher) if args.teacher else None, "teacher_steps": args.teacher_steps,
                    "teacher_requests": args.teacher_requests, "guidance_scale": guidance,
                    "precision": manifest.get("precision"), "image_shape": manifest.get("image_shape"),
-                   "prompts": f"boot_serve.prompts.example_prompts(n, {PROMPT_OFFSET}), seeds {FIRST_SEED}+i"},
+                   "prompts": f"boot_serve.prompts.example_prompts(n, {PROMPT_OFFSET}), seeds {FIRST_SEED}+i",
+                   "prompt_mode": args.prompts},
         "hardware": hw, "versions": versions(), "server": server_meta,
         "threads": threads, "load_average": {"start": load_start, "end": load_average()}, "warnings": warnings,
         "headlines": headlines(servers, ab, student, teacher, args.teacher_steps, rounds["ratios"] if rounds else ()),
@@ -288,6 +315,10 @@ def _student_and_teacher(args, student_dir, prompts, seeds, guidance, pipelines:
                           "runtime": "PyTorch eager, in-process", "summary": teacher})
         log(f"[bench] teacher DDIM-{args.teacher_steps}: p50 {teacher['p50_ms']:.1f} ms")
     return student, teacher, rounds
+
+
+def _hit_rate_note(text_cache: dict | None) -> str:
+    return f" (text-cache hit rate {text_cache['hit_rate']:.2f})" if text_cache else ""
 
 
 def _torch_threads() -> int | None:

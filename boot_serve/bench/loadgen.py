@@ -86,25 +86,26 @@ class _Phase:
 
 def closed_loop(make_generator: Callable[[], ContextManager[Generate]], concurrency: int, prompts: Sequence[str],
                 seeds: Sequence[int], guidance: float | None, n: int, warmup: int, max_seconds: float,
-                between: Callable[[], None] | None = None) -> Series:
+                between: Callable[[], None] | None = None, measured_offset: int = 0) -> Series:
     """`concurrency` threads, each with its own generator from `with make_generator() as gen`
     (entered in the thread that uses it: tritonclient's HTTP client is bound to its thread), each sending one
     single-image request at a time. First `warmup` requests (not recorded), then `between()` in
     the calling thread while every worker waits (statistics snapshot), then `n` measured
     requests. Each phase stops handing out requests after `max_seconds`; requests in flight
-    finish. Request i uses prompts[i % len], seeds[i % len]."""
+    finish. Warm-up request i uses prompts[i % len], seeds[i % len]; measured request i those at
+    measured_offset + i (an offset of `warmup` sends the measured requests prompts the warm-up did not)."""
     phases = [_Phase(warmup, max_seconds), _Phase(n, max_seconds)]
     gates = [threading.Barrier(concurrency + 1) for _ in range(3)]  # ready, warmed up, measure
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[list[str]] = [[] for _ in range(concurrency)]
     setup_errors: list[str] = []
 
-    def send(gen: Generate, phase: _Phase, lat: list[float] | None, errs: list[str]) -> None:
+    def send(gen: Generate, phase: _Phase, lat: list[float] | None, errs: list[str], offset: int = 0) -> None:
         while (i := phase.take()) is not None:
-            j = i % len(prompts)
+            j = offset + i
             t0 = time.perf_counter()
             try:
-                gen([prompts[j]], [seeds[j]], guidance)
+                gen([prompts[j % len(prompts)]], [seeds[j % len(seeds)]], guidance)
             except Exception as err:  # noqa: BLE001 - counted and reported, the run goes on
                 errs.append(f"{type(err).__name__}: {err}")
                 continue
@@ -118,7 +119,7 @@ def closed_loop(make_generator: Callable[[], ContextManager[Generate]], concurre
                 send(gen, phases[0], None, [])
                 gates[1].wait()
                 gates[2].wait()
-                send(gen, phases[1], latencies[k], errors[k])
+                send(gen, phases[1], latencies[k], errors[k], measured_offset)
         except threading.BrokenBarrierError:
             pass
         except Exception as err:  # noqa: BLE001 - making the generator failed; reported by the caller

@@ -13,12 +13,33 @@ from pathlib import Path
 import numpy as np
 
 from boot_serve.bench.loadgen import BenchError, Generate, Series, closed_loop
-from boot_serve.bench.stats import settled_snapshot, snapshot, stats_delta
+from boot_serve.bench.stats import settled_snapshot, snapshot, stats_delta, text_cache_counts, text_cache_delta
 from boot_serve.triton_repo import MODELS as SERVER_MODELS
+
+PROMPT_MODES = ("cycle", "unique")
+
+
+def prompts_needed(mode: str, levels: int, n: int, warmup: int) -> int:
+    """Prompts a run needs: `cycle` reuses one list of max(n, warmup) prompts in every level and the
+    interleaved run; `unique` gives every request a prompt no earlier request of the run sent to the same
+    server: each level and the interleaved run its own warmup + n."""
+    return (levels + 1) * (warmup + n) if mode == "unique" else max(n, warmup, 1)
+
+
+def run_prompts(mode: str, prompts, seeds, k: int, n: int, warmup: int) -> tuple[list, list, int]:
+    """(prompts, seeds, measured offset) of run k (level k of the sweep; k = the number of levels: the
+    interleaved run at concurrency 1) under `mode` (prompts_needed)."""
+    if mode == "cycle":
+        return list(prompts), list(seeds), 0
+    lo, hi = k * (warmup + n), (k + 1) * (warmup + n)
+    return list(prompts[lo:hi]), list(seeds[lo:hi]), warmup
 
 
 def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds, guidance, n: int, warmup: int,
-                 max_seconds: float, log=print, operator_key: str | None = None) -> list[dict]:
+                 max_seconds: float, log=print, operator_key: str | None = None, prompt_mode: str = "cycle",
+                 metrics_url: str | None = None) -> list[dict]:
+    """The concurrency sweep. `metrics_url`: the server's Prometheus endpoint, read before and after each
+    level for the text-state cache's hits and misses (None: not reported)."""
     from boot_serve.client import Client
 
     @contextmanager
@@ -29,18 +50,28 @@ def bench_server(url: str, protocol: str, levels: Sequence[int], prompts, seeds,
     with Client(url, protocol, operator_key=operator_key) as probe:  # the key opens Triton's statistics
         probe.check()  # ServerUnavailableError with what to run, before any thread starts
         results = []
-        for c in levels:
+        for k, c in enumerate(levels):
             snaps: list[dict] = []
-            series = closed_loop(client_generate, c, prompts, seeds, guidance, n, warmup, max_seconds,
-                                 between=lambda snaps=snaps: snaps.append(snapshot(probe, SERVER_MODELS)))
+            cache: list = []
+
+            def between(snaps=snaps, cache=cache):
+                snaps.append(snapshot(probe, SERVER_MODELS))
+                cache.append(text_cache_counts(metrics_url))
+
+            level_prompts, level_seeds, offset = run_prompts(prompt_mode, prompts, seeds, k, n, warmup)
+            series = closed_loop(client_generate, c, level_prompts, level_seeds, guidance, n, warmup, max_seconds,
+                                 between=between, measured_offset=offset)
             after = settled_snapshot(probe, snaps[0], len(series.latencies_s) + len(series.errors))
             if not series.latencies_s:
                 raise BenchError(f"concurrency {c}: every request failed; first error: {series.errors[:1]}")
             s = series.summary()
+            text_cache = text_cache_delta(cache[0], text_cache_counts(metrics_url))
             log(f"[bench] served c={c}: {s.count} ok, {s.errors} failed, p50 {s.p50_ms:.1f} ms, "
-                f"p99 {s.p99_ms:.1f} ms, {s.images_per_s:.2f} images/s")
+                f"p99 {s.p99_ms:.1f} ms, {s.images_per_s:.2f} images/s"
+                + (f", text-cache hit rate {text_cache['hit_rate']:.2f}" if text_cache else ""))
             results.append({"concurrency": c, **asdict(s), "error_samples": series.errors[:5],
-                            "server": stats_delta(snaps[0], after), "latencies_ms": _ms_list(series)})
+                            "server": stats_delta(snaps[0], after), "text_cache": text_cache,
+                            "latencies_ms": _ms_list(series)})
     return results
 
 
@@ -98,13 +129,16 @@ def bench_pipeline(gen: Generate, prompts, seeds, guidance, n: int, warmup: int,
 
 
 def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, warmup: int, block: int,
-                max_seconds: float) -> dict[str, Series]:
+                max_seconds: float, measured_offset: int = 0, between=None) -> dict[str, Series]:
     """A/B(/C...) in the calling thread: `block` requests of each generator in turn, repeated
     until each has made `n` (or `max_seconds` have passed for the measured part). Request i of
-    every generator uses the same prompt and seed."""
+    every generator uses the same prompt and seed: warm-up request i those at i, measured request i
+    those at measured_offset + i (modulo the list). `between()` runs after the warm-up."""
     for gen in gens.values():
         for i in range(warmup):
             gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
+    if between is not None:
+        between()
     series = {name: Series() for name in gens}
     start = time.perf_counter()
     done = 0
@@ -112,7 +146,7 @@ def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, war
         size = min(block, n - done)
         for name, gen in gens.items():
             out = series[name]
-            for i in range(done, done + size):
+            for i in range(measured_offset + done, measured_offset + done + size):
                 t0 = time.perf_counter()
                 try:
                     gen([prompts[i % len(prompts)]], [seeds[i % len(seeds)]], guidance)
@@ -130,18 +164,27 @@ def interleaved(gens: dict[str, Generate], prompts, seeds, guidance, n: int, war
 
 
 def bench_overhead(urls: dict[str, str], protocol: str, floor_pipe: Generate, prompts, seeds, guidance, n: int,
-                   warmup: int, block: int, max_seconds: float) -> dict[str, dict]:
+                   warmup: int, block: int, max_seconds: float, measured_offset: int = 0,
+                   metrics_urls: dict[str, str | None] | None = None) -> dict[str, dict]:
     """Compute floor and every server at concurrency 1, interleaved (see `interleaved`): "floor" and
-    one entry per name of `urls`."""
+    one entry per name of `urls` (with its text-state cache's hits and misses where `metrics_urls` has
+    its Prometheus endpoint)."""
     from boot_serve.client import Client
 
+    metrics_urls = metrics_urls or {}
     with contextlib.ExitStack() as stack:
         gens = {"floor": floor_pipe}
         for name, url in urls.items():
             gens[name] = stack.enter_context(Client(url, protocol, concurrency=1)).generate
-        series = interleaved(gens, prompts, seeds, guidance, n, warmup, block, max_seconds)
-    return {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
-            for name, s in series.items()}
+        before: dict = {}
+        series = interleaved(gens, prompts, seeds, guidance, n, warmup, block, max_seconds, measured_offset,
+                             between=lambda: before.update({k: text_cache_counts(metrics_urls.get(k)) for k in urls}))
+        after = {name: text_cache_counts(metrics_urls.get(name)) for name in urls}
+    out = {name: {**asdict(s.summary()), "error_samples": s.errors[:5], "latencies_ms": _ms_list(s)}
+           for name, s in series.items()}
+    for name in urls:
+        out[name]["text_cache"] = text_cache_delta(before[name], after[name])
+    return out
 
 
 def teacher_rounds(student: Generate, teacher: Generate, prompts, seeds, guidance, rounds: int, n_student: int,

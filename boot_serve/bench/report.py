@@ -114,13 +114,22 @@ def _md_header(report: dict) -> list[str]:
 
 def _md_served(report: dict) -> list[str]:
     lines = ["## Served (Triton, closed loop, one image per request)", "",
-             "| variant | concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | concurrency | requests | errors | p50 ms | p90 ms | p99 ms | mean ms | images/s | "
+             "text-cache hit rate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for server in report["servers"]:
         for r in server["served"]:
             lines.append(f"| {server['variant']} | {r['concurrency']} | {r['count']} | {r['errors']} | "
                          f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_ms']:.1f} | "
-                         f"{r['images_per_s']:.2f} |")
+                         f"{r['images_per_s']:.2f} | {_hit_rate(r.get('text_cache'))} |")
+    mode = report["config"].get("prompt_mode", "cycle")
+    lines += ["", "Text-cache hit rate: the server's text-state cache (boot_text_cache_hits / (hits + misses) on its "
+              "metrics port, over the measured requests; a hit skips the text encoder). Prompts: "
+              + ("`unique`, no prompt sent twice to a server: every request runs the text encoder."
+                 if mode == "unique" else
+                 "`cycle`, the same list in every level: after its first pass every prompt is a hit.")
+              + " The compute floor runs the text encoder for every request, so served requests that hit can be "
+              "faster than the floor: `--prompts unique` compares like with like."]
     lines += ["", "### Inside the server (Triton statistics over each level, mean per request)", "",
               "| variant | concurrency | model | requests | mean batch | queue ms | compute ms | total ms |",
               "|---|---|---|---|---|---|---|---|"]
@@ -137,13 +146,21 @@ def _md_served(report: dict) -> list[str]:
     ab = report["overhead_ab"]
     lines += [f"### Serving overhead at concurrency 1 (interleaved in blocks of {ab['block']}: floor, "
               + ", ".join(ab["served"]) + ", floor, ...)", "",
-              "| run | requests | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
+              "| run | requests | p50 ms | p90 ms | p99 ms | mean ms | text-cache hit rate |",
+              "|---|---|---|---|---|---|---|"]
     runs = [("compute floor, ONNX Runtime in-process", ab["floor"])]
     runs += [(f"served `{name}`, concurrency 1", r) for name, r in ab["served"].items()]
     for label, r in runs:
         lines.append(f"| {label} | {r['count']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['mean_ms']:.1f} |")
+                     f"{r['mean_ms']:.1f} | {_hit_rate(r.get('text_cache')) if r is not ab['floor'] else '–'} |")
     return lines + [""]
+
+
+def _hit_rate(text_cache: dict | None) -> str:
+    if not text_cache:
+        return "not reported"
+    n = text_cache["hits"] + text_cache["misses"]
+    return f"{text_cache['hit_rate']:.2f} ({text_cache['hits']}/{n})" if n else "no lookups"
 
 
 def _md_pipelines(report: dict) -> list[str]:

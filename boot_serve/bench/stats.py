@@ -74,3 +74,43 @@ def stats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, in
                       "compute_infer_ms": per(d["compute_infer_ns"]), "total_ms": per(d["success_ns"])}
     return out
 
+
+
+# --------------------------------------------------------------------------------------------
+# The text-state cache's counters (Triton custom metrics of boot_serve/triton_model.py)
+# --------------------------------------------------------------------------------------------
+TEXT_CACHE_COUNTERS = ("hits", "misses")
+
+
+def parse_text_cache(text: str) -> dict[str, float]:
+    """boot_text_cache_hits / _misses of a Prometheus text exposition, summed over every model and
+    instance that reports them (each instance keeps its own cache)."""
+    out = dict.fromkeys(TEXT_CACHE_COUNTERS, 0.0)
+    for line in text.splitlines():
+        if not line.startswith("boot_text_cache_"):
+            continue
+        name, _, rest = line.partition("{")
+        key = name[len("boot_text_cache_"):]
+        if key in out:
+            out[key] += float(rest.rpartition("}")[2].split()[0])
+    return out
+
+
+def text_cache_counts(metrics_url: str | None, timeout: float = 10.0) -> dict[str, float] | None:
+    """The server's text-state cache counters now, None without a metrics URL or when its metrics have
+    none (a variant without the cache, or with the cache off: text_cache_bytes 0)."""
+    if not metrics_url:
+        return None
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+        text = response.read().decode()
+    return parse_text_cache(text) if "boot_text_cache_" in text else None
+
+
+def text_cache_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Hits, misses and hit rate (hits / prompts looked up) between two readings; None if either is."""
+    if before is None or after is None:
+        return None
+    hits, misses = (int(round(after[k] - before[k])) for k in TEXT_CACHE_COUNTERS)
+    return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else float("nan")}
