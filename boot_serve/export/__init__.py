@@ -4,6 +4,7 @@
     python -m boot_serve.export --student ... --repository ... --precision fp16
     python -m boot_serve.export --student ... --repository ... --precision fp16 --vae-precision fp32
     python -m boot_serve.export --student ... --repository ... --tensorrt --max-batch 16   # GPU only
+    python -m boot_serve.export --student ... --repository ... --decoder tiny --tiny-decoder DIR
 
 What it writes into the repository (nothing else there is touched; config.pbtxt files belong
 to the serving side):
@@ -28,7 +29,10 @@ to the serving side):
 
 Steps (each is a function below):
   1. load the student with the PyTorch reference pipeline (BootPipeline): the modules traced
-     are exactly the ones the reference runs;
+     are exactly the ones the reference runs; --decoder tiny puts the AutoencoderTiny of
+     --tiny-decoder (python -m distill.tiny_decoder) in place of the VAE decoder there, so the
+     vae_decoder graph, its parity and the end-to-end reference all use it (refused, exit 2, unless
+     its latent channels and scaling factor are the student's);
   2. export fp32 graphs with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`),
      into a staging folder next to the repository;
   3. --precision fp16: convert each graph (weights and activations fp16, inputs/outputs fp32,
@@ -85,9 +89,10 @@ from boot_serve.export.tensorrt import build_engines, tensorrt_problem
 def export(student_dir: str | Path, repository: str | Path, precision: str = "fp32", tensorrt: bool = False,
            max_batch: int = DEFAULT_MAX_BATCH, opset: int = DEFAULT_OPSET, parity_batches: tuple[int, ...] = (1, 3),
            e2e_prompts: int = len(PARITY_PROMPTS), timing_cache: str | Path | None = None,
-           vae_precision: str = "same") -> dict:
+           vae_precision: str = "same", tiny_decoder: str | Path | None = None) -> dict:
     """Export, check and install a student; returns the manifest. Raises ParityError (nothing
-    installed, the staged files kept for inspection) or TensorRTUnavailable."""
+    installed, the staged files kept for inspection) or TensorRTUnavailable. `tiny_decoder`: the
+    folder of a tiny decoder that replaces the student's VAE decoder (manifest "decoder")."""
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
     if not OPSETS[0] <= opset <= OPSETS[1]:
@@ -97,7 +102,7 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     start, tol, repository = time.perf_counter(), TOLERANCES[precision], Path(repository)
     precisions = graph_precisions(precision, vae_precision)
     log(f"loading {student_dir}")
-    student = load_student(student_dir)  # 1.
+    student = load_student(student_dir, tiny_decoder)  # 1.
     stage = stage_dir(repository)
     try:
         exported = export_graphs(student, stage, precisions, opset)  # 2-3.
@@ -105,6 +110,7 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
         if student.pipe.text.tokenizer_2 is not None:
             write_tokenizer(student, stage / TOKENIZER_2_DIR, student.pipe.text.tokenizer_2)
         info = manifest(student, stage, precision, max_batch, opset)
+        info["decoder"] = decoder_info(tiny_decoder)
         for model in MODELS:
             info["graphs"][model]["precision"] = precisions[model]
         (stage / MANIFEST).write_text(json.dumps(info, indent=1))  # OnnxPipeline reads it in step 4
@@ -125,6 +131,18 @@ def export(student_dir: str | Path, repository: str | Path, precision: str = "fp
     shutil.rmtree(stage, ignore_errors=True)
     log(f"wrote {repository} ({precision}) in {info['export_seconds']} s")
     return info
+
+
+def decoder_info(tiny_decoder: str | Path | None) -> dict:
+    """manifest "decoder": which decoder the vae_decoder graph holds."""
+    if tiny_decoder is None:
+        return {"kind": "full"}
+    from boot.decoders import TINY_META
+
+    meta_path = Path(tiny_decoder) / TINY_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"kind": "tiny", "folder": str(tiny_decoder), "format": meta.get("format"),
+            "psnr_tiny_vs_full_db": meta.get("measured", {}).get("psnr_tiny_vs_full_db", {}).get("mean")}
 
 
 def _batch_list(text: str) -> tuple[int, ...]:
@@ -151,6 +169,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="same",
                    help="same: the VAE decoder graph in --precision; fp32: kept in fp32 inside an fp16 export "
                         "(an SD VAE decoder can overflow fp16)")
+    p.add_argument("--decoder", choices=("full", "tiny"), default="full",
+                   help="full: the student's VAE decoder; tiny: the AutoencoderTiny of --tiny-decoder in its place")
+    p.add_argument("--tiny-decoder", type=Path, default=None,
+                   help="tiny decoder folder for --decoder tiny (python -m distill.tiny_decoder writes one)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU only)")
     p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
                    help="largest batch of the TensorRT profiles (min 1, opt 4)")
@@ -169,7 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
     p.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.decoder == "tiny") != (args.tiny_decoder is not None):
+        p.error("--decoder tiny and --tiny-decoder DIR go together")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_GPU
     try:
         export(args.student, args.repository, args.precision, args.tensorrt, args.max_batch, args.opset,
-               args.parity_batches, args.e2e_prompts, args.timing_cache, args.vae_precision)
+               args.parity_batches, args.e2e_prompts, args.timing_cache, args.vae_precision, args.tiny_decoder)
     except StudentLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

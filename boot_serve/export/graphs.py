@@ -71,8 +71,11 @@ class Student:
         return SPECS if self.text_embeds_size is None else SDXL_SPECS
 
 
-def load_student(folder: str | Path) -> Student:
-    """Step 1: the student through BootPipeline, so export traces what the reference runs."""
+def load_student(folder: str | Path, tiny_decoder: str | Path | None = None) -> Student:
+    """Step 1: the student through BootPipeline, so export traces what the reference runs. `tiny_decoder`: an
+    AutoencoderTiny folder (python -m distill.tiny_decoder) that replaces the student's VAE decoder, in the
+    graphs and in the reference alike; refused unless it reads the student's latents (boot.decoders)."""
+    from boot.decoders import DecoderMismatch, load_tiny_decoder
     from boot.folders import STUDENT_META, FolderError, check_model_folder, describe_error, read_meta
     from boot.pipeline import BootPipeline
 
@@ -86,6 +89,14 @@ def load_student(folder: str | Path) -> Student:
         pipe = BootPipeline.from_pretrained(folder)
     except Exception as err:  # diffusers/safetensors raise OSError, ValueError, SafetensorError, ...
         raise StudentLoadError(f"cannot load the student from {folder}: {describe_error(err)}") from err
+    if tiny_decoder is not None:
+        if pipe.vae is None:
+            raise StudentLoadError(f"{folder} has no VAE (a pixel-space student): no decoder for {tiny_decoder} to "
+                                   "replace")
+        try:
+            pipe.vae = load_tiny_decoder(tiny_decoder, pipe.vae.config)
+        except (DecoderMismatch, OSError) as err:
+            raise StudentLoadError(f"cannot export with the tiny decoder: {err}") from None
     tok, enc = pipe.text.tokenizer, pipe.text.text_encoder.eval()
     pooled = pipe.text.pooled  # SDXL: enc is a boot.sdxl.DualTextEncoder, the text encoder graph itself
     hidden = enc.hidden_size if pooled else int(enc.config.hidden_size)
