@@ -1,7 +1,7 @@
 """Two student folders judged on the same captions and noise, with a two-sided sign test on the captions they
 disagree on (docs/ablations.md's paired comparisons).
 
-    python scripts/compare_students.py A B --n 200 --splits eval,seen,unseen --reference-split eval --out DIR
+    python -m distill.compare A B --n 200 --splits eval,seen,unseen --reference-split eval --out DIR
 
 On each split: accuracy overall / single / two-object of both, the discordant captions and the sign test;
 on --reference-split also the PSNR of both against the teacher's 50-step DDIM images from the same noise.
