@@ -185,6 +185,10 @@ class _Counter(torch.nn.Module):
         super().__init__()
         self.unet, self.batches = unet, []
 
+    @property
+    def time_embedding(self):  # a Student reads its conditioning kind from the UNet it holds
+        return self.unet.time_embedding
+
     def forward(self, x, *args, **kw):
         self.batches.append(x.shape[0])
         return self.unet(x, *args, **kw)
