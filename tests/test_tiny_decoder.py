@@ -60,7 +60,7 @@ def test_writes_a_diffusers_folder_sized_to_the_students_vae(student, trained):
 
     out, work = trained
     vae = _vae_config(student)
-    tiny = AutoencoderTiny.from_pretrained(out)  # plain diffusers
+    tiny = AutoencoderTiny.from_pretrained(out, use_safetensors=True)  # plain diffusers
     assert tiny.config.latent_channels == vae["latent_channels"]
     assert tiny.config.scaling_factor == vae["scaling_factor"]
     z = torch.randn(2, vae["latent_channels"], 8, 8)
@@ -143,7 +143,7 @@ def test_a_tiny_decoder_of_other_latents_is_refused_when_written(student, tmp_pa
 
     from distill.tiny_decoder import build_tiny, write_folder
 
-    vae = AutoencoderKL.from_pretrained(student / "vae")
+    vae = AutoencoderKL.from_pretrained(student / "vae", use_safetensors=True)
     tiny = build_tiny(vae.config, 8, (1, 1))
     tiny.register_to_config(scaling_factor=0.5)
     with pytest.raises(DecoderMismatch, match=r"scaling_factor 0.5 \(student's VAE: 1.0\)") as err:
