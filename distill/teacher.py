@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
                         "--set 'unet_down=[\"CrossAttnDownBlock2D\",\"CrossAttnDownBlock2D\"]' (repeatable)")
     p.add_argument("--fit-minutes", type=float, default=0.0,
                    help="time the first UNet steps, then cut --unet-steps so the stage ends in about this "
-                        "many minutes (for a lent GPU; 0 = off)")
+                        "many minutes (for a time-limited GPU machine; 0 = off)")
     args = p.parse_args(argv)
     kept = None  # the continued folder's recipe, read once
     if args.init_from:

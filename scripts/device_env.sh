@@ -1,4 +1,4 @@
-# Sourced by the scripts/device_*.sh scripts on a lent GPU machine (no internet) after they set W, their
+# Sourced by the scripts/device_*.sh scripts on a GPU machine without internet after they set W, their
 # work folder: installs what the GPU image lacks and unpacks the precomputed text states.
 # - Packages: wheels in .whl/, or (smaller, for when the 64 MiB a call may carry is tight) a tar.xz of an
 #   installed site folder: `pip install --no-deps --target D WHEELS && tar -C D -cJf .whl/site.tar.xz .`.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Third GPU run (one lent GPU, ~9 minutes, no internet, no MiniLM package): go on training the shipped
+# Fine-tuning on one GPU (~9 minutes, no internet, no MiniLM package): go on training the shipped
 # teacher at a large batch (`distill.teacher --init-from`), then go on distilling the shipped student
 # against that new teacher (`distill.run --init-from`) for whatever time is left before $DEADLINE s.
 # If the teacher stage fails, the student goes on against the shipped teacher instead.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run that made the shipped models, on one lent GPU with no internet and no MiniLM package:
+# Trains the shipped models on one GPU with no internet and no MiniLM package:
 # text states come precomputed (`python -m distill.text precompute DIR`, packed into .devdata/textpk by
 # scripts/pack_states.py; BOOT_TEXT_STATES),
 # diffusers travels as a wheel in .whl/, and the VAE is the shipped one (.devdata/teacher2/vae, a
