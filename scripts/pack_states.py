@@ -1,4 +1,4 @@
-"""Precomputed text states, packed small enough to travel to a lent GPU machine (64 MiB in all).
+"""Precomputed text states, packed small enough to travel to a GPU machine that takes at most 64 MiB of files.
 
     python scripts/pack_states.py pack   STATES_DIR PACKED_DIR   # from `python -m distill.text precompute`
     python scripts/pack_states.py unpack PACKED_DIR STATES_DIR   # on the GPU machine
