@@ -3,8 +3,6 @@ and `python -m distill.run --dmd-weight` end to end on a tiny random teacher (bo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from safetensors.torch import load_file
 from boot import dmd
 from boot import method as boot
 from distill import checkpoint, run
+from tests.test_run import _in_process  # run.main in-process, single-threaded
 from tests.tiny import LATENT, make_tiny_teacher, scheduler_config, tiny_unet
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle",
@@ -105,17 +104,6 @@ def _cli(setup, name, extra=()):
     root, teacher, prompts = setup
     return ["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(root / name / "student"),
             "--work", str(root / name / "work"), *FLAGS, *extra]
-
-
-def _in_process(argv) -> str:
-    threads, buf = torch.get_num_threads(), io.StringIO()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(buf):
-            run.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
