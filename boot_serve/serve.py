@@ -92,11 +92,21 @@ def bundled_tritonserver() -> tuple[Path, Path, Path, Path]:
     return binary, root / "backends", stub, libs
 
 
+def find_free_ports(*hosts: str) -> list[int]:
+    """One free port per host, all different: every socket is held until all are chosen (ports
+    picked one at a time can repeat, since the kernel may hand a just-closed port out again)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return find_free_ports(host)[0]
 
 
 def _url_host(host: str) -> str:
@@ -184,10 +194,14 @@ class TritonServer:
                 p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
             # The stub's embedded interpreter finds its prefix (this venv) through `python3` on PATH.
             env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        for name in ("http", "grpc", "metrics"):
-            host = {"http": self.http_host, "grpc": self.grpc_host, "metrics": self.metrics_host}[name]
-            if self.ports[name] is None:
-                self.ports[name] = find_free_port(host if host not in ("", "::") else "127.0.0.1")
+        hosts = {"http": self.http_host, "grpc": self.grpc_host, "metrics": self.metrics_host}
+        missing = [name for name in hosts if self.ports[name] is None]
+        taken = {port for port in self.ports.values() if port is not None}
+        while missing:  # fresh ports, distinct from each other and from the ones given
+            picked = find_free_ports(*(hosts[n] if hosts[n] not in ("", "::") else "127.0.0.1" for n in missing))
+            if not taken & set(picked):
+                self.ports.update(zip(missing, picked))
+                break
         args += [
             f"--model-repository={self.repository}",
             "--model-control-mode=explicit", f"--load-model={ENSEMBLE}",

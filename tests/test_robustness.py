@@ -212,9 +212,9 @@ def test_server_killed_then_restarted_client_recovers(exported_repository):
     import signal
 
     from boot_serve.client import ServerUnavailableError
-    from boot_serve.serve import TritonServer, find_free_port
+    from boot_serve.serve import TritonServer, find_free_ports
 
-    ports = dict(http_port=find_free_port(), grpc_port=find_free_port(), metrics_port=find_free_port())
+    ports = dict(zip(("http_port", "grpc_port", "metrics_port"), find_free_ports(*["127.0.0.1"] * 3)))
     first = TritonServer(exported_repository, exit_timeout=5, **ports).start()
     clients = [Client(first.http_url, "http", timeout=30), Client(first.grpc_url, "grpc", timeout=30)]
     try:

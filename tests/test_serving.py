@@ -26,7 +26,7 @@ import pytest
 
 from boot_serve import triton_repo
 from boot_serve.client import Client, RequestError, ServerUnavailableError
-from boot_serve.serve import find_free_port
+from boot_serve.serve import find_free_port, find_free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 2  # uint8 levels
@@ -512,7 +512,7 @@ def test_metrics_endpoint(triton_server):
 # The serve CLI: ready message, SIGTERM -> clean exit
 # --------------------------------------------------------------------------------------------
 def test_serve_cli_starts_prints_endpoints_and_stops_on_sigterm(exported_repository):
-    ports = [str(find_free_port()) for _ in range(3)]
+    ports = [str(port) for port in find_free_ports(*["127.0.0.1"] * 3)]
     proc = subprocess.Popen([sys.executable, "-m", "boot_serve.serve", "--repository", str(exported_repository),
                              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
