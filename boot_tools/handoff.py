@@ -1,12 +1,15 @@
 """Where along the teacher's trajectory does a BOOT student go wrong?
 
-    PYTHONPATH=. python scripts/handoff.py STUDENT_DIR [--n 96] [--t 999,899,799,599,399,199,99,0]
+    python -m boot_tools.handoff STUDENT_DIR [--n 96] [--t 999,899,799,599,399,199,99,0]
 
 For each handoff time t: the student's signal y_t = g(ε, t, c) gives x̂_t = α_t·y_t + σ_t·ε, the
 teacher finishes from x̂_t on its 50-step DDIM grid (steps at or below t), and the judge scores the
 images (eval-split captions, seeds 1,000,000 + i, guidance 4). t = T is the teacher alone; t = 0 is
 the student's own one-step image. A drop between two times says the student's trajectory is off there.
+Prints a Markdown table: handoff t, accuracy, single-object and two-object accuracy.
 """
+
+from __future__ import annotations
 
 import argparse
 
@@ -34,14 +37,15 @@ def handoff_images(student, teacher: TeacherSampler, captions, seeds, t: int, w:
     return [Image.fromarray(a) for a in to_uint8(decoded)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m boot_tools.handoff", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="student folder")
     p.add_argument("--teacher", default="pretrained/shapes-teacher", help="teacher folder")
     p.add_argument("--n", type=int, default=96, help="eval-split captions (default 96)")
     p.add_argument("--t", default="999,899,799,599,399,199,99,0", help="handoff times")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     student = BootPipeline.from_pretrained(args.student).generator.student
     teacher = TeacherSampler(args.teacher, 50)
     captions = shapes.sample_captions(args.n, 0, "eval")

@@ -1,15 +1,19 @@
-"""Precomputed text states, packed small enough to travel to a GPU machine that takes at most 64 MiB of files.
+"""Pack precomputed text states small enough to carry to a GPU machine (64 MiB of files), and unpack them.
 
-    python scripts/pack_states.py pack   STATES_DIR PACKED_DIR   # from `python -m distill.text precompute`
-    python scripts/pack_states.py unpack PACKED_DIR STATES_DIR   # on the GPU machine
+    python -m boot_tools.pack_states pack   STATES_DIR PACKED_DIR   # STATES_DIR: `python -m distill.text precompute`
+    python -m boot_tools.pack_states unpack PACKED_DIR STATES_DIR   # on the GPU machine (boot_tools/gpu/env.sh)
 
+pack reads a folder with states.safetensors (input_ids and fp16 states) and the tokenizer files and writes
+input_ids.npy, shape.npy, states.hi.xz, states.lo.xz and the tokenizer files; unpack writes the folder back.
 fp16 states compress poorly as they are (xz: 28 MB); split into their high and low bytes first, the
 high bytes (sign, exponent) are very regular, and the pair compresses to 23.7 MB. Lossless.
 """
 
+from __future__ import annotations
+
+import argparse
 import lzma
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,5 +43,15 @@ def unpack(src: Path, dst: Path) -> None:
         shutil.copy(f, dst / f.name)
 
 
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m boot_tools.pack_states", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("pack", "unpack"), help="pack STATES_DIR into PACKED_DIR, or unpack back")
+    p.add_argument("src", type=Path, help="folder read: the states (pack) or the packed files (unpack)")
+    p.add_argument("dst", type=Path, help="folder written (created if missing)")
+    args = p.parse_args(argv)
+    {"pack": pack, "unpack": unpack}[args.action](args.src, args.dst)
+
+
 if __name__ == "__main__":
-    {"pack": pack, "unpack": unpack}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))
+    main()

@@ -1,6 +1,6 @@
 """Average the UNet weights of several students of one lineage into a new student folder (a weight soup).
 
-    python scripts/soup.py OUT BASE_STUDENT SOURCE [SOURCE ...]
+    python -m boot_tools.soup OUT BASE_STUDENT SOURCE [SOURCE ...]
 
 OUT is a copy of BASE_STUDENT (its VAE, scheduler and boot.json) whose UNet is the element-wise mean,
 in float32, of the SOURCEs: student folders (their unet/) or `distill.run` checkpoint folders
@@ -9,9 +9,11 @@ sense for students fine-tuned from a common start (docs/ablations.md). boot.json
 naming the sources.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ def weights(source: Path) -> dict[str, torch.Tensor]:
     return ema
 
 
-def main(out: Path, base: Path, sources: list[Path]) -> None:
+def soup(out: Path, base: Path, sources: list[Path]) -> None:
     if out.exists():
         raise SystemExit(f"{out} exists; pick a new folder")
     mean = weights(sources[0])
@@ -49,7 +51,15 @@ def main(out: Path, base: Path, sources: list[Path]) -> None:
     print(f"{out}: mean of {len(sources)} UNets")
 
 
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m boot_tools.soup", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="new student folder (must not exist)")
+    p.add_argument("base", type=Path, help="student folder copied for everything but the UNet weights")
+    p.add_argument("sources", type=Path, nargs="+", help="student folders or distill.run checkpoint folders")
+    args = p.parse_args(argv)
+    soup(args.out, args.base, args.sources)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
-        raise SystemExit(__doc__)
-    main(Path(sys.argv[1]), Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]])
+    main()

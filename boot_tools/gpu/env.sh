@@ -1,9 +1,12 @@
-# Sourced by the scripts/device_*.sh scripts on a GPU machine without internet after they set W, their
-# work folder: installs what the GPU image lacks and unpacks the precomputed text states.
-# - Packages: wheels in .whl/, or (smaller, for when the 64 MiB a call may carry is tight) a tar.xz of an
-#   installed site folder: `pip install --no-deps --target D WHEELS && tar -C D -cJf .whl/site.tar.xz .`.
-# - Text states: .devdata/textpk (scripts/pack_states.py pack of `python -m distill.text precompute`).
-# Exports PYTHONPATH, BOOT_TEXT_STATES and PYTHONUNBUFFERED; exits the calling script on failure.
+# Sourced (not run) by the other boot_tools/gpu/*.sh scripts, from the repository root, after they set W
+# (their work folder): makes a GPU machine with no internet ready to run the project. Inputs:
+# - Packages the GPU image lacks (diffusers and the like): wheels in .whl/, or (smaller, where the files
+#   carried to the machine are limited) a tar.xz of an installed site folder:
+#   `pip install --no-deps --target D WHEELS && tar -C D -cJf .whl/site.tar.xz .`.
+# - Text states: .devdata/textpk, made by `python -m boot_tools.pack_states pack STATES .devdata/textpk` from
+#   `python -m distill.text precompute STATES`; unpacked into $W/text.
+# Outputs: packages in /tmp/site, states in $W/text; exports PYTHONPATH, BOOT_TEXT_STATES and
+# PYTHONUNBUFFERED; exits the calling script on failure.
 mkdir -p /tmp/site "$W"
 for f in .whl/*.tar.xz; do
     if [ -f "$f" ]; then tar -C /tmp/site -xJf "$f" || exit 1; fi
@@ -13,4 +16,4 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD BOOT_TEXT_STATES=$W/text PYTHONUNBUFFERED=1
-python3 scripts/pack_states.py unpack .devdata/textpk "$W/text" || exit 1
+python3 -m boot_tools.pack_states unpack .devdata/textpk "$W/text" || exit 1

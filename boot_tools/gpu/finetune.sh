@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Fine-tuning on one GPU (~9 minutes, no internet, no MiniLM package): go on training the shipped
-# teacher at a large batch (`distill.teacher --init-from`), then go on distilling the shipped student
-# against that new teacher (`distill.run --init-from`) for whatever time is left before $DEADLINE s.
-# If the teacher stage fails, the student goes on against the shipped teacher instead.
-# Inputs: .devdata/textpk (scripts/pack_states.py pack of `python -m distill.text precompute`),
-# diffusers as a wheel in .whl/. Results go to $1 (default runs/device): fp16 UNets as tarballs, logs.
+# Fine-tune the shipped pair on one GPU in about 9 minutes, on a machine with no internet: go on training
+# pretrained/shapes-teacher at batch 512 (`distill.teacher --init-from`) for TEACHER_MIN minutes, then go
+# on distilling pretrained/shapes-boot against that new teacher (`distill.run --init-from`, batch 64) for
+# the time left before DEADLINE seconds. If the teacher stage fails, the student goes on against the
+# shipped teacher instead.
+#
+#   bash boot_tools/gpu/finetune.sh [RESULTS]          # from the repository root; RESULTS: runs/device
+#   SMOKE=1 DEVICE=cpu bash boot_tools/gpu/finetune.sh  # a few steps of everything, to check it on a CPU
+#
+# Inputs: .devdata/textpk and packages in .whl/ (see boot_tools/gpu/env.sh). Environment: TEACHER_MIN (4.0),
+# DEADLINE (530), DEVICE (cuda), WORK (/tmp/boot-work). Outputs in RESULTS: teacher.tar (the teacher folder,
+# its loss and samples), student.tar (UNet in fp16, without the VAE), teacher.log.txt and boot.log.txt.
 set -u
 RESULTS=${1:-runs/device}
 TEACHER_MIN=${TEACHER_MIN:-4.0}
@@ -20,8 +26,8 @@ mkdir -p "$RESULTS" $W
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 export OMP_NUM_THREADS=4
-# shellcheck source=scripts/device_env.sh
-. scripts/device_env.sh
+# shellcheck source=boot_tools/gpu/env.sh
+. boot_tools/gpu/env.sh
 nvidia-smi -L 2>/dev/null
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'cuda', torch.cuda.is_available())" || exit 1
@@ -45,7 +51,7 @@ python3 -m distill.run --preset full --device "$DEV" --teacher $TEACHER --init-f
     --max-minutes "$BOOT_MIN" --eval-n 0 "${BOOTX[@]}" --out $W/student --work $W/boot > $W/boot.log 2>&1
 rc=$?
 if [ -d $W/student/unet ]; then
-    python3 scripts/halve_unet.py $W/student
+    python3 -m boot_tools.halve_unet $W/student
     tar -C $W --exclude "*/vae" -cf "$RESULTS/student.tar" student boot/loss.jsonl boot/samples.png boot/loss.png
 fi
 for f in teacher boot; do tr '\r' '\n' < $W/$f.log | grep -v 'it/s\]$\|s/it\]$' > "$RESULTS/$f.log.txt"; done

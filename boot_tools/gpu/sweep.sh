@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Several BOOT recipes side by side on one GPU, each distilled from pretrained/shapes-teacher (fresh, or
 # --init-from a student) with periodic validation (--val-every; --keep best by PSNR against the teacher's
-# 50-step images, the judge's accuracy recorded beside it; SELECT=judge keeps by the judge) and, unless EVAL_N=0,
-# the 300-caption evaluation at the end. Inputs: .devdata/textpk and diffusers in .whl/ (see
-# scripts/device_env.sh). VARIANTS: one "name flags..." per line. Results go to $1 (default runs/sweep):
-# reports.tar (every run's log, val.jsonl/png, loss, samples, eval report) and the KEEP best students (by
-# the final evaluation, else by validation): the best one's folder without weights plus its fp32 UNet
-# split into fp32-NAME.part-* (cat them back together), the others as fp16 tarballs.
+# 50-step images, the judge's accuracy recorded beside it; SELECT=judge keeps by the judge) and, unless
+# EVAL_N=0, the 300-caption evaluation at the end.
+#
+#   VARIANTS=$'a --delta 20\nb --delta 40' bash boot_tools/gpu/sweep.sh [RESULTS]   # repository root
+#   SMOKE=1 DEVICE=cpu bash boot_tools/gpu/sweep.sh     # 3 steps per variant, to check it on a CPU
+#
+# Inputs: .devdata/textpk and packages in .whl/ (see boot_tools/gpu/env.sh); VARIANTS: one "name flags..."
+# per line (distill.run flags). Environment: MINUTES (6), KEEP (2), VAL_EVERY (250), VAL_N (128), EVAL_N
+# (300), SELECT (psnr), DEVICE (cuda), WORK (/tmp/boot-sweep). Outputs in RESULTS (runs/sweep): reports.tar
+# (every run's log, val.jsonl/png, loss, samples, eval report) and the KEEP best students (by the final
+# evaluation, else by validation): the best one's folder without weights plus its fp32 UNet split into
+# fp32-NAME.part-* (cat them back together), the others as fp16 tarballs.
 set -u
 RESULTS=${1:-runs/sweep}
 MINUTES=${MINUTES:-6}
@@ -23,8 +29,8 @@ COMMON=(--preset full --device "$DEV" --max-minutes "$MINUTES" --batch-size 128 
                                --keep best --eval-n "$([ "$EVAL_N" = 0 ] && echo 0 || echo 4)" --sample-every 0)
 mkdir -p "$RESULTS" $W
 export OMP_NUM_THREADS=3
-# shellcheck source=scripts/device_env.sh
-. scripts/device_env.sh
+# shellcheck source=boot_tools/gpu/env.sh
+. boot_tools/gpu/env.sh
 names=()
 while read -r name flags; do
     [ -z "$name" ] && continue
@@ -60,7 +66,7 @@ for name in $(for n in "${names[@]}"; do echo "$(score $W/$n) $n"; done | sort -
         tar -C $W/$name --exclude "*/vae" --exclude "*.safetensors" -cf "$RESULTS/student-$name.tar" student
         continue
     fi
-    python3 scripts/halve_unet.py "$W/$name/student"
+    python3 -m boot_tools.halve_unet "$W/$name/student"
     tar -C $W/$name --exclude "*/vae" -cf "$RESULTS/student-$name.tar" student
 done
 ls -la "$RESULTS"

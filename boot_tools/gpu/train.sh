@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Trains the shipped models on one GPU with no internet and no MiniLM package:
-# text states come precomputed (`python -m distill.text precompute DIR`, packed into .devdata/textpk by
-# scripts/pack_states.py; BOOT_TEXT_STATES),
-# diffusers travels as a wheel in .whl/, and the VAE is the shipped one (.devdata/teacher2/vae, a
-# model-only checkpoint of the VAE stage). Three jobs in one ~9-minute window:
-#   A  teacher v2: latents of 200k renders, then the UNet (cross-attention at every level, batch 256)
-#      for as many steps as fit in $TEACHER_MIN minutes, then its pipeline folder;
-#   B  BOOT full recipe on the current shipped teacher (v1), in parallel with A;
-#   C  BOOT full recipe on teacher v2, once A is done.
-# Results go to $1 (default runs/device): weights as fp16 tarballs under 16 MiB each, logs.
+# Train a teacher and distil students on one GPU in about 9 minutes, on a machine with no internet and
+# no MiniLM package. Three jobs:
+#   A  a teacher with cross-attention at every UNet level (batch 256): latents of 200k renders, then the
+#      UNet for TEACHER_MIN minutes, then its pipeline folder; its VAE is given (.devdata/teacher2/vae);
+#   B  BOOT's full recipe on pretrained/shapes-teacher for B_MIN minutes, in parallel with A;
+#   C  BOOT's full recipe on A's teacher for C_MIN minutes, once A is done.
+#
+#   bash boot_tools/gpu/train.sh [RESULTS]             # from the repository root; RESULTS: runs/device
+#   SMOKE=1 DEVICE=cpu bash boot_tools/gpu/train.sh     # a few steps of everything, to check it on a CPU
+#
+# Inputs: .devdata/textpk and packages in .whl/ (see boot_tools/gpu/env.sh), .devdata/teacher2/vae (a
+# model-only checkpoint of distill.teacher's VAE stage). Environment: TEACHER_MIN (3.5), B_MIN (7.0),
+# C_MIN (3.0), DEVICE (cuda), WORK (/tmp/boot-work). Outputs in RESULTS: teacher-v2-unet.tar and
+# teacher-v2-rest.tar.gz (A's teacher), student-v1.tar and student-v2.tar (B's and C's students, UNet
+# in fp16, without the VAE, each under 16 MiB), logs.tar.gz.
 set -u
 RESULTS=${1:-runs/device}
 TEACHER_MIN=${TEACHER_MIN:-3.5}
@@ -25,14 +30,14 @@ mkdir -p "$RESULTS" $W
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 export OMP_NUM_THREADS=4
-# shellcheck source=scripts/device_env.sh
-. scripts/device_env.sh
+# shellcheck source=boot_tools/gpu/env.sh
+. boot_tools/gpu/env.sh
 nvidia-smi -L 2>/dev/null
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
 pack_student() {  # $1 student folder, $2 name: UNet to fp16 (as the teacher ships), one tarball
-    python3 scripts/halve_unet.py "$1"
+    python3 -m boot_tools.halve_unet "$1"
     # the VAE is the teacher's own (copied back from it), the PNGs travel in logs.tar.gz
     tar -C "$(dirname "$1")" --exclude "*/vae" --exclude "*.png" -cf "$RESULTS/$2.tar" "$(basename "$1")"
     stamp "packed $2: $(du -h "$RESULTS/$2.tar" | cut -f1)"
