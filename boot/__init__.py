@@ -7,6 +7,7 @@
     boot.contract   the client contract: input checks, the seed -> noise rule, the image postprocess
     boot.pipeline   BootPipeline: a student folder as a one-step PyTorch pipeline
     boot.samplers   TeacherSampler: the teacher's own DDIM sampler at k steps
+    boot.checkpoint atomic, pickle-free training checkpoints (distillation runs, the shapes teacher's stages)
 
 Layers point one way: nothing here imports `distill`, `boot_serve` or `demo` (tests/test_layers.py).
 The old module paths (`distill.boot`, `distill.models`, `distill.text`, `boot.sdxl`,

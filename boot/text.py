@@ -8,7 +8,9 @@ prompts padded to `tokenizer.model_max_length`, no attention mask.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,12 +24,14 @@ ENCODER_NAME = "all-MiniLM-L6-v2"
 
 
 # Machines without the encoder package (an offline GPU box, say) can train from precomputed
-# states instead: `python -m distill.text precompute DIR` writes the tokenizer files and the
+# states instead: `python -m shapes_world.text_states precompute DIR` writes the tokenizer files and the
 # token states of every grammar caption into DIR; with BOOT_TEXT_STATES=DIR set, the tokenizer
 # comes from DIR and the "encoder" is a lookup table keyed by token ids (StatesTable), which
 # raises on a prompt it has no states for.
 STATES_ENV = "BOOT_TEXT_STATES"
 STATES_FILE = "states.safetensors"
+# What a folder's tokenizer/ copies from the package (its tokenizer_config.json is rewritten).
+TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json")
 
 
 def _states_dir() -> Path | None:
@@ -55,6 +59,26 @@ def load_tokenizer(max_length: int = MAX_LENGTH):
     tok = AutoTokenizer.from_pretrained(_states_dir() or encoder_dir(), local_files_only=True, use_fast=True)
     tok.model_max_length = max_length
     return tok
+
+
+def write_tokenizer(folder: Path, max_length: int = MAX_LENGTH) -> Path:
+    """tokenizer/ of the installed MiniLM package in `folder` (what plain diffusers loads a teacher or
+    student folder with), with model_max_length = the project's context length; where only precomputed
+    states are installed (BOOT_TEXT_STATES), the tokenizer saved there."""
+    out = folder / "tokenizer"
+    try:
+        src = encoder_dir()
+    except ImportError:
+        load_tokenizer(max_length).save_pretrained(out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, out / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("name_or_path", None)
+    config.update(tokenizer_class="BertTokenizer", model_max_length=max_length)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out
 
 
 def load_text_encoder(dtype: torch.dtype = torch.float32):
@@ -102,7 +126,7 @@ class StatesTable(torch.nn.Module):
         if None in rows:
             bad = input_ids[rows.index(None)].tolist()
             raise KeyError(f"no precomputed text states for token ids {bad} ({STATES_ENV}={_states_dir()}); "
-                           "only the prompts given to `python -m distill.text precompute` can be encoded")
+                           "only the prompts given to `python -m shapes_world.text_states precompute` can be encoded")
         return (self.states[torch.tensor(rows, device=self.states.device)],)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill import checkpoint
+from boot import checkpoint
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 

@@ -55,25 +55,6 @@ def one_step_scheduler_config(teacher_config: dict, parameterization: str, predi
             "clip_sample": False, "thresholding": False}
 
 
-def write_minilm_tokenizer(folder: Path, max_length: int = text.MAX_LENGTH) -> Path:
-    """tokenizer/ of the installed MiniLM package, with model_max_length = the project's context length
-    (where only precomputed states are installed, boot.text.BOOT_TEXT_STATES: the tokenizer saved there)."""
-    out = folder / "tokenizer"
-    try:
-        src = text.encoder_dir()
-    except ImportError:
-        text.load_tokenizer(max_length).save_pretrained(out)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(src / name, out / name)
-    config = json.loads((src / "tokenizer_config.json").read_text())
-    config.pop("name_or_path", None)
-    config.update(tokenizer_class="BertTokenizer", model_max_length=max_length)
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    return out
-
-
 def model_index(folder: Path, teacher_folder: Path | None = None) -> dict:
     """model_index.json for a teacher or student folder: the teacher's, else one naming what is there."""
     source = teacher_folder if teacher_folder is not None else folder
@@ -107,7 +88,7 @@ def write_student_files(folder: Path, teacher_folder: Path, teacher_scheduler_co
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=1) + "\n")
     if not (folder / "tokenizer").is_dir() and meta.get("text_encoder", {}).get("package") == MINILM_PACKAGE:
-        write_minilm_tokenizer(folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
+        text.write_tokenizer(folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
     (folder / "model_index.json").write_text(json.dumps(model_index(folder, teacher_folder), indent=1) + "\n")
     return True
 
@@ -166,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 if meta.get("text_encoder", {}).get("package") != MINILM_PACKAGE:
                     raise ValueError(f"{folder}: its {STUDENT_META}/{TEACHER_META} names no {MINILM_PACKAGE} "
                                      "text encoder")
-                write_minilm_tokenizer(folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
+                text.write_tokenizer(folder, meta["text_encoder"].get("max_length", text.MAX_LENGTH))
                 if not args.files_only:
                     (folder / "model_index.json").write_text(json.dumps(model_index(folder), indent=1) + "\n")
                 print(f"wrote {folder / 'tokenizer'}" + ("" if args.files_only else " and model_index.json"))

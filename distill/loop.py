@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from boot import checkpoint
 from boot import dmd as boot_dmd
 from boot import method as boot
-from distill import checkpoint, config, memory, precision
+from distill import config, memory, precision
 from distill.batches import Batch, draw_batch, lr_at, step_generator
 from distill.config import BOOKKEEPING, GRAMMAR, RunConfig
 from distill.distributed import Dist, all_mean

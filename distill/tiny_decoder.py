@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from boot import checkpoint
 from boot.decoders import TINY_FORMAT, TINY_META, DecoderMismatch, check_fits, load_tiny_decoder
-from distill import checkpoint
 
 SOURCES = ("student", "teacher", "both")
 FIRST_SEED = 3_000_000  # noise seeds of the training pool; the held-out pool's start at HELD_OUT_SEED

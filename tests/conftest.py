@@ -33,11 +33,11 @@ def _run(*args: str) -> None:
 def shipped_tokenizers() -> None:
     """The shipped folders' tokenizer/ (git-ignored, written by scripts/setup.sh from the installed MiniLM
     package), also where the suite runs without that setup."""
-    from distill.diffusers_folder import write_minilm_tokenizer
+    from boot.text import write_tokenizer
 
     for name in ("shapes-teacher", "shapes-boot"):
         if not (ROOT / "pretrained" / name / "tokenizer" / "vocab.txt").is_file():
-            write_minilm_tokenizer(ROOT / "pretrained" / name)
+            write_tokenizer(ROOT / "pretrained" / name)
 
 
 @pytest.fixture(scope="session")

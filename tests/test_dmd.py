@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boot import dmd
+from boot import checkpoint, dmd
 from boot import method as boot
-from distill import checkpoint, run
+from distill import run
 from tests.test_run import _in_process  # run.main in-process, single-threaded
 from tests.tiny import LATENT, make_tiny_teacher, scheduler_config, tiny_unet
 

@@ -20,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from boot import checkpoint
 from boot import method as boot
-from distill import batches, checkpoint, config, loading, refine, run
+from distill import batches, config, loading, refine, run
 from tests.tiny import LATENT, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 KILL = """
 import os, sys
 from boot import method as boot
-from distill import checkpoint, run
+from boot import checkpoint
+from distill import run
 real = checkpoint.save_file
 def dying_save_file(tensors, path):
     if len(os.listdir(os.path.dirname(os.path.dirname(path)))) >= 2:
