@@ -3,7 +3,7 @@
     python scripts/gpu_scale.py --out runs/gpu_scale                      # on a GPU (scripts/gpu_scale.sh)
     python scripts/gpu_scale.py --out /tmp/s --device cpu --size tiny --batches 2 --steps 1 --cosine-batch 2
 
-The teacher is the full SD-1.5 architecture with random weights (distill.fixtures, stored in fp16 as
+The teacher is the full SD-1.5 architecture with random weights (boot_tools.fixtures, stored in fp16 as
 published folders are), 512² images (4x64x64 latents), CFG on. A measured step is distill.run's: BOOT
 loss (target student at t, the teacher's CFG call at t and at T, the online student's s and T branches),
 backward with gradient checkpointing, gradient clipping, AdamW, EMA update. Random weights do not
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from boot import method as boot  # noqa: E402
-from distill import fixtures, loading, loop, precision  # noqa: E402
+from boot_tools import fixtures  # noqa: E402
+from distill import loading, loop, precision  # noqa: E402
 
 # Published training costs of one-step/few-step SD-1.5 distillations, in A100-hours.
 PUBLISHED = {"LCM (SD-1.5), Luo et al. 2023": 32, "DMD2 (SD-1.5), Yin et al. 2024": 1600}

@@ -35,7 +35,7 @@ if python -m pip install --help | grep -q -- --resume-retries; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-# The CLIP BPE vocabulary that distill.fixtures builds real CLIP tokenizers from ships inside
+# The CLIP BPE vocabulary that boot_tools.fixtures builds real CLIP tokenizers from ships inside
 # open_clip_torch; only that data file is read, so the package goes in without its dependencies
 # (torchvision, timm), which would otherwise pull a second torch build.
 clip_vocab=(--no-deps "open_clip_torch==3.3.0")

@@ -273,7 +273,8 @@ def test_students_of_sd_architectures_load_with_their_own_text_stacks(arch, tmp_
     import diffusers
 
     from boot.pipeline import BootPipeline
-    from distill import fixtures, run
+    from boot_tools import fixtures
+    from distill import run
 
     teacher = fixtures.make_teacher(arch, "tiny", tmp_path / "teacher")
     prompts = tmp_path / "prompts.txt"

@@ -1,4 +1,4 @@
-"""The SD-1.5 and SD-2.x families end to end on tiny random-weight folders (distill.fixtures).
+"""The SD-1.5 and SD-2.x families end to end on tiny random-weight folders (boot_tools.fixtures).
 
 Per family: `distill.run --teacher DIR --prompts FILE` for a few steps -> student folder ->
 BootPipeline image -> `boot_serve.export` -> OnnxPipeline image within 2/255 -> the same image
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from boot.folders import FolderError, check_model_folder
-from distill import fixtures, loading, run
+from boot_tools import fixtures
+from distill import loading, run
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at dawn"]
 SEEDS = [0, 7]

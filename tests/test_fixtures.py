@@ -1,4 +1,4 @@
-"""distill.fixtures: the real CLIP tokenizer and random-weight folders of the SD families."""
+"""boot_tools.fixtures: the real CLIP tokenizer and random-weight folders of the SD families."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from distill import fixtures
+from boot_tools import fixtures
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_full_configs_match_published_sizes():
 
 def test_cli_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    proc = subprocess.run([sys.executable, "-m", "distill.fixtures", "--arch", "sd15", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "boot_tools.fixtures", "--arch", "sd15", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from boot import method as boot
-from distill import config, fixtures, loading, loop, lora, memory, monitor, precision, run, student_folder
+from boot_tools import fixtures
+from distill import config, loading, loop, lora, memory, monitor, precision, run, student_folder
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle", "a yellow square"]
@@ -381,7 +382,7 @@ def _peak_rss_gb() -> float:
 
 @pytest.fixture(scope="module")
 def sd15_full(tmp_path_factory):
-    folder = os.environ.get("BOOT_SD15_FULL")  # a folder made earlier by `python -m distill.fixtures`
+    folder = os.environ.get("BOOT_SD15_FULL")  # a folder made earlier by `python -m boot_tools.fixtures`
     if folder:
         return Path(folder)
     return fixtures.make_teacher("sd15", "full", tmp_path_factory.mktemp("sd15") / "teacher", dtype="fp16")

@@ -1,4 +1,4 @@
-"""SDXL-family teachers end to end, on the tiny random-weight SDXL folder of distill.fixtures.
+"""SDXL-family teachers end to end, on the tiny random-weight SDXL folder of boot_tools.fixtures.
 
 - the text stack and the teacher's sampler agree exactly with diffusers' StableDiffusionXLPipeline
   (both encoders' penultimate states, the pooled embedding, the zeroed unconditional branch, time ids);
@@ -19,7 +19,8 @@ import torch
 
 from boot import sdxl
 from boot.folders import load_text_stack
-from distill import fixtures, run
+from boot_tools import fixtures
+from distill import run
 
 TOLERANCE = 2  # uint8 levels
 PROMPTS = ["a photo of a cat", "a red circle on a blue square", "a dog in the snow", "two apples on a table"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # BOOT at SD-1.5 scale on one GPU (an H100 or H200 with PyTorch + CUDA, no internet), in under 8 minutes:
-# the full SD-1.5 architecture at 512² (random weights, distill.fixtures), bf16 + gradient checkpointing,
+# the full SD-1.5 architecture at 512² (random weights, boot_tools.fixtures), bf16 + gradient checkpointing,
 # batch 16/32/64: s/step, peak GPU memory, projected GPU-hours for 10k steps beside published costs, and
 # the bf16-vs-fp32 gradient cosine (python -m boot_tools.gpu_scale).
 #

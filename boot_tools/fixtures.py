@@ -1,7 +1,7 @@
 """Random-weight teacher folders of the real Stable Diffusion architecture families.
 
-    python -m distill.fixtures --arch sd15 --size tiny --out /tmp/sd15-tiny
-    python -m distill.fixtures --arch sdxl --size full --dtype fp16 --out /tmp/sdxl
+    python -m boot_tools.fixtures --arch sd15 --size tiny --out /tmp/sd15-tiny
+    python -m boot_tools.fixtures --arch sdxl --size full --dtype fp16 --out /tmp/sdxl
 
 No pretrained text-to-image weights can be downloaded here, so the SD-family code paths are proven
 on folders that have the published architectures (or, with `--size tiny`, the same components and
@@ -219,7 +219,7 @@ def make_teacher(arch: str, size: str, out: str | Path, dtype: str = "fp32", see
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m distill.fixtures", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m boot_tools.fixtures", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", choices=ARCHS, required=True, help="architecture family")
     p.add_argument("--size", choices=SIZES, default="tiny",
