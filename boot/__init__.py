@@ -10,6 +10,6 @@
     boot.checkpoint atomic, pickle-free training checkpoints (distillation runs, the shapes teacher's stages)
 
 Layers point one way: nothing here imports `distill`, `boot_serve` or `demo` (tests/test_layers.py).
-The old module paths (`distill.boot`, `distill.models`, `distill.text`, `boot.sdxl`,
+The old module paths (`distill.boot`, `distill.models`, `boot.sdxl`,
 `boot_serve.pipeline`) stay importable as aliases of these modules.
 """

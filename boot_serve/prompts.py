@@ -1,7 +1,7 @@
 """Example prompts for the benchmark, the soak test and the demo: 1,000 captions of the shipped shapes
 world (its held-out "eval" split, caption seed 0), stored as text so that serving needs none of the
 training code. tests/test_layers.py holds the file equal to
-`distill.shapes.sample_captions(1000, 0, "eval")`."""
+`shapes_world.world.sample_captions(1000, 0, "eval")`."""
 
 from __future__ import annotations
 

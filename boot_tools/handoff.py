@@ -21,7 +21,8 @@ from boot.contract import seed_noise_tensor as seed_noise
 from boot.contract import to_uint8
 from boot.pipeline import BootPipeline
 from boot.samplers import TeacherSampler
-from distill import shapes
+from shapes_world import world
+from shapes_world.judge import judge
 
 
 @torch.no_grad()
@@ -48,15 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     student = BootPipeline.from_pretrained(args.student).generator.student
     teacher = TeacherSampler(args.teacher, 50)
-    captions = shapes.sample_captions(args.n, 0, "eval")
+    captions = world.sample_captions(args.n, 0, "eval")
     seeds = [1_000_000 + i for i in range(args.n)]
-    two = np.array([len(shapes.parse(c).objects) == 2 for c in captions])
+    two = np.array([len(world.parse(c).objects) == 2 for c in captions])
     print("| handoff t | accuracy | single | two objects |\n|---|---|---|---|")
     for t in (int(x) for x in args.t.split(",")):
         ok = []
         for lo in range(0, args.n, 48):
             images = handoff_images(student, teacher, captions[lo:lo + 48], seeds[lo:lo + 48], t, args.guidance)
-            ok += [shapes.judge(c, im) for c, im in zip(captions[lo:lo + 48], images)]
+            ok += [judge(c, im) for c, im in zip(captions[lo:lo + 48], images)]
         ok = np.array(ok)
         print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% |",
               flush=True)

@@ -1,6 +1,6 @@
 """Pack precomputed text states small enough to carry to a GPU machine (64 MiB of files), and unpack them.
 
-    python -m boot_tools.pack_states pack   STATES_DIR PACKED_DIR   # STATES_DIR: `python -m distill.text precompute`
+    python -m boot_tools.pack_states pack   STATES_DIR PACKED_DIR   # STATES_DIR from shapes_world.text_states
     python -m boot_tools.pack_states unpack PACKED_DIR STATES_DIR   # on the GPU machine (boot_tools/gpu/env.sh)
 
 pack reads a folder with states.safetensors (input_ids and fp16 states) and the tokenizer files and writes

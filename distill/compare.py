@@ -16,8 +16,9 @@ import math
 import time
 from pathlib import Path
 
-from distill import config, shapes
+from distill import config
 from distill.evaluate import StudentGenerator, TeacherSampler, evaluate
+from shapes_world import world
 
 
 def sign_test(a_only: int, b_only: int) -> float:
@@ -45,7 +46,7 @@ def main() -> None:
     gens = {"A": StudentGenerator(args.a), "B": StudentGenerator(args.b)}
     report = {"a": str(args.a), "b": str(args.b), "n": args.n, "seed": args.seed, "splits": {}}
     for split in args.splits.split(","):
-        captions = shapes.sample_captions(args.n, args.seed, split)
+        captions = world.sample_captions(args.n, args.seed, split)
         seeds = [config.SAMPLE_SEED0 + i for i in range(args.n)]
         reference = None
         t0 = time.time()

@@ -35,7 +35,7 @@ class RunConfig:
     """Every choice that shapes the student; stored in each checkpoint and in boot.json."""
 
     teacher: str = str(DEFAULT_TEACHER)
-    prompts: str = GRAMMAR  # a prompts file, or GRAMMAR (distill.shapes.sample_captions)
+    prompts: str = GRAMMAR  # a prompts file, or GRAMMAR (shapes_world.world.sample_captions)
     num_prompts: int = 4096  # captions drawn from the grammar
     preset: str = "quick"
     steps: int = 600

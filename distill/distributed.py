@@ -28,7 +28,7 @@ def setup_distributed(device: str) -> Dist:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-        # TF32 matmuls and convolutions, as distill.teacher trains; the GPU refinements that made the
+        # TF32 matmuls and convolutions, as the shapes teacher trains (shapes_world); the GPU refinements that made the
         # shipped student ran with them (docs/ablations.md, the GPU-scale refinement).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:

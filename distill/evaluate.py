@@ -29,7 +29,8 @@ from tqdm import tqdm
 from boot.contract import seed_noise_tensor as seed_noise  # noqa: F401  (evaluation's name for it)
 from boot.contract import to_uint8  # noqa: F401
 from boot.samplers import TeacherSampler  # noqa: F401  (re-exported)
-from distill import shapes
+from shapes_world import world
+from shapes_world.judge import judge_detailed
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
 
@@ -101,9 +102,9 @@ def evaluate(gen: Generator, captions: list[str], seeds: list[int], guidance_sca
     for lo in tqdm(range(0, len(captions), batch_size), desc=gen.name, leave=False):
         images += gen(captions[lo:lo + batch_size], seeds[lo:lo + batch_size], guidance_scale)
     seconds = (time.perf_counter() - t0) / max(len(captions), 1)
-    verdicts = [shapes.judge_detailed(c, im) for c, im in zip(captions, images)]
+    verdicts = [judge_detailed(c, im) for c, im in zip(captions, images)]
     ok = [v.ok for v in verdicts]
-    two = [len(shapes.parse(c).objects) == 2 for c in captions]
+    two = [len(world.parse(c).objects) == 2 for c in captions]
     attrs = {}
     for a in ATTRIBUTES:
         vals = [v.attributes[a] for v in verdicts if a in v.attributes]
@@ -138,7 +139,7 @@ def comparison_grid(columns: dict[str, list[Image.Image]], captions: list[str], 
     from PIL import ImageDraw
 
     names = list(columns)
-    cell = shapes.CANVAS * scale
+    cell = world.CANVAS * scale
     label_w, head_h = 260, 18
     sheet = Image.new("RGB", (label_w + len(names) * (cell + 4), head_h + rows * (cell + 4)), (30, 30, 30))
     draw = ImageDraw.Draw(sheet)
@@ -224,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
     p.add_argument("--n", type=int, default=300, help="captions of --split (default 300)")
-    p.add_argument("--split", choices=shapes.SPLITS, default="eval",
+    p.add_argument("--split", choices=world.SPLITS, default="eval",
                    help="caption split: eval (the reports' captions), unseen (every caption holds a composition the "
-                        "train split never does: distill.shapes.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
+                        "train split never does: shapes_world.world.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
                         "does), train, all (default eval)")
     p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
     p.add_argument("--guidance", type=float, default=None,
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
     if args.guidance_sweep is not None:
         gens = ([student] if student else []) + [TeacherSampler(args.teacher, args.sweep_steps)]
-        captions = shapes.sample_captions(args.n, args.seed, args.split)
+        captions = world.sample_captions(args.n, args.seed, args.split)
         guidance_sweep(gens, args.guidance_sweep, captions, [1_000_000 + i for i in range(args.n)], args.out)
         print((args.out / "guidance.md").read_text())
         return
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if any(s < 1 for s in steps):
         p.error("--steps must all be >= 1")
-    captions = shapes.sample_captions(args.n, args.seed, args.split)
+    captions = world.sample_captions(args.n, args.seed, args.split)
     seeds = [1_000_000 + i for i in range(args.n)]
     results, images = [], {}
     reference = None

@@ -44,9 +44,9 @@ def read_prompts(path: str | Path) -> list[str]:
 def load_prompts(cfg: RunConfig) -> tuple[list[str], dict]:
     """Training prompts and the provenance record stored in boot.json."""
     if cfg.prompts == GRAMMAR:
-        from distill import shapes
+        from shapes_world import world
 
-        prompts = shapes.sample_captions(cfg.num_prompts, cfg.seed, "train")
+        prompts = world.sample_captions(cfg.num_prompts, cfg.seed, "train")
         return prompts, {"source": GRAMMAR, "split": "train", "seed": cfg.seed, "count": len(prompts),
                          "distinct": len(set(prompts))}
     prompts = read_prompts(cfg.prompts)

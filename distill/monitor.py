@@ -95,9 +95,10 @@ class Validation:
     the file."""
 
     def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
-        from distill import selection, shapes
+        from distill import selection
+        from shapes_world import world
 
-        self.captions = (shapes.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+        self.captions = (world.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
                          else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
         self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
         self.judged = cfg.prompts == GRAMMAR
@@ -181,9 +182,10 @@ class Validation:
 
 def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path) -> dict:
     """Judge accuracy of student-1 and teacher-50 on held-out grammar captions (same noise)."""
-    from distill import evaluate, shapes
+    from distill import evaluate
+    from shapes_world import world
 
-    captions = shapes.sample_captions(cfg.eval_n, cfg.seed, "eval")
+    captions = world.sample_captions(cfg.eval_n, cfg.seed, "eval")
     seeds = [SAMPLE_SEED0 + i for i in range(cfg.eval_n)]
     ref = evaluate.TeacherSampler(teacher.folder, config.REFERENCE_STEPS, w,
                                   parts=(teacher.text, teacher.unet, teacher.vae))
@@ -205,15 +207,15 @@ def final_losses(log: Path, last: int = 20) -> dict:
 
 
 def plot_loss(log_path: Path, work: Path) -> None:
-    from distill.teacher import plot_losses
+    from shapes_world.plots import plot_losses
 
     plot_losses(log_path, work / "loss.png", ["loss", "bootstrap", "boundary"], "BOOT loss (L = L_BS + β L_BC)")
 
 
 def sample_prompt_list(cfg: RunConfig, prompts: list[str]) -> list[str]:
     if cfg.prompts == GRAMMAR:
-        from distill import shapes
+        from shapes_world import world
 
-        return shapes.sample_captions(N_SAMPLES, cfg.seed, "eval")
+        return world.sample_captions(N_SAMPLES, cfg.seed, "eval")
     return list(dict.fromkeys(prompts))[:N_SAMPLES]
 

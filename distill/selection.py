@@ -100,10 +100,11 @@ class TeacherReference:
 
 def judge_scores(captions: list[str], images: list[Image.Image]) -> dict:
     """Shapes-judge accuracy overall and on single- and two-object captions."""
-    from distill import shapes
+    from shapes_world.judge import judge
+    from shapes_world.world import parse
 
-    ok = np.array([shapes.judge(c, im) for c, im in zip(captions, images)])
-    two = np.array([len(shapes.parse(c).objects) == 2 for c in captions])
+    ok = np.array([judge(c, im) for c, im in zip(captions, images)])
+    two = np.array([len(parse(c).objects) == 2 for c in captions])
     return {"accuracy": float(ok.mean()),
             "single": float(ok[~two].mean()) if (~two).any() else None,
             "two": float(ok[two].mean()) if two.any() else None}
@@ -111,11 +112,11 @@ def judge_scores(captions: list[str], images: list[Image.Image]) -> dict:
 
 def is_grammar(prompts: list[str]) -> bool:
     """True when every prompt parses in the shapes grammar (the judge can score them)."""
-    from distill import shapes
+    from shapes_world.world import parse
 
     try:
         for p in prompts:
-            shapes.parse(p)
+            parse(p)
     except ValueError:
         return False
     return True
@@ -159,8 +160,9 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     from boot.folders import STUDENT_META, read_meta
-    from distill import config, loading, shapes, student_folder
+    from distill import config, loading, student_folder
     from distill.evaluate import StudentGenerator
+    from shapes_world import world
 
     p = argparse.ArgumentParser(prog="python -m distill.selection", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=_floats, required=True, metavar="W1,W2,...", help="guidance scales to score")
     p.add_argument("--prompts", type=Path, default=None,
                    help="UTF-8 file, one prompt per line (default: --n captions of the shapes grammar's --split)")
-    p.add_argument("--split", choices=shapes.SPLITS, default="eval", help="grammar split (default eval)")
+    p.add_argument("--split", choices=world.SPLITS, default="eval", help="grammar split (default eval)")
     p.add_argument("--n", type=int, default=200, help="prompts scored (default 200)")
     p.add_argument("--seed", type=int, default=11,
                    help="caption seed; noise seeds are 1,000,000 + i (default 11: neither the eval table's 0 nor "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.prompts:
             prompts = validation_prompts(loading.read_prompts(args.prompts), args.n, args.seed)
         else:
-            prompts = shapes.sample_captions(args.n, args.seed, args.split)
+            prompts = world.sample_captions(args.n, args.seed, args.split)
         w_teacher = args.teacher_guidance or float(read_meta(teacher).get("guidance_scale", 7.5))
     except (OSError, ValueError, KeyError) as err:
         p.error(f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err))

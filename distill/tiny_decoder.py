@@ -137,9 +137,9 @@ def _pool_key(recipe: Recipe, split: str, n: int, first_seed: int) -> str:
 def make_latents(pipe, recipe: Recipe, split: str, n: int, first_seed: int, chunk: int = 64) -> tuple:
     """n latents and their captions: captions of `split`, seeds first_seed + i, one guidance scale per chunk
     drawn uniformly from the student's range; the student's one step, or the teacher's DDIM (--source)."""
-    from distill import shapes
+    from shapes_world import world
 
-    captions = shapes.sample_captions(n, recipe.seed + 17, split)
+    captions = world.sample_captions(n, recipe.seed + 17, split)
     rng = np.random.default_rng([recipe.seed, first_seed])
     lo, hi = pipe.guidance_range
     sampler = None
@@ -405,13 +405,14 @@ def judge(student: str, folder: Path, n: int, out: Path) -> dict:
     """distill.evaluate's judge on n eval captions (its seeds): the student with its full VAE decoder and with
     the tiny decoder of `folder` (the PSNR column: tiny vs full images)."""
     from boot.pipeline import BootPipeline
-    from distill import evaluate, shapes
+    from distill import evaluate
+    from shapes_world import world
 
     full = BootPipeline.from_pretrained(student)
     tiny = BootPipeline.from_pretrained(student)
     tiny.vae = load_tiny_decoder(folder, full.vae.config)
     tiny.name = "student-1-tiny-decoder"
-    captions = shapes.sample_captions(n, 0, "eval")
+    captions = world.sample_captions(n, 0, "eval")
     seeds = [1_000_000 + i for i in range(n)]
     res_full, im_full = evaluate.evaluate(full, captions, seeds)
     res_tiny, im_tiny = evaluate.evaluate(tiny, captions, seeds, reference=im_full)

@@ -16,7 +16,9 @@ import torch
 
 from boot import method as boot
 from boot.folders import read_meta
-from distill import diffusers_folder, shapes
+from distill import diffusers_folder
+from shapes_world import world
+from shapes_world.judge import judge
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,11 +192,11 @@ def test_shipped_teacher_in_plain_diffusers_tokenizes_to_16_and_draws_single_obj
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
     assert ids.shape == (1, 16)
-    captions = [c for c in shapes.sample_captions(40, 3, "eval") if len(shapes.parse(c).objects) == 1][:4]
+    captions = [c for c in world.sample_captions(40, 3, "eval") if len(world.parse(c).objects) == 1][:4]
     assert len(captions) == 4
     images = pipe(captions, num_inference_steps=meta["num_inference_steps"], guidance_scale=meta["guidance_scale"],
                   generator=torch.Generator().manual_seed(0)).images
-    assert [shapes.judge(c, im) for c, im in zip(captions, images)] == [True] * 4
+    assert [judge(c, im) for c, im in zip(captions, images)] == [True] * 4
 
 
 SHIPPED_STUDENT = ROOT / "pretrained" / "shapes-boot"
@@ -210,10 +212,10 @@ def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
     exec(compile(code, "docs/diffusers.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
-    assert scope["image"].size == (64, 64) and shapes.judge("a red circle", scope["image"])
+    assert scope["image"].size == (64, 64) and judge("a red circle", scope["image"])
     pipe, ref = scope["pipe"], BootPipeline.from_pretrained(SHIPPED_STUDENT)
     pipe.set_progress_bar_config(disable=True)
-    captions = shapes.sample_captions(4, 5, "eval")
+    captions = world.sample_captions(4, 5, "eval")
     latents = ref.noise(SEEDS + [3])
     for w in (1.0, 3.5, 6.0):  # the recorded range, (1, 6)
         expected = np.stack([np.asarray(im) for im in ref(captions, SEEDS + [3], w)]).astype(int)

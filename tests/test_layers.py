@@ -2,7 +2,9 @@
 
     demo/          -> boot_serve, boot
     boot_serve/    -> boot                 (serving never imports training code)
-    distill/       -> boot, boot_serve.client (evaluating a served model)
+    distill/       -> boot, shapes_world, boot_serve.client (evaluating a served model)
+    shapes_world/  -> boot                 (the shapes world, its judge and its teacher's trainer)
+    boot_tools/    -> boot, boot_serve, distill, shapes_world (user tools; nothing imports them)
     boot/          -> only itself
     boot_serve/triton_model.py (every Triton model's 1/model.py) -> none of them (NVIDIA's Triton
                                   container runs it bare)
@@ -16,12 +18,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("boot", "boot_serve", "distill", "demo")
+PACKAGES = ("boot", "boot_serve", "distill", "demo", "shapes_world", "boot_tools")
 ALLOWED = {
     "boot": {"boot"},
     "boot_serve": {"boot", "boot_serve"},
     "demo": {"boot", "boot_serve", "demo"},
-    "distill": {"boot", "distill", "boot_serve.client"},
+    "distill": {"boot", "distill", "shapes_world", "boot_serve.client"},
+    "shapes_world": {"boot", "shapes_world"},
+    "boot_tools": {"boot", "boot_serve", "distill", "shapes_world", "boot_tools"},
     "model_repository": set(),
 }
 
@@ -56,7 +60,7 @@ def violations(layer: str, files: list[Path]) -> dict[str, list[str]]:
     return bad
 
 
-@pytest.mark.parametrize("layer", ["boot", "boot_serve", "demo", "distill"])
+@pytest.mark.parametrize("layer", ["boot", "boot_serve", "demo", "distill", "shapes_world", "boot_tools"])
 def test_packages_import_only_layers_below(layer):
     assert violations(layer, sorted((ROOT / layer).rglob("*.py"))) == {}
 
@@ -70,14 +74,15 @@ def test_triton_models_import_no_project_package():
 def test_the_checker_finds_a_violation():
     assert project_imports("def f():\n    from distill.evaluate import psnr\n") == {"distill.evaluate",
                                                                               "distill.evaluate.psnr"}
-    assert not allowed("boot_serve", "distill.shapes")
+    assert not allowed("boot_serve", "shapes_world.world") and not allowed("demo", "shapes_world")
+    assert allowed("distill", "shapes_world.judge") and not allowed("shapes_world", "distill.evaluate")
     assert allowed("distill", "boot_serve.client") and not allowed("distill", "boot_serve.export")
     assert allowed("demo", "boot_serve.demo_backend")
 
 
 def test_example_prompts_are_the_shapes_eval_captions():
     from boot_serve.prompts import example_prompts
-    from distill.shapes import sample_captions
+    from shapes_world.world import sample_captions
 
     assert example_prompts(1000) == sample_captions(1000, 0, "eval")
     assert example_prompts(3, 999) == [sample_captions(1000, 0, "eval")[999], *sample_captions(2, 0, "eval")]

@@ -481,17 +481,18 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
     # The evaluation is what the exported folder does: its images and the teacher's 50-step ones on the
     # first 3 eval-split captions (noise seeds SAMPLE_SEED0 + i, the recommended w), judged and compared here.
     from boot.samplers import TeacherSampler
-    from distill import shapes
+    from shapes_world import world
+    from shapes_world.judge import judge
 
     ev, w = meta["evaluation"], meta["guidance_scale"]
-    captions, seeds = shapes.sample_captions(3, 0, "eval"), [config.SAMPLE_SEED0 + i for i in range(3)]
+    captions, seeds = world.sample_captions(3, 0, "eval"), [config.SAMPLE_SEED0 + i for i in range(3)]
     student = BootPipeline.from_pretrained(out)(captions, seeds, w)
     teacher_images = TeacherSampler(teacher, 50, w)(captions, seeds, w)
     report = json.loads((tmp_path / "w" / "eval" / "report.json").read_text())
     assert report["captions"] == captions and ev["captions"] == 3 and ev["guidance_scale"] == w == 3.0
     correct = {r["name"]: r["correct"] for r in report["results"]}
-    assert correct["student-1"] == [int(shapes.judge(c, im)) for c, im in zip(captions, student)]
-    assert correct["teacher-50"] == [int(shapes.judge(c, im)) for c, im in zip(captions, teacher_images)]
+    assert correct["student-1"] == [int(judge(c, im)) for c, im in zip(captions, student)]
+    assert correct["teacher-50"] == [int(judge(c, im)) for c, im in zip(captions, teacher_images)]
     assert ev["student_accuracy"] == pytest.approx(np.mean(correct["student-1"]))
     assert ev["teacher50_accuracy"] == pytest.approx(np.mean(correct["teacher-50"]))
     assert ev["psnr_vs_teacher"] == pytest.approx(np.mean([_psnr(a, b) for a, b in zip(student, teacher_images)]),
@@ -625,15 +626,13 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
 def test_validation_keeps_the_best_step_and_exports_it(setup, tmp_path, monkeypatch, capsys):
     """--val-every judges the exported student at steps 0, 2, 4 (val.jsonl, val.png); with --keep best
     the student folder gets the best step's weights, which here the judge says is step 2."""
-    from distill import shapes
-
     calls = {"n": 0}
 
     def judge(caption, image):  # 3 captions per validation: calls 3..5 are step 2's
         calls["n"] += 1
         return 4 <= calls["n"] <= 6
 
-    monkeypatch.setattr(shapes, "judge", judge)
+    monkeypatch.setattr("shapes_world.judge.judge", judge)
     _, teacher, _ = setup
     work, out = tmp_path / "w", tmp_path / "s"
     run.main(["--teacher", str(teacher), "--num-prompts", "12", *FLAGS, "--sample-every", "0", "--eval-n", "0",

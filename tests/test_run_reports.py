@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from boot import method as boot
-from distill import config, evaluate, run, selection, shapes
+from distill import config, evaluate, run, selection
+from shapes_world import world
 from tests.tiny import make_tiny_student, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,14 +81,14 @@ def _fresh_evaluation(student: Path, teacher: Path, w: float, out: Path, subproc
 def _prefer_step_2(monkeypatch) -> None:
     """The validation's judge (VAL_N captions each at steps 0, 2, 4) passes step 2 only, so --keep best --select
     judge exports step 2 of 4: neither the start nor the last step. The end-of-run evaluation judges with
-    shapes.judge_detailed, which stays the real judge."""
+    shapes_world.judge.judge_detailed, which stays the real judge."""
     calls = {"n": 0}
 
     def judge(caption, image):
         calls["n"] += 1
         return VAL_N < calls["n"] <= 2 * VAL_N
 
-    monkeypatch.setattr(shapes, "judge", judge)
+    monkeypatch.setattr("shapes_world.judge.judge", judge)
 
 
 def _check_reports(teacher: Path, out: Path, work: Path, printed: str, fresh: dict) -> dict:
@@ -114,7 +115,7 @@ def _check_reports(teacher: Path, out: Path, work: Path, printed: str, fresh: di
     records = [json.loads(line) for line in (work / "val.jsonl").read_text().splitlines()]
     assert [(r["step"], r["accuracy"]) for r in records] == [(0, 0.0), (2, 1.0), (4, 0.0)]
     assert meta["steps"] == meta["validation"]["best"]["step"] == 2 and meta["steps_run"] == 4
-    captions, seeds = shapes.sample_captions(VAL_N, SEED + 1, "eval"), [config.VAL_SEED0 + i for i in range(VAL_N)]
+    captions, seeds = world.sample_captions(VAL_N, SEED + 1, "eval"), [config.VAL_SEED0 + i for i in range(VAL_N)]
     images = BootPipeline.from_pretrained(out)(captions, seeds, w)
     reference = [Image.fromarray(a) for a in load_file(work / "val_teacher.safetensors")["images"].numpy()]
     assert meta["validation"]["best"]["psnr_vs_teacher"] == selection.mean_psnr(images, reference)
@@ -137,7 +138,7 @@ def test_the_default_run_reports_what_its_folder_does(teacher, tmp_path, monkeyp
     assert meta["conditioning"]["kind"] == boot.DEFAULT_CONDITIONING
     assert meta["conditioning"]["trained_as"]["kind"] == boot.LEGACY_CONDITIONING
     # 3. The sample grid's PSNR is the folder's, against the teacher's images of the same prompts and seeds.
-    prompts = shapes.sample_captions(config.N_SAMPLES, SEED, "eval")
+    prompts = world.sample_captions(config.N_SAMPLES, SEED, "eval")
     seeds = [config.SAMPLE_SEED0 + i for i in range(config.N_SAMPLES)]
     pipe = BootPipeline.from_pretrained(out)
     grid, teacher_grid = pipe(prompts, seeds, w), TeacherSampler(teacher, config.REFERENCE_STEPS, w)(prompts, seeds, w)

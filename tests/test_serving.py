@@ -601,10 +601,10 @@ def test_64_concurrent_requests_from_8_clients(triton_server):
 
 def test_served_model_as_an_evaluation_generator(triton_server, reference):
     """distill.evaluate --url: the served model judged like any generator, PSNR vs the in-process one."""
-    from distill import shapes
     from distill.evaluate import ServedGenerator, evaluate
+    from shapes_world import world
 
-    captions = shapes.sample_captions(12, 3, "eval")
+    captions = world.sample_captions(12, 3, "eval")
     seeds = list(range(100, 112))
     gen = ServedGenerator(triton_server.http_url)
     res, images = evaluate(gen, captions, seeds, None, reference(captions, seeds))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from distill import shapes as S
+from shapes_world import world as S
+from shapes_world.judge import judge, judge_detailed
 
 # Fresh seeds every run, printed so a failure can be reproduced.
 RUN_SEED = random.SystemRandom().randrange(1 << 30)
@@ -21,13 +22,13 @@ def eval_set():
 
 def test_judge_accepts_renders_of_own_caption(eval_set):
     caps, imgs = eval_set
-    ok = sum(S.judge(c, im) for c, im in zip(caps, imgs))
+    ok = sum(judge(c, im) for c, im in zip(caps, imgs))
     assert ok >= 990, f"judge accepted {ok}/1000 clean renders (seed {RUN_SEED})"
 
 
 def test_judge_accepts_blurred_renders(eval_set):
     caps, imgs = eval_set
-    ok = sum(S.judge(c, ndimage.gaussian_filter(im.astype(np.float32), (0.7, 0.7, 0)))
+    ok = sum(judge(c, ndimage.gaussian_filter(im.astype(np.float32), (0.7, 0.7, 0)))
              for c, im in zip(caps, imgs))
     assert ok >= 970, f"judge accepted {ok}/1000 blurred renders (seed {RUN_SEED})"
 
@@ -36,24 +37,24 @@ def test_judge_rejects_other_captions(eval_set):
     caps, imgs = eval_set
     wrong = [caps[(i + 1 + i % 7) % len(caps)] for i in range(len(caps))]
     pairs = [(w, im) for c, w, im in zip(caps, wrong, imgs) if w != c]
-    accepted = sum(S.judge(w, im) for w, im in pairs)
+    accepted = sum(judge(w, im) for w, im in pairs)
     assert accepted <= 0.03 * len(pairs), f"judge accepted {accepted}/{len(pairs)} mismatched pairs"
 
 
 def test_per_attribute_breakdown_names_the_wrong_attribute():
     img = S.render_array("a large red circle in the top left", 3)
-    v = S.judge_detailed("a large blue circle in the top left", img)
+    v = judge_detailed("a large blue circle in the top left", img)
     assert not v.ok and v.attributes["color"] is False and v.attributes["shape"] is True
-    v = S.judge_detailed("a large red square in the top left", img)
+    v = judge_detailed("a large red square in the top left", img)
     assert v.attributes == {"count": True, "color": True, "shape": False, "size": True, "position": True}
-    v = S.judge_detailed("a small red circle at the bottom right", img)
+    v = judge_detailed("a small red circle at the bottom right", img)
     assert v.attributes["size"] is False and v.attributes["position"] is False
     two = S.render_array("a green triangle left of a white square", 5)
-    assert S.judge("a green triangle left of a white square", two)
-    v = S.judge_detailed("a green triangle right of a white square", two)
+    assert judge("a green triangle left of a white square", two)
+    v = judge_detailed("a green triangle right of a white square", two)
     assert v.attributes["relation"] is False and v.attributes["color"] and v.attributes["shape"]
-    assert S.judge_detailed("a green triangle", two).attributes["count"] is False
-    assert S.judge_detailed("a red circle", np.zeros((64, 64, 3), np.uint8)).attributes["count"] is False
+    assert judge_detailed("a green triangle", two).attributes["count"] is False
+    assert judge_detailed("a red circle", np.zeros((64, 64, 3), np.uint8)).attributes["count"] is False
 
 
 def test_render_follows_pixel_spec():

@@ -13,8 +13,9 @@ import torch
 from boot import text
 from boot.folders import load_teacher_pipeline
 from boot.samplers import TeacherSampler
-from distill import shapes
 from distill.evaluate import evaluate, seed_noise
+from shapes_world import world
+from shapes_world.judge import judge
 from tests.tiny import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ SHIPPED = ROOT / "pretrained" / "shapes-teacher"
 
 def test_text_encoder_loads_offline_and_fits_the_grammar():
     tok, enc = text.load_tokenizer(), text.load_text_encoder()
-    longest = max(shapes.sample_captions(3000, 0), key=lambda c: len(tok(c).input_ids))
+    longest = max(world.sample_captions(3000, 0), key=lambda c: len(tok(c).input_ids))
     assert len(tok(longest).input_ids) <= text.MAX_LENGTH
     states = text.encode(["a red circle", ""], tok, enc)
     assert states.shape == (2, text.MAX_LENGTH, text.HIDDEN_SIZE)
@@ -61,9 +62,9 @@ def test_evaluate_reports_attributes(tmp_path):
         name, nfe = "render", 0
 
         def __call__(self, prompts, seeds, guidance_scale=None):
-            return [shapes.render(p, s) for p, s in zip(prompts, seeds)]
+            return [world.render(p, s) for p, s in zip(prompts, seeds)]
 
-    caps = shapes.sample_captions(40, 0, "eval")
+    caps = world.sample_captions(40, 0, "eval")
     res, images = evaluate(RenderGenerator(), caps, list(range(40)))
     assert res.accuracy == 1.0 and res.attributes["color"] == 1.0 and len(images) == 40
     res, _ = evaluate(RenderGenerator(), caps, list(range(40)), reference=images)
@@ -79,10 +80,10 @@ def test_report_keeps_per_caption_verdicts(tmp_path):
         name, nfe = "even", 1
 
         def __call__(self, prompts, seeds, guidance_scale=None):
-            return [shapes.render(p, s) if s % 2 == 0 else shapes.render(p, s).point(lambda v: 0)
+            return [world.render(p, s) if s % 2 == 0 else world.render(p, s).point(lambda v: 0)
                     for p, s in zip(prompts, seeds)]
 
-    caps = shapes.sample_captions(10, 0, "eval")
+    caps = world.sample_captions(10, 0, "eval")
     res, images = evaluate(EvenSeedsRight(), caps, list(range(10)))
     write_report([res], {"even": images}, caps, tmp_path, "t")
     report = json.loads((tmp_path / "report.json").read_text())
@@ -98,10 +99,10 @@ def test_guidance_sweep_reports_the_curve(tmp_path):
 
         def __call__(self, prompts, seeds, guidance_scale=None):
             if guidance_scale >= 3:
-                return [shapes.render(p, s) for p, s in zip(prompts, seeds)]
-            return [shapes.render(p, s).point(lambda v: 0) for p, s in zip(prompts, seeds)]
+                return [world.render(p, s) for p, s in zip(prompts, seeds)]
+            return [world.render(p, s).point(lambda v: 0) for p, s in zip(prompts, seeds)]
 
-    caps = shapes.sample_captions(12, 1, "eval")
+    caps = world.sample_captions(12, 1, "eval")
     report = guidance_sweep([GuidedRender()], [1.0, 3.0, 5.0], caps, list(range(12)), tmp_path)
     assert [r["accuracy"] for r in report["generators"]["guided"]] == [0.0, 1.0, 1.0]
     assert "| guided | 0.0 | 100.0 | 100.0 |" in (tmp_path / "guidance.md").read_text()
@@ -110,7 +111,7 @@ def test_guidance_sweep_reports_the_curve(tmp_path):
 
 def test_teacher_training_cli_end_to_end_and_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    base = [sys.executable, "-m", "distill.teacher", "--work", str(tmp_path / "w"), "--out",
+    base = [sys.executable, "-m", "shapes_world", "--work", str(tmp_path / "w"), "--out",
             str(tmp_path / "out"), "--dataset-size", "64", "--unet-steps", "2"]
     subprocess.run(base + ["--vae-steps", "2", "--stage", "vae"], check=True, cwd=ROOT, env=env,
                    capture_output=True)
@@ -131,7 +132,7 @@ def test_teacher_cli_recipe_overrides_reach_the_exported_folder(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     attn = '["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"]'
     run = subprocess.run(
-        [sys.executable, "-m", "distill.teacher", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+        [sys.executable, "-m", "shapes_world", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
          "--dataset-size", "300", "--vae-steps", "1", "--unet-steps", "2", "--workers", "2",
          "--set", "unet_batch=4", "--set", f"unet_down={attn}", "--set", f"unet_up={attn.replace('Down', 'Up')}"],
         cwd=ROOT, env=env, capture_output=True, text=True)
@@ -151,10 +152,10 @@ def test_teacher_cli_recipe_overrides_reach_the_exported_folder(tmp_path):
     ("unet_down=3", "unet_down must be JSON of type tuple"),
 ])
 def test_teacher_cli_refuses_bad_overrides(item, message, capsys, tmp_path):
-    from distill import teacher
+    from shapes_world.__main__ import main
 
     with pytest.raises(SystemExit) as exc:
-        teacher.main(["--work", str(tmp_path), "--set", item])
+        main(["--work", str(tmp_path), "--set", item])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -173,15 +174,15 @@ def test_shipped_teacher_size_and_recommendations():
 def test_shipped_vae_round_trip_keeps_attributes():
     from diffusers import AutoencoderKL
 
-    from distill.teacher import to_model_range
+    from shapes_world.teacher import to_model_range
 
     vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", use_safetensors=True).eval()
-    caps = shapes.sample_captions(200, 4242, "eval")
-    imgs = np.stack([shapes.render_array(c, i) for i, c in enumerate(caps)])
+    caps = world.sample_captions(200, 4242, "eval")
+    imgs = np.stack([world.render_array(c, i) for i, c in enumerate(caps)])
     with torch.no_grad():
         rec = vae.decode(vae.encode(to_model_range(imgs)).latent_dist.mean).sample
     rec = ((rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    ok = sum(shapes.judge(c, r) for c, r in zip(caps, rec))
+    ok = sum(judge(c, r) for c, r in zip(caps, rec))
     assert ok >= 0.98 * len(caps), f"round trip kept {ok}/{len(caps)}"
 
 
@@ -201,11 +202,11 @@ def test_teacher_init_from_continues_the_shipped_teacher(tmp_path, capsys):
     """--init-from keeps the folder's VAE, latent scale and UNet (lr 0: the export equals the folder)."""
     from safetensors.torch import load_file
 
-    from distill import teacher
+    from shapes_world.__main__ import main
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "distill.teacher", "--init-from", str(SHIPPED), "--work", str(tmp_path / "w"),
+        [sys.executable, "-m", "shapes_world", "--init-from", str(SHIPPED), "--work", str(tmp_path / "w"),
          "--out", str(tmp_path / "out"), "--dataset-size", "64", "--unet-steps", "2",
          "--set", "unet_batch=2", "--set", "unet_lr=0.0"],
         cwd=ROOT, env=env, capture_output=True, text=True)
@@ -223,8 +224,8 @@ def test_teacher_init_from_continues_the_shipped_teacher(tmp_path, capsys):
     assert scale(tmp_path / "out") == scale(SHIPPED)
 
     with pytest.raises(SystemExit) as exc:
-        teacher.main(["--init-from", str(SHIPPED), "--work", str(tmp_path / "x"), "--set", "unet_channels=[32,64,64]"])
+        main(["--init-from", str(SHIPPED), "--work", str(tmp_path / "x"), "--set", "unet_channels=[32,64,64]"])
     assert exc.value.code == 2 and "cannot change unet_channels" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        teacher.main(["--init-from", str(tmp_path), "--work", str(tmp_path / "x")])
+        main(["--init-from", str(tmp_path), "--work", str(tmp_path / "x")])
     assert exc.value.code == 2 and "not a teacher folder" in capsys.readouterr().err

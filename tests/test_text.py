@@ -1,4 +1,4 @@
-"""Precomputed text states (distill.text precompute + BOOT_TEXT_STATES) stand in for the encoder exactly."""
+"""Precomputed text states (shapes_world.text_states precompute + BOOT_TEXT_STATES) stand in for the encoder exactly."""
 
 import pytest
 import torch

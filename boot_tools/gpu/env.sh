@@ -4,7 +4,7 @@
 #   carried to the machine are limited) a tar.xz of an installed site folder:
 #   `pip install --no-deps --target D WHEELS && tar -C D -cJf .whl/site.tar.xz .`.
 # - Text states: .devdata/textpk, made by `python -m boot_tools.pack_states pack STATES .devdata/textpk` from
-#   `python -m distill.text precompute STATES`; unpacked into $W/text.
+#   `python -m shapes_world.text_states precompute STATES`; unpacked into $W/text.
 # Outputs: packages in /tmp/site, states in $W/text; exports PYTHONPATH, BOOT_TEXT_STATES and
 # PYTHONUNBUFFERED; exits the calling script on failure.
 mkdir -p /tmp/site "$W"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tune the shipped pair on one GPU in about 9 minutes, on a machine with no internet: go on training
-# pretrained/shapes-teacher at batch 512 (`distill.teacher --init-from`) for TEACHER_MIN minutes, then go
+# pretrained/shapes-teacher at batch 512 (`python -m shapes_world --init-from`) for TEACHER_MIN minutes, then go
 # on distilling pretrained/shapes-boot against that new teacher (`distill.run --init-from`, batch 64) for
 # the time left before DEADLINE seconds. If the teacher stage fails, the student goes on against the
 # shipped teacher instead.
@@ -33,7 +33,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 'cuda', torch.cuda.is_available())" || exit 1
 
 stamp "teacher: go on training pretrained/shapes-teacher"
-python3 -m distill.teacher --device "$DEV" --workers 14 --init-from pretrained/shapes-teacher \
+python3 -m shapes_world --device "$DEV" --workers 14 --init-from pretrained/shapes-teacher \
     --work $W/t3 --out $W/teacher-v3 --fit-minutes "$TEACHER_MIN" "${SIZES[@]}" \
     --set unet_warmup=200 --set checkpoint_every=1000 > $W/teacher.log 2>&1
 TEACHER=$W/teacher-v3

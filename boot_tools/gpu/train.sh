@@ -10,7 +10,7 @@
 #   SMOKE=1 DEVICE=cpu bash boot_tools/gpu/train.sh     # a few steps of everything, to check it on a CPU
 #
 # Inputs: .devdata/textpk and packages in .whl/ (see boot_tools/gpu/env.sh), .devdata/teacher2/vae (a
-# model-only checkpoint of distill.teacher's VAE stage). Environment: TEACHER_MIN (3.5), B_MIN (7.0),
+# model-only checkpoint of the VAE stage of `python -m shapes_world`). Environment: TEACHER_MIN (3.5), B_MIN (7.0),
 # C_MIN (3.0), DEVICE (cuda), WORK (/tmp/boot-work). Outputs in RESULTS: teacher-v2-unet.tar and
 # teacher-v2-rest.tar.gz (A's teacher), student-v1.tar and student-v2.tar (B's and C's students, UNet
 # in fp16, without the VAE, each under 16 MiB), logs.tar.gz.
@@ -52,11 +52,11 @@ V2=(--set 'unet_down=["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDo
     --set unet_lr=0.0003 "${SIZES[@]}")
 mkdir -p $W/t2 && cp -r .devdata/teacher2/vae $W/t2/
 stamp "job A: teacher v2 latents"
-python3 -m distill.teacher --device "$DEV" --workers 12 --work $W/t2 --stage latents "${V2[@]}" > $W/teacher-v2.log 2>&1
+python3 -m shapes_world --device "$DEV" --workers 12 --work $W/t2 --stage latents "${V2[@]}" > $W/teacher-v2.log 2>&1
 stamp "job A: teacher v2 UNet"
-python3 -m distill.teacher --device "$DEV" --work $W/t2 --stage unet --fit-minutes "$TEACHER_MIN" "${V2[@]}" >> $W/teacher-v2.log 2>&1
+python3 -m shapes_world --device "$DEV" --work $W/t2 --stage unet --fit-minutes "$TEACHER_MIN" "${V2[@]}" >> $W/teacher-v2.log 2>&1
 stamp "job A: export"
-python3 -m distill.teacher --work $W/t2 --out $W/teacher-v2 --stage export "${V2[@]}" >> $W/teacher-v2.log 2>&1
+python3 -m shapes_world --work $W/t2 --out $W/teacher-v2 --stage export "${V2[@]}" >> $W/teacher-v2.log 2>&1
 tar -C $W -cf "$RESULTS/teacher-v2-unet.tar" teacher-v2/unet
 tar -C $W --exclude teacher-v2/unet -czf "$RESULTS/teacher-v2-rest.tar.gz" teacher-v2 t2/unet/loss.jsonl t2/unet/loss.png t2/latents.json t2/samples.png
 stamp "job A done: $(grep -o 'fit-minutes.*' $W/teacher-v2.log | tail -1)"

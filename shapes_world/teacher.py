@@ -1,28 +1,13 @@
-"""Train the shipped "shapes" teacher: an SD-shaped latent text-to-image model (docs/teacher.md).
-
-    python -m distill.teacher                       # all stages, resumable; writes pretrained/shapes-teacher
-    python -m distill.teacher --stage unet          # one stage only
-    python -m distill.teacher --init-from pretrained/shapes-teacher --out DIR --set unet_batch=512
-                                                    # go on training a teacher folder (e.g. on a GPU)
-
-Stages, each resumable from the checkpoints in `--work`:
-  1. vae      AutoencoderKL, 64x64x3 <-> 4x16x16, L1 + MSE + a small KL term;
-  2. latents  a fixed set of rendered images encoded once (posterior mean and std) plus the
-              MiniLM states of every distinct caption: the UNet stage then costs no rendering;
-  3. unet     UNet2DConditionModel, v-prediction on a zero-terminal-SNR schedule, min-SNR-5
-              loss weights, 10% caption dropout for classifier-free guidance, EMA;
-  4. export   a diffusers StableDiffusionPipeline folder (text encoder and tokenizer left out:
-              they come from the installed MiniLM package) + boot_teacher.json + sample grid.
-"""
+"""The four stages that train the shapes teacher, an SD-shaped latent text-to-image model
+(docs/teacher.md): train_vae, cache_latents, train_unet, export. Each resumes from the checkpoints in its
+work folder; `python -m shapes_world` runs them (its --help says what each stage does)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,91 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from boot import text
-from distill import checkpoint, diffusers_folder, shapes
-
-DEFAULT_OUT = Path("pretrained/shapes-teacher")
-DEFAULT_WORK = Path("runs/teacher")
-
-
-@dataclass
-class TeacherConfig:
-    """Every hyperparameter of the teacher recipe; stored with each checkpoint and the model."""
-
-    seed: int = 0
-    # VAE
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 4
-    vae_steps: int = 1500
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    # cached training set
-    dataset_size: int = 80_000
-    # UNet
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_down: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    unet_up: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
-    unet_layers_per_block: int = 1
-    attention_heads: int = 8
-    unet_steps: int = 12_000
-    unet_batch: int = 32
-    unet_lr: float = 2e-4
-    unet_warmup: int = 500
-    unet_min_lr_ratio: float = 0.1
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    # noise schedule (diffusers names)
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "v_prediction"
-    rescale_betas_zero_snr: bool = True
-    timestep_spacing: str = "trailing"
-    # sampling recommendation, written to boot_teacher.json
-    guidance_scale: float = 4.0
-    num_inference_steps: int = 50
-    # bookkeeping
-    checkpoint_every: int = 250
-    # a teacher folder this run continues: its VAE, latent scaling and UNet weights are the start
-    init_from: str = ""
-
-
-def scheduler_config(cfg: TeacherConfig) -> dict:
-    return dict(
-        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
-        timestep_spacing=cfg.timestep_spacing, clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def build_vae(cfg: TeacherConfig):
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=16,
-        sample_size=shapes.CANVAS, mid_block_add_attention=False,
-    )
-
-
-def build_unet(cfg: TeacherConfig):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=shapes.CANVAS // 2 ** (len(cfg.vae_channels) - 1),
-        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
-        block_out_channels=tuple(cfg.unet_channels), down_block_types=tuple(cfg.unet_down),
-        up_block_types=tuple(cfg.unet_up), layers_per_block=cfg.unet_layers_per_block,
-        cross_attention_dim=text.HIDDEN_SIZE, attention_head_dim=cfg.attention_heads,
-        norm_num_groups=32,
-    )
+from boot import checkpoint, text
+from shapes_world import world
+from shapes_world.plots import grid, plot_losses
+from shapes_world.recipe import TeacherConfig, build_unet, build_vae, config_of, scheduler_config
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -130,32 +34,6 @@ def _log(path: Path, record: dict) -> None:
 
 def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def plot_losses(log_path: Path, png_path: Path, keys: list[str], title: str) -> None:
-    """Loss curve PNG (raw and smoothed) from a JSON-lines log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = _read_log(log_path)
-    if not records:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = np.array([r["step"] for r in records])
-    for key in keys:
-        vals = np.array([r[key] for r in records])
-        ax.plot(steps, vals, alpha=0.25)
-        k = max(1, len(vals) // 50)
-        ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 def _resume(ckpt_dir: Path, modules: dict, optimizer) -> int:
@@ -176,11 +54,6 @@ def _elapsed_before(log: Path) -> float:
     """Wall time of the earlier pieces of a resumed stage, so logged times are cumulative."""
     records = _read_log(log)
     return float(records[-1]["time"]) if records else 0.0
-
-
-def _config_of(stored: dict) -> TeacherConfig:
-    """TeacherConfig from its JSON form (a checkpoint's meta or boot_teacher.json's recipe)."""
-    return TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
 def _lr_lambda(cfg: TeacherConfig):
@@ -205,7 +78,7 @@ def train_vae(cfg: TeacherConfig, work: Path) -> None:
     start = _resume(ckpt_dir, {"vae": vae}, opt)
     if start >= cfg.vae_steps:
         return
-    data = shapes.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="all")
+    data = world.iterate_batches(cfg.vae_batch, seed=cfg.seed * 7919 + start, split="all")
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + start)
     t0 = time.time() - _elapsed_before(log_path)
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
@@ -259,7 +132,7 @@ def load_trained_vae(cfg: TeacherConfig, work: Path):
 # --------------------------------------------------------------------------------------------
 def _render_chunk(job: tuple[list[str], int]) -> np.ndarray:
     captions, first_seed = job
-    return np.stack([shapes.render_array(c, first_seed + i) for i, c in enumerate(captions)])
+    return np.stack([world.render_array(c, first_seed + i) for i, c in enumerate(captions)])
 
 
 @torch.no_grad()
@@ -276,7 +149,7 @@ def cache_latents(cfg: TeacherConfig, work: Path, device: torch.device = torch.d
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     vae = load_trained_vae(cfg, work).to(device)
     tokenizer, encoder = text.load_tokenizer(), text.load_text_encoder().to(device)
-    captions = shapes.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="all")
+    captions = world.sample_captions(cfg.dataset_size, seed=cfg.seed + 17, split="all")
     vocab = sorted(set(captions) | {""})
     index = {c: i for i, c in enumerate(vocab)}
     means, stds = [], []
@@ -419,7 +292,7 @@ def export(work: Path, out: Path) -> None:
     if last is None:
         raise FileNotFoundError(f"no UNet checkpoint in {work / 'unet'}")
     # The recipe the checkpoint was trained with (architecture, --set and --fit-minutes included).
-    cfg = _config_of(json.loads((last / "meta.json").read_text())["meta"])
+    cfg = config_of(json.loads((last / "meta.json").read_text())["meta"])
     vae = load_trained_vae(cfg, work)
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     unet = build_unet(cfg)
@@ -441,7 +314,7 @@ def export(work: Path, out: Path) -> None:
     index = json.loads((out / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    diffusers_folder.write_minilm_tokenizer(out)
+    text.write_tokenizer(out)
     wall = {stage: _wall_time(work / stage / "loss.jsonl") for stage in ("vae", "unet")}
     record = {
         "guidance_scale": cfg.guidance_scale,
@@ -467,9 +340,9 @@ def sample_grid(folder: Path, path: Path, n: int = 16) -> None:
     from boot.samplers import TeacherSampler
 
     meta = json.loads((folder / "boot_teacher.json").read_text())
-    captions = shapes.sample_captions(n, 0, "eval")
+    captions = world.sample_captions(n, 0, "eval")
     images = TeacherSampler(folder, meta["num_inference_steps"])(captions, list(range(1_000_000, 1_000_000 + n)))
-    shapes.grid(images, captions).save(path)
+    grid(images, captions).save(path)
     print(f"sample grid ({n} eval captions, {meta['num_inference_steps']} DDIM steps, guidance "
           f"{meta['guidance_scale']}): {path}")
 
@@ -477,94 +350,3 @@ def sample_grid(folder: Path, path: Path, n: int = 16) -> None:
 def _wall_time(log: Path) -> float | None:
     records = _read_log(log)
     return round(records[-1]["time"], 1) if records else None
-
-
-# Recipe fields that define the networks, the latent space and the noise schedule: a continued
-# teacher keeps them (training hyperparameters such as batch, LR and steps may change).
-ARCHITECTURE = ("vae_channels", "latent_channels", "unet_channels", "unet_down", "unet_up",
-                "unet_layers_per_block", "attention_heads", "num_train_timesteps", "beta_start", "beta_end",
-                "beta_schedule", "prediction_type", "rescale_betas_zero_snr")
-
-
-def _recipe_of(folder: Path) -> TeacherConfig:
-    return _config_of(json.loads((Path(folder) / "boot_teacher.json").read_text())["recipe"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg = TeacherConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "vae", "latents", "unet", "export"], default="all",
-                   help="stage to run (default: all, each resumed where it stopped)")
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"checkpoints and logs (default {DEFAULT_WORK})")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline folder (default {DEFAULT_OUT})")
-    p.add_argument("--vae-steps", type=int, help=f"VAE steps (default {cfg.vae_steps})")
-    p.add_argument("--unet-steps", type=int, help=f"UNet steps (default {cfg.unet_steps})")
-    p.add_argument("--dataset-size", type=int, help=f"cached images for the UNet stage (default {cfg.dataset_size})")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="a teacher folder to go on training: its recipe (architecture, schedule) is the "
-                        "default, its VAE and latent scale are kept, its UNet EMA weights start the UNet; "
-                        "training hyperparameters may change with --set, --unet-steps, ... (default: off)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda for the latents and unet stages (default cpu)")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes for the latents stage (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override any recipe field, e.g. --set unet_batch=128 "
-                        "--set 'unet_down=[\"CrossAttnDownBlock2D\",\"CrossAttnDownBlock2D\"]' (repeatable)")
-    p.add_argument("--fit-minutes", type=float, default=0.0,
-                   help="time the first UNet steps, then cut --unet-steps so the stage ends in about this "
-                        "many minutes (for a time-limited GPU machine; 0 = off)")
-    args = p.parse_args(argv)
-    kept = None  # the continued folder's recipe, read once
-    if args.init_from:
-        try:
-            cfg = kept = _recipe_of(args.init_from)
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            p.error(f"--init-from {args.init_from}: not a teacher folder written by distill.teacher ({exc})")
-    for name in ("vae_steps", "unet_steps", "dataset_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-        if value is not None:
-            cfg = dataclasses.replace(cfg, **{name: value})
-    fields = [f.name for f in dataclasses.fields(cfg) if f.name != "init_from"]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            p.error(f"--set {item}: unknown recipe field {key!r} (one of {', '.join(fields)})")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        default = getattr(cfg, key)
-        kinds = {tuple: (list,), bool: (bool,), float: (int, float), int: (int,), str: (str,)}[type(default)]
-        if not isinstance(parsed, kinds) or (isinstance(parsed, bool) and not isinstance(default, bool)):
-            p.error(f"--set {item}: {key} must be JSON of type {type(default).__name__}, like {json.dumps(default)}")
-        cfg = dataclasses.replace(cfg, **{key: type(default)(parsed)})
-    if kept is not None:
-        changed = [k for k in ARCHITECTURE if getattr(cfg, k) != getattr(kept, k)]
-        if changed:
-            p.error(f"--init-from {args.init_from}: cannot change {', '.join(changed)} of the model being continued")
-        cfg = dataclasses.replace(cfg, init_from=str(args.init_from))
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    stages = ["vae", "latents", "unet", "export"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        t0 = time.time()
-        if stage == "vae":
-            train_vae(cfg, args.work)
-        elif stage == "latents":
-            cache_latents(cfg, args.work, device, args.workers)
-        elif stage == "unet":
-            train_unet(cfg, args.work, device, args.fit_minutes)
-        else:
-            export(args.work, args.out)
-        print(f"stage {stage}: {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
