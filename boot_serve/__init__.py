@@ -1,25 +1,26 @@
-"""boot_serve: pipelines, export, Triton launcher, clients and benchmark for BOOT students."""
+"""boot_serve: pipelines, export, Triton launcher, clients and benchmark for BOOT students.
 
-__all__ = ["BootPipeline"]
+`import boot_serve` imports nothing else: each public name below comes from its module on first
+use, so that the Triton models, the guards and the clients never load PyTorch.
+"""
+
+import importlib
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "BootPipeline": "boot.pipeline",  # PyTorch
+    "OnnxPipeline": "boot_serve.onnx_pipeline",  # ONNX Runtime only
+}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
-    # Lazy: `import boot_serve` stays cheap for the Triton models and clients that never need torch.
-    if name == "BootPipeline":
-        from boot.pipeline import BootPipeline
-
-        return BootPipeline
-    raise AttributeError(f"module 'boot_serve' has no attribute {name!r}")
-
-
-# OnnxPipeline (boot_serve/onnx_pipeline.py): ONNX Runtime only, importable without torch.
-__all__.append("OnnxPipeline")
-_getattr_before_onnx = __getattr__
+    if name not in _LAZY:
+        raise AttributeError(f"module 'boot_serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
 
 
-def __getattr__(name: str):  # noqa: F811 - chains the lazy imports above
-    if name == "OnnxPipeline":
-        from boot_serve.onnx_pipeline import OnnxPipeline
-
-        return OnnxPipeline
-    return _getattr_before_onnx(name)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from boot_serve import runtime
+import boot_serve.runtime as runtime
 
 MODELS = ("text_encoder", "boot_unet", "vae_decoder")
 
