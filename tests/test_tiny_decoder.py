@@ -141,7 +141,8 @@ def test_a_tiny_decoder_of_other_latents_is_refused_at_load(student, trained, tm
 def test_a_tiny_decoder_of_other_latents_is_refused_when_written(student, tmp_path):
     from diffusers import AutoencoderKL
 
-    from distill.tiny_decoder import build_tiny, write_folder
+    from distill.tiny_decoder.report import write_folder
+    from distill.tiny_decoder.train import build_tiny
 
     vae = AutoencoderKL.from_pretrained(student / "vae", use_safetensors=True)
     tiny = build_tiny(vae.config, 8, (1, 1))
@@ -162,7 +163,7 @@ def test_check_fits_names_every_difference_on_one_line():
 
 
 def test_learning_rate_is_a_function_of_the_step():
-    from distill.tiny_decoder import Recipe, learning_rate
+    from distill.tiny_decoder.train import Recipe, learning_rate
 
     r = Recipe(student="s", steps=100, warmup=10, lr=1e-3)
     assert learning_rate(r, 0) == pytest.approx(1e-4) and learning_rate(r, 9) == pytest.approx(1e-3)
