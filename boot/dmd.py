@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from boot.method import NoiseSchedule, TeacherX0, _bcast, to_x0
+from boot.method import NoiseSchedule, TeacherX0, bcast, to_x0
 from boot.sdxl import unet_kwargs
 
 
@@ -64,7 +64,7 @@ def draw_timesteps(t_min: float, t_max: float, T: int, b: int, gen: torch.Genera
 
 def diffuse(schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """x_t = α_t·x + σ_t·n."""
-    return _bcast(schedule.alpha[t], x) * x + _bcast(schedule.sigma[t], x) * n
+    return bcast(schedule.alpha[t], x) * x + bcast(schedule.sigma[t], x) * n
 
 
 @dataclass

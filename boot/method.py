@@ -1,4 +1,4 @@
-"""BOOT (Gu et al., arXiv 2306.05544): teacher x0-wrapper, signal-space student, bootstrapping loss.
+"""BOOT (Gu et al., arXiv 2306.05544): noise schedule, teacher x0-wrapper, signal-space student and its conditioning.
 
 Notation map (docs/method.md -> code):
     t, s            integer teacher timesteps 0..T (T = num_train_timesteps - 1), s = max(t - Δ, 0)
@@ -21,14 +21,15 @@ so the "preconditioned" parameterization keeps the reading and scales each optim
 the UNet by κ = α_T/σ_T instead (`update_scale`). With Adam and no weight decay that is training
 θ = θ_0 + κ·φ in φ: an update then moves the student's signal as far as a v-prediction
 student's. The losses stay in latent-x0 units, the same units for every prediction type.
+
+The losses that train the student are in boot.loss; how its conditioning is stored in a folder, and
+converted from one kind to the other, in boot.conditioning.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,7 @@ def unet_input_timestep(parameterization: str, T: int) -> int | None:
     """The UNet's own timestep input as boot.json records it: T, or None where it is the target t."""
     return None if parameterization == "unet-at-t" else T
 
+
 # Student conditioning (boot.json "conditioning" -> "kind"): how the target time t and the guidance
 # scale w reach the UNet's zero-initialised `time_embedding.cond_proj` (diffusers' time_cond_proj_dim):
 #   "diffusers-guidance"  cond_proj(E(w - 1)) + A_t·(φ(t) - φ(0)), E = diffusers' get_guidance_scale_embedding:
@@ -67,35 +69,10 @@ LEGACY_CONDITIONING = CONDITIONINGS[1]
 EMBED_DIM = 128
 TIME_COND_PROJ_DIM = 2 * EMBED_DIM
 GUIDANCE_EMBED_SCALE = 1000.0 / 16.0  # "sinusoid": w in [0, 16] spans the same range as t in [0, 1000]
-# A "diffusers-guidance" UNet's t weights A_t, beside its diffusers weights in unet/ (diffusers never reads them).
-TIME_WEIGHTS = "boot_time_condition.safetensors"
-# unet/config.json key naming the conditioning kind the weights were saved in (diffusers ignores "_" keys), so a
-# folder whose boot.json records another kind is refused at load (load_student_unet).
-SAVED_CONDITIONING_KEY = "_boot_conditioning"
 # E(w - 1) holds sinusoids of w from 0.1 to 1000 rad per unit of w; the "sinusoid" features stop at 62.5
 # (GUIDANCE_EMBED_SCALE). A band-limited student trains only E's columns up to this frequency and keeps
 # the faster ones at exactly 0, so diffusers' plain cond_proj still computes it.
 GUIDANCE_BAND = GUIDANCE_EMBED_SCALE
-
-
-def recorded_conditioning(meta: dict) -> str:
-    """A student's conditioning kind from its boot.json (folders without a "kind" use "sinusoid")."""
-    return (meta.get("conditioning") or {}).get("kind", LEGACY_CONDITIONING)
-
-
-def conditioning_record(kind: str, guidance_band: float | None = None) -> dict:
-    """boot.json "conditioning" of a student of this kind (`guidance_band`: see GUIDANCE_BAND)."""
-    if kind == LEGACY_CONDITIONING:
-        return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "embed_dim": EMBED_DIM,
-                "guidance_embed_scale": GUIDANCE_EMBED_SCALE}
-    return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "guidance": "get_guidance_scale_embedding(w - 1)",
-            "time": "sinusoid(t) - sinusoid(0)", "embed_dim": EMBED_DIM, "time_weights": f"unet/{TIME_WEIGHTS}",
-            **({"guidance_band": guidance_band} if guidance_band else {})}
-
-
-def recorded_guidance_band(meta: dict) -> float | None:
-    """The guidance band a student was trained with (None: all of E's columns)."""
-    return (meta.get("conditioning") or {}).get("guidance_band")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,14 +106,15 @@ class NoiseSchedule(nn.Module):
         return 1.0 - (self.sigma[s] * self.alpha[t]) / (self.alpha[s] * self.sigma[t])
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample values viewed as (B, 1, ..., 1) in `like`'s dtype, to scale each sample of `like`."""
     return v.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
           prediction_type: str) -> torch.Tensor:
     """Read a UNet output as the clean-sample prediction (diffusers' pred_original_sample)."""
-    a, s = _bcast(schedule.alpha[t], x_t), _bcast(schedule.sigma[t], x_t)
+    a, s = bcast(schedule.alpha[t], x_t), bcast(schedule.sigma[t], x_t)
     if prediction_type == "v_prediction":
         return a * x_t - s * out
     if prediction_type == "sample":
@@ -198,7 +176,7 @@ class TeacherX0(nn.Module):
         f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
                          self.prediction_type).chunk(2)
         w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
-        return f_u + _bcast(w, f_u) * (f_c - f_u)
+        return f_u + bcast(w, f_u) * (f_c - f_u)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,126 +352,6 @@ def unet_conditioning(unet: nn.Module) -> str:
         else LEGACY_CONDITIONING
 
 
-def save_student_unet(unet: nn.Module, folder: str | Path) -> None:
-    """unet.save_pretrained(folder) in diffusers' own form (a plain cond_proj), plus TIME_WEIGHTS beside it
-    for a "diffusers-guidance" UNet, so that diffusers loads unet/ with no unknown weights."""
-    saved = to_plain_projection(unet)  # a training form is saved as the plain one it equals
-    try:
-        _save_plain_student_unet(unet, folder)
-    finally:
-        restore_projection(unet, saved)
-
-
-def _save_plain_student_unet(unet: nn.Module, folder: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    emb = unet.time_embedding
-    proj = emb.cond_proj
-    unet.register_to_config(**{SAVED_CONDITIONING_KEY: unet_conditioning(unet)})
-    if not isinstance(proj, GuidanceTimeProjection):
-        unet.save_pretrained(folder, safe_serialization=True)
-        return
-    plain = nn.Linear(proj.in_features, proj.out_features, bias=False, device="meta")
-    plain.weight = proj.weight  # the same Parameter: nothing is copied
-    emb.cond_proj = plain
-    try:
-        unet.save_pretrained(folder, safe_serialization=True)
-    finally:
-        emb.cond_proj = proj
-    save_file({"time_embedding.cond_proj.time_weight": proj.time_weight.detach().float().cpu().contiguous()},
-              str(Path(folder) / TIME_WEIGHTS))
-
-
-def check_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> None:
-    """ValueError, one line naming the mismatch, unless the UNet folder `folder` holds weights of the conditioning
-    `kind` (and `guidance_band`) its boot.json records: the time_cond_proj_dim of a student, the kind its
-    config.json says they were saved in (SAVED_CONDITIONING_KEY, where present), and TIME_WEIGHTS beside them
-    exactly when the kind is "diffusers-guidance". From the config files alone, before any weight is read."""
-    import json
-
-    folder = Path(folder)
-    said = f"boot.json records a {kind!r} conditioning, but {folder}"
-    if kind not in CONDITIONINGS:
-        raise ValueError(f"boot.json conditioning kind {kind!r} is not one of {CONDITIONINGS}")
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if config and config.get("time_cond_proj_dim") != TIME_COND_PROJ_DIM:
-        raise ValueError(f"{said}/config.json has time_cond_proj_dim {config.get('time_cond_proj_dim')} (a student's "
-                         f"is {TIME_COND_PROJ_DIM}): not a BOOT student's UNet")
-    saved_as = config.get(SAVED_CONDITIONING_KEY)
-    if saved_as is not None and saved_as != kind:
-        raise ValueError(f"{said} holds weights saved as a {saved_as!r} student ({SAVED_CONDITIONING_KEY} in its "
-                         "config.json): the record does not match the weights")
-    has_time_weights = (folder / TIME_WEIGHTS).is_file()
-    if kind == DEFAULT_CONDITIONING and not has_time_weights:
-        raise ValueError(f"{said} lacks {TIME_WEIGHTS}, the t weights of that kind (weights of a "
-                         f"{LEGACY_CONDITIONING!r} student, or a conversion left unfinished): the record does not "
-                         "match the weights")
-    if kind == LEGACY_CONDITIONING and has_time_weights:
-        raise ValueError(f"{said} holds {TIME_WEIGHTS}, the t weights of a {DEFAULT_CONDITIONING!r} student: "
-                         "the record does not match the weights")
-    if guidance_band and kind != DEFAULT_CONDITIONING:
-        raise ValueError(f"boot.json records a guidance band {guidance_band:g} for a {kind!r} conditioning, "
-                         f"which has none (only {DEFAULT_CONDITIONING!r} students are band-limited)")
-
-
-def load_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> nn.Module:
-    """A student's UNet from `folder` (its unet/ directory) as save_student_unet wrote it, ready for Student.
-    Weights that are not of the conditioning `kind` (and `guidance_band`) boot.json records are refused with a
-    ValueError naming the mismatch (check_student_unet; a band-limited student's guidance weights above its band
-    must be 0), rather than loaded and run with the wrong features."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    check_student_unet(folder, kind, guidance_band)
-    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
-    if kind == LEGACY_CONDITIONING:
-        return unet
-    weight = unet.time_embedding.cond_proj.weight.detach().clone()
-    if guidance_band:
-        fast = guidance_frequencies(weight.shape[1]) > guidance_band
-        if bool(weight[:, fast].ne(0).any()):
-            raise ValueError(f"boot.json records a guidance band of {guidance_band:g} rad per unit of w, but the "
-                             f"guidance weights in {folder} use E(w - 1)'s columns above it: the record does not match "
-                             "the weights")
-    add_condition_projection(unet, kind)
-    with torch.no_grad():
-        unet.time_embedding.cond_proj.weight.copy_(weight)
-        unet.time_embedding.cond_proj.time_weight.copy_(
-            load_file(str(folder / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"])
-    return unet
-
-
-def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n: int = 50_001,
-                         ridge: float = 1e-6) -> dict:
-    """Turn a "sinusoid" student UNet into a "diffusers-guidance" one, in place; return the fit's residual.
-
-    linear_1(s + A_t·φ(t) + A_w·φ(62.5·w)) = linear_1(s + A_t·(φ(t) - φ(0)) + B·E(w - 1)) + error, with
-    linear_1's bias += W_1·A_t·φ(0) (exact at every t) and B the least-squares fit of A_w·φ(62.5·w) by
-    B·E(w - 1) on n guidance scales spanning `guidance_range` (approximate: E has other frequencies)."""
-    emb = unet.time_embedding
-    if unet_conditioning(unet) != LEGACY_CONDITIONING or emb.cond_proj.in_features != TIME_COND_PROJ_DIM:
-        raise ValueError("only a 'sinusoid' student UNet can be converted")
-    if emb.linear_1.bias is None:
-        raise ValueError("the time embedding's linear_1 has no bias to fold the constant t = 0 term into")
-    a = emb.cond_proj.weight.detach().double()
-    a_t, a_w = a[:, :EMBED_DIM], a[:, EMBED_DIM:]
-    b = a_w @ sinusoid_projection(guidance_range, n, ridge)  # the fit is linear in the target: A_w·P
-    w = torch.linspace(*guidance_range, n, dtype=torch.float64)
-    target = sinusoid(w * GUIDANCE_EMBED_SCALE).double() @ a_w.T
-    residual = guidance_embedding((w - 1.0).float()).double() @ b.T - target
-    phi0 = sinusoid(torch.zeros(1))[0].double()
-    with torch.no_grad():
-        emb.linear_1.bias += (emb.linear_1.weight.double() @ (a_t @ phi0)).to(emb.linear_1.bias.dtype)
-        add_condition_projection(unet, DEFAULT_CONDITIONING)
-        emb.cond_proj.weight.copy_(b)
-        emb.cond_proj.time_weight.copy_(a_t)
-    return {"guidance_range": list(guidance_range), "points": n, "ridge": ridge,
-            "relative_residual": float(residual.norm() / target.norm()),
-            "max_abs_residual": float(residual.abs().max())}
-
-
 @dataclass(frozen=True)
 class StudentSpec:
     """How a student reads its UNet; stored in boot.json."""
@@ -532,7 +390,7 @@ class Student(nn.Module):
     @property
     def conditioning(self) -> str:
         """The kind its condition projection is now (read from the UNet at every call, so that a UNet converted in
-        place, boot.convert_conditioning, is never fed the features of the kind it was before)."""
+        place by boot.conditioning.convert_conditioning, is never fed the features of the kind it was before)."""
         return unet_conditioning(self.unet)
 
     @property
@@ -571,127 +429,3 @@ class OneStepGenerator(nn.Module):
                 text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=torch.long)
         return self.student(noise, t, text_states, guidance_scale, *pooled_args(text_embeds))
-
-
-# --------------------------------------------------------------------------------------------
-# Loss
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, cond: torch.Tensor,
-                     uncond: torch.Tensor | None, w: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                     n: torch.Tensor, pooled: torch.Tensor | None = None,
-                     uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
-    """stopgrad(tgt) of BootLoss: from the target student's ŷ_t, n teacher DDIM steps of the signal
-    ODE to s, per sample, y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y) on evenly spaced
-    t = u_0 > ... > u_n = s (the teacher is called only on samples whose target still has steps to go)."""
-    sched = teacher.schedule
-    tgt = target(noise, t, cond, w, *pooled_args(pooled))
-    pick = lambda x, i: None if x is None else x[i]  # noqa: E731
-    for k in range(int(n.max())):
-        i = (k < n).nonzero().squeeze(1)
-        ti, si, ni = t[i], s[i], n[i]
-        u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
-        y = tgt[i]
-        x_u = _bcast(sched.alpha[u], y) * y + _bcast(sched.sigma[u], y) * noise[i]
-        f_u = teacher(x_u, u, cond[i], pick(uncond, i), w[i], *pooled_args(pick(pooled, i)),
-                      *pooled_args(pick(uncond_pooled, i)))
-        tgt[i] = y + _bcast(sched.delta(u, v), y) * (f_u - y)
-    return tgt
-
-
-@dataclass
-class BootLoss:
-    """L = L_BS + β·L_BC (docs/method.md), per sample.
-
-        ŷ_t  = stopgrad(g_target(ε, t, c))
-        tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
-        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)
-        L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
-
-    With solver_steps K > 1 the target is the same signal-ODE step taken as K teacher DDIM steps
-    t = u_0 > u_1 > ... > u_K = s (evenly spaced): y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y),
-    starting from ŷ_t. K = 1 is the paper's single step. A larger Δ then needs fewer bootstrap
-    hops from T to 0 (less accumulated student error) without a coarser teacher step.
-
-    With final_hop F > 0 every t <= F hops straight to s = 0, its target taken as ceil(F·K/Δ)
-    teacher DDIM steps (none longer than Δ/K): the image g(ε, 0) is then trained against the
-    teacher finishing its own sampler from the student's ŷ_t, rather than through the last
-    F/Δ bootstrap hops, where a student's errors pile up most (docs/ablations.md). The caller
-    draws such t from (F − Δ, F], whose ŷ_t the ordinary hops from (F, F + Δ] train.
-    """
-
-    delta_steps: int = 20  # Δ
-    beta: float = 1.0  # β
-    solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
-    final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
-    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
-
-    @property
-    def final_steps(self) -> int:
-        """Teacher DDIM steps in a final hop's target: ceil(F·K/Δ), so none is longer than Δ/K."""
-        return -(-self.final_hop * self.solver_steps // self.delta_steps)
-
-    def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
-                 cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
-                 t: torch.Tensor, pooled: torch.Tensor | None = None,
-                 uncond_pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        sched = teacher.schedule
-        # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
-        # final hop; with F = 0 there is none, since t >= 1).
-        final = t <= self.final_hop
-        s = torch.where(final, 0, (t - self.delta_steps).clamp_min(0))
-        n = torch.where(final, self.final_steps, torch.full_like(t, self.solver_steps))
-        T = torch.full_like(t, sched.T)
-        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
-        with torch.no_grad():
-            tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
-            d = sched.delta(t, s)
-        dims = tuple(range(1, noise.ndim))
-        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
-            g_s = student(noise, s, cond, w, *pooled_args(pooled))
-            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
-        # 2. Boundary target: the teacher at T on pure noise.
-        with torch.no_grad():
-            f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
-        # 3. Online student at s and at T (one batched call); the only graph with gradients.
-        pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
-                       torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
-        g_s, g_T = pred.chunk(2)
-        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-        l_bc = (g_T - f_T).pow(2).mean(dims)
-        return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
-
-
-@dataclass
-class FinalHopRegression:
-    """L_BS of final hops only, against stored targets (distill.run --refine N), per sample:
-
-        L = ‖g(ε, 0, c) − y‖² / δ(t, 0)²,   y = bootstrap_target(g_frozen, f_w, ε, t → 0)
-
-    BootLoss with β = 0, every t drawn from (F − Δ, F], and the target network frozen at the
-    starting student: each sample's target is then a fixed function of (ε, c, w, t), so N of them
-    are computed once and the loop calls no teacher (docs/ablations.md, "Final-hop refinement").
-
-    With `decode` (a frozen latent -> image map, e.g. the teacher's VAE decoder), the squared error
-    is taken between the decoded images, D(g(ε, 0, c)) and D(y), instead of between latents; the
-    gradient still reaches only the student, through D.
-    """
-
-    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
-
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.decode = decode
-
-    def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
-                 w: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                 pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        zero = torch.zeros_like(t)
-        g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
-        if self.decode is not None:
-            with torch.no_grad():
-                y = self.decode(y)
-            g_0 = self.decode(g_0)
-        d = schedule.delta(t, zero)
-        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
-        return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}

@@ -61,6 +61,7 @@ class BootPipeline(ChunkedCall):
         from diffusers import AutoencoderKL
 
         from boot import sdxl
+        from boot.conditioning import load_student_unet, recorded_conditioning, recorded_guidance_band
         from boot.folders import STUDENT_META, check_folder, load_text_stack
         from boot.method import (
             CONDITIONINGS,
@@ -68,9 +69,6 @@ class BootPipeline(ChunkedCall):
             NoiseSchedule,
             OneStepGenerator,
             Student,
-            load_student_unet,
-            recorded_conditioning,
-            recorded_guidance_band,
             recorded_parameterization,
             unet_input_timestep,
         )

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from boot import method as boot  # noqa: E402
+from boot.loss import BootLoss  # noqa: E402
+from boot.method import NoiseSchedule, TeacherX0  # noqa: E402
 from boot_tools import fixtures  # noqa: E402
 from distill import loading, loop, precision  # noqa: E402
 
@@ -56,8 +57,8 @@ def batch(teacher: loading.Teacher, n: int, dev: torch.device, seed: int = 0):
 def setup(folder: Path, amp: str, dev: torch.device, checkpointing: bool):
     teacher = loading.load_teacher(folder, precision.teacher_dtype("auto", amp))
     teacher.text.text_encoder.to(dev)
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
-    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), sched, teacher.prediction_type)
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
+    teacher_x0 = TeacherX0(teacher.unet.to(dev), sched, teacher.prediction_type)
     student = loading.build_student(teacher, sched).to(dev)
     if checkpointing:
         student.unet.enable_gradient_checkpointing()
@@ -69,7 +70,7 @@ def time_steps(folder: Path, n: int, steps: int, dev: torch.device, amp: str = "
     teacher, teacher_x0, student = setup(folder, amp, dev, checkpointing=True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.unet.parameters(), lr=1e-5, weight_decay=0.0)
-    loss_fn = boot.BootLoss(delta_steps=20)
+    loss_fn = BootLoss(delta_steps=20)
     noise, cond, uncond, w, t = batch(teacher, n, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -98,7 +99,7 @@ def gradient_cosine(folder: Path, n: int, dev: torch.device) -> dict:
         teacher, teacher_x0, student = setup(folder, amp, dev, checkpointing=True)
         noise, cond, uncond, w, t = batch(teacher, n, dev, seed=1)
         with precision.autocast(dev, amp):
-            loss = boot.BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean()
+            loss = BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean()
         loss.backward()
         grads[amp] = torch.cat([p.grad.double().flatten() for p in student.unet.parameters()]).cpu()
         losses[amp] = loss.item()

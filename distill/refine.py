@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from boot import method as boot
+from boot.loss import BootLoss, bootstrap_target
+from boot.method import TeacherX0
 from distill import memory, precision
 from distill.batches import step_generator
 from distill.config import GRAMMAR, RunConfig
@@ -42,7 +43,7 @@ def refine_key(cfg: RunConfig) -> str:
 @dataclass
 class FinalHopTargets:
     """N final hops (prompt row, ε, t in (F − Δ, F], w) and their fixed targets y: the teacher's DDIM
-    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (boot.method.bootstrap_target)."""
+    from the frozen starting student's ŷ_t to 0, ceil(F·K/Δ) steps (boot.loss.bootstrap_target)."""
 
     prompt: torch.Tensor  # (N,) index into the prompt list
     noise: torch.Tensor  # (N, C, h, w)
@@ -57,7 +58,7 @@ class FinalHopTargets:
         return idx[dist.rank * n:(dist.rank + 1) * n]
 
 
-def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.TeacherX0, loss_fn: boot.BootLoss,
+def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: TeacherX0, loss_fn: BootLoss,
                       states: memory.PromptStates, uncond: torch.Tensor, dist: Dist, work: Path,
                       uncond_pooled: torch.Tensor | None = None) -> FinalHopTargets:
     """Compute (each rank a share of the chunks) or reload work/final_hop_targets.safetensors."""
@@ -89,10 +90,10 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: boot.Teacher
         b = j.stop - j.start
         with precision.autocast(dev, cfg.mixed_precision):
             pooled_c, pooled_u = pooled_pair(states.pooled(prompt[j]), uncond_pooled, b)
-            return boot.bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states(prompt[j]),
-                                         uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
-                                         torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
-                                         pooled_c, pooled_u)
+            return bootstrap_target(frozen, teacher_x0, noise[j].to(dev), states(prompt[j]),
+                                    uncond.expand(b, -1, -1), w[j].to(dev), t[j].to(dev),
+                                    torch.zeros(b, dtype=torch.long, device=dev), steps.expand(b).to(dev),
+                                    pooled_c, pooled_u)
 
     chunk = memory.refine_chunk(cfg.refine_chunk, cfg.memory_budget, dev, lambda b: targets(slice(0, b)))
     mine = range(dist.rank * chunk, n, dist.world * chunk)

@@ -10,9 +10,9 @@ Per step (all random draws from a generator seeded by (seed, step), so a resumed
 batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
   1. draw prompts c, noise ε, t ~ U{1..T}, w ~ U[guidance_min, guidance_max] (with --final-hop F,
      --final-fraction of the t from (F − Δ, F], hopping straight to 0, the rest from (F, T]);
-  2. L = L_BS + β·L_BC from boot.method.BootLoss (target network: --target online | ema);
+  2. L = L_BS + β·L_BC from boot.loss.BootLoss (target network: --target online | ema);
      with --refine N (a second stage from --init-from STUDENT), L_BS of final hops only, against N
-     targets of the frozen starting student computed once (boot.method.FinalHopRegression);
+     targets of the frozen starting student computed once (boot.loss.FinalHopRegression);
   3. AdamW step with gradient clipping, then the EMA update.
 
 Outputs: `--work` holds checkpoints (atomic, resumable with --resume), loss.jsonl, loss.png and
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from boot import method as boot
 from boot.folders import check_model_folder
+from boot.method import CONDITIONINGS, DEFAULT_CONDITIONING, GUIDANCE_BAND, PARAMETERIZATIONS, NoiseSchedule, Student
 from distill import memory, precision
 from distill.config import (
     CONDITION_SPACES,
@@ -114,28 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
-    a("--parameterization", choices=boot.PARAMETERIZATIONS, default=d.parameterization,
+    a("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization,
       help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
            "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
            "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t; "
            "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
            "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
            f"(default {d.parameterization})")
-    a("--conditioning", choices=boot.CONDITIONINGS, default=d.conditioning,
+    a("--conditioning", choices=CONDITIONINGS, default=d.conditioning,
       help="how a new student's UNet takes t and w, for ablations (docs/ablations.md): diffusers-guidance = "
            "diffusers' own guidance embedding of w - 1 beside fixed features of t, so plain diffusers runs the "
            "folder; sinusoid = one learned projection of sinusoidal features of t and 62.5·w (older students; "
            f"BootPipeline only). --init-from keeps the student's own (default {d.conditioning})")
     a("--guidance-band", type=float, default=d.guidance_band,
       help="with --conditioning diffusers-guidance: train only the columns of E(w - 1) whose frequency is at most "
-           f"this many rad per unit of w, the faster ones stay 0 (boot.GUIDANCE_BAND = {boot.GUIDANCE_BAND:g} is the "
+           f"this many rad per unit of w, the faster ones stay 0 (boot.method.GUIDANCE_BAND = {GUIDANCE_BAND:g} is the "
            f"band of the sinusoid features); 0 = all columns (default {d.guidance_band:g})")
     a("--condition-space", choices=CONDITION_SPACES, default=d.condition_space,
       help="with --conditioning diffusers-guidance, where its condition projection learns: sinusoid = as a "
            "sinusoid student (features of t and 62.5·w), the folder written converted to the diffusers form "
            "(exact in t, a least-squares fit in w; the fit is recorded in boot.json); diffusers = on diffusers' "
            "E(w - 1) and φ(t) - φ(0) directly; projected = on a fixed linear map of E(w - 1) onto the sinusoid "
-           f"features (boot.SinusoidSpaceProjection) (default {d.condition_space})")
+           f"features (boot.method.SinusoidSpaceProjection) (default {d.condition_space})")
     a("--guidance-min", type=float, default=d.guidance_min, help=f"lowest w trained (default {d.guidance_min})")
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
@@ -247,7 +247,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (0 < cfg.final_fraction < 1, "--final-fraction must be in (0, 1)"),
         (cfg.refine >= 0, "--refine must be >= 0"),
         (cfg.guidance_band >= 0, "--guidance-band must be >= 0"),
-        (cfg.guidance_band == 0 or cfg.conditioning == boot.DEFAULT_CONDITIONING,
+        (cfg.guidance_band == 0 or cfg.conditioning == DEFAULT_CONDITIONING,
          "--guidance-band needs --conditioning diffusers-guidance"),
         (cfg.condition_space == "diffusers" or cfg.guidance_band == 0,
          "--guidance-band needs --condition-space diffusers"),
@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> Path:
         teacher = load_teacher(args.teacher, precision.teacher_dtype(cfg.teacher_dtype, cfg.mixed_precision))
         if dist.main:
             warn_long_prompts(teacher.text, prompts, None if cfg.prompts == GRAMMAR else cfg.prompts)
-        boot.Student(teacher.unet, boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
-                     teacher.prediction_type)  # fails early for teachers BOOT cannot distil here
+        Student(teacher.unet, NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                teacher.prediction_type)  # fails early for teachers BOOT cannot distil here
         if dist.main:
             print(f"teacher {args.teacher} ({teacher.prediction_type}), {len(prompts)} prompts "
                   f"({prompts_info['distinct']} distinct), {dist.world} process(es) on {dist.device}, "

@@ -15,9 +15,19 @@ from pathlib import Path
 
 import torch
 
-from boot import method as boot
+from boot.conditioning import TIME_WEIGHTS, conditioning_record, convert_conditioning, save_student_unet
 from boot.folders import (
     STUDENT_META,
+)
+from boot.method import (
+    DEFAULT_CONDITIONING,
+    NoiseSchedule,
+    Student,
+    to_plain_projection,
+    unet_conditioning,
+    unet_guidance_band,
+    unet_input_timestep,
+    update_scale,
 )
 from distill import diffusers_folder
 from distill.config import RunConfig
@@ -43,15 +53,16 @@ class SavedForm:
     """A student as its folder holds it: `student` reads the UNet that is written, `record` holds the boot.json
     fields that describe that UNet ("conditioning", and "lora" for a merged LoRA student)."""
 
-    student: boot.Student
+    student: Student
     record: dict
 
 
-def saved_form(student: boot.Student, cfg: RunConfig) -> SavedForm:
+def saved_form(student: Student, cfg: RunConfig) -> SavedForm:
     """The student as write_student will write it, built beside the training modules and leaving them as they are:
     a LoRA student's adapters merged into a plain UNet (distill.lora.merged), a SinusoidSpaceProjection as the
-    plain projection it equals (boot.to_plain_projection), and a new "diffusers-guidance" student trained as a
-    "sinusoid" one converted (boot.convert_conditioning, its fit recorded), read by a Student built on that UNet.
+    plain projection it equals (boot.method.to_plain_projection), and a new "diffusers-guidance" student trained as a
+    "sinusoid" one converted (boot.conditioning.convert_conditioning, its fit recorded), read by a Student built on
+    that UNet.
 
     Everything a run scores renders this form: the sample grids, the validation that picks the --keep best step
     and the end-of-run evaluation, and the folder is written from it, so each reports what
@@ -65,15 +76,15 @@ def saved_form(student: boot.Student, cfg: RunConfig) -> SavedForm:
         unet = lora.merged(student.unet)
     else:
         unet = copy_time_embedding(student.unet)
-    boot.to_plain_projection(unet)  # a SinusoidSpaceProjection is saved as the GuidanceTimeProjection it equals
-    kind = boot.unet_conditioning(unet)
-    conditioning = boot.conditioning_record(kind, boot.unet_guidance_band(unet))
+    to_plain_projection(unet)  # a SinusoidSpaceProjection is saved as the GuidanceTimeProjection it equals
+    kind = unet_conditioning(unet)
+    conditioning = conditioning_record(kind, unet_guidance_band(unet))
     if kind != cfg.conditioning and not cfg.init_from:  # trained as a "sinusoid" student (--condition-space sinusoid)
-        fit = boot.convert_conditioning(unet, (cfg.guidance_min, cfg.guidance_max))
-        conditioning = {**boot.conditioning_record(cfg.conditioning), "trained_as": {**conditioning, "fit": fit}}
+        fit = convert_conditioning(unet, (cfg.guidance_min, cfg.guidance_max))
+        conditioning = {**conditioning_record(cfg.conditioning), "trained_as": {**conditioning, "fit": fit}}
     record["conditioning"] = conditioning
-    form = boot.Student(unet.eval(), student.schedule, student.prediction_type, student.parameterization,
-                        student.time_ids)
+    form = Student(unet.eval(), student.schedule, student.prediction_type, student.parameterization,
+                   student.time_ids)
     return SavedForm(form, record)
 
 
@@ -97,17 +108,17 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "steps": steps,
         "weights": "ema" if cfg.ema > 0 else "online",
         "prediction_type": teacher.prediction_type,
-        "input_timestep": boot.unet_input_timestep(
+        "input_timestep": unet_input_timestep(
             cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
         "parameterization": cfg.parameterization,
-        **({"update_scale": boot.update_scale(boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
-                                              teacher.prediction_type, cfg.parameterization)}
+        **({"update_scale": update_scale(NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
+                                         teacher.prediction_type, cfg.parameterization)}
            if cfg.parameterization == "preconditioned" else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),
         "image_shape": list(teacher.image_shape),
-        "conditioning": boot.conditioning_record(boot.DEFAULT_CONDITIONING),
+        "conditioning": conditioning_record(DEFAULT_CONDITIONING),
         **(form or {}),
         "package_version": package_version(),
         **extra,
@@ -141,7 +152,7 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
     diffusers pipeline folder where diffusers can run the student (distill.diffusers_folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    boot.save_student_unet(unet, tmp / "unet")
+    save_student_unet(unet, tmp / "unet")
     for part in ("vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if (teacher.folder / part).is_dir():
             shutil.copytree(teacher.folder / part, tmp / part)
@@ -157,12 +168,13 @@ def write_student(out: Path, teacher: Teacher, unet: torch.nn.Module, meta: dict
 
 
 def load_unet_weights(folder: Path) -> dict:
-    """A state dict as boot.save_student_unet wrote it (with the t weights of a "diffusers-guidance" UNet)."""
+    """A state dict as boot.conditioning.save_student_unet wrote it (with the t weights of a "diffusers-guidance"
+    UNet)."""
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    if (folder / boot.TIME_WEIGHTS).is_file():
-        weights.update(load_file(str(folder / boot.TIME_WEIGHTS)))
+    if (folder / TIME_WEIGHTS).is_file():
+        weights.update(load_file(str(folder / TIME_WEIGHTS)))
     return weights
 
 

@@ -1,4 +1,4 @@
-"""BOOT core (boot/method.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
+"""BOOT core (boot/method.py, boot/loss.py) against diffusers' DDIM math and closed forms; BootPipeline contract."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from boot import method as boot
-from boot.method import BootLoss, NoiseSchedule, Student, TeacherX0, add_condition_projection, to_x0
+from boot.loss import BootLoss, FinalHopRegression, bootstrap_target
+from boot.method import (
+    TIME_COND_PROJ_DIM,
+    NoiseSchedule,
+    OneStepGenerator,
+    Student,
+    TeacherX0,
+    add_condition_projection,
+    to_x0,
+)
 from tests.tiny import LATENT, make_tiny_student, make_tiny_teacher, scheduler_config, tiny_unet
 
 SCHEDULES = {"zero_snr": True, "sd": False}
@@ -237,8 +245,8 @@ def test_final_hop_regression_is_boot_losss_final_hop_with_a_frozen_target():
     cond, uncond = torch.randn((3, 4, 5), generator=gen), torch.randn((3, 4, 5), generator=gen)
     t, w = torch.tensor([100, 93, 81]), torch.tensor([1.0, 4.0, 6.0])
     boot_loss = BootLoss(delta_steps=20, beta=0.0, final_hop=100)(student, frozen, teacher, noise, cond, uncond, w, t)
-    y = boot.bootstrap_target(frozen, teacher, noise, cond, uncond, w, t, torch.zeros_like(t), torch.full_like(t, 5))
-    out = boot.FinalHopRegression()(student, sched, noise, cond, w, t, y)
+    y = bootstrap_target(frozen, teacher, noise, cond, uncond, w, t, torch.zeros_like(t), torch.full_like(t, 5))
+    out = FinalHopRegression()(student, sched, noise, cond, w, t, y)
     assert torch.allclose(out["loss"], boot_loss["bootstrap"], rtol=1e-5)
     assert out["boundary"].abs().max() == 0 and not out["bootstrap"].requires_grad
     out["loss"].mean().backward()
@@ -257,14 +265,14 @@ def test_final_hop_regression_in_image_space_compares_decoded_images():
     gen = torch.Generator().manual_seed(6)
     noise, y = torch.randn((3, 1, 2, 2), generator=gen), torch.randn((3, 1, 2, 2), generator=gen).requires_grad_()
     cond, w, t = torch.zeros(3, 4, 5), torch.tensor([1.0, 4.0, 6.0]), torch.tensor([100, 93, 81])
-    out = boot.FinalHopRegression(decode=decoder)(student, sched, noise, cond, w, t, y)
+    out = FinalHopRegression(decode=decoder)(student, sched, noise, cond, w, t, y)
     # By hand: D is per-pixel affine, so D(a) − D(b) = k·(a − b) per channel k; the bias cancels.
     err = 0.3 * noise - y.detach()  # g(ε, 0) = p·ε with p = 0.3
     k2 = torch.tensor([4.0, 1.0, 0.25]).view(1, 3, 1, 1)
     d = sched.delta(t, torch.zeros_like(t))
     expected = (k2 * err.pow(2)).mean((1, 2, 3)) / d.pow(2)
     assert torch.allclose(out["loss"], expected, rtol=1e-5)
-    latent = boot.FinalHopRegression()(student, sched, noise, cond, w, t, y.detach())["loss"]
+    latent = FinalHopRegression()(student, sched, noise, cond, w, t, y.detach())["loss"]
     assert not torch.allclose(out["loss"], latent)  # the image-space loss is not the latent one
     out["loss"].mean().backward()
     assert student.p.grad.abs() > 0 and y.grad is None and decoder.weight.grad is None
@@ -328,9 +336,9 @@ def test_student_equals_teacher_at_T_at_initialisation(prediction_type, zero_snr
         for t, w in ((T, b["w"]), (torch.tensor([0, 0]), torch.tensor([1.0, 9.0])), (b["t"], b["w"])):
             g = student(b["noise"], t, b["cond"], w)
             assert torch.allclose(g, f_T, atol=1e-5), (t, w)
-        gen = boot.OneStepGenerator(student)(b["noise"], b["cond"], b["w"])
+        gen = OneStepGenerator(student)(b["noise"], b["cond"], b["w"])
     assert torch.allclose(gen, f_T, atol=1e-5)
-    assert student.unet.config.time_cond_proj_dim == boot.TIME_COND_PROJ_DIM
+    assert student.unet.config.time_cond_proj_dim == TIME_COND_PROJ_DIM
     assert student.unet.time_embedding.cond_proj.weight.abs().sum() == 0
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from boot import method as boot
+from boot.conditioning import TIME_WEIGHTS, convert_conditioning, load_student_unet, recorded_conditioning
 from boot.folders import read_meta
+from boot.method import DEFAULT_CONDITIONING, EMBED_DIM, TIME_COND_PROJ_DIM, NoiseSchedule, Student, student_condition
 from distill import diffusers_folder
 from shapes_world import world
 from shapes_world.judge import judge
@@ -62,7 +63,7 @@ def diffusers_images(pipe, prompts: list[str], latents: torch.Tensor, w: float) 
 def student(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(f"dg-{request.param}")
     teacher = make_tiny_teacher(root / "teacher", text_kind=request.param)
-    return make_tiny_student(teacher, root / "student", perturb=0.5, conditioning=boot.DEFAULT_CONDITIONING)
+    return make_tiny_student(teacher, root / "student", perturb=0.5, conditioning=DEFAULT_CONDITIONING)
 
 
 def test_folder_is_a_diffusers_pipeline_folder(student):
@@ -71,7 +72,7 @@ def test_folder_is_a_diffusers_pipeline_folder(student):
     index = json.loads((student / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
     pipe = load(StableDiffusionPipeline, student)
-    assert pipe.unet.config.time_cond_proj_dim == boot.TIME_COND_PROJ_DIM
+    assert pipe.unet.config.time_cond_proj_dim == TIME_COND_PROJ_DIM
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.tokenizer.model_max_length == 16
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [999]
@@ -86,11 +87,11 @@ def test_guidance_features_are_diffusers_own():
 
     def ours(scales):  # from the float32 guidance tensor BootPipeline, ONNX and Triton carry
         t = torch.zeros(len(scales), dtype=torch.long)
-        return boot.student_condition(t, torch.tensor(scales, dtype=torch.float32), boot.DEFAULT_CONDITIONING)
+        return student_condition(t, torch.tensor(scales, dtype=torch.float32), DEFAULT_CONDITIONING)
 
     dyadic = [1.0, 1.5, 3.25, 4.0, 6.0]  # w and w - 1 both exact in float32: the same bits
     assert torch.equal(ours(dyadic)[:, :256], theirs(dyadic))
-    assert torch.equal(ours(dyadic)[:, 256:], torch.zeros(5, boot.EMBED_DIM))
+    assert torch.equal(ours(dyadic)[:, 256:], torch.zeros(5, EMBED_DIM))
     # Elsewhere float32(w) - 1 and float32(w - 1) may differ by an ulp: 1000·ulp radians at most.
     other = [1.1, 2.7, 4.3, 4.7, 5.9]
     torch.testing.assert_close(ours(other)[:, :256], theirs(other), rtol=0, atol=5e-4)
@@ -125,13 +126,13 @@ def test_t_weights_stay_out_of_the_diffusers_unet_and_back_in_training(student):
     assert "time_embedding.cond_proj.time_weight" not in plain
     plain_unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
     assert isinstance(plain_unet.time_embedding.cond_proj, torch.nn.Linear)
-    unet = boot.load_student_unet(student / "unet", boot.DEFAULT_CONDITIONING)
-    stored = load_file(str(student / "unet" / boot.TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"]
+    unet = load_student_unet(student / "unet", DEFAULT_CONDITIONING)
+    stored = load_file(str(student / "unet" / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"]
     assert torch.equal(unet.time_embedding.cond_proj.time_weight, stored) and stored.abs().max() > 0.1
     # and they act at t > 0 only
-    sched = boot.NoiseSchedule.from_scheduler_config(
+    sched = NoiseSchedule.from_scheduler_config(
         json.loads((student / "scheduler" / "scheduler_config.json").read_text()))
-    s = boot.Student(unet, sched, "v_prediction")
+    s = Student(unet, sched, "v_prediction")
     noise, states = torch.randn(1, 4, 8, 8), torch.randn(1, 16, unet.config.cross_attention_dim)
     w = torch.tensor([3.0])
     with torch.no_grad():
@@ -149,21 +150,21 @@ def test_sinusoid_folders_read_as_before_and_convert_exactly_in_t(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "t")
     old = make_tiny_student(teacher, tmp_path / "s", perturb=0.5)
     meta = json.loads((old / "boot.json").read_text())
-    assert boot.recorded_conditioning(meta) == "sinusoid" and not (old / "model_index.json").exists()
+    assert recorded_conditioning(meta) == "sinusoid" and not (old / "model_index.json").exists()
     assert not diffusers_folder.diffusers_compatible(meta)
     pipe = BootPipeline.from_pretrained(old)
     assert pipe.generator.student.conditioning == "sinusoid"
     unet = pipe.generator.student.unet
     with torch.no_grad():
-        unet.time_embedding.cond_proj.weight[:, boot.EMBED_DIM:] = 0  # A_w = 0: the t part alone
+        unet.time_embedding.cond_proj.weight[:, EMBED_DIM:] = 0  # A_w = 0: the t part alone
     sched, student = pipe.generator.student.schedule, pipe.generator.student
     noise, states, w = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 384), torch.tensor([1.5, 4.0])
     with torch.no_grad():
         before = [student(noise, torch.full((2,), t), states, w) for t in (0, 400, 999)]
-        fit = boot.convert_conditioning(unet, (1.0, 5.0))
-        converted = boot.Student(unet, sched, "v_prediction")
+        fit = convert_conditioning(unet, (1.0, 5.0))
+        converted = Student(unet, sched, "v_prediction")
         after = [converted(noise, torch.full((2,), t), states, w) for t in (0, 400, 999)]
-    assert converted.conditioning == boot.DEFAULT_CONDITIONING and fit["max_abs_residual"] == 0
+    assert converted.conditioning == DEFAULT_CONDITIONING and fit["max_abs_residual"] == 0
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
@@ -174,7 +175,7 @@ def test_export_accepts_a_diffusers_guidance_student(tmp_path):
     from boot_serve.onnx_pipeline import OnnxPipeline
 
     teacher = make_tiny_teacher(tmp_path / "t")
-    student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1, conditioning=boot.DEFAULT_CONDITIONING)
+    student = make_tiny_student(teacher, tmp_path / "s", perturb=0.1, conditioning=DEFAULT_CONDITIONING)
     ex.export(student, tmp_path / "repo", "fp32", parity_batches=(2,), e2e_prompts=2)
     got = OnnxPipeline.from_pretrained(tmp_path / "repo")(PROMPTS[:2], SEEDS[:2], 2.5)
     ref = BootPipeline.from_pretrained(student)(PROMPTS[:2], SEEDS[:2], 2.5)
@@ -202,7 +203,7 @@ def test_shipped_teacher_in_plain_diffusers_tokenizes_to_16_and_draws_single_obj
 SHIPPED_STUDENT = ROOT / "pretrained" / "shapes-boot"
 
 
-@pytest.mark.skipif(boot.recorded_conditioning(read_meta(SHIPPED_STUDENT)) != boot.DEFAULT_CONDITIONING,
+@pytest.mark.skipif(recorded_conditioning(read_meta(SHIPPED_STUDENT)) != DEFAULT_CONDITIONING,
                     reason="the shipped student is a 'sinusoid' one")
 def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
     """docs/diffusers.md's snippet, as written; then the same latents through both pipelines."""

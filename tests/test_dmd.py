@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from boot import checkpoint, dmd
-from boot import method as boot
+from boot.method import NoiseSchedule, TeacherX0
 from distill import run
 from tests.test_run import _in_process  # run.main in-process, single-threaded
 from tests.tiny import LATENT, make_tiny_teacher, scheduler_config, tiny_unet
@@ -25,8 +25,8 @@ FLAGS = ["--steps", "3", "--batch-size", "2", "--lr", "1e-3", "--warmup", "0", "
 
 
 def _parts(seed: int = 0):
-    schedule = boot.NoiseSchedule.from_scheduler_config(scheduler_config())
-    teacher = boot.TeacherX0(tiny_unet(seed=seed), schedule, "v_prediction")
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
+    teacher = TeacherX0(tiny_unet(seed=seed), schedule, "v_prediction")
     b = 3
     gen = torch.Generator().manual_seed(seed)
     cond = torch.randn(b, 6, 384, generator=gen)

@@ -223,10 +223,11 @@ def test_export_refuses_student_folders_it_cannot_load(students, tmp_path, capsy
 def _fixed_batch_losses(teacher_dir: Path, student_dir: Path | None, parameterization: str) -> dict[str, float]:
     """BootLoss of a student (online = target) on one fixed batch: the student folder's, or with
     None the untrained student distill.run starts from."""
-    from boot import method as boot
+    from boot.loss import BootLoss
+    from boot.method import NoiseSchedule, TeacherX0
 
     teacher = loading.load_teacher(teacher_dir)
-    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     student = loading.build_student(teacher, schedule, str(student_dir) if student_dir else None, parameterization)
     g = torch.Generator().manual_seed(99)
     n = 32
@@ -236,10 +237,10 @@ def _fixed_batch_losses(teacher_dir: Path, student_dir: Path | None, parameteriz
     cond, pooled = teacher.text.encode_pooled([PROMPTS[i % len(PROMPTS)] for i in range(n)])
     uncond, uncond_pooled = teacher.text.unconditional()
     expand = (lambda x: None if x is None else x.float().expand(n, *x.shape[1:]))  # noqa: E731
-    teacher_x0 = boot.TeacherX0(teacher.unet, schedule, teacher.prediction_type, teacher.time_ids)
+    teacher_x0 = TeacherX0(teacher.unet, schedule, teacher.prediction_type, teacher.time_ids)
     with torch.no_grad():
-        terms = boot.BootLoss()(student.eval(), student, teacher_x0, noise, cond.float(), expand(uncond), w, t,
-                                None if pooled is None else pooled.float(), expand(uncond_pooled))
+        terms = BootLoss()(student.eval(), student, teacher_x0, noise, cond.float(), expand(uncond), w, t,
+                           None if pooled is None else pooled.float(), expand(uncond_pooled))
     return {k: float(v.mean()) for k, v in terms.items()}
 
 
@@ -250,12 +251,12 @@ def _denoiser(folder: Path, out: Path, steps: int = 100, batch: int = 16) -> Pat
     is ε/α_T, about 15x the noise, and there is no image for a student to approach."""
     import torch.nn.functional as F
 
-    from boot import method as boot
     from boot import sdxl
+    from boot.method import NoiseSchedule
 
     shutil.copytree(folder, out)
     teacher = loading.load_teacher(out)
-    schedule = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     states, pooled = teacher.text.encode_pooled(PROMPTS)
     null, null_pooled = teacher.text.unconditional()
     if pooled is None:  # one code path: a stand-in pooled embedding the UNet never sees

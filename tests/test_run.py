@@ -21,7 +21,24 @@ import torch
 from safetensors.torch import load_file
 
 from boot import checkpoint
-from boot import method as boot
+from boot.conditioning import load_student_unet, save_student_unet
+from boot.loss import BootLoss
+from boot.method import (
+    DEFAULT_CONDITIONING,
+    GUIDANCE_BAND,
+    GUIDANCE_EMBED_SCALE,
+    LEGACY_CONDITIONING,
+    TIME_COND_PROJ_DIM,
+    GuidanceTimeProjection,
+    NoiseSchedule,
+    TeacherX0,
+    add_condition_projection,
+    guidance_embedding,
+    guidance_frequencies,
+    sinusoid,
+    student_condition,
+    unet_guidance_band,
+)
 from distill import batches, config, loading, refine, run
 from tests.tiny import LATENT, make_tiny_teacher
 
@@ -41,7 +58,6 @@ FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 # Kill the run while it writes its step-4 checkpoint: half a tensors file, then a hard exit.
 KILL = """
 import os, sys
-from boot import method as boot
 from boot import checkpoint
 from distill import run
 real = checkpoint.save_file
@@ -230,13 +246,14 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors.torch import save_file
-from boot import method as boot
+from boot.loss import BootLoss
+from boot.method import NoiseSchedule, TeacherX0
 from distill import loading
 torch.distributed.init_process_group("gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 teacher = loading.load_teacher(sys.argv[1])
-sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
+sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+teacher_x0 = TeacherX0(teacher.unet, sched, teacher.prediction_type)
 student = loading.build_student(teacher, sched)
 if sys.argv[3] == "ckpt":
     student.unet.enable_gradient_checkpointing()
@@ -247,7 +264,7 @@ noise, t, w = torch.randn((4, *teacher.latent_shape), generator=g), torch.tensor
     torch.tensor([1.0, 2.5, 4.0, 6.0])
 uncond = teacher.text.encode([""]).float().expand(4, -1, -1)
 mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
-loss = boot.BootLoss(delta_steps=100)(net, student, teacher_x0, noise[mine], cond[mine], uncond[mine], w[mine],
+loss = BootLoss(delta_steps=100)(net, student, teacher_x0, noise[mine], cond[mine], uncond[mine], w[mine],
                                       t[mine])["loss"].mean()
 loss.backward()
 if rank == 0:
@@ -298,7 +315,7 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     assert stored["w"].min() >= 1.0 and stored["w"].max() <= 6.0
     # Each target: the teacher's DDIM from the frozen starting student's ŷ_t to 0 in ceil(F/Δ) = 2 steps.
     teacher = loading.load_teacher(teacher_dir)
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     frozen = loading.build_student(teacher, sched, str(baseline[0] / "student")).eval()
     with pytest.raises(ValueError, match="reads its UNet as 'teacher-at-T', not --parameterization 'direct'"):
         loading.build_student(teacher, sched, str(baseline[0] / "student"), "direct")
@@ -411,13 +428,13 @@ def test_compiled_gradients_match_eager(setup):
 
     _, teacher_dir, _ = setup
     teacher = loading.load_teacher(teacher_dir)
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    teacher_x0 = TeacherX0(teacher.unet, sched, teacher.prediction_type)
     cond = teacher.text.encode(PROMPTS[:4]).float()
     uncond = teacher.text.encode([""]).float().expand(4, -1, -1)
     noise = torch.randn((4, *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
     t, w = torch.tensor([900, 500, 300, 100]), torch.tensor([1.0, 2.0, 3.0, 4.0])
-    loss_fn = boot.BootLoss(delta_steps=100)
+    loss_fn = BootLoss(delta_steps=100)
 
     def grads(student, net):
         loss = loss_fn(net, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean()
@@ -750,19 +767,19 @@ def test_a_band_limited_guidance_embedding_trains_only_its_band_and_stays_a_plai
 
     root, teacher, prompts = setup
     _in_process(_cli(root, teacher, prompts, "band", ("--condition-space", "diffusers",
-                                                      "--guidance-band", str(boot.GUIDANCE_BAND))))
+                                                      "--guidance-band", str(GUIDANCE_BAND))))
     student = root / "band" / "student"
     meta = json.loads((student / "boot.json").read_text())
-    assert meta["conditioning"]["guidance_band"] == boot.GUIDANCE_BAND
+    assert meta["conditioning"]["guidance_band"] == GUIDANCE_BAND
     unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
     weight = unet.time_embedding.cond_proj.weight
-    fast = boot.guidance_frequencies() > boot.GUIDANCE_BAND
+    fast = guidance_frequencies() > GUIDANCE_BAND
     assert 0 < int(fast.sum()) < len(fast)
     assert torch.equal(weight[:, fast], torch.zeros_like(weight[:, fast]))
     assert weight[:, ~fast].abs().max() > 1e-4
-    s = loading.build_student(loading.load_teacher(teacher), boot.NoiseSchedule(torch.linspace(0.999, 0.0, 1000)),
+    s = loading.build_student(loading.load_teacher(teacher), NoiseSchedule(torch.linspace(0.999, 0.0, 1000)),
                               init_from=str(student))
-    assert boot.unet_guidance_band(s.unet) == boot.GUIDANCE_BAND
+    assert unet_guidance_band(s.unet) == GUIDANCE_BAND
     proc = _run([sys.executable, "-m", "distill.run", *_cli(root, teacher, prompts, "band-sinusoid",
                                                            ("--conditioning", "sinusoid", "--guidance-band", "10"))])
     assert proc.returncode == 2 and "--guidance-band needs --conditioning diffusers-guidance" in proc.stderr
@@ -775,27 +792,27 @@ def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffuser
     root, teacher, prompts = setup
     _in_process(_cli(root, teacher, prompts, "space", ("--condition-space", "projected")))
     student = root / "space" / "student"
-    assert json.loads((student / "boot.json").read_text())["conditioning"]["kind"] == boot.DEFAULT_CONDITIONING
+    assert json.loads((student / "boot.json").read_text())["conditioning"]["kind"] == DEFAULT_CONDITIONING
     assert (student / "model_index.json").is_file()
-    plain = boot.load_student_unet(student / "unet", boot.DEFAULT_CONDITIONING)
-    assert isinstance(plain.time_embedding.cond_proj, boot.GuidanceTimeProjection)
+    plain = load_student_unet(student / "unet", DEFAULT_CONDITIONING)
+    assert isinstance(plain.time_embedding.cond_proj, GuidanceTimeProjection)
     # The training form with random weights against what it saves as.
     from diffusers import UNet2DConditionModel
 
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
-                                         boot.DEFAULT_CONDITIONING, sinusoid_space=(1.0, 5.0))
+    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
+                                    DEFAULT_CONDITIONING, sinusoid_space=(1.0, 5.0))
     proj = unet.time_embedding.cond_proj
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         proj.guidance_weight.copy_(torch.randn(proj.guidance_weight.shape, generator=g) * 0.3)
         proj.time_weight.copy_(torch.randn(proj.time_weight.shape, generator=g) * 0.3)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    boot.save_student_unet(unet, root / "space-unet")
+    save_student_unet(unet, root / "space-unet")
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
-    saved = boot.load_student_unet(root / "space-unet", boot.DEFAULT_CONDITIONING)
+    saved = load_student_unet(root / "space-unet", DEFAULT_CONDITIONING)
     t = torch.tensor([0, 0, 37, 900])
     w = torch.tensor([1.0, 4.5, 2.25, 5.0])
-    cond = boot.student_condition(t, w, boot.DEFAULT_CONDITIONING)
+    cond = student_condition(t, w, DEFAULT_CONDITIONING)
     emb = torch.randn(4, unet.time_embedding.linear_1.in_features, generator=g)
     with torch.no_grad():
         ours, theirs = (m.time_embedding(emb, cond) for m in (unet, saved))
@@ -804,9 +821,9 @@ def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffuser
     # and P·E(w - 1) is the sinusoid student's guidance feature over the range, but for its fastest columns
     # (E's log-spaced frequencies cannot hold a tone between two of them over the whole range)
     ws = torch.linspace(1.0, 5.0, 401)
-    fit = boot.guidance_embedding(ws - 1.0) @ proj.projection.T
-    target = boot.sinusoid(ws * boot.GUIDANCE_EMBED_SCALE)
-    freqs = boot.GUIDANCE_EMBED_SCALE * torch.exp(-math.log(10000.0) * torch.arange(64) / 64)
+    fit = guidance_embedding(ws - 1.0) @ proj.projection.T
+    target = sinusoid(ws * GUIDANCE_EMBED_SCALE)
+    freqs = GUIDANCE_EMBED_SCALE * torch.exp(-math.log(10000.0) * torch.arange(64) / 64)
     slow = torch.cat([freqs, freqs]) <= 20
     assert int(slow.sum()) == 112
     assert float((fit - target)[:, slow].norm() / target[:, slow].norm()) < 1e-3
@@ -821,13 +838,13 @@ def test_a_new_student_trains_as_a_sinusoid_one_and_is_written_in_the_diffusers_
     _in_process(cli[:at] + cli[at + 2:])  # the default condition space
     student = root / "default" / "student"
     record = json.loads((student / "boot.json").read_text())["conditioning"]
-    assert record["kind"] == boot.DEFAULT_CONDITIONING and (student / "model_index.json").is_file()
-    assert record["trained_as"]["kind"] == boot.LEGACY_CONDITIONING
+    assert record["kind"] == DEFAULT_CONDITIONING and (student / "model_index.json").is_file()
+    assert record["trained_as"]["kind"] == LEGACY_CONDITIONING
     assert 0 < record["trained_as"]["fit"]["relative_residual"] < 0.2  # 0.017 for the quick students
     last = checkpoint.latest(root / "default" / "work" / "checkpoints")
     weights = load_file(str(last / "tensors.safetensors"))
-    assert weights["unet.time_embedding.cond_proj.weight"].shape[1] == boot.TIME_COND_PROJ_DIM
+    assert weights["unet.time_embedding.cond_proj.weight"].shape[1] == TIME_COND_PROJ_DIM
     assert not any("time_weight" in k for k in weights)  # the training form is the sinusoid one
     _in_process(_cli(root, teacher, prompts, "legacy", ("--conditioning", "sinusoid")))
     legacy = json.loads((root / "legacy" / "student" / "boot.json").read_text())["conditioning"]
-    assert legacy["kind"] == boot.LEGACY_CONDITIONING and "trained_as" not in legacy
+    assert legacy["kind"] == LEGACY_CONDITIONING and "trained_as" not in legacy

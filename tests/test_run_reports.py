@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from boot import method as boot
+from boot.conditioning import SAVED_CONDITIONING_KEY, TIME_WEIGHTS, conditioning_record
+from boot.method import DEFAULT_CONDITIONING, GUIDANCE_BAND, LEGACY_CONDITIONING
 from distill import config, evaluate, run, selection
 from shapes_world import world
 from tests.tiny import make_tiny_student, make_tiny_teacher
@@ -36,7 +37,7 @@ FLAGS = ["--num-prompts", "12", "--steps", "4", "--batch-size", "4", "--lr", "1e
          "--val-n", str(VAL_N), "--keep", "best", "--select", "judge"]
 FORMS = {  # the other forms distill.run writes a student in (the default has its own test below)
     "projected-space": ("--condition-space", "projected"),  # written as the plain projection it equals
-    "band-limited": ("--condition-space", "diffusers", "--guidance-band", str(boot.GUIDANCE_BAND)),  # as trained
+    "band-limited": ("--condition-space", "diffusers", "--guidance-band", str(GUIDANCE_BAND)),  # as trained
     "sinusoid-kind": ("--conditioning", "sinusoid"),  # as trained, for BootPipeline only
     "lora": ("--lora-rank", "2"),  # adapters merged, then converted as the default is
 }
@@ -135,8 +136,8 @@ def test_the_default_run_reports_what_its_folder_does(teacher, tmp_path, monkeyp
     printed = _in_process(["--teacher", str(teacher), "--out", str(out), "--work", str(work), *FLAGS])
     w = json.loads((out / "boot.json").read_text())["guidance_scale"]
     meta = _check_reports(teacher, out, work, printed, _fresh_evaluation(out, teacher, w, tmp_path / "fresh"))
-    assert meta["conditioning"]["kind"] == boot.DEFAULT_CONDITIONING
-    assert meta["conditioning"]["trained_as"]["kind"] == boot.LEGACY_CONDITIONING
+    assert meta["conditioning"]["kind"] == DEFAULT_CONDITIONING
+    assert meta["conditioning"]["trained_as"]["kind"] == LEGACY_CONDITIONING
     # 3. The sample grid's PSNR is the folder's, against the teacher's images of the same prompts and seeds.
     prompts = world.sample_captions(config.N_SAMPLES, SEED, "eval")
     seeds = [config.SAMPLE_SEED0 + i for i in range(config.N_SAMPLES)]
@@ -177,7 +178,7 @@ def _drop_saved_kind(folder: Path) -> None:
     """unet/config.json without the saved-kind key (as folders written before it was recorded)."""
     path = folder / "unet" / "config.json"
     config = json.loads(path.read_text())
-    config.pop(boot.SAVED_CONDITIONING_KEY)
+    config.pop(SAVED_CONDITIONING_KEY)
     path.write_text(json.dumps(config, indent=1))
 
 
@@ -185,31 +186,31 @@ def _mismatched(teacher: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """Student folders whose boot.json conditioning does not match their weights, and what the refusal names."""
     from distill import diffusers_folder
 
-    dg = boot.DEFAULT_CONDITIONING
+    dg = DEFAULT_CONDITIONING
     cases = {}
     # boot.json edited to the other kind, both ways (and without the saved-kind key, for older folders)
     folder = make_tiny_student(teacher, root / "dg-as-sinusoid", perturb=0.5, conditioning=dg)
-    _edit_meta(folder, kind=boot.LEGACY_CONDITIONING)
+    _edit_meta(folder, kind=LEGACY_CONDITIONING)
     cases["edited to sinusoid"] = folder, "saved as a 'diffusers-guidance' student"
     folder = shutil.copytree(folder, root / "dg-as-sinusoid-unmarked")
     _drop_saved_kind(folder)
-    cases["edited to sinusoid, older folder"] = folder, f"holds {boot.TIME_WEIGHTS}"
+    cases["edited to sinusoid, older folder"] = folder, f"holds {TIME_WEIGHTS}"
     folder = make_tiny_student(teacher, root / "sinusoid-as-dg", perturb=0.5)
-    _edit_meta(folder, **boot.conditioning_record(dg))
+    _edit_meta(folder, **conditioning_record(dg))
     cases["edited to diffusers-guidance"] = folder, "saved as a 'sinusoid' student"
     folder = shutil.copytree(folder, root / "sinusoid-as-dg-unmarked")
     _drop_saved_kind(folder)
-    cases["edited to diffusers-guidance, older folder"] = folder, f"lacks {boot.TIME_WEIGHTS}"
+    cases["edited to diffusers-guidance, older folder"] = folder, f"lacks {TIME_WEIGHTS}"
     # a conversion that stopped after the converted UNet's weights, before its t weights and boot.json
     legacy = make_tiny_student(teacher, root / "legacy", perturb=0.5)
     converted = root / "converted"
     diffusers_folder.convert_student(legacy, converted)
-    (converted / "unet" / boot.TIME_WEIGHTS).unlink()
+    (converted / "unet" / TIME_WEIGHTS).unlink()
     shutil.copy(legacy / "boot.json", converted / "boot.json")
     cases["half-written conversion"] = converted, "saved as a 'diffusers-guidance' student"
     # a band recorded that the guidance weights do not keep to (all of E's columns are random here)
     folder = make_tiny_student(teacher, root / "band", perturb=0.5, conditioning=dg)
-    _edit_meta(folder, guidance_band=boot.GUIDANCE_BAND)
+    _edit_meta(folder, guidance_band=GUIDANCE_BAND)
     cases["guidance band"] = folder, "columns above it"
     return cases
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from boot import method as boot
+from boot.loss import BootLoss
+from boot.method import NoiseSchedule, OneStepGenerator, TeacherX0
 from boot_tools import fixtures
 from distill import config, loading, loop, lora, memory, monitor, precision, run, student_folder
 from tests.tiny import make_tiny_student, make_tiny_teacher
@@ -62,8 +63,8 @@ def _batch(teacher: loading.Teacher, n: int = 4, seed: int = 0):
 
 def _setup(folder, dtype=torch.float32, **student_kw):
     teacher = loading.load_teacher(folder, dtype)
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    return teacher, sched, boot.TeacherX0(teacher.unet, sched, teacher.prediction_type), loading.build_student(
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    return teacher, sched, TeacherX0(teacher.unet, sched, teacher.prediction_type), loading.build_student(
         teacher, sched, **student_kw)
 
 
@@ -131,7 +132,7 @@ def test_bf16_loss_is_finite_and_close_to_fp32(tiny):
     gradients at cosine > 0.99 (measured on this tiny teacher: 0.26% and 0.9994; on the tiny SD-1.5
     fixture 0.02% and 0.9997). The UNet outputs are read in fp32 before the x0 read, residual and 1/δ²."""
     batch = _batch(loading.load_teacher(tiny))
-    loss_fn = boot.BootLoss(delta_steps=100)
+    loss_fn = BootLoss(delta_steps=100)
     _, _, t32, s32 = _setup(tiny)
     _, _, t16, s16 = _setup(tiny, torch.bfloat16)
     l32, g32 = _grads(s32, loss_fn, t32, batch)
@@ -159,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     teacher, sched, teacher_x0, plain = _setup(tiny)
     ckpt = copy.deepcopy(plain)
     ckpt.unet.enable_gradient_checkpointing()
-    batch, loss_fn = _batch(teacher), boot.BootLoss(delta_steps=100)
+    batch, loss_fn = _batch(teacher), BootLoss(delta_steps=100)
     calls = {"n": 0}
     real = torch.utils.checkpoint.checkpoint
 
@@ -201,10 +202,10 @@ def test_beta_zero_skips_the_boundary_teacher_call_and_the_t_branch(tiny, beta, 
     teacher's CFG call at T (2B) and the online student's T branch (B, batched with its s branch)."""
     teacher, sched, _, student = _setup(tiny)
     t_unet, s_unet = _Counter(teacher.unet), _Counter(student.unet)
-    teacher_x0 = boot.TeacherX0(t_unet, sched, teacher.prediction_type)
+    teacher_x0 = TeacherX0(t_unet, sched, teacher.prediction_type)
     student.unet = s_unet
     noise, cond, uncond, t, w = _batch(teacher)
-    terms = boot.BootLoss(delta_steps=100, beta=beta)(student, student, teacher_x0, noise, cond, uncond, w, t)
+    terms = BootLoss(delta_steps=100, beta=beta)(student, student, teacher_x0, noise, cond, uncond, w, t)
     terms["loss"].mean().backward()
     assert t_unet.batches == teacher_batches and s_unet.batches == student_batches
     assert (terms["boundary"] == 0).all() == (beta == 0)
@@ -283,7 +284,7 @@ def test_lora_student_starts_as_the_teacher_at_t_and_trains_only_adapters(tiny):
     # One optimizer step: the frozen teacher weights stay, the adapters and the projection move.
     before = {n: p.detach().clone() for n, p in student.unet.named_parameters()}
     opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=1e-3)
-    boot.BootLoss(delta_steps=100)(student, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean().backward()
+    BootLoss(delta_steps=100)(student, student, teacher_x0, noise, cond, uncond, w, t)["loss"].mean().backward()
     opt.step()
     moved = {n for n, p in student.unet.named_parameters() if not torch.equal(p, before[n])}
     assert moved and moved <= set(trained) and "time_embedding.cond_proj.weight" in moved
@@ -309,7 +310,7 @@ def test_lora_run_saves_a_merged_student_that_exports_with_parity(root, tiny):
     pipe = BootPipeline.from_pretrained(out)
     noise, cond, _, _, w = _batch(teacher)
     with torch.no_grad():
-        want = boot.OneStepGenerator(adapted.eval())(noise, cond, w)
+        want = OneStepGenerator(adapted.eval())(noise, cond, w)
         assert torch.allclose(pipe.generator(noise, cond, w), want, atol=1e-5)
     info = ex.export(out, root / "lora-repo", "fp32", parity_batches=(2,), e2e_prompts=1)
     assert info["parity"]["end_to_end"]["image"]["max_abs"] <= ex.TOLERANCES["fp32"].image_levels
@@ -406,8 +407,8 @@ def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teac
         pytest.skip(f"needs about {needs_gb} GB of free memory, {_available_gb():.1f} GB available")
     t0 = time.perf_counter()
     teacher = loading.load_teacher(sd15_full, precision.DTYPES[teacher_dtype])
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
-    teacher_x0 = boot.TeacherX0(teacher.unet, sched, teacher.prediction_type)
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    teacher_x0 = TeacherX0(teacher.unet, sched, teacher.prediction_type)
     student = loading.build_student(teacher, sched)
     student.unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(student.unet.parameters(), lr=1e-5, weight_decay=0.0)
@@ -423,7 +424,7 @@ def test_one_boot_step_of_the_full_sd15_architecture_at_512(sd15_full, amp, teac
               "rss_after_load_gb": round(_peak_rss_gb(), 2)}
     t0 = time.perf_counter()
     with precision.autocast(torch.device("cpu"), amp):
-        terms = boot.BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)
+        terms = BootLoss(delta_steps=20)(student, student, teacher_x0, noise, cond, uncond, w, t)
     record["loss_forward_s"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
     loop.optimizer_step(terms["loss"].mean(), opt, None, student.unet, 1e-5, 1.0)  # backward, clip, AdamW
@@ -449,7 +450,7 @@ def test_full_size_sd15_student_exports_with_parity_and_serves(sd15_full, tmp_pa
 
     student, repo = tmp_path / "student", Path(os.environ.get("BOOT_SCALE_REPO", tmp_path / "repo"))
     teacher = loading.load_teacher(sd15_full)
-    sched = boot.NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    sched = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
     cfg = config.RunConfig(teacher=str(sd15_full), guidance_max=8.0)
     meta = student_folder.student_meta(cfg, teacher, {"source": "test"}, 0, 7.5, {})
     student_folder.write_student(student, teacher, loading.build_student(teacher, sched).unet, meta, tmp_path)

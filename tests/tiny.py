@@ -102,18 +102,19 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
     "diffusers-guidance" makes it the diffusers pipeline folder that distill.run writes."""
     from diffusers import UNet2DConditionModel
 
-    from boot import method as boot
+    from boot.conditioning import conditioning_record, save_student_unet
+    from boot.method import LEGACY_CONDITIONING, add_condition_projection
     from distill import diffusers_folder
 
     teacher, folder = Path(teacher), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = boot.add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
-                                         conditioning)
+    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(teacher / "unet", use_safetensors=True),
+                                    conditioning)
     if perturb:
         g = torch.Generator().manual_seed(seed)
         for w in unet.time_embedding.cond_proj.parameters():
             w.data = perturb * torch.randn(w.shape, generator=g)
-    boot.save_student_unet(unet, folder / "unet")
+    save_student_unet(unet, folder / "unet")
     for part in ("vae", "scheduler", "text_encoder", "tokenizer"):
         if (teacher / part).is_dir():
             shutil.copytree(teacher / part, folder / part, dirs_exist_ok=True)
@@ -125,8 +126,8 @@ def make_tiny_student(teacher: str | Path, folder: str | Path, guidance_range=(1
         "guidance_range": list(guidance_range), "guidance_scale": tmeta["guidance_scale"],
         "latent_shape": list(LATENT), "steps": 0, "hyperparameters": {},
     }
-    if conditioning != boot.LEGACY_CONDITIONING:
-        meta["conditioning"] = boot.conditioning_record(conditioning)
+    if conditioning != LEGACY_CONDITIONING:
+        meta["conditioning"] = conditioning_record(conditioning)
     if "text_encoder" in tmeta:
         meta["text_encoder"] = tmeta["text_encoder"]
     (folder / "boot.json").write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,182 @@
+"""A student's conditioning as a folder stores it: the boot.json record, the unet/ weights, the conversion.
+
+boot.method computes the conditioning (CONDITIONINGS, student_condition, the condition projections); this
+module is its stored form (docs/interfaces.md "Student folder", docs/diffusers.md):
+
+    conditioning_record, recorded_conditioning,    boot.json "conditioning"
+    recorded_guidance_band
+    save_student_unet, check_student_unet,         unet/ in diffusers' own form (a plain cond_proj), the t
+    load_student_unet                              weights of a "diffusers-guidance" student beside it
+    convert_conditioning                           a "sinusoid" student made a "diffusers-guidance" one
+                                                   (least squares on the guidance features)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from boot.method import (
+    CONDITIONINGS,
+    DEFAULT_CONDITIONING,
+    EMBED_DIM,
+    GUIDANCE_EMBED_SCALE,
+    LEGACY_CONDITIONING,
+    TIME_COND_PROJ_DIM,
+    GuidanceTimeProjection,
+    add_condition_projection,
+    guidance_embedding,
+    guidance_frequencies,
+    restore_projection,
+    sinusoid,
+    sinusoid_projection,
+    to_plain_projection,
+    unet_conditioning,
+)
+
+# A "diffusers-guidance" UNet's t weights A_t, beside its diffusers weights in unet/ (diffusers never reads them).
+TIME_WEIGHTS = "boot_time_condition.safetensors"
+# unet/config.json key naming the conditioning kind the weights were saved in (diffusers ignores "_" keys), so a
+# folder whose boot.json records another kind is refused at load (load_student_unet).
+SAVED_CONDITIONING_KEY = "_boot_conditioning"
+
+
+def recorded_conditioning(meta: dict) -> str:
+    """A student's conditioning kind from its boot.json (folders without a "kind" use "sinusoid")."""
+    return (meta.get("conditioning") or {}).get("kind", LEGACY_CONDITIONING)
+
+
+def conditioning_record(kind: str, guidance_band: float | None = None) -> dict:
+    """boot.json "conditioning" of a student of this kind (`guidance_band`: see boot.method.GUIDANCE_BAND)."""
+    if kind == LEGACY_CONDITIONING:
+        return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "embed_dim": EMBED_DIM,
+                "guidance_embed_scale": GUIDANCE_EMBED_SCALE}
+    return {"kind": kind, "time_cond_proj_dim": TIME_COND_PROJ_DIM, "guidance": "get_guidance_scale_embedding(w - 1)",
+            "time": "sinusoid(t) - sinusoid(0)", "embed_dim": EMBED_DIM, "time_weights": f"unet/{TIME_WEIGHTS}",
+            **({"guidance_band": guidance_band} if guidance_band else {})}
+
+
+def recorded_guidance_band(meta: dict) -> float | None:
+    """The guidance band a student was trained with (None: all of E's columns)."""
+    return (meta.get("conditioning") or {}).get("guidance_band")
+
+
+def save_student_unet(unet: nn.Module, folder: str | Path) -> None:
+    """unet.save_pretrained(folder) in diffusers' own form (a plain cond_proj), plus TIME_WEIGHTS beside it
+    for a "diffusers-guidance" UNet, so that diffusers loads unet/ with no unknown weights."""
+    saved = to_plain_projection(unet)  # a training form is saved as the plain one it equals
+    try:
+        _save_plain_student_unet(unet, folder)
+    finally:
+        restore_projection(unet, saved)
+
+
+def _save_plain_student_unet(unet: nn.Module, folder: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    emb = unet.time_embedding
+    proj = emb.cond_proj
+    unet.register_to_config(**{SAVED_CONDITIONING_KEY: unet_conditioning(unet)})
+    if not isinstance(proj, GuidanceTimeProjection):
+        unet.save_pretrained(folder, safe_serialization=True)
+        return
+    plain = nn.Linear(proj.in_features, proj.out_features, bias=False, device="meta")
+    plain.weight = proj.weight  # the same Parameter: nothing is copied
+    emb.cond_proj = plain
+    try:
+        unet.save_pretrained(folder, safe_serialization=True)
+    finally:
+        emb.cond_proj = proj
+    save_file({"time_embedding.cond_proj.time_weight": proj.time_weight.detach().float().cpu().contiguous()},
+              str(Path(folder) / TIME_WEIGHTS))
+
+
+def check_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> None:
+    """ValueError, one line naming the mismatch, unless the UNet folder `folder` holds weights of the conditioning
+    `kind` (and `guidance_band`) its boot.json records: the time_cond_proj_dim of a student, the kind its
+    config.json says they were saved in (SAVED_CONDITIONING_KEY, where present), and TIME_WEIGHTS beside them
+    exactly when the kind is "diffusers-guidance". From the config files alone, before any weight is read."""
+    folder = Path(folder)
+    said = f"boot.json records a {kind!r} conditioning, but {folder}"
+    if kind not in CONDITIONINGS:
+        raise ValueError(f"boot.json conditioning kind {kind!r} is not one of {CONDITIONINGS}")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config and config.get("time_cond_proj_dim") != TIME_COND_PROJ_DIM:
+        raise ValueError(f"{said}/config.json has time_cond_proj_dim {config.get('time_cond_proj_dim')} (a student's "
+                         f"is {TIME_COND_PROJ_DIM}): not a BOOT student's UNet")
+    saved_as = config.get(SAVED_CONDITIONING_KEY)
+    if saved_as is not None and saved_as != kind:
+        raise ValueError(f"{said} holds weights saved as a {saved_as!r} student ({SAVED_CONDITIONING_KEY} in its "
+                         "config.json): the record does not match the weights")
+    has_time_weights = (folder / TIME_WEIGHTS).is_file()
+    if kind == DEFAULT_CONDITIONING and not has_time_weights:
+        raise ValueError(f"{said} lacks {TIME_WEIGHTS}, the t weights of that kind (weights of a "
+                         f"{LEGACY_CONDITIONING!r} student, or a conversion left unfinished): the record does not "
+                         "match the weights")
+    if kind == LEGACY_CONDITIONING and has_time_weights:
+        raise ValueError(f"{said} holds {TIME_WEIGHTS}, the t weights of a {DEFAULT_CONDITIONING!r} student: "
+                         "the record does not match the weights")
+    if guidance_band and kind != DEFAULT_CONDITIONING:
+        raise ValueError(f"boot.json records a guidance band {guidance_band:g} for a {kind!r} conditioning, "
+                         f"which has none (only {DEFAULT_CONDITIONING!r} students are band-limited)")
+
+
+def load_student_unet(folder: str | Path, kind: str, guidance_band: float | None = None) -> nn.Module:
+    """A student's UNet from `folder` (its unet/ directory) as save_student_unet wrote it, ready for Student.
+    Weights that are not of the conditioning `kind` (and `guidance_band`) boot.json records are refused with a
+    ValueError naming the mismatch (check_student_unet; a band-limited student's guidance weights above its band
+    must be 0), rather than loaded and run with the wrong features."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    check_student_unet(folder, kind, guidance_band)
+    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+    if kind == LEGACY_CONDITIONING:
+        return unet
+    weight = unet.time_embedding.cond_proj.weight.detach().clone()
+    if guidance_band:
+        fast = guidance_frequencies(weight.shape[1]) > guidance_band
+        if bool(weight[:, fast].ne(0).any()):
+            raise ValueError(f"boot.json records a guidance band of {guidance_band:g} rad per unit of w, but the "
+                             f"guidance weights in {folder} use E(w - 1)'s columns above it: the record does not match "
+                             "the weights")
+    add_condition_projection(unet, kind)
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.copy_(weight)
+        unet.time_embedding.cond_proj.time_weight.copy_(
+            load_file(str(folder / TIME_WEIGHTS))["time_embedding.cond_proj.time_weight"])
+    return unet
+
+
+def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n: int = 50_001,
+                         ridge: float = 1e-6) -> dict:
+    """Turn a "sinusoid" student UNet into a "diffusers-guidance" one, in place; return the fit's residual.
+
+    linear_1(s + A_t·φ(t) + A_w·φ(62.5·w)) = linear_1(s + A_t·(φ(t) - φ(0)) + B·E(w - 1)) + error, with
+    linear_1's bias += W_1·A_t·φ(0) (exact at every t) and B the least-squares fit of A_w·φ(62.5·w) by
+    B·E(w - 1) on n guidance scales spanning `guidance_range` (approximate: E has other frequencies)."""
+    emb = unet.time_embedding
+    if unet_conditioning(unet) != LEGACY_CONDITIONING or emb.cond_proj.in_features != TIME_COND_PROJ_DIM:
+        raise ValueError("only a 'sinusoid' student UNet can be converted")
+    if emb.linear_1.bias is None:
+        raise ValueError("the time embedding's linear_1 has no bias to fold the constant t = 0 term into")
+    a = emb.cond_proj.weight.detach().double()
+    a_t, a_w = a[:, :EMBED_DIM], a[:, EMBED_DIM:]
+    b = a_w @ sinusoid_projection(guidance_range, n, ridge)  # the fit is linear in the target: A_w·P
+    w = torch.linspace(*guidance_range, n, dtype=torch.float64)
+    target = sinusoid(w * GUIDANCE_EMBED_SCALE).double() @ a_w.T
+    residual = guidance_embedding((w - 1.0).float()).double() @ b.T - target
+    phi0 = sinusoid(torch.zeros(1))[0].double()
+    with torch.no_grad():
+        emb.linear_1.bias += (emb.linear_1.weight.double() @ (a_t @ phi0)).to(emb.linear_1.bias.dtype)
+        add_condition_projection(unet, DEFAULT_CONDITIONING)
+        emb.cond_proj.weight.copy_(b)
+        emb.cond_proj.time_weight.copy_(a_t)
+    return {"guidance_range": list(guidance_range), "points": n, "ridge": ridge,
+            "relative_residual": float(residual.norm() / target.norm()),
+            "max_abs_residual": float(residual.abs().max())}

@@ -1,0 +1,149 @@
+"""The BOOT objective (Gu et al. 2023, arXiv 2306.05544; docs/method.md "The signal-ODE step", "The losses").
+
+Along the teacher's DDIM trajectory from x_T = ε, the signal y_t = (x_t − σ_t·ε)/α_t obeys an ODE whose
+one-step discretisation from t to s < t is
+
+    y_s ≈ y_t + δ(t, s)·(f_w(α_t·y_t + σ_t·ε, t, c) − y_t),   δ(t, s) = 1 − σ_s·α_t / (α_s·σ_t)
+
+The student g_θ(ε, t, c, w) learns y_t for every t from noise alone, no data: its prediction at s is
+bootstrapped from its own prediction at t through that step, and the chain is anchored at T, where the
+student must equal the teacher's x0-prediction from pure noise.
+
+    bootstrap_target     stopgrad(tgt): the step from the target student's ŷ_t, as n teacher DDIM steps
+    BootLoss             L = L_BS + β·L_BC, the training objective
+    FinalHopRegression   L_BS of final hops to s = 0 against stored targets (the refinement stage)
+
+Each loss is a callable that owns only its hyperparameters and returns per-sample losses; the training
+loop (distill/loop.py) draws (ε, c, w, t), reduces and steps. Notation as in boot.method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from boot.method import NoiseSchedule, Student, TeacherX0, bcast
+from boot.sdxl import pooled_args
+
+
+@torch.no_grad()
+def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, cond: torch.Tensor,
+                     uncond: torch.Tensor | None, w: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                     n: torch.Tensor, pooled: torch.Tensor | None = None,
+                     uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """stopgrad(tgt) of BootLoss: from the target student's ŷ_t, n teacher DDIM steps of the signal
+    ODE to s, per sample, y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y) on evenly spaced
+    t = u_0 > ... > u_n = s (the teacher is called only on samples whose target still has steps to go)."""
+    sched = teacher.schedule
+    tgt = target(noise, t, cond, w, *pooled_args(pooled))
+    pick = lambda x, i: None if x is None else x[i]  # noqa: E731
+    for k in range(int(n.max())):
+        i = (k < n).nonzero().squeeze(1)
+        ti, si, ni = t[i], s[i], n[i]
+        u, v = ti - (ti - si) * k // ni, ti - (ti - si) * (k + 1) // ni
+        y = tgt[i]
+        x_u = bcast(sched.alpha[u], y) * y + bcast(sched.sigma[u], y) * noise[i]
+        f_u = teacher(x_u, u, cond[i], pick(uncond, i), w[i], *pooled_args(pick(pooled, i)),
+                      *pooled_args(pick(uncond_pooled, i)))
+        tgt[i] = y + bcast(sched.delta(u, v), y) * (f_u - y)
+    return tgt
+
+
+@dataclass
+class BootLoss:
+    """L = L_BS + β·L_BC (docs/method.md), per sample.
+
+        ŷ_t  = stopgrad(g_target(ε, t, c))
+        tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
+        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)
+        L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
+
+    With solver_steps K > 1 the target is the same signal-ODE step taken as K teacher DDIM steps
+    t = u_0 > u_1 > ... > u_K = s (evenly spaced): y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y),
+    starting from ŷ_t. K = 1 is the paper's single step. A larger Δ then needs fewer bootstrap
+    hops from T to 0 (less accumulated student error) without a coarser teacher step.
+
+    With final_hop F > 0 every t <= F hops straight to s = 0, its target taken as ceil(F·K/Δ)
+    teacher DDIM steps (none longer than Δ/K): the image g(ε, 0) is then trained against the
+    teacher finishing its own sampler from the student's ŷ_t, rather than through the last
+    F/Δ bootstrap hops, where a student's errors pile up most (docs/ablations.md). The caller
+    draws such t from (F − Δ, F], whose ŷ_t the ordinary hops from (F, F + Δ] train.
+    """
+
+    delta_steps: int = 20  # Δ
+    beta: float = 1.0  # β
+    solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
+    final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
+    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    @property
+    def final_steps(self) -> int:
+        """Teacher DDIM steps in a final hop's target: ceil(F·K/Δ), so none is longer than Δ/K."""
+        return -(-self.final_hop * self.solver_steps // self.delta_steps)
+
+    def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
+                 cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
+                 t: torch.Tensor, pooled: torch.Tensor | None = None,
+                 uncond_pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        sched = teacher.schedule
+        # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
+        # final hop; with F = 0 there is none, since t >= 1).
+        final = t <= self.final_hop
+        s = torch.where(final, 0, (t - self.delta_steps).clamp_min(0))
+        n = torch.where(final, self.final_steps, torch.full_like(t, self.solver_steps))
+        T = torch.full_like(t, sched.T)
+        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
+        with torch.no_grad():
+            tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
+            d = sched.delta(t, s)
+        dims = tuple(range(1, noise.ndim))
+        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
+            g_s = student(noise, s, cond, w, *pooled_args(pooled))
+            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
+        # 2. Boundary target: the teacher at T on pure noise.
+        with torch.no_grad():
+            f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
+        # 3. Online student at s and at T (one batched call); the only graph with gradients.
+        pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
+                       torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
+        g_s, g_T = pred.chunk(2)
+        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+        l_bc = (g_T - f_T).pow(2).mean(dims)
+        return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
+
+
+@dataclass
+class FinalHopRegression:
+    """L_BS of final hops only, against stored targets (distill.run --refine N), per sample:
+
+        L = ‖g(ε, 0, c) − y‖² / δ(t, 0)²,   y = bootstrap_target(g_frozen, f_w, ε, t → 0)
+
+    BootLoss with β = 0, every t drawn from (F − Δ, F], and the target network frozen at the
+    starting student: each sample's target is then a fixed function of (ε, c, w, t), so N of them
+    are computed once and the loop calls no teacher (docs/ablations.md, "Final-hop refinement").
+
+    With `decode` (a frozen latent -> image map, e.g. the teacher's VAE decoder), the squared error
+    is taken between the decoded images, D(g(ε, 0, c)) and D(y), instead of between latents; the
+    gradient still reaches only the student, through D.
+    """
+
+    min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.decode = decode
+
+    def __call__(self, student: Student, schedule: NoiseSchedule, noise: torch.Tensor, cond: torch.Tensor,
+                 w: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        zero = torch.zeros_like(t)
+        g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
+        if self.decode is not None:
+            with torch.no_grad():
+                y = self.decode(y)
+            g_0 = self.decode(g_0)
+        d = schedule.delta(t, zero)
+        l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
+        return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
