@@ -1,7 +1,7 @@
 """BOOT at SD-1.5 scale on one GPU: s/step, peak memory, bf16-vs-fp32 gradients, projected GPU-hours.
 
-    python scripts/gpu_scale.py --out runs/gpu_scale                      # on a GPU (scripts/gpu_scale.sh)
-    python scripts/gpu_scale.py --out /tmp/s --device cpu --size tiny --batches 2 --steps 1 --cosine-batch 2
+    python -m boot_tools.gpu_scale --out runs/gpu_scale                   # on a GPU (boot_tools/gpu/scale.sh)
+    python -m boot_tools.gpu_scale --out /tmp/s --device cpu --size tiny --batches 2 --steps 1 --cosine-batch 2
 
 The teacher is the full SD-1.5 architecture with random weights (boot_tools.fixtures, stored in fp16 as
 published folders are), 512² images (4x64x64 latents), CFG on. A measured step is distill.run's: BOOT
@@ -16,18 +16,15 @@ import argparse
 import copy
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from boot.loss import BootLoss  # noqa: E402
-from boot.method import NoiseSchedule, TeacherX0  # noqa: E402
-from boot_tools import fixtures  # noqa: E402
-from distill import loading, loop, precision  # noqa: E402
+from boot.loss import BootLoss
+from boot.method import NoiseSchedule, TeacherX0
+from boot_tools import fixtures
+from distill import loading, loop, precision
 
 # Published training costs of one-step/few-step SD-1.5 distillations, in A100-hours.
 PUBLISHED = {"LCM (SD-1.5), Luo et al. 2023": 32, "DMD2 (SD-1.5), Yin et al. 2024": 1600}
@@ -113,7 +110,8 @@ def gradient_cosine(folder: Path, n: int, dev: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m boot_tools.gpu_scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for scale.json")
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: a smoke test of the script)")
     p.add_argument("--size", choices=fixtures.SIZES, default="full", help="SD-1.5 fixture size")
