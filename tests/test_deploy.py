@@ -347,10 +347,14 @@ def test_dockerfile_installs_only_the_hashed_lock_and_bakes_in_no_secret():
 
 def test_lock_is_exactly_what_the_serving_code_imports():
     """Every distribution the image's Python code loads (the guard's modules, and the Python-backend
-    models' triton_model.py, lazy imports included) is in deploy/requirements.lock, and the lock holds
-    nothing else. onnxruntime is the cpu variants' (ORT inside the Python backend) and is not in the
-    GPU image; triton_python_backend_utils comes with Triton."""
-    sources = sorted(s for s in _copied() if s.endswith(".py")) + ["boot_serve/triton_model.py"]
+    models' triton_model.py and the files copied beside it, lazy imports included) is in
+    deploy/requirements.lock, and the lock holds nothing else. onnxruntime is the cpu variants' (ORT
+    inside the Python backend) and is not in the GPU image; triton_python_backend_utils comes with
+    Triton."""
+    from boot_serve.triton_repo import MODEL_FILES
+
+    models = [path.relative_to(ROOT).as_posix() for path in MODEL_FILES.values()]
+    sources = sorted(s for s in _copied() if s.endswith(".py")) + models
     tops = set()
     for path in sources:
         for node in ast.walk(ast.parse((ROOT / path).read_text())):

@@ -6,8 +6,8 @@
     shapes_world/  -> boot                 (the shapes world, its judge and its teacher's trainer)
     boot_tools/    -> boot, boot_serve, distill, shapes_world (user tools; nothing imports them)
     boot/          -> only itself
-    boot_serve/triton_model.py (every Triton model's 1/model.py) -> none of them (NVIDIA's Triton
-                                  container runs it bare)
+    boot_serve/triton_model.py (every Triton model's 1/model.py) and the files copied beside it
+                                  -> none of them (NVIDIA's Triton container runs them bare)
 """
 
 from __future__ import annotations
@@ -66,9 +66,21 @@ def test_packages_import_only_layers_below(layer):
 
 
 def test_triton_models_import_no_project_package():
-    from boot_serve.triton_repo import MODEL_SOURCE
+    """model.py and the files copied beside it import no project package, and relatively only each other
+    (Triton imports model.py as `1.model`: `from .x import y` finds 1/x.py, a copy of MODEL_FILES["x.py"])."""
+    from boot_serve.triton_repo import MODEL_FILES, MODEL_SOURCE
 
-    assert violations("model_repository", [MODEL_SOURCE]) == {}
+    assert MODEL_FILES["model.py"] == MODEL_SOURCE
+    assert all(path.name == name for name, path in MODEL_FILES.items() if name != "model.py")
+    assert violations("model_repository", list(MODEL_FILES.values())) == {}
+    siblings = {name.removesuffix(".py") for name in MODEL_FILES}
+    for path in MODEL_FILES.values():
+        relative = {node.module for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                    if isinstance(node, ast.ImportFrom) and node.level}
+        assert relative <= siblings - {"model"}, (path.name, relative)
+    imported = {node.module for node in ast.walk(ast.parse(MODEL_SOURCE.read_text(encoding="utf-8")))
+                if isinstance(node, ast.ImportFrom) and node.level == 1}
+    assert imported == siblings - {"model"}  # every copied file is used
 
 
 def test_the_checker_finds_a_violation():

@@ -53,8 +53,8 @@ def test_committed_configs_are_valid_model_configs():
 
 def test_committed_configs_are_the_generator_output(tmp_path):
     """model_repository/ holds the configs `triton_repo --shapes-defaults` writes (no hand edits); every
-    Python model's 1/model.py it writes is a copy of the one source, boot_serve/triton_model.py (generated,
-    not committed, like the graphs)."""
+    Python model's 1/model.py it writes is a copy of the one source, boot_serve/triton_model.py, with the
+    modules it imports copied beside it (generated, not committed, like the graphs)."""
     assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
     committed = ROOT / "model_repository"
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("config.pbtxt"))
@@ -64,6 +64,9 @@ def test_committed_configs_are_the_generator_output(tmp_path):
     sources = sorted(tmp_path.glob("*/1/model.py"))
     assert {p.parent.parent.name for p in sources} == {"boot_txt2img", "preprocess", *triton_repo.HEAVY_MODELS}
     assert all(p.read_text() == triton_repo.MODEL_SOURCE.read_text() for p in sources)
+    for name, source in triton_repo.MODEL_FILES.items():
+        assert sorted(tmp_path.glob(f"*/1/{name}")) == [p.with_name(name) for p in sources], name
+        assert all(p.with_name(name).read_text() == source.read_text() for p in sources), name
     guidance = triton_repo.parse_config(_committed_configs()[triton_repo.ENSEMBLE]).parameters["guidance_scale"]
     assert guidance.string_value == "4.5"  # the shipped student's recommended scale
 
@@ -148,14 +151,16 @@ def test_tensorrt_variant_needs_plans():
 
 
 def test_every_python_model_runs_the_one_shared_source(tmp_path):
-    """preprocess, the three ONNX Runtime models and the one-hop boot_txt2img: one model.py, as the
-    repository writer puts it beside the committed configs."""
+    """preprocess, the three ONNX Runtime models and the one-hop boot_txt2img: one model.py (and the
+    modules it imports), as the repository writer puts them beside the committed configs."""
     assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
     source = triton_repo.MODEL_SOURCE.read_text()
     python = [name for name, text in _committed_configs().items() if triton_repo.parse_config(text).backend == "python"]
     assert set(triton_repo.PYTHON_MODELS + triton_repo.HEAVY_MODELS) <= set(python)
     for name in python:
         assert (tmp_path / name / "1" / "model.py").read_text() == source, name
+        for filename, sibling in triton_repo.MODEL_FILES.items():
+            assert (tmp_path / name / "1" / filename).read_text() == sibling.read_text(), (name, filename)
 
 
 def test_variant_names_and_switching(tmp_path):
@@ -168,6 +173,8 @@ def test_variant_names_and_switching(tmp_path):
                                   ("cpu", triton_repo.DEFAULT_CPU_VARIANT == "cpu-onehop")):
         assert triton_repo.main(["--repository", str(tmp_path), "--variant", variant]) == 0
         assert model_py.is_file() == has_model_py, variant
+        for filename in triton_repo.MODEL_FILES:  # the modules beside model.py come and go with it
+            assert model_py.with_name(filename).is_file() == has_model_py, (variant, filename)
         assert triton_repo.served_variant(tmp_path) == triton_repo.resolve_variant(variant)
     with pytest.raises(SystemExit):
         triton_repo.main(["--repository", str(tmp_path), "--variant", "bls"])
@@ -194,7 +201,8 @@ def test_write_configs_fills_a_fresh_repository(exported_repository, tmp_path):
     manifest = json.loads((exported_repository / "manifest.json").read_text())
     written = triton_repo.write_configs(tmp_path, "cpu", manifest)
     assert {p.relative_to(tmp_path).as_posix() for p in written} >= {
-        "boot_txt2img/config.pbtxt", "preprocess/1/model.py", "boot_unet/1/model.py"}
+        "boot_txt2img/config.pbtxt", "preprocess/1/model.py", "boot_unet/1/model.py",
+        "preprocess/1/triton_text_cache.py", "boot_unet/1/triton_text_cache.py"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,10 +219,12 @@ def test_check_repository_says_what_is_missing(tmp_path, exported_repository):
     shutil.copytree(exported_repository, broken)
     (broken / "boot_unet" / "1" / "model.onnx").unlink()
     (broken / "preprocess" / "config.pbtxt").unlink()
+    (broken / "boot_txt2img" / "1" / "triton_text_cache.py").unlink()  # model.py would not import
     with pytest.raises(triton_repo.RepositoryError) as err:
         triton_repo.check_repository(broken)
     assert "boot_unet/1/model.onnx is missing" in str(err.value)
     assert "preprocess/config.pbtxt is missing" in str(err.value)
+    assert "boot_txt2img/1/triton_text_cache.py is missing" in str(err.value)
     assert triton_repo.check_repository(exported_repository)["max_length"] == 16
 
 

@@ -1,5 +1,6 @@
-"""The text-state cache of the served model (boot_serve/triton_model.py): a repeated prompt skips the text
-encoder and gets the very states, hence the very image, that its first request got.
+"""The text-state cache of the served model (boot_serve/triton_text_cache.py, copied beside triton_model.py):
+a repeated prompt skips the text encoder and gets the very states, hence the very image, that its first
+request got.
 
 In-process (the model's own classes, no server):
 - a hit's states are bit-identical to the miss's and to the text encoder's, and read-only;
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from boot_serve import triton_model, triton_repo
+from boot_serve import triton_model, triton_repo, triton_text_cache
 from boot_serve.bench.stats import parse_text_cache
 from boot_serve.client import Client
 from boot_serve.prompts import distinct_example_prompts
@@ -42,7 +43,7 @@ PROMPTS = distinct_example_prompts(200, 500)  # different shapes captions
 def _entry_bytes(manifest: dict) -> int:
     """What one prompt costs the cache of a repository without a second tokenizer."""
     L, D = manifest["max_length"], manifest["hidden_size"]
-    return L * D * 4 + L * 8 + triton_model.TextStateCache.ENTRY_OVERHEAD
+    return L * D * 4 + L * 8 + triton_text_cache.TextStateCache.ENTRY_OVERHEAD
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def _request(prompt: str, seed: int):
 # --------------------------------------------------------------------------------------------
 def test_hit_states_are_bit_identical_and_read_only(exported_repository, manifest):
     session = triton_model.session(exported_repository / manifest["graphs"]["text_encoder"]["path"], {})
-    encoder = triton_model.TextEncoder(session, ["text_states"], 1 << 20)
+    encoder = triton_text_cache.TextEncoder(session, ["text_states"], 1 << 20)
     pre = triton_model.Preprocessor(exported_repository, manifest)
     ids = pre(PROMPTS[:3], [0, 1, 2])["input_ids"]
     direct = session.run(["text_states"], {"input_ids": ids})[0]
@@ -86,15 +87,15 @@ def test_hit_states_are_bit_identical_and_read_only(exported_repository, manifes
         with pytest.raises(ValueError):
             states[0, 0] = 1.0
     # A prompt twice in one batch runs once; both rows get its states.
-    fresh = triton_model.TextEncoder(session, ["text_states"], 1 << 20)
+    fresh = triton_text_cache.TextEncoder(session, ["text_states"], 1 << 20)
     twice = fresh({"input_ids": ids[[1, 1]]})["text_states"]
     assert np.array_equal(twice, direct[[1, 1]]) and fresh.cache.stats()["misses"] == 1
 
 
 def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used():
     row = np.arange(1000, dtype=np.float32)  # 4000 bytes
-    size = row.nbytes + 8 + triton_model.TextStateCache.ENTRY_OVERHEAD
-    cache = triton_model.TextStateCache(3 * size + 10)
+    size = row.nbytes + 8 + triton_text_cache.TextStateCache.ENTRY_OVERHEAD
+    cache = triton_text_cache.TextStateCache(3 * size + 10)
     for k in (b"00000000", b"11111111", b"22222222"):
         cache.put(k, [row])
     assert cache.get(b"00000000") is not None  # now the most recently used
@@ -109,7 +110,7 @@ def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used():
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        big = triton_model.TextStateCache(200_000)
+        big = triton_text_cache.TextStateCache(200_000)
         for i in range(500):
             big.put(i.to_bytes(8, "little"), [np.full(1000, i, np.float32)])
             assert big.bytes <= big.max_bytes
@@ -119,10 +120,10 @@ def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used():
     # The cache's own allocations (its copies of the arrays, its table) plus the keys it keeps, which
     # the test allocated; the test's other temporaries are not the cache's.
     held = sum(d.size_diff for d in after.compare_to(before, "filename")
-               if d.traceback[0].filename == triton_model.__file__) + len(big) * sys.getsizeof(bytes(8))
+               if d.traceback[0].filename == triton_text_cache.__file__) + len(big) * sys.getsizeof(bytes(8))
     assert big.stats()["evictions"] == 500 - len(big) and held <= big.max_bytes, held
     with pytest.raises(ValueError):
-        triton_model.TextStateCache(-1)
+        triton_text_cache.TextStateCache(-1)
 
 
 def test_threads_sharing_one_model_get_the_uncached_images(exported_repository, bound):
@@ -151,12 +152,12 @@ def test_threads_sharing_one_model_get_the_uncached_images(exported_repository, 
 
 
 def test_text_cache_bytes_parameter(exported_repository):
-    assert triton_repo.TEXT_CACHE_BYTES == triton_model.DEFAULT_TEXT_CACHE_BYTES
-    assert triton_model.text_cache_bytes({}) == triton_model.DEFAULT_TEXT_CACHE_BYTES
-    assert triton_model.text_cache_bytes({"text_cache_bytes": "0"}) == 0
+    assert triton_repo.TEXT_CACHE_BYTES == triton_text_cache.DEFAULT_TEXT_CACHE_BYTES
+    assert triton_text_cache.text_cache_bytes({}) == triton_text_cache.DEFAULT_TEXT_CACHE_BYTES
+    assert triton_text_cache.text_cache_bytes({"text_cache_bytes": "0"}) == 0
     for bad in ("-1", "64MiB", "1.5", ""):
         with pytest.raises(RuntimeError, match="text_cache_bytes"):
-            triton_model.text_cache_bytes({"text_cache_bytes": bad})
+            triton_text_cache.text_cache_bytes({"text_cache_bytes": bad})
     assert _onehop(exported_repository, 0).text_encoder.cache is None
     # The configs carry it where the text encoder runs, in both CPU variants (cpu-onehop also writes the
     # unloaded text_encoder config), and nowhere else.
