@@ -9,8 +9,8 @@ It is closed twice:
 1. Triton itself is started with its restriction flags (`triton_restriction_args`): the closed
    categories demand a header whose value is a random key that nothing hands out, the operator
    categories one carrying the operator key.
-2. The guards answer only an allow-list of HTTP paths (boot_serve.guard) and gRPC methods
-   (boot_serve.grpc_guard); a request for anything else is refused there with 403 / 404
+2. The guards answer only an allow-list of HTTP paths (boot_serve.http_guard) and gRPC methods
+   (boot_serve.grpc_policy); a request for anything else is refused there with 403 / 404
    (PERMISSION_DENIED / UNIMPLEMENTED) before Triton sees it.
 """
 

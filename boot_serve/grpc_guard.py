@@ -1,23 +1,6 @@
 """The gRPC side of the guard: a gRPC server in front of Triton's gRPC endpoint that lets through
-only what a client of the service needs, checked, and bounds what one client can hold.
-
-What passes (service inference.GRPCInferenceService; boot_serve.access is the shared policy):
-- public: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
-  ModelInfer, ModelStreamInfer;
-- operator: ModelStatistics, when the call's metadata carries access.KEY_HEADER (or Triton's name
-  for it, TRITON_KEY_METADATA) equal to the operator key; Triton, started with
-  access.triton_restriction_args, checks the key again;
-- nothing else: the control methods (repository index/load/unload, system and CUDA shared memory,
-  trace and log settings) are refused with PERMISSION_DENIED, any other path (unknown service or
-  method, or a known one spelled differently) with UNIMPLEMENTED, before a byte goes to Triton.
-
-Each request message is parsed with the protobuf classes tritonclient ships
-(tritonclient.grpc.service_pb2): one that does not parse is refused with INVALID_ARGUMENT, one
-naming a model that is not served with NOT_FOUND, and Triton gets the message re-serialized from
-what was parsed (unknown fields dropped), under the canonical method path, with only the metadata
-listed in `_forwarded_metadata` (the operator key for ModelStatistics, Triton's documented
-`triton_grpc_error` stream option); the deadline goes along. Triton's answers to allowed calls
-(status codes and messages included) come back unchanged.
+only what a client of the service needs, checked (boot_serve.grpc_policy), and bounds what one client
+can hold (boot_serve.grpc_admission).
 
 Why a receive limit: Triton 2.51 accepts gRPC messages up to 2 GB and has no flag to lower that;
 each refused 64 MiB request left ~250 MB more resident in the server and its Python-backend stub
@@ -25,10 +8,9 @@ each refused 64 MiB request left ~250 MB more resident in the server and its Pyt
 receive limit (`grpc.max_receive_message_length`) fails such a call with RESOURCE_EXHAUSTED from
 the message's length prefix, so the body is never held here nor sent on.
 
-Bounds on what callers hold (constants below, each a constructor keyword): calls in flight per
-client address and in all, open streams, a deadline on every unary call, an idle timeout and a
-lifetime for streams, requests a stream may have awaiting their answer, and HTTP/2 limits on
-connections (idle connections closed, keepalive pings enforced, streams per connection).
+Triton gets each allowed call under its canonical method path, with the deadline and the metadata
+the policy forwards; Triton's answers to allowed calls (status codes and messages included) come
+back unchanged.
 
 While Triton is not serving (`set_upstream(None)`: restarting after a crash, or given up on)
 every allowed call fails at once with UNAVAILABLE, which boot_serve.client reports as
@@ -38,77 +20,42 @@ way, from gRPC.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
-import urllib.parse
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
-from tritonclient.grpc import service_pb2
 
-from boot_serve import access
-from boot_serve.guard import MAX_BODY_BYTES
+from boot_serve.grpc_admission import (
+    CALL_DEADLINE_S,
+    CONNECTION_IDLE_S,
+    MAX_CALL_DEADLINE_S,
+    MAX_CALLS,
+    MAX_CALLS_PER_CLIENT,
+    MAX_STREAMS,
+    MAX_STREAMS_PER_CLIENT,
+    MAX_STREAMS_PER_CONNECTION,
+    STREAM_IDLE_S,
+    STREAM_LIFETIME_S,
+    STREAM_PENDING,
+    WORKERS,
+    Admission,
+    Stream,
+)
+from boot_serve.grpc_policy import (
+    CLOSED_METHODS,
+    OPERATOR_METHODS,
+    PUBLIC_METHODS,
+    SERVICE,
+    STREAM_METHODS,
+    Refused,
+    check_operator,
+    client_address,
+    forwarded_metadata,
+    reserialize,
+)
+from boot_serve.guard_limits import MAX_BODY_BYTES
 
-SERVICE = "inference.GRPCInferenceService"
-PUBLIC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
-                  "ModelInfer", "ModelStreamInfer")
-OPERATOR_METHODS = ("ModelStatistics",)
-# Every other method of the service, as tritonclient's copy of Triton's protocol lists them, plus
-# those this server is known to offer (in case an older protocol file lacks one).
-CLOSED_METHODS = tuple(sorted((
-    {m.name for m in service_pb2.DESCRIPTOR.services_by_name[SERVICE.split(".")[-1]].methods}
-    | {"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
-       "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-       "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings"})
-    - set(PUBLIC_METHODS) - set(OPERATOR_METHODS)))
-STREAM_METHODS = (f"/{SERVICE}/ModelStreamInfer",)
-
-# Request message class of each allowed method, and the field that names a model ("" for none).
-_REQUESTS = {
-    "ServerLive": (service_pb2.ServerLiveRequest, ""),
-    "ServerReady": (service_pb2.ServerReadyRequest, ""),
-    "ServerMetadata": (service_pb2.ServerMetadataRequest, ""),
-    "ModelReady": (service_pb2.ModelReadyRequest, "name"),
-    "ModelMetadata": (service_pb2.ModelMetadataRequest, "name"),
-    "ModelConfig": (service_pb2.ModelConfigRequest, "name"),
-    "ModelInfer": (service_pb2.ModelInferRequest, "model_name"),
-    "ModelStreamInfer": (service_pb2.ModelInferRequest, "model_name"),
-    "ModelStatistics": (service_pb2.ModelStatisticsRequest, "name"),  # "" = all models: operators only
-}
-
-# Threads serving calls; a call holds one while Triton computes (a stream for its whole life).
-WORKERS = 64
-# Calls in flight at once, in all: below WORKERS, so threads stay free to refuse calls past the
-# caps at once instead of queueing them behind running ones.
-MAX_CALLS = 48
-# Calls in flight from one client address: a client (boot_serve.client runs 8 at once) cannot take
-# every thread; clients behind one NAT or proxy share it, so it is not much lower than MAX_CALLS.
-MAX_CALLS_PER_CLIENT = 32
-# Open ModelStreamInfer streams, in all and per client address: each holds a thread here (and one
-# in gRPC's channel) for as long as it is open, however little it sends.
-MAX_STREAMS = 16
-MAX_STREAMS_PER_CLIENT = 4
-# A unary call without a deadline gets this one, so a hung upstream call frees its thread; longer
-# deadlines a client asks for are cut to MAX_CALL_DEADLINE_S.
-CALL_DEADLINE_S = 60.0
-MAX_CALL_DEADLINE_S = 300.0
-# A stream with no message either way for this long is closed (DEADLINE_EXCEEDED): a client that
-# opens streams and sends nothing does not keep their threads.
-STREAM_IDLE_S = 30.0
-# A stream is closed after this long, however busy: a client reconnects, and caps apply afresh.
-STREAM_LIFETIME_S = 600.0
-# Requests a stream may have sent to Triton without an answer yet; the guard reads the client's
-# next message only when one comes back. Without it a single stream (one call against the caps)
-# could queue any amount of work in Triton. Each request of the served (non-decoupled) models is
-# answered by one stream response.
-STREAM_PENDING = 8
-# HTTP/2 streams at once on one connection (gRPC's default is unbounded): no more than a client
-# may hold anyway; beyond, the client's own gRPC waits.
-MAX_STREAMS_PER_CONNECTION = MAX_CALLS_PER_CLIENT
-# Connections without a call for this long are closed (clients' gRPC reconnects when needed).
-CONNECTION_IDLE_S = 120.0
 # The guard pings idle-looking connections to find dead peers; clients may ping no more often
 # than every 10 s without data (tritonclient's default is never), two strikes close the connection.
 SERVER_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
@@ -119,131 +66,7 @@ SERVER_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_m
 UPSTREAM_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
                     ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-
-# Triton's gRPC endpoint reads the header of a restricted protocol under this prefix (tritonserver 2.51
-# refuses keyless statistics with "expecting header 'triton-grpc-protocol-boot-operator-key'"), so
-# the key goes to Triton under TRITON_KEY_METADATA. Callers present it as access.KEY_HEADER, as over
-# HTTP, or under Triton's own name.
-TRITON_KEY_METADATA = access.TRITON_GRPC_KEY_HEADER
 DOWN_MESSAGE = "Triton is not serving right now (restarting, or stopped); retry shortly"
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def client_address(peer: str) -> str:
-    """The address part of a gRPC peer string ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555",
-    "ipv6:%5B::1%5D:5555", "unix:/path"): one per client host; IPv4-mapped IPv6 as IPv4."""
-    kind, _, rest = peer.partition(":")
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]") if rest.startswith("[") else rest
-        try:
-            ip = ipaddress.IPv6Address(host.split("%")[0])
-        except ValueError:
-            return host
-        return str(ip.ipv4_mapped or ip)
-    return kind or peer
-
-
-@dataclass
-class _Counts:
-    calls: int = 0
-    streams: int = 0
-
-
-class _Admission:
-    """Calls and streams in flight, per client address and in all."""
-
-    def __init__(self, guard: GrpcGuard):
-        self.guard = guard
-        self.lock = threading.Lock()
-        self.total = _Counts()
-        self.clients: dict[str, _Counts] = {}
-
-    def take(self, client: str, stream: bool) -> None:
-        g = self.guard
-        with self.lock:
-            mine = self.clients.get(client, _Counts())
-            if mine.calls >= g.max_calls_per_client:
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{client} has {mine.calls} calls in flight, the most one client may; "
-                               "retry when one finishes")
-            if self.total.calls >= g.max_calls:
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the server has {self.total.calls} calls in flight, its limit; retry shortly")
-            if stream and mine.streams >= g.max_streams_per_client:
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{client} has {mine.streams} streams open, the most one client may; close one first")
-            if stream and self.total.streams >= g.max_streams:
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the server has {self.total.streams} streams open, its limit; retry later")
-            for counts in (mine, self.total):
-                counts.calls += 1
-                counts.streams += stream
-            self.clients[client] = mine
-
-    def give(self, client: str, stream: bool) -> None:
-        with self.lock:
-            mine = self.clients[client]
-            for counts in (mine, self.total):
-                counts.calls -= 1
-                counts.streams -= stream
-            if mine.calls == 0:
-                del self.clients[client]
-
-
-class _Stream:
-    """One open ModelStreamInfer: its activity for the watchdog, its answers awaited, and why it was
-    closed (the first reason wins; closing cancels the upstream call)."""
-
-    def __init__(self, pending: int):
-        self.started = self.active = time.monotonic()
-        self.pending_limit = pending
-        self.pending = 0
-        self.cond = threading.Condition()
-        self.reason: tuple[grpc.StatusCode, str] | None = None
-        self.call = None
-
-    def touch(self) -> None:
-        self.active = time.monotonic()
-
-    def attach(self, call) -> None:
-        with self.cond:
-            self.call = call
-            closed = self.reason is not None
-        if closed:
-            call.cancel()
-
-    def close(self, code: grpc.StatusCode, message: str) -> None:
-        with self.cond:
-            if self.reason is not None:
-                return
-            self.reason = (code, message)
-            call = self.call
-            self.cond.notify_all()
-        if call is not None:
-            call.cancel()
-
-    def wait_for_room(self) -> bool:
-        """Block while STREAM_PENDING requests await their answer; False once the stream is closed."""
-        with self.cond:
-            while self.reason is None and self.pending_limit and self.pending >= self.pending_limit:
-                self.cond.wait()
-            if self.reason is not None:
-                return False
-            self.pending += 1
-            return True
-
-    def answered(self) -> None:
-        with self.cond:
-            self.pending = max(0, self.pending - 1)
-            self.cond.notify_all()
 
 
 class GrpcGuard:
@@ -281,8 +104,8 @@ class GrpcGuard:
         self._upstream = upstream
         self.down_reason = DOWN_MESSAGE
         self._lock = threading.Lock()
-        self._admission = _Admission(self)
-        self._streams: set[_Stream] = set()
+        self._admission = Admission(self)
+        self._streams: set[Stream] = set()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -403,18 +226,6 @@ def _relay_error(err: grpc.RpcError, context) -> None:
     context.abort(code, err.details() if hasattr(err, "details") else str(err))
 
 
-def _forwarded_metadata(guard: GrpcGuard, name: str, context) -> list[tuple[str, str]]:
-    """The only metadata Triton gets: the operator key on ModelStatistics (checked before, sent under
-    Triton's name for it), and `triton_grpc_error: true` on streams (Triton's documented option to
-    end a stream with a gRPC status on its first error). Anything else the caller sent stays here."""
-    if name in OPERATOR_METHODS:
-        return [(TRITON_KEY_METADATA, guard.operator_key)]
-    if name == "ModelStreamInfer" and any(k == "triton_grpc_error" and str(v).lower() == "true"
-                                          for k, v in context.invocation_metadata()):
-        return [("triton_grpc_error", "true")]
-    return []
-
-
 class _Handler(grpc.GenericRpcHandler):
     def __init__(self, guard: GrpcGuard):
         self.guard = guard
@@ -437,28 +248,13 @@ class _Handler(grpc.GenericRpcHandler):
 
     # checks ------------------------------------------------------------------------------------
     def _check_operator(self, context) -> None:
-        keys = [v for k, v in context.invocation_metadata() if k in (access.KEY_HEADER, TRITON_KEY_METADATA)]
-        if len(keys) != 1 or not access.key_matches(keys[0], self.guard.operator_key):
-            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           f"ModelStatistics is for operators: it needs the operator key in the "
-                           f"'{access.KEY_HEADER}' metadata")
+        check_operator(context.invocation_metadata(), self.guard.operator_key)
 
     def _parse(self, name: str, data: bytes) -> bytes:
-        """The message re-serialized from what parsed, unknown fields dropped; refused when it does
-        not parse or names a model that is not served."""
-        cls, field = _REQUESTS[name]
-        try:
-            message = cls.FromString(data)
-        except Exception as err:  # noqa: BLE001 - protobuf's DecodeError, or worse for hostile bytes
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the {name} request is not a valid {cls.DESCRIPTOR.full_name} message") from err
-        message.DiscardUnknownFields()
-        model = getattr(message, field) if field else ""
-        models = self.guard.models
-        if models is not None and (model or name != "ModelStatistics") and field and model not in models:
-            raise _Refused(grpc.StatusCode.NOT_FOUND,
-                           f"model {model[:200]!r} is not served here (served: {', '.join(models)})")
-        return message.SerializeToString()
+        return reserialize(name, data, self.guard.models)
+
+    def _metadata(self, name: str, context) -> list[tuple[str, str]]:
+        return forwarded_metadata(name, context.invocation_metadata(), self.guard.operator_key)
 
     def _admit(self, context, stream: bool):
         """(channel, release) for an admitted call. `release` frees its slot (idempotent): the handler
@@ -466,7 +262,7 @@ class _Handler(grpc.GenericRpcHandler):
         any other way (cancelled by the caller)."""
         channel = self.guard.channel()
         if channel is None:
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, self.guard.down_reason)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, self.guard.down_reason)
         client = client_address(context.peer())
         self.guard._admission.take(client, stream)
         released = threading.Lock()
@@ -477,7 +273,7 @@ class _Handler(grpc.GenericRpcHandler):
 
         if not context.add_callback(release):  # the call ended meanwhile (the caller cancelled)
             release()
-            raise _Refused(grpc.StatusCode.CANCELLED, "the call was cancelled")
+            raise Refused(grpc.StatusCode.CANCELLED, "the call was cancelled")
         return channel, release
 
     def _deadline(self, context) -> float:
@@ -493,7 +289,7 @@ class _Handler(grpc.GenericRpcHandler):
                 self._check_operator(context)
             data = self._parse(name, request)
             channel, release = self._admit(context, stream=False)
-        except _Refused as refusal:
+        except Refused as refusal:
             context.abort(refusal.code, refusal.message)
         try:
             return self._forward_unary(name, channel, data, context)
@@ -504,7 +300,7 @@ class _Handler(grpc.GenericRpcHandler):
         timeout = self._deadline(context)
         try:
             call = channel.unary_unary(f"/{SERVICE}/{name}").future(
-                data, metadata=_forwarded_metadata(self.guard, name, context), timeout=timeout)
+                data, metadata=self._metadata(name, context), timeout=timeout)
         except ValueError:  # the channel was closed by set_upstream meanwhile
             context.abort(grpc.StatusCode.UNAVAILABLE, self.guard.down_reason)
         context.add_callback(call.cancel)  # the caller gave up: so does Triton
@@ -523,9 +319,9 @@ class _Handler(grpc.GenericRpcHandler):
         guard = self.guard
         try:
             channel, release = self._admit(context, stream=True)
-        except _Refused as refusal:
+        except Refused as refusal:
             context.abort(refusal.code, refusal.message)
-        stream = _Stream(guard.stream_pending)
+        stream = Stream(guard.stream_pending)
 
         def ended():  # however the call ended (this handler may never be resumed after a cancel)
             stream.close(grpc.StatusCode.CANCELLED, "the client went away")
@@ -541,7 +337,7 @@ class _Handler(grpc.GenericRpcHandler):
                     stream.touch()
                     try:
                         data = self._parse("ModelStreamInfer", raw)
-                    except _Refused as refusal:
+                    except Refused as refusal:
                         stream.close(refusal.code, refusal.message)
                         return
                     if not stream.wait_for_room():
@@ -558,7 +354,7 @@ class _Handler(grpc.GenericRpcHandler):
         try:
             try:
                 call = channel.stream_stream(STREAM_METHODS[0])(
-                    upstream_requests(), metadata=_forwarded_metadata(guard, "ModelStreamInfer", context),
+                    upstream_requests(), metadata=self._metadata("ModelStreamInfer", context),
                     timeout=timeout)
             except ValueError:  # the channel was closed by set_upstream meanwhile
                 context.abort(grpc.StatusCode.UNAVAILABLE, guard.down_reason)

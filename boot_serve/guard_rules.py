@@ -1,5 +1,5 @@
 """What the HTTP guard lets through to Triton, and in which form: pure functions over one request
-that h11 has already framed (boot_serve.guard runs them).
+that h11 has already framed (boot_serve.http_guard runs them).
 
 The guard never forwards what a client sent; it forwards a request it writes itself from what
 these rules accepted (`upstream_request`): the canonical path, the body decoded (Triton never

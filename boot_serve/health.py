@@ -22,7 +22,7 @@ STALL = 5.0  # a guard heartbeat older than this: the guard is not live
 
 
 class HealthListener:
-    """Answers probes for `guard` (a boot_serve.guard.Guard) on (host, port) (port 0: a free one).
+    """Answers probes for `guard` (a boot_serve.http_guard.Guard) on (host, port) (port 0: a free one).
     `gave_up`: a callable giving the reason the service stopped for good, or None."""
 
     def __init__(self, guard, host: str = "127.0.0.1", port: int = 0, gave_up=lambda: None):

@@ -12,7 +12,7 @@
   then answer 503 with the reason, and the launcher exits 1 (Kubernetes or systemd restarts it).
   During a restart clients get ServerUnavailableError, and the same `Client` works again once
   Triton is back.
-- `Guard` (boot_serve.guard) owns the public HTTP port and `GrpcGuard` (boot_serve.grpc_guard) the
+- `Guard` (boot_serve.http_guard) owns the public HTTP port and `GrpcGuard` (boot_serve.grpc_guard) the
   public gRPC port; they forward to Triton's own endpoints on 127.0.0.1, so a request that would crash
   or exhaust Triton never reaches it, and only the served model and the public APIs are reachable
   (boot_serve.access). `HealthListener` (boot_serve.health) answers probes on a port of its own. The
@@ -30,10 +30,12 @@ from pathlib import Path
 
 from boot_serve.access import new_key
 from boot_serve.grpc_guard import GrpcGuard
-from boot_serve.guard import Guard, Limits
+from boot_serve.guard_limits import Limits
 from boot_serve.health import HealthListener
-from boot_serve.serve import ServerError, TritonServer
+from boot_serve.http_guard import Guard
+from boot_serve.triton_process import ServerError
 from boot_serve.triton_repo import ENSEMBLE
+from boot_serve.triton_server import TritonServer
 
 MAX_CRASHES = 5
 CRASH_WINDOW = 300.0
@@ -86,7 +88,7 @@ class Supervisor:
 
     def start(self) -> Supervisor:
         # The watcher thread starts every tritonserver process: Triton gets SIGTERM when the thread
-        # that started it exits (PR_SET_PDEATHSIG, boot_serve.serve), and the watcher outlives each.
+        # that started it exits (PR_SET_PDEATHSIG, boot_serve.triton_server), and the watcher outlives each.
         self._watcher = threading.Thread(target=self._watch, name="boot-triton-supervisor", daemon=True)
         self._watcher.start()
         self._started.wait()

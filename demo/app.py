@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from boot_serve import demo_backend as db
-from boot_serve.serve import LOCAL_HOSTS
+from boot_serve.triton_process import LOCAL_HOSTS
 
 # Every image whole, as large as its grid cell allows, enlarged without smoothing (the models make
 # 64x64 pixels; a blurred enlargement would show detail that is not there), captions under the images.

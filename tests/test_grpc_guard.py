@@ -20,7 +20,8 @@ from tritonclient.utils import InferenceServerException
 
 from boot_serve import access
 from boot_serve.client import Client, ServerUnavailableError
-from boot_serve.grpc_guard import SERVICE, TRITON_KEY_METADATA, GrpcGuard, client_address
+from boot_serve.grpc_guard import GrpcGuard
+from boot_serve.grpc_policy import SERVICE, TRITON_KEY_METADATA, client_address
 
 MODEL = "boot_txt2img"
 COMPOSING = "boot_unet"  # a model folder of the exported repository that clients may not reach
@@ -72,7 +73,7 @@ def status_of(err: InferenceServerException) -> str:
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def triton(exported_repository, tmp_path_factory):
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     log = tmp_path_factory.mktemp("tritonserver-grpc-guard") / "tritonserver.log"
     server = TritonServer(exported_repository, exit_timeout=5, log_path=log, operator_key=KEY)

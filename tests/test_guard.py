@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from boot_serve.client import Client, RequestError, ServerUnavailableError
-from boot_serve.guard import MAX_BODY_BYTES, MAX_JSON_DEPTH, Limits, nests_deeper
+from boot_serve.guard_limits import MAX_BODY_BYTES, MAX_JSON_DEPTH, Limits
+from boot_serve.guard_rules import nests_deeper
 from boot_serve.service import Service, describe_exit
 from boot_serve.soak import tree_rss_mb
 
@@ -211,7 +212,7 @@ def test_malformed_framing_is_refused(service, reference, data, status):
 
 
 def test_a_request_slower_than_the_read_timeout_gets_408(service, reference):
-    from boot_serve.guard import Guard
+    from boot_serve.http_guard import Guard
 
     host, port = service.triton_http_url.rsplit(":", 1)
     with Guard(host, int(port), limits=Limits(read_timeout=0.5), log=lambda line: None) as guard:
@@ -227,7 +228,7 @@ def test_a_request_slower_than_the_read_timeout_gets_408(service, reference):
 
 
 def test_connections_beyond_the_cap_get_429_idle_ones_give_way_and_the_cap_frees_up(service, reference):
-    from boot_serve.guard import Guard
+    from boot_serve.http_guard import Guard
 
     host, port = service.triton_http_url.rsplit(":", 1)
     with Guard(host, int(port), limits=Limits(max_connections=4), log=lambda line: None) as guard:

@@ -243,7 +243,7 @@ def _connect_from(source: str, url: str) -> socket.socket:
 
 
 def test_a_few_hundred_slow_or_idle_clients_deny_no_one(service, reference):
-    from boot_serve.guard import MAX_CONNECTIONS_PER_CLIENT
+    from boot_serve.guard_limits import MAX_CONNECTIONS_PER_CLIENT
 
     hogs, refused = [], 0
     try:
@@ -275,7 +275,8 @@ def test_a_few_hundred_slow_or_idle_clients_deny_no_one(service, reference):
 
 
 def test_a_request_head_slower_than_the_head_timeout_gets_408(service):
-    from boot_serve.guard import Guard, Limits
+    from boot_serve.guard_limits import Limits
+    from boot_serve.http_guard import Guard
 
     with Guard("127.0.0.1", int(service.triton_http_url.rsplit(":", 1)[1]), limits=Limits(head_timeout=0.5),
                log=lambda line: None) as guard:

@@ -338,7 +338,7 @@ def _shown(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from boot_serve.client import ClientError
-    from boot_serve.serve import ServerError
+    from boot_serve.triton_process import ServerError
     from boot_serve.triton_repo import RepositoryError
 
     args = parse_args(argv)

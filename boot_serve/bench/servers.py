@@ -29,7 +29,7 @@ def started_servers(repository: Path, variants: Sequence[str], log=print, operat
     `operator_key`); stopped on exit."""
     import tempfile
 
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="boot-bench-") as tmp, contextlib.ExitStack() as stack:
         servers = {}
