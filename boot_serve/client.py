@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from boot_serve import access
+from boot_serve.cli import Parser
 
 MODEL = "boot_txt2img"
 PROTOCOLS = ("http", "grpc")
@@ -349,10 +350,9 @@ def _check(prompts, seeds, guidance_scale):
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m boot_serve.client",
-                                description="Generate images with the boot model served by Triton.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m boot_serve.client", description="Generate images with the boot model served by Triton.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="+", help="one or more captions")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i gets seed + i")
     p.add_argument("--out", default="img.png",
@@ -361,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=PROTOCOLS, default="http", help="Triton protocol")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the student's recommended value)")
-    p.add_argument("--model", default=MODEL, help="model name on the server")
+    p.operator_group("server (operators)").add_argument("--model", default=MODEL, help="model name on the server")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if not 0 <= args.seed <= MAX_SEED - len(args.prompts):
         p.error("--seed must be in [0, 2**63 - 1]")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from boot_serve.bench.loadgen import BenchError, closed_loop
 from boot_serve.bench.machine import hardware, load_average
+from boot_serve.cli import Parser
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,21 +174,27 @@ def write(report: dict, out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    from boot_serve.prompts import example_prompts
-
-    p = argparse.ArgumentParser(prog="python -m boot_serve.soak", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m boot_serve.soak", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="127.0.0.1:8000", help="server host:port")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the run")
-    p.add_argument("--windows", type=int, default=10, help="statistics windows the run is cut into")
     p.add_argument("--concurrency", type=int, default=8, help="client threads, one request in flight each")
     p.add_argument("--pid", type=int, default=None, help="tritonserver's pid, to follow its memory (local only)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the student's)")
-    p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth after window 1")
-    p.add_argument("--max-p50-drift", type=float, default=0.5, help="allowed last/first window p50 drift")
     p.add_argument("--out", type=Path, default=Path("runs/soak"), help="report folder")
+    x = p.operator_group("windows and verdicts (experts)")
+    x.add_argument("--windows", type=int, default=10, help="statistics windows the run is cut into")
+    x.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the student's)")
+    x.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth after window 1")
+    x.add_argument("--max-p50-drift", type=float, default=0.5, help="allowed last/first window p50 drift")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from boot_serve.prompts import example_prompts
+
+    p = parser()
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.windows < 2 or args.concurrency < 1:
         p.error("--minutes must be > 0, --windows >= 2, --concurrency >= 1")

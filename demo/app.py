@@ -1,8 +1,8 @@
 """Gradio demo of a BOOT student: prompt in, one-step images out, the teacher beside it.
 
-    python -m demo.app --url 127.0.0.1:8000                     # the Triton server (boot_serve.serve)
+    python -m demo.app --url 127.0.0.1:8000                  # the Triton server (boot_serve.serve)
     python -m demo.app --url 127.0.0.1:8001 --protocol grpc
-    python -m demo.app --repository model_repository             # no server: ONNX Runtime in-process
+    python -m demo.app --repository model_repository         # no server: ONNX Runtime in-process
     python -m demo.app --url 127.0.0.1:8000 --teacher pretrained/shapes-teacher   # + side by side
 
 Widgets only: the backends, timing and error messages live in
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from boot_serve import demo_backend as db
+from boot_serve.cli import Parser
 from boot_serve.triton_process import LOCAL_HOSTS
 
 # Every image whole, as large as its grid cell allows, enlarged without smoothing (the models make
@@ -91,9 +92,8 @@ def build_ui(session: db.DemoSession, examples: list[str]):
     return ui
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m demo.app", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m demo.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None,
                    help="Triton server host:port (default: none, run the --repository pipeline in-process)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol (default http)")
@@ -104,9 +104,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="student folder: PyTorch backend when there is no --url and no exported repository")
     p.add_argument("--teacher", type=Path, default=None,
                    help="teacher folder for the side-by-side view (default: none, view hidden)")
-    p.add_argument("--host", default="127.0.0.1", help="address the web server binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="web server port (default 7860)")
-    p.add_argument("--examples-seed", type=int, default=0, help="which example prompts to show (default 0)")
+    x = p.operator_group("web server and examples (operators)")
+    x.add_argument("--host", default="127.0.0.1", help="address the web server binds (default 127.0.0.1)")
+    x.add_argument("--examples-seed", type=int, default=0, help="which example prompts to show (default 0)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if not 1 <= args.port <= 65535:
         p.error("--port must be in [1, 65535]")

@@ -1,10 +1,11 @@
 """Benchmark: the served student over a concurrency sweep, its compute floor, and the teacher.
 
     python -m boot_serve.bench --variants cpu-onehop,cpu-ensemble --repository model_repository \\
-        --teacher pretrained/shapes-teacher --teacher-steps 50 --out docs/bench      # starts its own servers
-    python -m boot_serve.bench --url 127.0.0.1:8000 --repository model_repository   # a server already running
-    python -m boot_serve.bench --url 127.0.0.1:8001 --protocol grpc --concurrency 1,4,16 --requests 200
-    python -m boot_serve.bench --in-process --device cuda ...    # no server: boot_serve.bench.inprocess
+        --teacher pretrained/shapes-teacher --teacher-steps 50 --out docs/bench  # its own servers
+    python -m boot_serve.bench --url 127.0.0.1:8000 --repository model_repository  # a running one
+    python -m boot_serve.bench --url 127.0.0.1:8001 --protocol grpc --concurrency 1,4,16 \\
+        --requests 200
+    python -m boot_serve.bench --in-process --device cuda ...    # no server: bench/inprocess.py
 
 --variants: one tritonserver per repository variant (boot_serve.triton_repo), each on a copy of
 --repository that links its graphs and has that variant's configs, all up for the whole run, so that
@@ -73,6 +74,7 @@ from boot_serve.bench.measure import (
 )
 from boot_serve.bench.report import headlines, markdown, plot, ranking
 from boot_serve.bench.servers import started_servers
+from boot_serve.cli import Parser
 
 
 def _levels(text: str) -> list[int]:
@@ -113,9 +115,10 @@ def _non_negative(text: str) -> int:
     return v
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m boot_serve.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    summary, examples, details = __doc__.split("\n\n", 2)
+    p = Parser(prog="python -m boot_serve.bench", description=f"{summary}\n\n{examples}", details=details,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="Triton server host:port serving boot_txt2img")
     target.add_argument("--variants", type=_variants,
@@ -126,40 +129,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="concurrency levels, comma-separated (default 1,2,4,8)")
     p.add_argument("--requests", type=_positive(int), default=64,
                    help="measured requests per level and per in-process pipeline (default 64)")
-    p.add_argument("--warmup", type=_non_negative, default=8,
-                   help="warm-up requests before each level and each pipeline, not measured (default 8)")
-    p.add_argument("--max-seconds", type=_positive(float), default=60.0,
-                   help="time bound of each measured run; no new request after it (default 60)")
-    p.add_argument("--prompts", choices=PROMPT_MODES, default="cycle",
-                   help="cycle: one list of prompts in every level (a repeated prompt is a text-state cache hit); "
-                        "unique: no prompt is sent twice to a server (every request a cache miss)")
-    p.add_argument("--metrics-url", default=None,
-                   help="with --url: the server's Prometheus endpoint (http://host:8002/metrics), read for the "
-                        "text-state cache's hit rate (servers started by --variants: their own)")
-    p.add_argument("--ab-block", type=_positive(int), default=8,
-                   help="block size of the interleaved floor / served-at-concurrency-1 run (default 8)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="the exported repository the server runs: compute floor in ONNX Runtime "
                         "(default model_repository)")
-    p.add_argument("--student", type=Path, default=None,
-                   help="student folder for the PyTorch comparison (default: the repository's source_student)")
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: no teacher comparison)")
-    p.add_argument("--teacher-steps", type=_positive(int), default=50, help="teacher DDIM steps k (default 50)")
-    p.add_argument("--teacher-requests", type=_positive(int), default=16,
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default docs/bench)")
+    x = p.operator_group("measurement details (experts)")
+    x.add_argument("--warmup", type=_non_negative, default=8,
+                   help="warm-up requests before each level and each pipeline, not measured (default 8)")
+    x.add_argument("--max-seconds", type=_positive(float), default=60.0,
+                   help="time bound of each measured run; no new request after it (default 60)")
+    x.add_argument("--prompts", choices=PROMPT_MODES, default="cycle",
+                   help="cycle: one list of prompts in every level (a repeated prompt is a text-state cache hit); "
+                        "unique: no prompt is sent twice to a server (every request a cache miss)")
+    x.add_argument("--metrics-url", default=None,
+                   help="with --url: the server's Prometheus endpoint (http://host:8002/metrics), read for the "
+                        "text-state cache's hit rate (servers started by --variants: their own)")
+    x.add_argument("--ab-block", type=_positive(int), default=8,
+                   help="block size of the interleaved floor / served-at-concurrency-1 run (default 8)")
+    x.add_argument("--student", type=Path, default=None,
+                   help="student folder for the PyTorch comparison (default: the repository's source_student)")
+    x.add_argument("--teacher-steps", type=_positive(int), default=50, help="teacher DDIM steps k (default 50)")
+    x.add_argument("--teacher-requests", type=_positive(int), default=16,
                    help="teacher calls, each in its own round with student calls (default 16; each is k or 2k UNet "
                         "evaluations)")
-    p.add_argument("--guidance", type=float, default=None,
+    x.add_argument("--guidance", type=float, default=None,
                    help="guidance scale for every pipeline (default: the repository's recommended one)")
-    p.add_argument("--threads", type=_non_negative, default=0,
+    x.add_argument("--threads", type=_non_negative, default=0,
                    help="intra-op threads of the in-process runs, torch and ONNX Runtime (default 0: torch's "
                         "default, and for ONNX Runtime the server's own setting read from config.pbtxt)")
-    p.add_argument("--operator-key-file", type=Path, default=None,
+    x.add_argument("--operator-key-file", type=Path, default=None,
                    help="file holding the server's operator key, which opens Triton's statistics for the report "
                         "(python -m boot_serve.serve prints where it is; default: $BOOT_OPERATOR_KEY; without one "
                         "the report has no server-side split)")
-    p.add_argument("--note", default=None, help="a line about this run for the report (what model, which machine)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default docs/bench)")
-    return p.parse_args(argv)
+    x.add_argument("--note", default=None, help="a line about this run for the report (what model, which machine)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def _inputs(args: argparse.Namespace, log) -> tuple[dict, float, Path | None, list[str], list[int]]:

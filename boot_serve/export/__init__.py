@@ -63,6 +63,7 @@ import sys
 import time
 from pathlib import Path
 
+from boot_serve.cli import Parser
 from boot_serve.export.graphs import export_graphs, graph_precisions, load_student
 from boot_serve.export.parity import check_parity
 from boot_serve.export.repository import install, manifest, stage_dir, write_tokenizer
@@ -159,38 +160,44 @@ def _positive(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m boot_serve.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m boot_serve.export", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--student", required=True, help="BOOT student folder (boot.json, unet/, vae/, scheduler/)")
     p.add_argument("--repository", default="model_repository", help="Triton model repository to fill")
     p.add_argument("--precision", choices=sorted(TOLERANCES), default="fp32",
                    help="graph precision; inputs/outputs stay fp32/int64/uint8 either way")
-    p.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="same",
-                   help="same: the VAE decoder graph in --precision; fp32: kept in fp32 inside an fp16 export "
-                        "(an SD VAE decoder can overflow fp16)")
     p.add_argument("--decoder", choices=("full", "tiny"), default="full",
                    help="full: the student's VAE decoder; tiny: the AutoencoderTiny of --tiny-decoder in its place")
     p.add_argument("--tiny-decoder", type=Path, default=None,
                    help="tiny decoder folder for --decoder tiny (python -m distill.tiny_decoder writes one)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (NVIDIA GPU only)")
-    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
-                   help="largest batch of the TensorRT profiles (min 1, opt 4)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=range(OPSETS[0], OPSETS[1] + 1),
-                   metavar=f"{{{OPSETS[0]}..{OPSETS[1]}}}", help="ONNX opset")
-    p.add_argument("--parity-batches", type=_batch_list, default=(1, 3),
-                   help="batch sizes of the random-input parity check, comma-separated")
-    p.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
-                   metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
-                   help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
     p.add_argument("--configs", choices=["auto", "cpu", "cpu-onehop", "cpu-ensemble", "gpu", "tensorrt", "none"],
                    default="auto",
                    help="Triton configs to (re)write from the new manifest (boot_serve.triton_repo): cpu = the "
                         "default CPU variant, one of cpu-ensemble (four chained Python models) and cpu-onehop "
                         "(one Python model serves the whole request), gpu = onnxruntime backend with TensorRT "
                         "accelerator, tensorrt = the plans; auto = tensorrt with --tensorrt, else cpu")
-    p.add_argument("--timing-cache", default=None,
+    x = p.operator_group("graphs and checks (experts)")
+    x.add_argument("--vae-precision", choices=VAE_PRECISIONS, default="same",
+                   help="same: the VAE decoder graph in --precision; fp32: kept in fp32 inside an fp16 export "
+                        "(an SD VAE decoder can overflow fp16)")
+    x.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
+                   help="largest batch of the TensorRT profiles (min 1, opt 4)")
+    x.add_argument("--opset", type=int, default=DEFAULT_OPSET, choices=range(OPSETS[0], OPSETS[1] + 1),
+                   metavar=f"{{{OPSETS[0]}..{OPSETS[1]}}}", help="ONNX opset")
+    x.add_argument("--parity-batches", type=_batch_list, default=(1, 3),
+                   help="batch sizes of the random-input parity check, comma-separated")
+    x.add_argument("--e2e-prompts", type=int, default=len(PARITY_PROMPTS), choices=range(1, len(PARITY_PROMPTS) + 1),
+                   metavar=f"{{1..{len(PARITY_PROMPTS)}}}",
+                   help="real prompts of the end-to-end check (each at the lowest, default and highest guidance)")
+    x.add_argument("--timing-cache", default=None,
                    help="TensorRT timing cache file (default: ~/.cache/boot/tensorrt/timing-<trt>-<gpu>.cache)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if (args.decoder == "tiny") != (args.tiny_decoder is not None):
         p.error("--decoder tiny and --tiny-decoder DIR go together")
