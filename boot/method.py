@@ -17,8 +17,8 @@ epsilon reading divides by α_T (≈ 0.068 for SD's scaled_linear schedule): the
 −σ_T/α_T, so a change of the UNet's output moves the student's signal about 15x as far as it
 moves a v-prediction student's (−σ_T ≈ −1). Any reading linear in the UNet's output that starts
 at the teacher's x0 for every ε has that slope (the x0 it must reproduce is (ε − σ_T out)/α_T),
-so the "preconditioned" parameterization keeps the reading and scales each optimizer step on
-the UNet by κ = α_T/σ_T instead (`update_scale`). With Adam and no weight decay that is training
+so the "teacher-at-T-scaled-lr" parameterization keeps the reading and scales the learning rate of
+every optimizer step on the UNet by κ = α_T/σ_T instead (`update_scale`). With Adam and no weight decay that is training
 θ = θ_0 + κ·φ in φ: an update then moves the student's signal as far as a v-prediction
 student's. The losses stay in latent-x0 units, the same units for every prediction type.
 
@@ -41,15 +41,24 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #   teacher-at-T  UNet(ε, T), read as the teacher reads its output at T (the default, what ships)
 #   direct        UNet(ε, T), the output taken as the signal itself
 #   unet-at-t     UNet(ε, t), the UNet's own timestep input set to the target time t, read as at T
-#   preconditioned  read as teacher-at-T; its optimizer steps scaled by κ = α_T/σ_T where the teacher
-#                 predicts epsilon, else exactly teacher-at-T (docs/byo-teacher.md, "Epsilon-prediction teachers")
-PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t", "preconditioned")
+#   teacher-at-T-scaled-lr  read as teacher-at-T; the learning rate of its UNet steps scaled by κ = α_T/σ_T
+#                 where the teacher predicts epsilon, else exactly teacher-at-T (docs/byo-teacher.md,
+#                 "Epsilon-prediction teachers")
+PARAMETERIZATIONS = ("teacher-at-T", "direct", "unet-at-t", "teacher-at-T-scaled-lr")
 DEFAULT_PARAMETERIZATION = PARAMETERIZATIONS[0]
+# Earlier names still read from boot.json files and accepted by distill.run --parameterization.
+PARAMETERIZATION_ALIASES = {"preconditioned": "teacher-at-T-scaled-lr"}
+
+
+def parameterization_name(name: str) -> str:
+    """The current name of a parameterization given by any of its names (PARAMETERIZATION_ALIASES)."""
+    return PARAMETERIZATION_ALIASES.get(name, name)
 
 
 def recorded_parameterization(meta: dict) -> str:
-    """A student's parameterization from its boot.json (absent in folders written before it was recorded)."""
-    return meta.get("parameterization", DEFAULT_PARAMETERIZATION)
+    """A student's parameterization from its boot.json, by its current name (absent in folders written before
+    it was recorded: teacher-at-T)."""
+    return parameterization_name(meta.get("parameterization", DEFAULT_PARAMETERIZATION))
 
 
 def unet_input_timestep(parameterization: str, T: int) -> int | None:
@@ -130,10 +139,10 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Noise
 
 
 def update_scale(schedule: NoiseSchedule, prediction_type: str, parameterization: str) -> float:
-    """κ = α_T/σ_T for a "preconditioned" student of an epsilon teacher, else 1: training scales
-    each optimizer step on the UNet by κ (module docstring), so that κ·∂g/∂out = −1, the slope
-    of a v-prediction student's reading at T (−σ_T ≈ −1)."""
-    if parameterization != "preconditioned" or prediction_type != "epsilon":
+    """κ = α_T/σ_T for a "teacher-at-T-scaled-lr" student of an epsilon teacher, else 1: training multiplies
+    the learning rate of every optimizer step on the UNet by κ (module docstring), so that κ·∂g/∂out = −1,
+    the slope of a v-prediction student's reading at T (−σ_T ≈ −1)."""
+    if parameterization_name(parameterization) != "teacher-at-T-scaled-lr" or prediction_type != "epsilon":
         return 1.0
     return float(schedule.alpha[schedule.T] / schedule.sigma[schedule.T])
 
@@ -379,6 +388,7 @@ class Student(nn.Module):
         if prediction_type == "epsilon" and schedule.zero_terminal_snr:
             raise ValueError("an epsilon-prediction teacher on a zero-terminal-SNR schedule has no "
                              "x0 at T; use a v- or sample-prediction teacher")
+        parameterization = parameterization_name(parameterization)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.unet = unet
@@ -395,7 +405,7 @@ class Student(nn.Module):
 
     @property
     def update_scale(self) -> float:
-        """κ of `update_scale` for this student (1 unless preconditioned with an epsilon teacher)."""
+        """κ of `update_scale` for this student (1 unless teacher-at-T-scaled-lr with an epsilon teacher)."""
         return update_scale(self.schedule, self.prediction_type, self.parameterization)
 
     @property

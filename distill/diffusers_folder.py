@@ -1,6 +1,6 @@
 """Teacher and student folders as plain diffusers pipeline folders.
 
-A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "preconditioned",
+A student of the "diffusers-guidance" conditioning and the "teacher-at-T" (or "teacher-at-T-scaled-lr",
 read the same way, or "direct") output parameterization is, at t = 0, exactly what
 StableDiffusionPipeline runs for a UNet with `time_cond_proj_dim`: UNet(x_T, T, c,
 timestep_cond=E(w - 1)), no CFG batch. The files here make
@@ -48,7 +48,7 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
 def diffusers_compatible(meta: dict) -> bool:
     """Whether StableDiffusionPipeline at one step computes this student's image (see module docstring)."""
     return (recorded_conditioning(meta) == DEFAULT_CONDITIONING
-            and recorded_parameterization(meta) in ("teacher-at-T", "preconditioned", "direct"))
+            and recorded_parameterization(meta) in ("teacher-at-T", "teacher-at-T-scaled-lr", "direct"))
 
 
 def one_step_scheduler_config(teacher_config: dict, parameterization: str, prediction_type: str) -> dict:

@@ -25,6 +25,7 @@ from boot.method import (
     NoiseSchedule,
     Student,
     add_condition_projection,
+    parameterization_name,
     recorded_parameterization,
 )
 from distill import memory
@@ -173,7 +174,7 @@ def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | No
     if init_from:
         meta_path = Path(init_from) / STUDENT_META
         theirs = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if recorded_parameterization(theirs) != parameterization:
+        if recorded_parameterization(theirs) != parameterization_name(parameterization):
             raise ValueError(f"--init-from {init_from} reads its UNet as {recorded_parameterization(theirs)!r}, "
                              f"not --parameterization {parameterization!r}")
         conditioning = recorded_conditioning(theirs)

@@ -141,7 +141,9 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
-    kappa = student.update_scale  # a preconditioned epsilon student's steps are scaled by κ (boot/method.py)
+    # κ = α_T/σ_T multiplies the learning rate of a teacher-at-T-scaled-lr student of an epsilon teacher, else 1
+    # (boot.method.update_scale); the rate applied, κ·lr, is the one logged.
+    kappa = student.update_scale
     loss_fn = BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                        final_hop=cfg.final_hop)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
@@ -218,7 +220,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                              pooled_c, pooled_u)
             loss = loss + cfg.dmd_weight * dm["loss"].mean()
         # 3. AdamW with clipping, then EMA; with DMD, then the fake model's updates on this step's x̂.
-        optimizer_step(loss, opt, scaler, student.unet, kappa * lr_at(cfg, step), cfg.grad_clip)
+        lr = kappa * lr_at(cfg, step)
+        optimizer_step(loss, opt, scaler, student.unet, lr, cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
         fake_loss = fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c) if dmd_on else 0.0
@@ -235,7 +238,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                 record.update(dmd=float(dm["loss"].detach().mean()) if dmd_on else 0.0, fake=fake_loss)
             bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",
                             bc=f"{record['boundary']:.4f}")
-            append_jsonl(log_path, {"step": step, **record, "lr": lr_at(cfg, step), "time": time.time() - t0})
+            append_jsonl(log_path, {"step": step, **record, "lr": lr, "time": time.time() - t0})
             if cfg.sample_every and done % cfg.sample_every == 0 and not last:
                 with memory.placed(exported, dev):
                     value = samples.save(saved_pipeline(teacher, exported, cfg, w_rec), done)

@@ -37,7 +37,15 @@ from pathlib import Path
 import torch
 
 from boot.folders import check_model_folder
-from boot.method import CONDITIONINGS, DEFAULT_CONDITIONING, GUIDANCE_BAND, PARAMETERIZATIONS, NoiseSchedule, Student
+from boot.method import (
+    CONDITIONINGS,
+    DEFAULT_CONDITIONING,
+    GUIDANCE_BAND,
+    PARAMETERIZATIONS,
+    NoiseSchedule,
+    Student,
+    parameterization_name,
+)
 from distill import memory, precision
 from distill.config import (
     CONDITION_SPACES,
@@ -114,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--refine-space", choices=("latent", "image"), default=d.refine_space,
       help="with --refine: take the squared error between latents, or between the images the teacher's "
            f"frozen VAE decodes from them (default {d.refine_space})")
-    a("--parameterization", choices=PARAMETERIZATIONS, default=d.parameterization,
+    a("--parameterization", type=parameterization_name, choices=PARAMETERIZATIONS, default=d.parameterization,
       help="how the student reads its UNet, for ablations (docs/ablations.md): teacher-at-T = UNet(ε, T) read as "
            "the teacher reads it at T, so the student starts as the teacher's x0-prediction from noise; direct = "
            "the same output taken as the signal; unet-at-t = the UNet's timestep input set to the target time t; "
-           "preconditioned = read as teacher-at-T, its optimizer steps scaled by α_T/σ_T where the teacher predicts "
-           "epsilon, so a step moves it as far as a v-prediction student's (docs/byo-teacher.md) "
+           "teacher-at-T-scaled-lr = read as teacher-at-T, the learning rate of its UNet steps multiplied by "
+           "α_T/σ_T where the teacher predicts epsilon, so a step moves it as far as a v-prediction student's "
+           "(docs/byo-teacher.md; its earlier name preconditioned is accepted) "
            f"(default {d.parameterization})")
     a("--conditioning", choices=CONDITIONINGS, default=d.conditioning,
       help="how a new student's UNet takes t and w, for ablations (docs/ablations.md): diffusers-guidance = "

@@ -23,6 +23,7 @@ from boot.method import (
     DEFAULT_CONDITIONING,
     NoiseSchedule,
     Student,
+    parameterization_name,
     to_plain_projection,
     unet_conditioning,
     unet_guidance_band,
@@ -110,10 +111,10 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         "prediction_type": teacher.prediction_type,
         "input_timestep": unet_input_timestep(
             cfg.parameterization, int(teacher.scheduler_config.get("num_train_timesteps", 1000)) - 1),
-        "parameterization": cfg.parameterization,
+        "parameterization": parameterization_name(cfg.parameterization),
         **({"update_scale": update_scale(NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
                                          teacher.prediction_type, cfg.parameterization)}
-           if cfg.parameterization == "preconditioned" else {}),
+           if parameterization_name(cfg.parameterization) == "teacher-at-T-scaled-lr" else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),

@@ -28,13 +28,13 @@ TOLERANCE = 2  # uint8 levels
 # The family's text stack: width of the token states, pad token id of its tokenizer.
 FAMILIES = {"sd15": {"pad_id": 49407, "prediction_type": "epsilon"},
             "sd2": {"pad_id": 0, "prediction_type": "v_prediction"}}
-# Convergence recipes (batch 8, no warmup, no EMA). The epsilon families' students are preconditioned
-# (steps scaled by α_T/σ_T, docs/byo-teacher.md). Measured by these tests on the 2-core AMD EPYC CPU:
-# fixed-batch bootstrap loss 3.07 -> 2.12 and sample PSNR 19.4 -> 20.2 dB (SD-1.5), 0.141 -> 0.0995
-# and 16.3 -> 19.7 dB (SD-2), 3.42 -> 2.06 and 18.5 -> 22.8 dB (SDXL).
-RECIPES = {"sd15": ["--steps", "30", "--lr", "1e-3", "--parameterization", "preconditioned"],
+# Convergence recipes (batch 8, no warmup, no EMA). The epsilon families' students are teacher-at-T-scaled-lr
+# (the learning rate of their UNet steps multiplied by α_T/σ_T, docs/byo-teacher.md). Measured by these tests
+# on the 2-core AMD EPYC CPU: fixed-batch bootstrap loss 3.07 -> 2.12 and sample PSNR 19.4 -> 20.2 dB
+# (SD-1.5), 0.141 -> 0.0995 and 16.3 -> 19.7 dB (SD-2), 3.42 -> 2.06 and 18.5 -> 22.8 dB (SDXL).
+RECIPES = {"sd15": ["--steps", "30", "--lr", "1e-3", "--parameterization", "teacher-at-T-scaled-lr"],
            "sd2": ["--steps", "40", "--lr", "3e-4"],
-           "sdxl": ["--steps", "30", "--lr", "1e-3", "--parameterization", "preconditioned"]}
+           "sdxl": ["--steps", "30", "--lr", "1e-3", "--parameterization", "teacher-at-T-scaled-lr"]}
 
 
 def _quiet(fn, *args):
@@ -300,7 +300,7 @@ def test_family_converges(arch, teachers, prompts_file, tmp_path):
                             "--out", str(tmp_path / "student"), "--work", str(tmp_path / "work")])
     meta = json.loads((out / "boot.json").read_text())
     if arch != "sd2":  # recorded, with its step scale α_T/σ_T
-        assert meta["parameterization"] == "preconditioned" and abs(meta["update_scale"] - 0.0684) < 1e-3
+        assert meta["parameterization"] == "teacher-at-T-scaled-lr" and abs(meta["update_scale"] - 0.0684) < 1e-3
     else:
         assert meta["parameterization"] == "teacher-at-T" and "update_scale" not in meta
     psnr = [json.loads(line)["psnr_vs_teacher"] for line in (tmp_path / "work" / "samples.jsonl").open()]
