@@ -1,15 +1,16 @@
 """Judge-based evaluation of any generator on the shapes world (teacher at k steps or a student).
 
     python -m distill.evaluate --teacher pretrained/shapes-teacher --steps 1,2,4,8,25,50
-    python -m distill.evaluate --student pretrained/shapes-boot --teacher pretrained/shapes-teacher --steps 1,2,4,8,50
+    python -m distill.evaluate --student pretrained/shapes-boot --steps 1,2,4,8,50
     python -m distill.evaluate --student pretrained/shapes-boot --guidance-sweep 1,2,3,4,5,6 --n 100
-    python -m distill.evaluate --url 127.0.0.1:8000 --student pretrained/shapes-boot --steps 50  # + the served model
+    python -m distill.evaluate --url 127.0.0.1:8000 --student pretrained/shapes-boot --steps 50
+
+Writes report.json, report.md and grid.png to --out (with --url, the served model among the others).
 
 Every generator has one signature:
     gen(prompts: list[str], seeds: list[int], guidance_scale: float | None = None) -> list[PIL.Image]
 plus `name` and `nfe` (network evaluations per image, a CFG pair counted as 2), so the evaluator,
 the benchmark and the demo treat teacher-k-steps and the one-step student alike.
-Writes report.json, report.md and grid.png to --out.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from boot.cli import Parser
 from boot.contract import seed_noise_tensor as seed_noise  # noqa: F401  (evaluation's name for it)
 from boot.contract import to_uint8  # noqa: F401
 from boot.samplers import TeacherSampler  # noqa: F401  (re-exported)
@@ -215,30 +217,39 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    summary, details = __doc__.split("\n\nEvery generator", 1)
+    p = Parser(prog="python -m distill.evaluate", description=summary, details="Every generator" + details,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    expert = p.expert_group("protocol, seeds and reference steps")
     p.add_argument("--teacher", type=Path, default=Path("pretrained/shapes-teacher"),
                    help="teacher folder (default pretrained/shapes-teacher)")
     p.add_argument("--student", type=Path, default=None, help="student folder to evaluate (optional)")
     p.add_argument("--url", default=None,
                    help="also evaluate the model served by Triton at this host:port (boot_serve.client)")
-    p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="protocol for --url (default http)")
+    expert.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                        help="protocol for --url (default http)")
     p.add_argument("--steps", default="1,2,4,8,25,50", help="teacher DDIM step counts (default 1,2,4,8,25,50)")
     p.add_argument("--n", type=int, default=300, help="captions of --split (default 300)")
     p.add_argument("--split", choices=world.SPLITS, default="eval",
                    help="caption split: eval (the reports' captions), unseen (every caption holds a composition the "
                         "train split never does: shapes_world.world.HELD_OUT_PAIRS, HELD_OUT_RELATIONS), seen (none "
                         "does), train, all (default eval)")
-    p.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
+    expert.add_argument("--seed", type=int, default=0, help="caption stream seed (default 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the teacher's/student's recommended one)")
-    p.add_argument("--reference-steps", type=int, default=50,
+    expert.add_argument("--reference-steps", type=int, default=50,
                    help="teacher steps whose images are the PSNR reference (default 50; 0 = none)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default runs/eval)")
     p.add_argument("--guidance-sweep", type=_floats, default=None, metavar="W1,W2,...",
                    help="instead of the step comparison: accuracy of the student (if given) and of the teacher "
                         "at --sweep-steps over these guidance scales -> guidance.{json,md,png}")
-    p.add_argument("--sweep-steps", type=int, default=50, help="teacher DDIM steps in the sweep (default 50)")
+    expert.add_argument("--sweep-steps", type=int, default=50, help="teacher DDIM steps in the sweep (default 50)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")

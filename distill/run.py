@@ -1,10 +1,10 @@
 """BOOT distillation (docs/method.md): a diffusers teacher -> a one-step student, with no data.
 
-    python -m distill.run                                   # shipped shapes teacher, quick preset, CPU
-    python -m distill.run --preset full                     # the quality recipe
-    python -m distill.run --preset refine --init-from DIR   # then its final-hop refinement (a GPU stage)
-    python -m distill.run --teacher DIR --prompts FILE      # any SD-style teacher, one prompt per line
-    torchrun --nproc_per_node=N -m distill.run ...          # DDP (gloo on CPU, nccl on GPU)
+    python -m distill.run                                  # the shipped teacher, quick preset, CPU
+    python -m distill.run --preset full                    # the quality recipe
+    python -m distill.run --preset refine --init-from DIR  # then its final-hop refinement (GPU)
+    python -m distill.run --teacher DIR --prompts FILE     # any SD-style teacher, one prompt a line
+    torchrun --nproc_per_node=N -m distill.run ...         # DDP (gloo on CPU, nccl on GPU)
 
 Per step (all random draws from a generator seeded by (seed, step), so a resumed run sees the
 batches an uninterrupted one would, and every rank draws the same global batch and keeps its slice):
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from boot.cli import Parser
 from boot.folders import check_model_folder
 from boot.method import (
     CONDITIONINGS,
@@ -63,8 +64,8 @@ from distill.distributed import setup_distributed
 from distill.loading import load_prompts, load_teacher, warn_long_prompts
 from distill.loop import train
 
-# --help lists the product's flags first, then these groups; the last holds flags that exist for the
-# ablations of docs/ablations.md (and the stages that reproduce the shipped student), not for new runs.
+# --help lists the product's flags (those in no group); --help-all also these groups, the last of which holds
+# flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--grad-clip", "--delta", "--beta",
                         "--final-hop", "--refine", "--ema", "--guidance-min", "--guidance-max", "--guidance-scale",
@@ -81,11 +82,12 @@ FLAG_GROUPS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d = RunConfig()
-    p = argparse.ArgumentParser(prog="python -m distill.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {None: p, **{title: p.add_argument_group(title) for title in FLAG_GROUPS}}
+    summary, details = __doc__.split("\n\nPer step", 1)
+    p = Parser(prog="python -m distill.run", description=summary, details="Per step" + details,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {None: p, **{title: p.expert_group(title) for title in FLAG_GROUPS}}
     where = {flag: title for title, flags in FLAG_GROUPS.items() for flag in flags}
     a = lambda flag, *args, **kw: groups[where.get(flag)].add_argument(flag, *args, **kw)  # noqa: E731
     a("--teacher", type=Path, default=DEFAULT_TEACHER, help=f"teacher diffusers folder (default {DEFAULT_TEACHER})")
