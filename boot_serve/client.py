@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from boot.cli import Parser
 from boot_serve import access
-from boot_serve.cli import Parser
 
 MODEL = "boot_txt2img"
 PROTOCOLS = ("http", "grpc")

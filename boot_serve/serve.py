@@ -26,8 +26,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from boot.cli import Parser
 from boot_serve.access import KEY_HEADER, write_key_file
-from boot_serve.cli import Parser
 from boot_serve.guard_limits import MAX_BODY_BYTES, MAX_CONNECTIONS_PER_CLIENT, MAX_JSON_DEPTH, Limits
 from boot_serve.service import CRASH_WINDOW, MAX_CRASHES, Service, describe_exit
 from boot_serve.triton_process import LOCAL_HOSTS, ServerError, find_free_port, find_free_ports

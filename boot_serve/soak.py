@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from boot.cli import Parser
 from boot_serve.bench.loadgen import BenchError, closed_loop
 from boot_serve.bench.machine import hardware, load_average
-from boot_serve.cli import Parser
 
 
 # --------------------------------------------------------------------------------------------

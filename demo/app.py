@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from boot.cli import Parser
 from boot_serve import demo_backend as db
-from boot_serve.cli import Parser
 from boot_serve.triton_process import LOCAL_HOSTS
 
 # Every image whole, as large as its grid cell allows, enlarged without smoothing (the models make

@@ -57,6 +57,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from boot.cli import Parser
 from boot_serve import access
 from boot_serve.access import new_key
 from boot_serve.bench.loadgen import FIRST_SEED, PROMPT_OFFSET, BenchError
@@ -74,7 +75,6 @@ from boot_serve.bench.measure import (
 )
 from boot_serve.bench.report import headlines, markdown, plot, ranking
 from boot_serve.bench.servers import started_servers
-from boot_serve.cli import Parser
 
 
 def _levels(text: str) -> list[int]:

@@ -63,7 +63,7 @@ import sys
 import time
 from pathlib import Path
 
-from boot_serve.cli import Parser
+from boot.cli import Parser
 from boot_serve.export.graphs import export_graphs, graph_precisions, load_student
 from boot_serve.export.parity import check_parity
 from boot_serve.export.repository import install, manifest, stage_dir, write_tokenizer
