@@ -65,6 +65,7 @@ class RunConfig:
     mixed_precision: str = "no"
     teacher_dtype: str = "auto"  # the frozen teacher UNet's dtype (distill.precision.teacher_dtype)
     gradient_checkpointing: bool = False
+    compact: str | None = None  # a block-removal rule for a student smaller than the teacher (boot.compact.RULES)
     lora_rank: int = 0  # R > 0: LoRA adapters of rank R + the condition projection train, the rest is frozen
     text_states: str = "fp32"  # text states cached in fp32, fp16, or encoded per batch ("on-the-fly")
     ema_device: str = "same"  # where the EMA copy lives: the training device, or "cpu"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from boot.compact import compact_unet
 from boot.conditioning import load_student_unet, recorded_conditioning, recorded_guidance_band
 from boot.folders import (
     STUDENT_META,
@@ -163,12 +164,14 @@ def warn_long_prompts(text, prompts: list[str], source: str | None) -> None:
 def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | None = None,
                   parameterization: str = DEFAULT_PARAMETERIZATION, lora_rank: int = 0,
                   conditioning: str = DEFAULT_CONDITIONING, guidance_band: float = 0.0,
-                  sinusoid_space: tuple[float, float] | None = None) -> Student:
+                  sinusoid_space: tuple[float, float] | None = None, compact: str | None = None) -> Student:
     """g_θ: the teacher's UNet (its own fp32 copy, from disk) + the zero-initialised condition projection,
     or the UNet of the student folder `init_from` (same architecture as the teacher's and the same
     output parameterization); with `lora_rank` R > 0, frozen, with rank-R adapters (distill.lora). New students
     get `conditioning` (boot.method.CONDITIONINGS), `guidance_band` (0: none) and, with `sinusoid_space` (a guidance
-    range), the SinusoidSpaceProjection training form; `init_from` keeps its own (in the plain form it was saved in)."""
+    range), the SinusoidSpaceProjection training form; `init_from` keeps its own (in the plain form it was saved in).
+    `compact` (boot.compact.RULES): the UNet with blocks removed by that rule, its kept weights those of the teacher,
+    or of `init_from` (a full student made compact, or a compact student of the same rule continued)."""
     from diffusers import UNet2DConditionModel
 
     if init_from:
@@ -180,14 +183,20 @@ def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | No
         conditioning = recorded_conditioning(theirs)
         guidance_band = recorded_guidance_band(theirs)
         sinusoid_space = None
+        if theirs.get("compact") and theirs["compact"] != compact:
+            raise ValueError(f"--init-from {init_from} is a compact student ({theirs['compact']!r}): continue it with "
+                             f"--compact {theirs['compact']}, not {compact or 'the teacher architecture'}")
 
-    unet = add_condition_projection(UNet2DConditionModel.from_pretrained(
-        teacher.folder / "unet", use_safetensors=True, torch_dtype=torch.float32), conditioning, guidance_band or None,
-        sinusoid_space)
+    unet = UNet2DConditionModel.from_pretrained(teacher.folder / "unet", use_safetensors=True,
+                                                torch_dtype=torch.float32)
+    if compact:
+        unet = compact_unet(unet, compact)
+    unet = add_condition_projection(unet, conditioning, guidance_band or None, sinusoid_space)
     if init_from:
         try:
-            trained = load_student_unet(Path(init_from) / "unet", conditioning, guidance_band or None)
-            unet.load_state_dict(trained.state_dict())
+            trained = load_student_unet(Path(init_from) / "unet", conditioning, guidance_band or None).state_dict()
+            # a full student made compact keeps the weights of the modules the rule keeps
+            unet.load_state_dict({k: trained[k] for k in unet.state_dict()} if compact else trained)
         except Exception as err:
             raise TeacherLoadError(f"cannot load the student to start from, {init_from}: "
                                    f"{describe_error(err)}") from err

@@ -129,7 +129,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     # 0b. Online student g_θ, its EMA (a copy, on --ema-device), the bootstrap-target network, optimizer.
     projected = (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "projected" else None
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
-                            training_conditioning(cfg), cfg.guidance_band, projected).to(dev)
+                            training_conditioning(cfg), cfg.guidance_band, projected, cfg.compact).to(dev)
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)

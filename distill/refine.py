@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from boot.folders import STUDENT_META
 from boot.loss import BootLoss, bootstrap_target
 from boot.method import TeacherX0
 from distill import memory, precision
@@ -80,8 +81,11 @@ def final_hop_targets(cfg: RunConfig, teacher: Teacher, teacher_x0: TeacherX0, l
     noise = torch.randn((n, *teacher.latent_shape), generator=gen)
     t = torch.randint(F - cfg.delta + 1, F + 1, (n,), generator=gen)
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, generator=gen)
-    # 2. Targets from the frozen starting student (the target network, never updated).
-    frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from, cfg.parameterization)
+    # 2. Targets from the frozen starting student (the target network, never updated), in its own architecture
+    #    (a full student whose compact copy trains is its teacher here).
+    own = json.loads((Path(cfg.init_from) / STUDENT_META).read_text()).get("compact") \
+        if (Path(cfg.init_from) / STUDENT_META).is_file() else None
+    frozen = build_student(teacher, teacher_x0.schedule, cfg.init_from, cfg.parameterization, compact=own)
     frozen = frozen.to(dev).eval().requires_grad_(False)
     steps = torch.tensor(loss_fn.final_steps)  # the final hop's teacher steps, as BootLoss takes them
     y = torch.zeros_like(noise, device=dev)

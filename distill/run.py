@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from boot.cli import Parser
+from boot.compact import RULES as COMPACT_RULES
 from boot.folders import check_model_folder
 from boot.method import (
     CONDITIONINGS,
@@ -69,7 +70,7 @@ from distill.loop import train
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--grad-clip", "--delta", "--beta",
                         "--final-hop", "--refine", "--ema", "--guidance-min", "--guidance-max", "--guidance-scale",
-                        "--num-prompts"),
+                        "--num-prompts", "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
                                                                   "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
@@ -166,6 +167,10 @@ def build_parser() -> Parser:
       help="dtype the frozen teacher UNet is held and run in, whatever its folder stores; its outputs are read in "
            "fp32; auto = the --mixed-precision dtype, fp32 without (default auto)")
     a("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward (default off)")
+    a("--compact", choices=COMPACT_RULES, default=None,
+      help="a student smaller than the teacher: its UNet with blocks removed by this rule, the kept weights "
+           "copied (from --init-from's student when given): no-mid drops the mid block, no-mid-attn also the "
+           "lowest-resolution cross-attention (boot/compact.py) (default: the teacher's architecture)")
     a("--lora-rank", type=int, default=d.lora_rank, metavar="R",
       help="R > 0: a LoRA student, rank-R adapters (peft) plus the condition projection trained on a frozen copy "
            "of the teacher UNet, merged into a plain UNet when saved; 0 = all UNet weights train (default 0)")
@@ -242,7 +247,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        teacher_dtype=args.teacher_dtype, lora_rank=args.lora_rank, text_states=args.text_states,
+        teacher_dtype=args.teacher_dtype, compact=args.compact, lora_rank=args.lora_rank, text_states=args.text_states,
         ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
         keep=keep, select=args.select,

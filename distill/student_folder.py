@@ -115,6 +115,7 @@ def student_meta(cfg: RunConfig, teacher: Teacher, prompts_info: dict, steps: in
         **({"update_scale": update_scale(NoiseSchedule.from_scheduler_config(teacher.scheduler_config),
                                          teacher.prediction_type, cfg.parameterization)}
            if parameterization_name(cfg.parameterization) == "teacher-at-T-scaled-lr" else {}),
+        **({"compact": cfg.compact} if cfg.compact else {}),
         "guidance_range": [cfg.guidance_min, cfg.guidance_max],
         "guidance_scale": w,
         "latent_shape": list(teacher.latent_shape),

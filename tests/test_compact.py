@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
 from boot.compact import CompactError, compact_config, compact_unet, removed_fraction
 
@@ -54,3 +59,75 @@ def test_rules_that_do_not_apply_are_refused():
                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     with pytest.raises(CompactError, match="two or more levels"):
         compact_unet(unet(one_level), "no-mid-attn")
+
+
+# --------------------------------------------------------------------------------------------
+# distill.run --compact: a compact student from the teacher, and from a full student
+# --------------------------------------------------------------------------------------------
+RUN = ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--warmup", "0", "--ema", "0.5", "--max-minutes", "0",
+       "--checkpoint-every", "2", "--sample-every", "2", "--delta", "100", "--seed", "3", "--eval-n", "0"]
+
+
+def distil(tmp: Path, teacher: Path, name: str, *extra: str) -> Path:
+    from distill import run
+
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a red circle\na blue square at the top\na green triangle left of a white circle\n")
+    out = tmp / name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run.main(["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out),
+                  "--work", str(tmp / f"{name}-work"), *RUN, *extra])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    from tests.tiny import make_tiny_teacher
+
+    tmp = tmp_path_factory.mktemp("compact")
+    teacher = make_tiny_teacher(tmp / "teacher")
+    return tmp, teacher, distil(tmp, teacher, "full"), distil(tmp, teacher, "small", "--compact", "no-mid")
+
+
+def test_a_compact_student_is_written_loaded_and_run_like_any_other(students):
+    from boot.pipeline import BootPipeline
+
+    _, teacher, full, small = students
+    meta = json.loads((small / "boot.json").read_text())
+    assert meta["compact"] == "no-mid" and meta["hyperparameters"]["compact"] == "no-mid"
+    assert json.loads((small / "unet" / "config.json").read_text())["mid_block_type"] is None
+    assert "compact" not in json.loads((full / "boot.json").read_text())
+    n_full, n_small = (sum(v.numel() for v in load_file(str(f / "unet" / "diffusion_pytorch_model.safetensors"))
+                           .values()) for f in (full, small))
+    assert n_small < 0.95 * n_full
+    images = BootPipeline.from_pretrained(small)(["a red circle", "a blue square"], [0, 1], guidance_scale=3.0)
+    assert [np.asarray(im).shape for im in images] == [(16, 16, 3)] * 2
+
+
+def test_a_full_student_made_compact_starts_from_its_kept_weights(students):
+    from boot.method import NoiseSchedule
+    from distill.loading import build_student, load_teacher
+
+    tmp, teacher_dir, full, small = students
+    teacher = load_teacher(str(teacher_dir))
+    schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler_config)
+    made = build_student(teacher, schedule, str(full), compact="no-mid").unet.state_dict()
+    trained = build_student(teacher, schedule, str(full)).unet.state_dict()
+    assert made and all(torch.equal(v, trained[k]) for k, v in made.items())
+    assert any(k.startswith("mid_block.") for k in trained) and not any(k.startswith("mid_block.") for k in made)
+    # a compact student continues only as the compact student it is
+    with pytest.raises(ValueError, match="compact student"):
+        build_student(teacher, schedule, str(small))
+    continued = build_student(teacher, schedule, str(small), compact="no-mid").unet.state_dict()
+    assert continued.keys() == made.keys()
+
+
+def test_no_mid_attn_is_refused_for_a_teacher_with_one_attention_level(students, capsys):
+    tmp, teacher, _, _ = students
+    with pytest.raises(SystemExit):
+        distil(tmp, teacher, "refused", "--compact", "no-mid-attn")
+    assert "no-mid-attn needs cross-attention at two or more levels" in capsys.readouterr().err
