@@ -30,12 +30,9 @@ from boot.cli import Parser
 from boot_serve.access import KEY_HEADER, write_key_file
 from boot_serve.guard_limits import MAX_BODY_BYTES, MAX_CONNECTIONS_PER_CLIENT, MAX_JSON_DEPTH, Limits
 from boot_serve.service import CRASH_WINDOW, MAX_CRASHES, Service, describe_exit
-from boot_serve.triton_process import LOCAL_HOSTS, ServerError, find_free_port, find_free_ports
-from boot_serve.triton_repo import VARIANTS, RepositoryError, write_configs
-from boot_serve.triton_server import TritonServer
-
-# The launcher's names, for `from boot_serve.serve import TritonServer` (tests, benchmarks).
-__all__ = ["LOCAL_HOSTS", "ServerError", "TritonServer", "find_free_port", "find_free_ports", "main"]
+from boot_serve.triton_configs import VARIANTS, RepositoryError
+from boot_serve.triton_process import LOCAL_HOSTS, ServerError
+from boot_serve.triton_repo import write_configs
 
 
 def parser() -> Parser:

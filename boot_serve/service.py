@@ -33,8 +33,8 @@ from boot_serve.grpc_guard import GrpcGuard
 from boot_serve.guard_limits import Limits
 from boot_serve.health import HealthListener
 from boot_serve.http_guard import Guard
+from boot_serve.triton_configs import ENSEMBLE
 from boot_serve.triton_process import ServerError
-from boot_serve.triton_repo import ENSEMBLE
 from boot_serve.triton_server import TritonServer
 
 MAX_CRASHES = 5

@@ -58,9 +58,7 @@ import shutil
 import sys
 from pathlib import Path
 
-# The repository's models, variants and config defaults (defined with the configs) are also this module's.
-from boot_serve.triton_configs import (  # noqa: F401
-    CPU_VARIANTS,
+from boot_serve.triton_configs import (
     DEFAULT_CPU_VARIANT,
     ENSEMBLE,
     HEAVY_MODELS,
@@ -68,7 +66,6 @@ from boot_serve.triton_configs import (  # noqa: F401
     MODELS,
     ONEHOP,
     ONEHOP_INSTANCES,
-    PYTHON_MODELS,
     QUEUE_DELAY_US,
     SERVING_IMAGE,
     SERVING_TENSORRT,

@@ -36,6 +36,7 @@ from collections import deque
 from pathlib import Path
 
 from boot_serve.access import new_key, triton_restriction_args
+from boot_serve.triton_configs import ENSEMBLE
 from boot_serve.triton_process import (
     LOCAL_HOSTS,
     ServerError,
@@ -48,7 +49,7 @@ from boot_serve.triton_process import (
     url_host,
     warn_public_bind,
 )
-from boot_serve.triton_repo import ENSEMBLE, check_repository
+from boot_serve.triton_repo import check_repository
 
 
 class TritonServer:

@@ -63,7 +63,7 @@ def exported_repository(served_student, tmp_path_factory) -> Path:
 def triton_server(exported_repository, tmp_path_factory):
     """A ready tritonserver on the exported repository (stopped after the module); its log is
     in `server.log_path`."""
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     log = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
     server = TritonServer(exported_repository, exit_timeout=5, log_path=log)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from boot_serve import bench
-from boot_serve.serve import find_free_port
+from boot_serve.triton_process import find_free_port
 
 LEVELS = (1, 3)
 REQUESTS = 7

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from boot_serve import demo_backend as db
-from boot_serve.serve import find_free_port
+from boot_serve.triton_process import find_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -294,7 +294,7 @@ def test_shipped_student_on_triton_screenshot(tmp_path):
         pytest.skip("no Chromium on this machine (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     repo = tmp_path / "model_repository"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",

@@ -82,7 +82,7 @@ def test_family_end_to_end(arch, teachers, students, tmp_path):
     from boot_serve import export
     from boot_serve.client import Client
     from boot_serve.onnx_pipeline import OnnxPipeline
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     student = students[arch]
     meta = json.loads((student / "boot.json").read_text())

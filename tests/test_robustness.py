@@ -212,7 +212,8 @@ def test_server_killed_then_restarted_client_recovers(exported_repository):
     import signal
 
     from boot_serve.client import ServerUnavailableError
-    from boot_serve.serve import TritonServer, find_free_ports
+    from boot_serve.triton_process import find_free_ports
+    from boot_serve.triton_server import TritonServer
 
     ports = dict(zip(("http_port", "grpc_port", "metrics_port"), find_free_ports(*["127.0.0.1"] * 3)))
     first = TritonServer(exported_repository, exit_timeout=5, **ports).start()
@@ -244,7 +245,7 @@ def test_grpc_client_reconnects_at_once_after_a_quick_restart():
     import grpc
     from tritonclient.grpc import service_pb2
 
-    from boot_serve.serve import find_free_port
+    from boot_serve.triton_process import find_free_port
 
     def handler(request_type, response):
         return grpc.unary_unary_rpc_method_handler(lambda request, context: response,

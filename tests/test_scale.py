@@ -445,8 +445,8 @@ def test_full_size_sd15_student_exports_with_parity_and_serves(sd15_full, tmp_pa
     from boot_serve import export as ex
     from boot_serve import runtime
     from boot_serve.client import Client
-    from boot_serve.serve import TritonServer
     from boot_serve.triton_repo import write_configs
+    from boot_serve.triton_server import TritonServer
 
     student, repo = tmp_path / "student", Path(os.environ.get("BOOT_SCALE_REPO", tmp_path / "repo"))
     teacher = loading.load_teacher(sd15_full)

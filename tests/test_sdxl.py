@@ -181,7 +181,7 @@ def test_onnx_and_served_images_equal_the_pytorch_students(student, repository, 
     from boot_serve import BootPipeline, triton_repo
     from boot_serve.client import Client
     from boot_serve.onnx_pipeline import OnnxPipeline
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     exported, _ = repository
     repo = tmp_path / "model_repository"

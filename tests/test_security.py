@@ -28,7 +28,7 @@ def tracked_files() -> list[Path]:
 # Binding
 # --------------------------------------------------------------------------------------------
 def test_triton_binds_localhost_by_default(tmp_path):
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     server = TritonServer(tmp_path, tritonserver="/bin/true", http_port=1, grpc_port=2, metrics_port=3)
     cmd, _ = server.command()

@@ -26,7 +26,7 @@ import pytest
 
 from boot_serve import triton_repo
 from boot_serve.client import Client, RequestError, ServerUnavailableError
-from boot_serve.serve import find_free_port, find_free_ports
+from boot_serve.triton_process import find_free_port, find_free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 2  # uint8 levels

@@ -189,7 +189,7 @@ SERVED = {"cpu-onehop": "boot_txt2img", "cpu-ensemble": "text_encoder"}  # the m
 
 
 def _server(exported_repository, tmp_path_factory, variant: str, cache_bytes: int):
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     repo = tmp_path_factory.mktemp(f"{variant}-cache{cache_bytes}") / "model_repository"
     shutil.copytree(exported_repository, repo)

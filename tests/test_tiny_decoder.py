@@ -197,7 +197,7 @@ def test_every_cpu_variant_serves_the_tiny_decoder(student, trained, tmp_path):
     from boot_serve import triton_repo
     from boot_serve.client import Client
     from boot_serve.onnx_pipeline import OnnxPipeline
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     repo = tmp_path / "onehop" / "model_repository"
     proc = _export("--student", str(student), "--repository", str(repo), "--decoder", "tiny",

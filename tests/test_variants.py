@@ -24,7 +24,7 @@ from tests.test_serving import BAD_PROMPTS, PROMPTS, SEEDS
 @pytest.fixture(scope="module")
 def other_server(exported_repository, tmp_path_factory):
     """The exported repository rewritten as the CPU variant that is not the default, served on its own."""
-    from boot_serve.serve import TritonServer
+    from boot_serve.triton_server import TritonServer
 
     other = next(v for v in triton_repo.CPU_VARIANTS if v != triton_repo.DEFAULT_CPU_VARIANT)
     repo = tmp_path_factory.mktemp(other) / "model_repository"

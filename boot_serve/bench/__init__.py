@@ -88,7 +88,7 @@ def _levels(text: str) -> list[int]:
 
 
 def _variants(text: str) -> list[str]:
-    from boot_serve.triton_repo import VARIANTS, resolve_variant
+    from boot_serve.triton_configs import VARIANTS, resolve_variant
 
     try:
         names = [resolve_variant(v.strip()) for v in text.split(",") if v.strip()]
@@ -346,8 +346,8 @@ def _shown(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from boot_serve.client import ClientError
+    from boot_serve.triton_configs import RepositoryError
     from boot_serve.triton_process import ServerError
-    from boot_serve.triton_repo import RepositoryError
 
     args = parse_args(argv)
     try:

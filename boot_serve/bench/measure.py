@@ -14,7 +14,7 @@ import numpy as np
 
 from boot_serve.bench.loadgen import BenchError, Generate, Series, closed_loop
 from boot_serve.bench.stats import settled_snapshot, snapshot, stats_delta, text_cache_counts, text_cache_delta
-from boot_serve.triton_repo import MODELS as SERVER_MODELS
+from boot_serve.triton_configs import MODELS as SERVER_MODELS
 
 PROMPT_MODES = ("cycle", "unique")
 
@@ -79,7 +79,7 @@ def server_session_settings(repository: Path, model: str) -> dict:
     """ONNX Runtime settings the CPU server gives `model`'s graph (config.pbtxt parameters, read the
     way boot_serve/triton_model.py reads them: those of the one-hop boot_txt2img where it serves the
     graphs itself); {} for other backends."""
-    from boot_serve.triton_repo import ENSEMBLE, parse_config
+    from boot_serve.triton_configs import ENSEMBLE, parse_config
 
     onehop = repository / ENSEMBLE / "config.pbtxt"
     path = onehop if onehop.is_file() and parse_config(onehop.read_text()).backend == "python" else \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from boot_serve.triton_repo import MODELS as SERVER_MODELS
+from boot_serve.triton_configs import MODELS as SERVER_MODELS
 
 COUNTERS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -38,7 +38,7 @@ def settled_snapshot(client, before: dict[str, dict[str, int]], expected: int, t
     """A snapshot once the ensemble has counted all `expected` requests: Triton updates its
     statistics after it has sent the response, so a snapshot taken right after the last answer
     can miss that request."""
-    from boot_serve.triton_repo import ENSEMBLE
+    from boot_serve.triton_configs import ENSEMBLE
 
     deadline = time.monotonic() + timeout
     while True:

@@ -34,7 +34,7 @@ from boot_serve.prompts import distinct_example_prompts
 def _onehop(repository: Path, cache_bytes: int):
     from boot_serve import triton_model
     from boot_serve.bench.measure import server_session_settings
-    from boot_serve.triton_repo import TEXT_CACHE_BYTES
+    from boot_serve.triton_configs import TEXT_CACHE_BYTES
 
     settings = server_session_settings(repository, "boot_unet")
     params = {"intra_op_thread_count": str(settings.get("intra_op_num_threads", 0)),
@@ -91,7 +91,7 @@ def measure_served(repository: Path, requests: int = 200, block: int = 10, warmu
     from boot_serve.bench.servers import started_servers
     from boot_serve.bench.stats import text_cache_counts, text_cache_delta
     from boot_serve.client import Client
-    from boot_serve.triton_repo import CPU_VARIANTS
+    from boot_serve.triton_configs import CPU_VARIANTS
 
     prompts = distinct_example_prompts(warmup + requests + 1)
     held = prompts[-1]
