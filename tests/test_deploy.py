@@ -1,7 +1,7 @@
 """deploy/: the Kubernetes manifests are valid against the Kubernetes API schemas and consistent with each
-other; the image, the pod and the network policy carry the hardening deploy/README.md describes."""
+other; the pod and the network policy carry the hardening deploy/README.md describes. (The image:
+test_deploy_image.py; the gpu and tensorrt repository variants: test_deploy_variants.py.)"""
 
-import ast
 import json
 import os
 import re
@@ -16,23 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+from tests.deploy_helpers import DEPLOY, MANIFESTS, ROOT, _containers, _docs, _pod
+
 K8S_VERSION = "1.30.0"
 KEY_FILE = "/run/boot/operator-key"  # where the operator-key Secret appears in both containers
-
-
-def _docs():
-    return {d["kind"]: d for f in MANIFESTS for d in yaml.safe_load_all(f.read_text()) if d}
-
-
-def _pod() -> dict:
-    return _docs()["Deployment"]["spec"]["template"]["spec"]
-
-
-def _containers() -> dict[str, dict]:
-    return {c["name"]: c for c in _pod()["containers"]}
 
 
 def _flags(args: list[str]) -> dict[str, str]:
@@ -60,30 +47,6 @@ def _quantity(text) -> float:
     units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
     number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()
     return float(number) * units.get(unit, 1)
-
-
-def _dockerfile() -> list[str]:
-    """deploy/Dockerfile's instructions, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile").read_text())
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _lock() -> dict[str, tuple[str, list[str]]]:
-    """deploy/requirements.lock: normalized name -> (version, sha256 hashes)."""
-    text = (DEPLOY / "requirements.lock").read_text().replace("\\\n", " ")
-    lock = {}
-    for line in text.splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            req, *opts = line.split()
-            name, version = req.split("==")
-            lock[_normalize(name.split("[")[0])] = (version, [o.split(":", 1)[1] for o in opts
-                                                             if o.startswith("--hash=sha256:")])
-    return lock
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,126 +222,6 @@ def test_the_guard_container_runs_as_written(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# The image
-# --------------------------------------------------------------------------------------------
-def _boot_serve_imports(path: str) -> set[str]:
-    """boot_serve modules that `path` imports (at the top or inside functions), as file paths."""
-    found = set()
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "boot_serve":
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.split(".")[0] == "boot_serve"]
-        found |= {n.replace(".", "/") + ".py" for n in names if (ROOT / (n.replace(".", "/") + ".py")).is_file()}
-    return found
-
-
-def _copied() -> set[str]:
-    sources = set()
-    for line in _dockerfile():
-        if line.startswith("COPY "):
-            parts = line.split()[1:]
-            assert not any(p.startswith("--") for p in parts), line  # root owns the files: no --chown
-            sources |= set(parts[:-1])
-    return sources
-
-
-def test_image_holds_every_module_the_guard_imports_and_nothing_else():
-    needed, todo = set(), ["boot_serve/guard.py"]
-    while todo:
-        path = todo.pop()
-        needed.add(path)
-        todo += sorted(_boot_serve_imports(path) - needed)
-    copied = _copied() - {"deploy/requirements.lock"}
-    assert needed | {"boot_serve/__init__.py"} == copied, (needed - copied, copied - needed)
-    # The build context holds what the image copies and nothing else (keys, venvs, weights stay out).
-    ignore = [line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
-    assert ignore[0] == "*" and set(ignore[1:]) == {f"!{s}" for s in _copied()}
-
-
-def test_dockerfile_base_is_pinned_by_digest_and_runs_unprivileged():
-    lines = _dockerfile()
-    froms = [line for line in lines if line.startswith("FROM ")]
-    assert len(froms) == 1
-    # The digest is a required build argument: no default, and a build without it stops at FROM.
-    image = froms[0].split()[1]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:24\.10-py3@\$\{TRITON_DIGEST:\?[^}\s]+\}", image), image
-    assert lines[:2] == ["ARG TRITON_DIGEST", froms[0]]  # declared before FROM, without a default
-    assert "latest" not in image
-    users = [line.split()[1] for line in lines if line.startswith("USER ")]
-    assert users and lines[-1].startswith("USER ")
-    uid, gid = (int(x) for x in users[-1].split(":"))
-    assert uid > 0 and gid > 0
-    pod = _pod()["securityContext"]
-    assert (pod["runAsUser"], pod["runAsGroup"]) == (uid, gid)
-
-
-def test_dockerfile_installs_only_the_hashed_lock_and_bakes_in_no_secret():
-    lines = _dockerfile()
-    pip = [line for line in lines if "pip install" in line]
-    assert len(pip) == 1
-    for option in ("--require-hashes", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-                   "-r /tmp/requirements.lock"):
-        assert option in pip[0], option
-    assert "COPY deploy/requirements.lock /tmp/requirements.lock" in lines
-    lock = _lock()
-    for name, (version, hashes) in lock.items():
-        assert re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version) and hashes, name
-        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
-    # The pins satisfy deploy/requirements.in, which names the same distributions.
-    from packaging.requirements import Requirement
-
-    wanted = [Requirement(line.split("#")[0]) for line in (DEPLOY / "requirements.in").read_text().splitlines()
-              if line.split("#")[0].strip()]
-    assert {_normalize(r.name) for r in wanted} == set(lock)
-    for r in wanted:
-        assert r.specifier.contains(lock[_normalize(r.name)][0]), (r, lock[_normalize(r.name)][0])
-    # No secret in any layer: nothing named like one is set, copied or passed as a build argument.
-    secretive = re.compile(r"key|secret|token|passw", re.IGNORECASE)
-    for line in lines:
-        if line.startswith(("ENV ", "ARG ", "LABEL ")):
-            names = re.findall(r"([A-Za-z_.]+)=", line) or [line.split()[1]]
-            assert not any(secretive.search(n) for n in names), line
-    assert not any(secretive.search(Path(s).name) for s in _copied() if not s.startswith("boot_serve/"))
-    assert not [d for f in MANIFESTS for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] == "Secret"]
-
-
-def test_lock_is_exactly_what_the_serving_code_imports():
-    """Every distribution the image's Python code loads (the guard's modules, and the Python-backend
-    models' triton_model.py and the files copied beside it, lazy imports included) is in
-    deploy/requirements.lock, and the lock holds nothing else. onnxruntime is the cpu variants' (ORT
-    inside the Python backend) and is not in the GPU image; triton_python_backend_utils comes with
-    Triton."""
-    from boot_serve.triton_repo import MODEL_FILES
-
-    models = [path.relative_to(ROOT).as_posix() for path in MODEL_FILES.values()]
-    sources = sorted(s for s in _copied() if s.endswith(".py")) + models
-    tops = set()
-    for path in sources:
-        for node in ast.walk(ast.parse((ROOT / path).read_text())):
-            if isinstance(node, ast.Import):
-                tops |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                tops.add(node.module.split(".")[0])
-    tops -= set(sys.stdlib_module_names) | {"boot", "boot_serve", "__future__", "onnxruntime",
-                                            "triton_python_backend_utils"}
-    modules = sorted(tops) + [s.removesuffix(".py").replace("/", ".") for s in sources]
-    probe = ("import importlib, importlib.metadata as md, json, sys\n"
-             f"for name in {modules!r}:\n"
-             "    importlib.import_module(name)\n"
-             "dists = md.packages_distributions()\n"
-             "loaded = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'boot_serve'}\n"
-             "print(json.dumps(sorted({d for m in loaded for d in dists.get(m, ())})))\n")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    loaded = {_normalize(d) for d in json.loads(out.stdout)} - {"setuptools"}  # setuptools: its .pth hook
-    assert loaded == set(_lock()), (loaded - set(_lock()), set(_lock()) - loaded)
-
-
-# --------------------------------------------------------------------------------------------
 # The pod
 # --------------------------------------------------------------------------------------------
 def test_pod_and_containers_run_unprivileged_on_a_read_only_root():
@@ -512,128 +355,3 @@ def test_readme_says_how_to_build_and_create_the_secret():
     assert "--build-arg TRITON_DIGEST=" in readme and "imagetools inspect" in readme
     assert "kubectl create secret generic boot-operator-key --from-literal=key=" in readme
     assert "uv pip compile deploy/requirements.in" in readme
-
-
-# --------------------------------------------------------------------------------------------
-# The gpu and tensorrt repository variants, field by field against what the backends accept
-# --------------------------------------------------------------------------------------------
-# Parameters of the onnxruntime backend's TensorRT execution accelerator: the keys its
-# ModelState::LoadModel accepts (triton-inference-server/onnxruntime_backend, src/onnxruntime.cc); any
-# other key fails the model load with "unknown parameter ... for TensorRT Execution Accelerator".
-ORT_TRT_KEYS = {
-    "precision_mode": {"FP32", "FP16", "BF16", "INT8"}, "max_workspace_size_bytes": int,
-    "trt_max_partition_iterations": int, "trt_min_subgraph_size": int, "int8_calibration_table_name": str,
-    "int8_use_native_calibration_table": bool, "trt_dla_enable": bool, "trt_dla_core": int,
-    "trt_engine_cache_enable": bool, "trt_engine_cache_path": str, "trt_dump_subgraphs": bool,
-    "trt_force_sequential_engine_build": bool, "trt_context_memory_sharing_enable": bool,
-    "trt_layer_norm_fp32_fallback": bool, "trt_timing_cache_enable": bool, "trt_timing_cache_path": str,
-    "trt_force_timing_cache": bool, "trt_detailed_build_log": bool, "trt_build_heuristics_enable": bool,
-    "trt_sparsity_enable": bool, "trt_builder_optimization_level": int, "trt_auxiliary_streams": int,
-    "trt_tactic_sources": str, "trt_extra_plugin_lib_paths": str, "trt_profile_min_shapes": str,
-    "trt_profile_max_shapes": str, "trt_profile_opt_shapes": str, "trt_cuda_graph_enable": bool,
-}
-PLANS = {"version": "10.5.0", "plans": {m: {"path": f"{m}/1/model-trt10.5.0-sm90.plan",
-                                              "profile": {"min": 1, "opt": 4, "max": 16}}
-                                          for m in ("text_encoder", "boot_unet", "vae_decoder")}}
-
-
-def _variant(variant: str, precision: str):
-    from boot_serve import triton_repo
-
-    manifest = dict(triton_repo.SHAPES_MANIFEST, precision=precision, max_batch=16, tensorrt=PLANS)
-    return triton_repo, triton_repo.model_configs(manifest, variant)
-
-
-def _check_value(key: str, value: str) -> None:
-    kind = ORT_TRT_KEYS[key]
-    if kind is bool:
-        assert value in ("0", "1", "true", "false"), (key, value)
-    elif kind is int:
-        int(value)
-    elif isinstance(kind, set):
-        assert value in kind, (key, value)
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_gpu_variant_fields_are_what_the_onnxruntime_backend_accepts(precision):
-    triton_repo, configs = _variant("gpu", precision)
-    for name in triton_repo.HEAVY_MODELS:
-        c = configs[name]
-        assert (c.platform, c.backend, c.default_model_filename) == ("onnxruntime_onnx", "onnxruntime", "model.onnx")
-        (group,) = c.instance_group
-        assert group.kind == group.KIND_GPU
-        (accel,) = c.optimization.execution_accelerators.gpu_execution_accelerator
-        assert accel.name == "tensorrt"
-        params = dict(accel.parameters)
-        assert set(params) <= set(ORT_TRT_KEYS), set(params) - set(ORT_TRT_KEYS)
-        for key, value in params.items():
-            _check_value(key, value)
-        assert params["precision_mode"] == ("FP16" if precision == "fp16" else "FP32")
-        assert (params.get("trt_layer_norm_fp32_fallback") == "1") == (precision == "fp16")
-        # Engines and timing cache on the persistent volume the Deployment mounts, never /tmp.
-        assert params["trt_engine_cache_path"] == f"{triton_repo.TRT_CACHE_DIR}/{name}"
-        assert params["trt_timing_cache_enable"] == "1" and params["trt_timing_cache_path"] == triton_repo.TRT_CACHE_DIR
-        # Profiles name every graph input with its per-request dims (as the graph sees them).
-        dims = {t.name: list(t.reshape.shape) if t.HasField("reshape") else list(t.dims) for t in c.input}
-        for key, batch in (("trt_profile_min_shapes", 1), ("trt_profile_opt_shapes", 4),
-                           ("trt_profile_max_shapes", 16)):
-            shapes = dict(item.split(":") for item in params[key].split(","))
-            assert set(shapes) == set(dims)
-            for tensor, shape in shapes.items():
-                assert [int(d) for d in shape.split("x")] == [batch, *dims[tensor]], (key, tensor)
-    mounts = {m["mountPath"] for m in _containers()["tritonserver"]["volumeMounts"]}
-    assert triton_repo.TRT_CACHE_DIR in mounts
-
-
-def test_tensorrt_variant_fields_and_version_check():
-    triton_repo, configs = _variant("tensorrt", "fp16")
-    for name in triton_repo.HEAVY_MODELS:
-        c = configs[name]
-        assert (c.platform, c.backend) == ("tensorrt_plan", "tensorrt")
-        assert c.default_model_filename == PLANS["plans"][name]["path"].split("/")[-1]
-        assert not c.HasField("optimization")  # accelerators are an onnxruntime-backend setting
-        assert c.max_batch_size == 16 and c.instance_group[0].kind == c.instance_group[0].KIND_GPU
-    manifest = dict(triton_repo.SHAPES_MANIFEST, tensorrt=dict(PLANS, version="10.7.0"))
-    with pytest.raises(triton_repo.RepositoryError, match=r"built with TensorRT 10.7.0; the serving image runs "
-                                                          r"TensorRT 10.5 .*--serving-tensorrt 10.7"):
-        triton_repo.model_configs(manifest, "tensorrt")
-    assert triton_repo.model_configs(manifest, "tensorrt", serving_tensorrt="10.7")
-    assert triton_repo.model_configs(dict(manifest, tensorrt=dict(PLANS, version="10.7.0", version_compatible=True)),
-                                     "tensorrt")
-
-
-def test_gpus_per_pod_agree_with_the_instance_groups():
-    """The Deployment asks for as many GPUs as the README's --gpus list names, and pins the GPU model."""
-    pod = _docs()["Deployment"]["spec"]["template"]["spec"]
-    limits = _containers()["tritonserver"]["resources"]["limits"]
-    readme = (ROOT / "deploy" / "README.md").read_text()
-    gpus = int(limits["nvidia.com/gpu"])
-    assert f"--gpus {','.join(str(i) for i in range(gpus))}" in readme
-    assert "nvidia.com/gpu.product" in pod["nodeSelector"]
-
-
-def test_monitoring_rule_is_safe_on_an_idle_pod():
-    files = sorted((ROOT / "deploy" / "monitoring").glob("*.yaml"))
-    docs = [d for f in files for d in yaml.safe_load_all(f.read_text())]
-    monitor = next(d for d in docs if d.get("kind") == "PodMonitor")
-    labels = _docs()["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    rules = next(d for d in docs if "rules" in d)["rules"]["custom"]
-    query = rules[0]["metricsQuery"]
-    assert rules[0]["name"]["as"] == _docs()["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert "clamp_min(" in query  # an idle pod: 0 queued / 0 requests must not be NaN
-
-
-def test_nvinfer_is_looked_for_where_the_tensorrt_wheel_puts_it(tmp_path, monkeypatch):
-    import sys
-
-    from boot_serve import runtime
-
-    wheel = tmp_path / "tensorrt_libs"
-    wheel.mkdir()
-    (wheel / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt_libs", raising=False)
-    names = runtime.nvinfer_candidates()
-    assert names[0] == "libnvinfer.so.10" and str(wheel / "libnvinfer.so.10") in names
