@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_serve import triton_repo
+from boot_serve import triton_configs, triton_repo
 from boot_serve.client import Client
 from boot_serve.triton_process import find_free_ports
 
@@ -88,7 +88,7 @@ def test_every_variant_renders_valid_configs(variant):
         assert again == config and again.max_batch_size == 16
     # The composition and the client contract do not depend on the variant.
     cpu = triton_repo.model_configs(manifest, "cpu-ensemble")
-    for name in triton_repo.PYTHON_MODELS:
+    for name in triton_configs.PYTHON_MODELS:
         assert configs[name] == cpu[name]
     ensemble, expected = configs[triton_repo.ENSEMBLE], cpu[triton_repo.ENSEMBLE]
     if variant == "cpu-onehop":  # one Python model with the ensemble's signature and guidance parameters
@@ -144,7 +144,7 @@ def test_every_python_model_runs_the_one_shared_source(tmp_path):
     assert triton_repo.main(["--shapes-defaults", "--repository", str(tmp_path)]) == 0
     source = triton_repo.MODEL_SOURCE.read_text()
     python = [name for name, text in _committed_configs().items() if triton_repo.parse_config(text).backend == "python"]
-    assert set(triton_repo.PYTHON_MODELS + triton_repo.HEAVY_MODELS) <= set(python)
+    assert set(triton_configs.PYTHON_MODELS + triton_repo.HEAVY_MODELS) <= set(python)
     for name in python:
         assert (tmp_path / name / "1" / "model.py").read_text() == source, name
         for filename, sibling in triton_repo.MODEL_FILES.items():
