@@ -8,7 +8,8 @@ module is its stored form (docs/interfaces.md "Student folder", docs/diffusers.m
     save_student_unet, check_student_unet,         unet/ in diffusers' own form (a plain cond_proj), the t
     load_student_unet                              weights of a "diffusers-guidance" student beside it
     convert_conditioning                           a "sinusoid" student made a "diffusers-guidance" one
-                                                   (least squares on the guidance features)
+                                                   (least squares on the guidance features, held at the
+                                                   nearer end of the trained range outside it)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from boot.method import (
     guidance_frequencies,
     restore_projection,
     sinusoid,
-    sinusoid_projection,
     to_plain_projection,
     unet_conditioning,
 )
@@ -42,6 +42,14 @@ TIME_WEIGHTS = "boot_time_condition.safetensors"
 # unet/config.json key naming the conditioning kind the weights were saved in (diffusers ignores "_" keys), so a
 # folder whose boot.json records another kind is refused at load (load_student_unet).
 SAVED_CONDITIONING_KEY = "_boot_conditioning"
+# Plain diffusers feeds a converted student any guidance scale (StableDiffusionPipeline's default is 7.5); the
+# project's own pipelines refuse one outside the trained range. The conversion's fit also spans SATURATION_RANGE,
+# where a scale outside the trained range takes the features of the nearer end of it, each such scale weighing
+# OUTSIDE_WEIGHT of one inside: the weight that leaves the trained range's images nearly as they were and still
+# holds the images outside it at the nearer end's (docs/diffusers.md, "Guidance outside the trained range").
+SATURATION_RANGE = (0.0, 20.0)
+OUTSIDE_WEIGHT = 1e-4
+POINTS_PER_UNIT = 2_000  # guidance scales per unit of w in the fit (E's fastest column turns 1000 rad per unit)
 
 
 def recorded_conditioning(meta: dict) -> str:
@@ -153,13 +161,36 @@ def load_student_unet(folder: str | Path, kind: str, guidance_band: float | None
     return unet
 
 
-def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n: int = 50_001,
-                         ridge: float = 1e-6) -> dict:
-    """Turn a "sinusoid" student UNet into a "diffusers-guidance" one, in place; return the fit's residual.
+def saturating_projection(guidance_range: tuple[float, float], saturate: tuple[float, float] = SATURATION_RANGE,
+                          points_per_unit: int = POINTS_PER_UNIT, ridge: float = 1e-6,
+                          outside_weight: float = OUTSIDE_WEIGHT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, w, inside): P (128 x 256) the weighted ridge least-squares map with
+
+        P·E(w - 1) ≈ φ(62.5·clamp(w, w_min, w_max))
+
+    on the guidance scales w (evenly spaced over `saturate`, widened to hold `guidance_range` = [w_min, w_max]),
+    each scale outside the range weighing `outside_weight` of one inside (`inside` marks those). Inside, P is the
+    sinusoid features' fit; outside, it holds them at the nearer end of the range instead of extrapolating the fit."""
+    lo, hi = guidance_range
+    start, stop = min(saturate[0], lo), max(saturate[1], hi)
+    w = torch.linspace(start, stop, round((stop - start) * points_per_unit) + 1, dtype=torch.float64)
+    inside = (w >= lo) & (w <= hi)
+    weight = torch.where(inside, 1.0, outside_weight).double()
+    feats = guidance_embedding((w - 1.0).float()).double()  # E(w - 1) in float32, as diffusers computes it
+    target = sinusoid(w.clamp(lo, hi) * GUIDANCE_EMBED_SCALE).double()
+    weighted = feats * weight[:, None]
+    # Ridge-regularised: E's fast columns make the plain least-squares weights huge (float32 noise amplifiers).
+    gram = weighted.T @ feats + ridge * weight.sum() * torch.eye(feats.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, weighted.T @ target).T, w, inside  # float64
+
+
+def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], ridge: float = 1e-6) -> dict:
+    """Turn a "sinusoid" student UNet into a "diffusers-guidance" one, in place; return the fit's residuals.
 
     linear_1(s + A_t·φ(t) + A_w·φ(62.5·w)) = linear_1(s + A_t·(φ(t) - φ(0)) + B·E(w - 1)) + error, with
-    linear_1's bias += W_1·A_t·φ(0) (exact at every t) and B the least-squares fit of A_w·φ(62.5·w) by
-    B·E(w - 1) on n guidance scales spanning `guidance_range` (approximate: E has other frequencies)."""
+    linear_1's bias += W_1·A_t·φ(0) (exact at every t) and B = A_w·P, P the saturating_projection of
+    `guidance_range` (approximate in w: E has other frequencies). Outside the range, where only plain diffusers
+    takes the student, B·E(w - 1) stays near the features of the nearer end of the range (SATURATION_RANGE)."""
     emb = unet.time_embedding
     if unet_conditioning(unet) != LEGACY_CONDITIONING or emb.cond_proj.in_features != TIME_COND_PROJ_DIM:
         raise ValueError("only a 'sinusoid' student UNet can be converted")
@@ -167,9 +198,10 @@ def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n
         raise ValueError("the time embedding's linear_1 has no bias to fold the constant t = 0 term into")
     a = emb.cond_proj.weight.detach().double()
     a_t, a_w = a[:, :EMBED_DIM], a[:, EMBED_DIM:]
-    b = a_w @ sinusoid_projection(guidance_range, n, ridge)  # the fit is linear in the target: A_w·P
-    w = torch.linspace(*guidance_range, n, dtype=torch.float64)
-    target = sinusoid(w * GUIDANCE_EMBED_SCALE).double() @ a_w.T
+    proj, w, inside = saturating_projection(guidance_range, ridge=ridge)
+    b = a_w @ proj  # the fit is linear in the target: A_w·P
+    lo, hi = guidance_range
+    target = sinusoid(w.clamp(lo, hi) * GUIDANCE_EMBED_SCALE).double() @ a_w.T
     residual = guidance_embedding((w - 1.0).float()).double() @ b.T - target
     phi0 = sinusoid(torch.zeros(1))[0].double()
     with torch.no_grad():
@@ -177,6 +209,9 @@ def convert_conditioning(unet: nn.Module, guidance_range: tuple[float, float], n
         add_condition_projection(unet, DEFAULT_CONDITIONING)
         emb.cond_proj.weight.copy_(b)
         emb.cond_proj.time_weight.copy_(a_t)
-    return {"guidance_range": list(guidance_range), "points": n, "ridge": ridge,
-            "relative_residual": float(residual.norm() / target.norm()),
-            "max_abs_residual": float(residual.abs().max())}
+    outside = ~inside  # empty where the trained range covers SATURATION_RANGE
+    held = float(residual[outside].norm() / target[outside].norm()) if bool(outside.any()) else 0.0
+    return {"guidance_range": list(guidance_range), "saturated_over": [float(w[0]), float(w[-1])],
+            "points_per_unit": POINTS_PER_UNIT, "outside_weight": OUTSIDE_WEIGHT, "ridge": ridge,
+            "relative_residual": float(residual[inside].norm() / target[inside].norm()),
+            "max_abs_residual": float(residual[inside].abs().max()), "outside_relative_residual": held}

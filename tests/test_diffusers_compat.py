@@ -169,6 +169,32 @@ def test_sinusoid_folders_read_as_before_and_convert_exactly_in_t(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
+def test_conversion_holds_guidance_outside_the_range_at_its_nearer_end(tmp_path):
+    """convert_conditioning's fit also spans SATURATION_RANGE with the features of the nearer end of the trained
+    range as targets there: out of the range B·E(w - 1) stays several times closer to the nearer end's features than
+    the same least squares on the range alone, which extrapolates (here with random A_w, every column alike)."""
+    from boot.conditioning import SATURATION_RANGE
+    from boot.method import guidance_embedding, sinusoid_projection
+    from boot.pipeline import BootPipeline
+
+    unet = BootPipeline.from_pretrained(make_tiny_student(make_tiny_teacher(tmp_path / "t"), tmp_path / "s",
+                                                          perturb=0.5)).generator.student.unet
+    a_w = unet.time_embedding.cond_proj.weight.detach().double()[:, EMBED_DIM:]
+    fit = convert_conditioning(unet, (1.0, 5.0))
+    assert fit["saturated_over"] == list(SATURATION_RANGE)
+    saturating = unet.time_embedding.cond_proj.weight.detach().double()
+    range_only = a_w @ sinusoid_projection((1.0, 5.0))
+
+    def features(b, w):
+        return guidance_embedding(torch.tensor([w - 1.0])).double() @ b.T
+
+    for w in (0.0, 0.5, 5.5, 7.5, 12.0, 20.0):
+        end = 1.0 if w < 1 else 5.0
+        off = [float((features(b, w) - features(b, end)).norm() / features(b, end).norm())
+               for b in (saturating, range_only)]
+        assert off[0] * 4 < off[1], (w, off)
+
+
 def test_export_accepts_a_diffusers_guidance_student(tmp_path):
     from boot.pipeline import BootPipeline
     from boot_serve import export as ex
