@@ -249,6 +249,45 @@ def test_docs_snippet_runs_the_shipped_student_as_boot_pipeline_does():
         assert np.abs(diffusers_images(pipe, captions, latents, w).astype(int) - expected).max() <= 1
 
 
+@pytest.mark.skipif(recorded_conditioning(read_meta(SHIPPED_STUDENT)) != DEFAULT_CONDITIONING,
+                    reason="the shipped student is a 'sinusoid' one")
+def test_shipped_student_in_plain_diffusers_paints_the_nearest_trained_guidance_outside_its_range():
+    """StableDiffusionPipeline's default guidance scale, 7.5, and scales down to 0 lie outside the shipped student's
+    trained range (1, 6), where its converted guidance projection holds the features at the nearer end of the range
+    (boot.conditioning.SATURATION_RANGE): the image is that end's image but for a few pixel values, and the judge
+    says the same of both. Inside the range the images stay BootPipeline's."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from boot.pipeline import BootPipeline
+
+    assert inspect.signature(StableDiffusionPipeline.__call__).parameters["guidance_scale"].default == 7.5
+    pipe, ref = load(StableDiffusionPipeline, SHIPPED_STUDENT), BootPipeline.from_pretrained(SHIPPED_STUDENT)
+    lo, hi = ref.guidance_range
+    assert (lo, hi) == (1.0, 6.0)
+    fit = read_meta(SHIPPED_STUDENT)["conditioning"]["converted_from"]["fit"]
+    assert fit["saturated_over"] == [0.0, 20.0]
+    captions, seeds = world.sample_captions(8, 7, "eval"), list(range(8))
+    latents = ref.noise(seeds)
+    ends = {w: diffusers_images(pipe, captions, latents, w) for w in (lo, hi)}
+    for w, got in ends.items():
+        expected = np.stack([np.asarray(im) for im in ref(captions, seeds, w)]).astype(int)
+        assert np.abs(got.astype(int) - expected).max() <= 1
+    default = pipe(captions, latents=latents, num_inference_steps=1, output_type="np").images  # w = 7.5
+    outside = {7.5: (default * 255).round().astype(np.uint8),
+               **{w: diffusers_images(pipe, captions, latents, w) for w in (0.0, 0.5, 6.5, 12.0, 20.0)}}
+    for w, got in outside.items():
+        end = ends[hi] if w > hi else ends[lo]
+        diff = np.abs(got.astype(int) - end.astype(int))
+        # Measured on these captions: at most 0.48 levels on average and 3.6% of the values more than one level
+        # apart (w = 12); a fit that extrapolates instead, fitted on the range alone: 2.7 to 7.6 levels, 14 to 24%.
+        assert diff.mean() < 0.75 and (diff > 1).mean() < 0.06, (w, diff.mean(), (diff > 1).mean())
+        verdicts = [[judge(c, Image.fromarray(im)) for c, im in zip(captions, images)] for images in (got, end)]
+        assert verdicts[0] == verdicts[1], w
+
+
 def test_convert_cli_writes_a_diffusers_folder_and_refuses_bad_input(tmp_path, capsys):
     """`python -m distill.diffusers_folder convert`: a "sinusoid" student becomes a diffusers pipeline
     folder that diffusers and BootPipeline run alike; bad input is one error line and exit code 2."""
