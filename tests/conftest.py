@@ -7,6 +7,10 @@ The repository is made the way a user makes one: a tiny student (tests/tiny.py) 
 `python -m boot_serve.export`, configs written by `python -m boot_serve.triton_repo`. The
 server is the bundled CPU tritonserver (or the one on PATH) on free 127.0.0.1 ports, started
 once per test module that asks for it.
+
+The `python -m distill.run` tests (test_run*.py, test_refine.py) share `setup`, a tiny random teacher with a
+prompts file, and `baseline`, one uninterrupted run on it that resume, DDP, --init-from and --refine compare
+with; both are made once per session.
 """
 
 from __future__ import annotations
@@ -70,3 +74,25 @@ def triton_server(exported_repository, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """(root folder, a tiny random teacher, a prompts file) for the distill.run tests."""
+    from tests.run_helpers import PROMPTS
+    from tests.tiny import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("run")
+    teacher = make_tiny_teacher(root / "teacher")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return root, teacher, prompts
+
+
+@pytest.fixture(scope="session")
+def baseline(setup):
+    """The uninterrupted 4-step run on `setup` (tests/run_helpers.py's recipe): (its folder, its stdout)."""
+    from tests.run_helpers import _cli, _in_process
+
+    root, teacher, prompts = setup
+    return root / "base", _in_process(_cli(root, teacher, prompts, "base"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from boot import checkpoint, dmd
 from boot.method import NoiseSchedule, TeacherX0
 from distill import run
-from tests.test_run import _in_process  # run.main in-process, single-threaded
+from tests.run_helpers import _in_process  # run.main in-process, single-threaded
 from tests.tiny import LATENT, make_tiny_teacher, scheduler_config, tiny_unet
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle",

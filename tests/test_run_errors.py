@@ -1,0 +1,106 @@
+"""`python -m distill.run`'s input errors, each a clear message and exit code 2: prompts files, teacher
+folders, flags, and a resume whose recipe differs from the checkpoint's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.run_helpers import (
+    _cli,
+    _error,
+    _in_process,
+)
+
+
+@pytest.fixture
+def tiny_teacher(setup):
+    return setup[1]
+
+
+def test_empty_prompts_file(tmp_path, tiny_teacher, capsys):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt")], capsys)
+    assert "holds no prompts" in err
+
+
+def test_non_utf8_prompts_file(tmp_path, tiny_teacher, capsys):
+    (tmp_path / "p.txt").write_bytes(b"a red circle\na caf\xe9 square\n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt")], capsys)
+    assert "p.txt:2: not valid UTF-8" in err
+
+
+def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "nope.txt")], capsys)
+    assert "nope.txt does not exist" in err
+    err = _error(["--teacher", str(tmp_path / "no-teacher"), "--num-prompts", "4"], capsys)
+    assert "no-teacher does not exist" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    err = _error(["--teacher", str(tmp_path / "half"), "--num-prompts", "4"], capsys)
+    assert "lacks vae, scheduler/" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--guidance-min", "5", "--guidance-max", "2"], "--guidance-min <= --guidance-max"),
+    (["--guidance-scale", "9"], "outside"),
+    (["--target", "ema", "--ema", "0"], "--target ema needs --ema > 0"),
+    (["--ema", "1"], "--ema must be in"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
+    (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
+    (["--final-hop", "999"], "must be below the teacher's last timestep 999"),
+    (["--refine", "8"], "--refine needs --final-hop F and --init-from STUDENT"),
+])
+def test_bad_flags(tiny_teacher, flags, message, capsys, tmp_path):
+    err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), *flags], capsys)
+    assert message in err
+
+
+def test_resume_refuses_a_changed_recipe(baseline, setup, tmp_path, capsys):
+    root, teacher, prompts = setup
+    import shutil
+
+    shutil.copytree(baseline[0] / "work", tmp_path / "work")
+    argv = _cli(root, teacher, prompts, "x", ["--resume"])
+    argv[argv.index("--work") + 1] = str(tmp_path / "work")
+    argv[argv.index("--delta") + 1] = "50"
+    err = _error(argv, capsys)
+    assert "delta 100 -> 50" in err
+
+
+def test_a_checkpoint_predating_the_condition_space_resumes_as_the_diffusers_form(baseline, setup, tmp_path, capsys):
+    """Runs made before --condition-space trained the diffusers form: without the flag, resuming one says so
+    (before loading any weight); with --condition-space diffusers it resumes."""
+    root, teacher, prompts = setup
+    import shutil
+
+    shutil.copytree(baseline[0] / "work", tmp_path / "work")
+    for meta_path in (tmp_path / "work" / "checkpoints").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["meta"]["config"]["condition_space"]
+        meta_path.write_text(json.dumps(meta))
+    argv = _cli(root, teacher, prompts, "x", ["--resume"])
+    argv[argv.index("--work") + 1] = str(tmp_path / "work")
+    at = argv.index("--condition-space")
+    err = _error(argv[:at] + argv[at + 2:], capsys)
+    assert "condition_space 'diffusers' -> 'sinusoid' differ from the checkpoint" in err
+    argv[argv.index("--out") + 1] = str(tmp_path / "s")
+    assert "resumed" in _in_process(argv)
+
+
+def test_compile_is_refused_on_the_cpu(tiny_teacher, capsys, tmp_path):
+    err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), "--compile",
+                  "--device", "cpu"], capsys)
+    assert "--compile is refused on the CPU" in err
+
+
+def test_keep_best_needs_validation(tmp_path, tiny_teacher, capsys):
+    err = _error(["--teacher", str(tiny_teacher), "--keep", "best"], capsys)
+    assert "--keep best needs --val-every > 0" in err
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--val-every", "5",
+                  "--select", "judge"], capsys)
+    assert "--select judge judges grammar captions" in err
