@@ -217,7 +217,7 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def build_parser() -> Parser:
+def parser() -> Parser:
     summary, details = __doc__.split("\n\nEvery generator", 1)
     p = Parser(prog="python -m distill.evaluate", description=summary, details="Every generator" + details,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -249,7 +249,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
+    p = parser()
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")

@@ -83,7 +83,7 @@ FLAG_GROUPS = {
 }
 
 
-def build_parser() -> Parser:
+def parser() -> Parser:
     d = RunConfig()
     summary, details = __doc__.split("\n\nPer step", 1)
     p = Parser(prog="python -m distill.run", description=summary, details="Per step" + details,
@@ -304,7 +304,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = build_parser()
+    p = parser()
     args = p.parse_args(argv)
     cfg = config_from_args(args, p)
     if cfg.guidance_scale is not None and not cfg.guidance_min <= cfg.guidance_scale <= cfg.guidance_max:

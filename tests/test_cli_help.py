@@ -1,6 +1,6 @@
 """The product's commands (pyproject [project.scripts]): `--help` shows the product flags on one screen
-(at most 40 lines at 100 columns); `--help-all` also the operators' and experts' flags, every one of them.
-Both run the command's own `main`, as the console script does."""
+(at most 40 lines at 100 columns) and says what `--help-all` adds; `--help-all` also the operators' and
+experts' flags, every one of them. Both run the command's own `main`, as the console script does."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("boot-serve", "boot-export", "boot-client", "boot-bench", "boot-soak", "boot-demo")
+COMMANDS = ("boot-distil", "boot-evaluate", "boot-export", "boot-serve", "boot-client", "boot-bench", "boot-soak",
+            "boot-demo")
 SCREEN_LINES, SCREEN_COLUMNS = 40, 100
 
 
@@ -44,4 +45,16 @@ def test_help_fits_one_screen_and_help_all_lists_every_flag(command, capsys, mon
     assert flags <= listed, f"{command} --help-all lacks {sorted(flags - listed)}"
     shown = set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", short))
     assert flags - shown, f"{command}: --help already shows every flag; --help-all adds none"
-    assert "--help-all" in short
+    assert "--help-all also shows:" in short
+    assert len(full.splitlines()) > len(short.splitlines())
+
+
+def test_distil_help_shows_the_product_flags_and_hides_the_expert_ones(capsys, monkeypatch):
+    from distill import run
+
+    short = run_help(run, "--help", capsys, monkeypatch)
+    shown = set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", short))
+    assert {"--teacher", "--prompts", "--out", "--preset", "--init-from", "--resume", "--device"} <= shown
+    assert not {"--dmd-weight", "--lora-rank", "--parameterization", "--solver-steps"} & shown
+    for title in run.FLAG_GROUPS:  # each group's title, in the footer or as a section of --help-all
+        assert title.split(" (")[0] in " ".join(short.split())

@@ -172,6 +172,6 @@ def test_bad_dmd_flags(setup, flags, message, capsys, tmp_path):
 
 
 def test_flags_are_listed_in_their_group():
-    text = run.build_parser().format_help(everything=True)  # --help-all: the expert groups too
+    text = run.parser().format_help(everything=True)  # --help-all: the expert groups too
     assert "distribution matching of the one-step image" in text and "--dmd-t-range MIN MAX" in text
     assert Path(run.__file__).exists()

@@ -122,7 +122,7 @@ def test_refine_targets_are_keyed_on_the_contents_of_prompts_and_unets(baseline,
     shutil.copytree(teacher, teacher2)
     shutil.copytree(baseline[0] / "student", start)
     shutil.copy(prompts, file)
-    p = run.build_parser()
+    p = run.parser()
     cfg = run.config_from_args(p.parse_args(["--teacher", str(teacher2), "--prompts", str(file), "--init-from",
                                              str(start), "--final-hop", "200", "--refine", "12", "--batch-size", "4"]),
                                p)
@@ -168,7 +168,7 @@ def test_final_hop_draws_its_share_from_below_f_and_the_rest_above():
 def test_refine_preset_is_the_recorded_stage_4_recipe(tmp_path, capsys):
     """--preset refine sets what the shipped student's stage 4 ran with (its boot.json record under
     continued_from), needs --init-from, and leaves the other presets' final hop and refine off."""
-    p = run.build_parser()
+    p = run.parser()
     cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
     (tmp_path / "s" / "unet").mkdir(parents=True)
     refine = cfg("--preset", "refine", "--init-from", str(tmp_path / "s"))

@@ -87,7 +87,7 @@ def test_psnr_selection_with_a_prompts_file_keeps_the_step_closest_to_the_teache
 
 
 def test_full_preset_validates_and_keeps_the_best_by_teacher_agreement(tmp_path):
-    p = run.build_parser()
+    p = run.parser()
     cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
     assert (cfg().val_every, cfg().keep) == (0, "last")
     full = cfg("--preset", "full")

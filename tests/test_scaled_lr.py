@@ -68,7 +68,7 @@ def runs(teacher, tmp_path_factory) -> dict[str, Path]:
 
 def test_the_earlier_name_is_an_alias():
     assert PARAMETERIZATION_ALIASES == {"preconditioned": SCALED} and parameterization_name("preconditioned") == SCALED
-    assert run.build_parser().parse_args(["--parameterization", "preconditioned"]).parameterization == SCALED
+    assert run.parser().parse_args(["--parameterization", "preconditioned"]).parameterization == SCALED
 
 
 def test_one_step_moves_the_unet_kappa_times_as_far_and_logs_that_rate(teacher, runs):
