@@ -6,9 +6,10 @@ on the captions the two disagree on (docs/ablations.md's paired comparisons).
         --splits eval --reference-split '' --seed 41 --out DIR    # every student with both decoders
 
 With --tiny-decoder each student is judged twice, with its own VAE decoder and with the tiny one
-(`NAME+tiny`). On each split: accuracy overall / single / two-object of every generator, the captions
-only the first or only this one gets right, and the sign test; on --reference-split also the PSNR against
-the teacher's 50-step DDIM images from the same noise. Writes DIR/compare.json and DIR/compare.md.
+(`NAME+tiny`). On each split: accuracy overall / single / two-object of every generator (fractions in
+compare.json), the captions only the first or only this one gets right, and the sign test; on
+--reference-split also the PSNR against the teacher's 50-step DDIM images from the same noise. Writes
+DIR/compare.json and DIR/compare.md.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def markdown(report: dict) -> str:
         for name, r in entry["generators"].items():
             psnr = "–" if r["psnr_vs_teacher50"] is None else f"{r['psnr_vs_teacher50']:.2f}"
             same = name == first
-            lines.append(f"| {name} | {r['accuracy']:.1f}% | {r['single']:.1f}% | {r['two']:.1f}% | {psnr} | "
+            lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {100 * r['single']:.1f}% | {100 * r['two']:.1f}% | "
+                         f"{psnr} | "
                          + ("– | – | –" if same else f"{r['first_only']} | {r['this_only']} | {r['sign_test_p']:.3g}")
                          + " |")
         lines.append("")

@@ -13,8 +13,8 @@ from boot_serve.bench import combos
 def test_two_combinations_side_by_side(exported_repository, tmp_path):
     accuracy = tmp_path / "compare.json"
     accuracy.write_text(json.dumps({"generators": ["a", "b"], "n": 10, "splits": {"eval": {"generators": {
-        "a": {"accuracy": 80.0, "single": 90.0, "two": 70.0, "sign_test_p": 1.0},
-        "b": {"accuracy": 70.0, "single": 80.0, "two": 60.0, "sign_test_p": 0.03}}}}}))
+        "a": {"accuracy": 0.8, "single": 0.9, "two": 0.7, "sign_test_p": 1.0},
+        "b": {"accuracy": 0.7, "single": 0.8, "two": 0.6, "sign_test_p": 0.03}}}}}))
     out = tmp_path / "out"
     assert combos.main(["--combo", f"a={exported_repository}", "--combo", f"b={exported_repository}",
                         "--requests", "6", "--warmup", "1", "--block", "2", "--accuracy", str(accuracy),
@@ -26,8 +26,8 @@ def test_two_combinations_side_by_side(exported_repository, tmp_path):
         # the three graphs are timed inside the request: together they fit in the end-to-end time
         assert 0 < sum(r["stages_p50_ms"].values()) <= r["floor"]["max_ms"] * 1.05
         assert r["decoder"]["kind"] == "full"
-    assert report["combos"]["b"]["accuracy"]["eval"]["accuracy"] == 70.0
-    assert "p = 0.03 vs a" in (out / "combos.md").read_text()
+    assert report["combos"]["b"]["accuracy"]["eval"]["accuracy"] == pytest.approx(70.0)
+    assert "eval 70.0% (two objects 60.0%), p = 0.03 vs a" in (out / "combos.md").read_text()
     assert (out / "combos.png").stat().st_size > 0
 
 

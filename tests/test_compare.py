@@ -28,7 +28,8 @@ def test_each_student_with_both_decoders_against_the_first(tmp_path):
     full, tiny = (report["splits"]["eval"]["generators"][k] for k in report["generators"])
     assert (full["first_only"], full["this_only"], full["sign_test_p"]) == (0, 0, 1.0)
     # the tiny decoder's verdicts differ from the full one's on exactly first_only + this_only captions
-    assert tiny["accuracy"] - full["accuracy"] == pytest.approx(100 * (tiny["this_only"] - tiny["first_only"]) / 6)
+    assert tiny["accuracy"] - full["accuracy"] == pytest.approx((tiny["this_only"] - tiny["first_only"]) / 6)
+    assert f"| shapes-boot | {100 * full['accuracy']:.1f}% |" in (tmp_path / "compare.md").read_text()
     assert tiny["sign_test_p"] == compare.sign_test(tiny["first_only"], tiny["this_only"])
     assert "| shapes-boot+tiny |" in (tmp_path / "compare.md").read_text()
 

@@ -103,7 +103,7 @@ def teacher_speedups(students: dict, teacher, prompts, seeds, guidance, rounds: 
 
 
 def accuracies(path: Path | None, names: list[str]) -> dict:
-    """name -> {split: accuracy (%)} from a distill.compare report, for the names it judged."""
+    """name -> {split: accuracy (%)} from a distill.compare report (fractions there), for the names it judged."""
     if path is None:
         return {}
     report = json.loads(path.read_text())
@@ -111,8 +111,8 @@ def accuracies(path: Path | None, names: list[str]) -> dict:
     for split, entry in report["splits"].items():
         for name, r in entry["generators"].items():
             if name in names:
-                found.setdefault(name, {})[split] = {"accuracy": r["accuracy"], "single": r["single"],
-                                                     "two": r["two"], "sign_test_p_vs_first": r["sign_test_p"],
+                found.setdefault(name, {})[split] = {"accuracy": 100 * r["accuracy"], "single": 100 * r["single"],
+                                                     "two": 100 * r["two"], "sign_test_p_vs_first": r["sign_test_p"],
                                                      "first": report["generators"][0], "captions": report["n"]}
     return found
 
