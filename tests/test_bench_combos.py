@@ -18,7 +18,7 @@ def test_two_combinations_side_by_side(exported_repository, tmp_path):
     out = tmp_path / "out"
     assert combos.main(["--combo", f"a={exported_repository}", "--combo", f"b={exported_repository}",
                         "--requests", "6", "--warmup", "1", "--block", "2", "--accuracy", str(accuracy),
-                        "--out", str(out)]) == 0
+                        "--sd15-tiny", "--sd15-rounds", "2", "--out", str(out)]) == 0
     report = json.loads((out / "combos.json").read_text())
     assert list(report["combos"]) == ["a", "b"]
     for r in report["combos"].values():
@@ -29,6 +29,12 @@ def test_two_combinations_side_by_side(exported_repository, tmp_path):
     assert report["combos"]["b"]["accuracy"]["eval"]["accuracy"] == pytest.approx(70.0)
     assert "eval 70.0% (two objects 60.0%), p = 0.03 vs a" in (out / "combos.md").read_text()
     assert (out / "combos.png").stat().st_size > 0
+    # the SD-1.5-architecture parts: the compact UNets and the tiny decoder are smaller than what they replace
+    parts = report["sd15"]
+    assert set(parts) == {"UNet", "UNet, compact no-mid", "UNet, compact no-mid-attn", "VAE decoder", "tiny decoder"}
+    assert parts["UNet, compact no-mid-attn"]["parameters"] < parts["UNet, compact no-mid"]["parameters"] < \
+        parts["UNet"]["parameters"]
+    assert all(r["p50_ms"] > 0 and r["rounds"] == 2 for r in parts.values())
 
 
 @pytest.mark.parametrize("argv,message", [

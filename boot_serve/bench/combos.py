@@ -15,6 +15,9 @@ Each --combo NAME=REPOSITORY is a repository written by `python -m boot_serve.ex
   2. PyTorch eager, in-process: each combination's student (BootPipeline of the repository's source student,
      with the tiny decoder where the repository has one) against the teacher's DDIM at --teacher-steps, in
      rounds: a few calls of every student, then one teacher call; speedup = teacher p50 / student p50.
+  3. with --sd15 (or --sd15-tiny for a smoke run): speed only, random weights of the SD-1.5 architecture at
+     512x512 in PyTorch eager, batch 1, one call of each part in turn, --sd15-rounds rounds: the UNet full
+     and compact by each boot.compact rule, the VAE decoder full and an AutoencoderTiny (TAESD layout).
 With --accuracy (compare.json of `python -m distill.compare`, its generator names equal to the combination
 names) the report adds each one's judged accuracy and draws latency against accuracy.
 Written to --out: combos.json (raw latencies included), combos.md, combos.png.
@@ -102,6 +105,40 @@ def teacher_speedups(students: dict, teacher, prompts, seeds, guidance, rounds: 
     return out
 
 
+def sd15_parts(config: dict, rounds: int) -> dict:
+    """p50 ms of each SD-1.5-architecture part at batch 1 (random weights; speed only), interleaved rounds."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+    from boot.compact import RULES, compact_unet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config["unet"]).eval()
+    unets = {"UNet": unet, **{f"UNet, compact {rule}": compact_unet(unet, rule).eval() for rule in RULES}}
+    full = AutoencoderKL(**config["vae"]).eval()
+    tiny = AutoencoderTiny(**config.get("tiny", {})).eval()
+    c, h, w = config["latent"]
+    noise, t = torch.randn(1, c, h, w), torch.tensor([999])
+    states = torch.randn(1, config["tokens"], config["unet"]["cross_attention_dim"])
+    parts = {**{name: (lambda u=u: u(noise, t, states).sample) for name, u in unets.items()},
+             "VAE decoder": lambda: full.decode(noise / config["scaling"]).sample,
+             "tiny decoder": lambda: tiny.decode(noise).sample}
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    with torch.no_grad():
+        for fn in parts.values():  # warm-up
+            fn()
+        for _ in range(rounds):
+            for name, fn in parts.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    params = {**{name: sum(p.numel() for p in u.parameters()) for name, u in unets.items()},
+              "VAE decoder": sum(p.numel() for p in full.decoder.parameters()),
+              "tiny decoder": sum(p.numel() for p in tiny.decoder.parameters())}
+    return {name: {"p50_ms": float(np.median(ts) * 1000), "parameters": params[name], "rounds": rounds}
+            for name, ts in times.items()}
+
+
 def accuracies(path: Path | None, names: list[str]) -> dict:
     """name -> {split: accuracy (%)} from a distill.compare report (fractions there), for the names it judged."""
     if path is None:
@@ -135,6 +172,12 @@ def markdown(report: dict) -> str:
             f"ONNX Runtime in-process, batch 1, {report['requests']} requests each, interleaved in blocks of "
             f"{report['block']}, every prompt new; load average {report['load_start']} at start, "
             f"{report['load_end']} at end.", ""]
+    if "sd15" in report:
+        rows += ["", f"SD-1.5 architecture at 512x512, random weights, PyTorch eager, batch 1 "
+                 f"({next(iter(report['sd15'].values()))['rounds']} rounds, p50):", "",
+                 "| part | parameters | p50 |", "|---|---|---|"]
+        rows += [f"| {name} | {r['parameters'] / 1e6:.1f} M | {r['p50_ms']:.0f} ms |"
+                 for name, r in report["sd15"].items()]
     return "\n".join(head + rows) + "\n"
 
 
@@ -173,6 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=10, help="requests of each combination in turn (default 10)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: the server's)")
     p.add_argument("--accuracy", type=Path, default=None, help="compare.json of python -m distill.compare")
+    p.add_argument("--sd15", action="store_true", help="also time SD-1.5-architecture parts at 512x512")
+    p.add_argument("--sd15-tiny", action="store_true", help="the same with small networks (smoke runs)")
+    p.add_argument("--sd15-rounds", type=int, default=5, help="rounds of the SD-1.5 parts (default 5)")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     args = p.parse_args(argv)
     combos = {}
@@ -222,6 +268,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
         report["teacher_torch"] = speed.pop("teacher")
         for name, s in speed.items():
             report["combos"][name]["torch"] = s
+    if args.sd15 or args.sd15_tiny:
+        from boot_serve.bench.inprocess import SD15, SD15_TINY
+
+        log("[combos] SD-1.5 architecture parts" + (" (small networks)" if args.sd15_tiny else " at 512x512"))
+        config = SD15_TINY if args.sd15_tiny else SD15
+        if args.sd15_tiny:
+            small = (8, 8, 8, 8)
+            config = {**config, "tiny": dict(decoder_block_out_channels=small, encoder_block_out_channels=small)}
+        report["sd15"] = sd15_parts(config, args.sd15_rounds)
     report["load_end"] = round(os.getloadavg()[0], 2)
     return report
 
