@@ -78,3 +78,13 @@ def test_gpu_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert {m["model"] for m in report["models"]} == {"shipped", "sd15-512"}
+
+
+def test_the_console_script_entry_reaches_the_in_process_benchmark(capsys):
+    """boot-bench is boot_serve.bench:main; with --in-process it is the in-process benchmark's command line."""
+    from boot_serve import bench
+
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--in-process", "--help"])
+    assert done.value.code == 0
+    assert "--sd15-tiny" in capsys.readouterr().out

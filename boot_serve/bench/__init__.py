@@ -345,6 +345,10 @@ def _shown(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--in-process" in (sys.argv[1:] if argv is None else argv):  # the in-process benchmark (no server)
+        from boot_serve.bench.inprocess import main as in_process
+
+        return in_process(argv)
     from boot_serve.client import ClientError
     from boot_serve.triton_configs import RepositoryError
     from boot_serve.triton_process import ServerError
