@@ -1,6 +1,6 @@
 """Shared fixtures: an exported tiny model repository and a real tritonserver running on it.
 
-    def test_something(triton_server):          # boot_serve.serve.TritonServer, ready
+    def test_something(triton_server):          # boot_serve.triton_server.TritonServer, ready
         Client(triton_server.http_url).generate(["a red circle"], [0])
 
 The repository is made the way a user makes one: a tiny student (tests/tiny.py) exported by

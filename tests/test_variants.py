@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 
-from boot_serve import triton_repo
+from boot_serve import triton_configs, triton_repo
 from boot_serve.client import Client, RequestError
 from tests.test_serving import BAD_PROMPTS, PROMPTS, SEEDS
 
@@ -26,7 +26,7 @@ def other_server(exported_repository, tmp_path_factory):
     """The exported repository rewritten as the CPU variant that is not the default, served on its own."""
     from boot_serve.triton_server import TritonServer
 
-    other = next(v for v in triton_repo.CPU_VARIANTS if v != triton_repo.DEFAULT_CPU_VARIANT)
+    other = next(v for v in triton_configs.CPU_VARIANTS if v != triton_configs.DEFAULT_CPU_VARIANT)
     repo = tmp_path_factory.mktemp(other) / "model_repository"
     shutil.copytree(exported_repository, repo)
     triton_repo.write_configs(repo, other)
@@ -40,7 +40,7 @@ def other_server(exported_repository, tmp_path_factory):
 def clients(triton_server, other_server):
     servers = {triton_repo.served_variant(s.repository): s for s in (triton_server, other_server)}
     assert set(servers) == {"cpu-onehop", "cpu-ensemble"}
-    assert triton_repo.served_variant(triton_server.repository) == triton_repo.DEFAULT_CPU_VARIANT
+    assert triton_repo.served_variant(triton_server.repository) == triton_configs.DEFAULT_CPU_VARIANT
     with Client(servers["cpu-onehop"].grpc_url, "grpc", concurrency=16) as onehop, \
             Client(servers["cpu-ensemble"].grpc_url, "grpc", concurrency=16) as ensemble:
         yield {"cpu-onehop": onehop, "cpu-ensemble": ensemble}
