@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import threading
-import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from boot_serve import triton_model, triton_repo, triton_text_cache
 from boot_serve.bench.stats import parse_text_cache
 from boot_serve.client import Client
 from boot_serve.prompts import distinct_example_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = distinct_example_prompts(200, 500)  # different shapes captions
 
@@ -92,6 +94,26 @@ def test_hit_states_are_bit_identical_and_read_only(exported_repository, manifes
     assert np.array_equal(twice, direct[[1, 1]]) and fresh.cache.stats()["misses"] == 1
 
 
+# 500 rows of 4,000 bytes into a 200 kB cache; prints [bytes held, evictions, entries kept, bound]. Held: the cache's
+# own allocations (its copies of the arrays, its table) plus the keys it keeps, which the caller allocated.
+HELD_BY_THE_CACHE = """
+import json, sys, tracemalloc
+import numpy as np
+from boot_serve import triton_text_cache
+tracemalloc.start()
+before = tracemalloc.take_snapshot()
+big = triton_text_cache.TextStateCache(200_000)
+for i in range(500):
+    big.put(i.to_bytes(8, "little"), [np.full(1000, i, np.float32)])
+    assert big.bytes <= big.max_bytes
+after = tracemalloc.take_snapshot()
+tracemalloc.stop()
+held = sum(d.size_diff for d in after.compare_to(before, "filename")
+           if d.traceback[0].filename == triton_text_cache.__file__) + len(big) * sys.getsizeof(bytes(8))
+print(json.dumps([held, big.stats()["evictions"], len(big), big.max_bytes]))
+"""
+
+
 def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used():
     row = np.arange(1000, dtype=np.float32)  # 4000 bytes
     size = row.nbytes + 8 + triton_text_cache.TextStateCache.ENTRY_OVERHEAD
@@ -104,24 +126,12 @@ def test_cache_stays_within_its_bound_and_evicts_the_least_recently_used():
     assert len(cache) == 3 and cache.stats()["evictions"] == 1 and cache.bytes <= cache.max_bytes
     cache.put(b"44444444", [np.zeros(4000, np.float32)])  # bigger than the whole bound: not kept
     assert cache.get(b"44444444") is None and len(cache) == 3
-    # The memory the table really holds stays within the bound it counts against.
-    # Counted from the allocations made by this test and the cache's own code only: other threads of the
-    # suite (servers, channels of earlier tests) allocate meanwhile, and tracemalloc traces every thread.
-    tracemalloc.start()
-    try:
-        before = tracemalloc.take_snapshot()
-        big = triton_text_cache.TextStateCache(200_000)
-        for i in range(500):
-            big.put(i.to_bytes(8, "little"), [np.full(1000, i, np.float32)])
-            assert big.bytes <= big.max_bytes
-        after = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    # The cache's own allocations (its copies of the arrays, its table) plus the keys it keeps, which
-    # the test allocated; the test's other temporaries are not the cache's.
-    held = sum(d.size_diff for d in after.compare_to(before, "filename")
-               if d.traceback[0].filename == triton_text_cache.__file__) + len(big) * sys.getsizeof(bytes(8))
-    assert big.stats()["evictions"] == 500 - len(big) and held <= big.max_bytes, held
+    # The memory the table really holds stays within the bound it counts against, measured in an interpreter of
+    # its own: tracemalloc traces every thread, and in the suite other threads (servers, channels, models of
+    # earlier tests) allocate meanwhile.
+    held, evictions, kept, max_bytes = json.loads(subprocess.run(
+        [sys.executable, "-c", HELD_BY_THE_CACHE], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert evictions == 500 - kept and held <= max_bytes, held
     with pytest.raises(ValueError):
         triton_text_cache.TextStateCache(-1)
 
