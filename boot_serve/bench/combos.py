@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from boot_serve.bench.loadgen import BenchError, Series
+from boot_serve.bench.machine import hardware
 from boot_serve.bench.measure import floor_pipeline, interleaved
 
 STAGES = ("text_encoder", "boot_unet", "vae_decoder")
@@ -282,20 +282,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def machine() -> dict:
-    import onnxruntime
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "description": f"{os.cpu_count()}-core {cpu.split(' @')[0]}, no GPU"
-            if not torch.cuda.is_available() else torch.cuda.get_device_name(0)}
+    """bench.machine.hardware() and a one-line description of it for the report's title."""
+    hw = hardware()
+    where = ", ".join(hw["gpus"]) if hw["gpus"] else "no GPU"
+    return {**hw, "description": f"{hw['logical_cpus']}-core {hw['cpu'].split(' @')[0]}, {where}"}
 
 
 def main(argv: list[str] | None = None) -> int:
