@@ -34,6 +34,9 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # crosses process boundaries (boot_serve.guard_workers)
+        return Refused, (self.status, str(self))
+
 
 # --------------------------------------------------------------------------------------------
 # Routes: an allow-list over Triton's endpoints
@@ -290,14 +293,6 @@ def json_depth(data: bytes, limit: int, require_object: bool = True) -> int:
     if depth.min() < 0 or depth[-1] != 0:
         raise Refused(400, "the request JSON's brackets do not balance")
     return deepest
-
-
-def check_infer_body(body: bytes, header_length: int | None, max_depth: int) -> None:
-    """An inference body (already decoded): its JSON part (all of it, or the first
-    Inference-Header-Content-Length bytes before binary tensors) scanned by `json_depth`."""
-    if header_length is not None and header_length > len(body):
-        raise Refused(400, f"Inference-Header-Content-Length {header_length} is over the body's {len(body)} bytes")
-    json_depth(body if header_length is None else body[:header_length], max_depth)
 
 
 def nests_deeper(data: bytes, limit: int) -> bool:

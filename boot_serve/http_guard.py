@@ -18,15 +18,17 @@ Answered here, each with `{"error": "..."}` (the body Triton gives its own error
   or Triton interprets that does not match its strict grammar, or that appears twice;
   Content-Length with Transfer-Encoding; a body that is not what its Content-Encoding says (or has
   trailing data, a bad checksum, is truncated); an inference JSON part that is not an object,
-  does not balance, or nests deeper than `max_json_depth`;
-- 403: a closed API (shared memory, repository, trace, logging) or statistics without the
-  operator key; 404: a path outside the allow-list or a model not served; 405: a wrong method;
+  does not balance, nests deeper than `max_json_depth`, or is not a request boot_serve.infer_schema
+  reads (a shape promising more elements than the request holds, a key twice, an unknown field);
+- 403: a closed API (shared memory, repository, trace, logging), a tensor in shared memory, or
+  statistics without the operator key; 404: a path outside the allow-list or a model not served; 405: a wrong method;
 - 408: a request head not complete within `head_timeout` s, or a request within `read_timeout` s;
 - 413: a body (or what it inflates to) over `max_body_bytes`, decided as early as possible;
 - 415: a Content-Encoding other than gzip, deflate, identity; 417: an Expect other than 100-continue;
 - 429: a connection beyond `max_connections_per_client` from one address, or beyond
   `max_connections` in all when none is idle (an idle keep-alive connection is closed to make room);
-- 503: Triton is down (restarting after a crash, or the supervisor gave up: the message says which).
+- 503: Triton is down (restarting after a crash, or the supervisor gave up: the message says which),
+  or the worker checking a large body died (boot_serve.guard_workers).
 Triton's own answers (its errors included) are relayed byte for byte.
 """
 
@@ -47,13 +49,11 @@ from boot_serve.guard_rules import (
     Refused,
     canonical_path,
     check_headers,
-    check_infer_body,
-    decode_body,
     route,
     upstream_request,
 )
+from boot_serve.guard_workers import BodyCheckers
 
-BIG_BODY = 64 << 10  # bodies from this size are decoded and scanned off the event loop
 LINGER = 2.0
 
 
@@ -86,6 +86,7 @@ class Guard:
         self.refused = 0  # requests answered 4xx here
         self.heartbeat = time.monotonic()  # refreshed by the event loop while it runs freely
         self._connections = Connections(limits)
+        self._checkers = BodyCheckers()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -112,6 +113,7 @@ class Guard:
         return self._loop is not None and time.monotonic() - self.heartbeat < within
 
     def start(self) -> Guard:
+        self._checkers.warm()
         self._thread = threading.Thread(target=self._run, name="boot-http-guard", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -127,6 +129,7 @@ class Guard:
             loop.call_soon_threadsafe(server.close)
         if thread is not None:
             thread.join(timeout=10)
+        self._checkers.close()
 
     def __enter__(self) -> Guard:
         return self.start()
@@ -282,14 +285,8 @@ class Guard:
         if not body:
             raise Refused(400, "an inference request needs a JSON body")
 
-        def check() -> bytes:
-            decoded = decode_body(body, headers.content_encoding, self.limits.max_body_bytes)
-            check_infer_body(decoded, headers.header_length, self.limits.max_json_depth)
-            return decoded
-
-        # numpy and zlib release the GIL: a megabyte scanned on a worker thread leaves the loop free.
-        decoded = await asyncio.to_thread(check) if len(body) >= BIG_BODY or headers.content_encoding != "identity" \
-            else check()
+        decoded = await self._checkers.check(body, headers.content_encoding, headers.header_length,
+                                             self.limits.max_body_bytes, self.limits.max_json_depth)
         return upstream_request(r, headers, decoded, self._host(), self.operator_key)
 
     def _host(self) -> str:

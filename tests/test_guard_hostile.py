@@ -148,9 +148,12 @@ def test_a_label_in_capitals_is_still_served_like_triton_serves_it(service):
 # 3. Linear-time scanning that never blocks other clients
 # --------------------------------------------------------------------------------------------
 def _worst(n: int = 1 << 20) -> list[bytes]:
+    data = b'{"inputs":[{"name":"SEED","shape":[1,1],"datatype":"INT64","data":['
     return [b'{"a":"' + b'\\"' * (n // 2 - 8) + b'"}', b'{"a":"' + b"\\\\\\\"" * (n // 4 - 4) + b'"}',
             b'{"a":"' + b"\\\\" * (n // 2 - 8), b'{"a":[' + b'"",' * (n // 3 - 4) + b'""]}',
-            b'{"a":[' + b"[[]]," * (n // 5 - 4) + b"[]]}", b'{"a":' + b"[" * (n // 2 - 4) + b"]" * (n // 2 - 4) + b"}"]
+            b'{"a":[' + b"[[]]," * (n // 5 - 4) + b"[]]}", b'{"a":' + b"[" * (n // 2 - 4) + b"]" * (n // 2 - 4) + b"}",
+            # what costs json.loads most per byte: nested lists and objects in tensor data
+            data + b"[[[[[[[[[[1]]]]]]]]]]," * (n // 22 - 4) + b"1]}]}", data + b"{}," * (n // 3 - 30) + b"1]}]}"]
 
 
 def test_worst_megabytes_are_answered_quickly_and_others_are_served_meanwhile(service, reference):
@@ -189,6 +192,81 @@ def test_worst_megabytes_are_answered_quickly_and_others_are_served_meanwhile(se
           f"{max(hostile_times) * 1e3:.0f} ms ({len(hostile_times)} sent)")
     assert max(hostile_times) < 2.0 and max(busy) < 2.0 and b50 < 3 * q50 + 100
     still_serving(service, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# 3b. Numbers Triton sizes memory by: a shape backed by the request, nothing in shared memory
+# --------------------------------------------------------------------------------------------
+def _seed_request(shape, data=(1,), datatype="INT64", **extra) -> bytes:
+    seed = {"name": "SEED", "shape": list(shape), "datatype": datatype, "data": list(data), **extra}
+    return json.dumps({"inputs": [{"name": "PROMPT", "shape": [1, 1], "datatype": "BYTES", "data": [GOOD[0]]},
+                                  seed]}).encode()
+
+
+# Sent to Triton 2.51's own port, [1, 10**12] ends the process (std::bad_alloc while it sizes the
+# buffer from the shape, before reading the data), so does [0, 2**64 - 1] (read as the wildcard -1:
+# 2**64 - 8 bytes), and [1, 2 * 10**9] makes it zero 16 GB.
+UNBACKED_SHAPES = {
+    "int64_1e12": _seed_request([1, 10**12]),
+    "fp32_1e12": _seed_request([1, 10**12], [1.0], "FP32"),
+    "int64_2e9": _seed_request([1, 2 * 10**9]),
+    "zero_times_huge": _seed_request([0, 2**63], []),
+    "zero_times_the_wildcard": _seed_request([0, 2**64 - 1], []),
+    "the_huge_shape_first_of_two": _seed_request([1, 1]).replace(b'"shape": [1, 1], "datatype": "INT64"',
+                                                                 b'"shape": [1, 1000000000000], "shape": [1, 1], '
+                                                                 b'"datatype": "INT64"'),
+    "nested_data_short_of_the_shape": _seed_request([2, 3], [[1, 2], [3]]),
+}
+
+
+@pytest.mark.parametrize("case", UNBACKED_SHAPES, ids=list(UNBACKED_SHAPES))
+def test_shapes_the_request_does_not_back_get_400_on_every_road(service, reference, case):
+    body = UNBACKED_SHAPES[case]
+    for headers, sent in (({}, body), ({"Content-Encoding": "gzip"}, gzip.compress(body)),
+                          ({"Inference-Header-Content-Length": str(len(body))}, body + b"\0" * 8)):
+        status, text = post(service.http_url, sent, headers)
+        assert status == 400 and json.loads(text)["error"], (case, headers, status, text)
+    still_serving(service, reference)
+
+
+def test_binary_tensors_cannot_promise_more_than_they_carry(service, reference):
+    header = json.dumps({"inputs": [{"name": "PROMPT", "shape": [1, 1], "datatype": "BYTES", "data": [GOOD[0]]},
+                                    {"name": "SEED", "shape": [1, 2**30], "datatype": "INT64",
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    status, text = post(service.http_url, header + struct.pack("<q", 0),
+                        {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and b"binary bytes" in text, (status, text)
+    still_serving(service, reference)
+
+
+def test_tensors_in_shared_memory_get_403(service, reference):
+    body = _seed_request([1, 1], [], parameters={"shared_memory_region": "r", "shared_memory_byte_size": 8})
+    body = body.replace(b', "data": []', b"")
+    status, text = post(service.http_url, body)
+    assert status == 403 and b"shared memory is closed" in text, (status, text)
+    still_serving(service, reference)
+
+
+def test_requests_every_client_sends_are_served_as_triton_serves_them(service):
+    """tritonclient's JSON and binary forms, with a request id, priority, timeout and sequence
+    fields, and data nested by the shape: the guard's answers equal Triton's own."""
+    import tritonclient.http as httpclient
+
+    for binary in (True, False):
+        for extra in ({}, {"request_id": "r-1", "priority": 2, "timeout": 10**9}, {"sequence_id": 5}):
+            answers = []
+            for url in (service.http_url, service.triton_http_url):
+                with httpclient.InferenceServerClient(url) as c:
+                    prompt = httpclient.InferInput("PROMPT", [2, 1], "BYTES")
+                    prompt.set_data_from_numpy(np.array([[GOOD[0].encode()], [b"a blue square"]], dtype=object),
+                                               binary_data=binary)
+                    seed = httpclient.InferInput("SEED", [2, 1], "INT64")
+                    seed.set_data_from_numpy(np.array([[0], [1]], dtype=np.int64), binary_data=binary)
+                    out = httpclient.InferRequestedOutput("IMAGE", binary_data=binary)
+                    answers.append(c.infer("boot_txt2img", [prompt, seed], outputs=[out], **extra).as_numpy("IMAGE"))
+            assert len(answers[0]) == 2 and np.array_equal(*answers), (binary, extra)
+    nested = _seed_request([1, 1], [[GOOD[1]]])
+    assert post(service.http_url, nested) == post(service.triton_http_url, nested)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ through, Triton reads exactly as the guard did; everything else is refused with 
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import re
 import time
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from boot_serve.guard_rules import (
@@ -23,6 +24,7 @@ from boot_serve.guard_rules import (
     route,
     upstream_request,
 )
+from boot_serve.infer_schema import check_request
 
 LIMIT = 1 << 20
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -320,3 +322,84 @@ def test_triton_gets_only_what_the_guard_writes():
     sent = upstream_request(r, headers, b"{}xx", "127.0.0.1:1", None)
     assert sent == (b"POST /v2/models/boot_txt2img/infer HTTP/1.1\r\nHost: 127.0.0.1:1\r\nContent-Length: 4\r\n"
                     b"Inference-Header-Content-Length: 2\r\nAccept-Encoding: gzip\r\n\r\n{}xx")
+
+
+# --------------------------------------------------------------------------------------------
+# The inference JSON: nothing Triton sizes memory by is a number the request does not back
+# --------------------------------------------------------------------------------------------
+DTYPE_BYTES = {"INT64": 8, "FP32": 4, "UINT8": 1, "BOOL": 1}
+
+
+def first_key_wins(pairs: list) -> dict:
+    """rapidjson's FindMember, which Triton reads members with: the first of equal keys."""
+    out = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
+
+
+def triton_json_allocation(body: bytes) -> list[tuple[int, int]]:
+    """(bytes Triton 2.51 allocates, scalars it then reads) per JSON-data input: it sizes the buffer
+    from the shape's element count times the datatype's size (size_t arithmetic, wrapping) before
+    reading `data`."""
+    request = json.loads(body, object_pairs_hook=first_key_wins)
+    out = []
+    for tensor in request["inputs"]:
+        if "data" not in tensor or "binary_data_size" in tensor.get("parameters", {}):
+            continue
+        # GetElementCount: 0 for no dims, -1 when a dim is the wildcard -1 (2**64 - 1 read as uint64)
+        dims = [d & (2**64 - 1) for d in tensor["shape"]]
+        count = -1 if 2**64 - 1 in dims else math.prod(dims) if dims else 0
+        stack, leaves = [tensor["data"]], 0
+        while stack:
+            for item in stack.pop():
+                stack.append(item) if isinstance(item, list) else None
+                leaves += not isinstance(item, list)
+        out.append((count * DTYPE_BYTES[tensor["datatype"]] & (2**64 - 1), leaves))
+    return out
+
+
+_dims = st.one_of(st.integers(0, 4), st.integers(2**31 - 2, 2**31 + 2), st.integers(2**62, 2**64 - 1))
+_data = st.recursive(st.lists(st.integers(-5, 5), max_size=6), lambda inner: st.lists(inner, max_size=3),
+                     max_leaves=12)
+
+
+@SETTINGS
+@example(shape=[0, 2**64 - 1], data=[], datatype="INT64", decoy=None)  # Triton: the wildcard, 2**64 - 8 bytes
+@example(shape=[1, 1], data=[1], datatype="FP32", decoy=[1, 10**12])
+@given(shape=st.lists(_dims, min_size=0, max_size=4), data=_data, datatype=st.sampled_from(list(DTYPE_BYTES)),
+       decoy=st.one_of(st.none(), st.lists(_dims, min_size=1, max_size=3)))
+def test_every_accepted_shape_is_backed_by_the_data_triton_reads(shape, data, datatype, decoy):
+    seed = f'{{"name": "SEED", "shape": {json.dumps(shape)}, "datatype": "{datatype}", "data": {json.dumps(data)}}}'
+    if decoy is not None:  # a second "shape" key: Triton reads the first
+        seed = seed.replace('"shape"', f'"shape": {json.dumps(decoy)}, "shape"', 1)
+    body = f'{{"inputs": [{seed}]}}'.encode()
+    try:
+        check_request(body)
+    except Refused as refused:
+        assert 400 <= refused.status < 500
+        return
+    for allocated, leaves in triton_json_allocation(body):
+        assert allocated == leaves * DTYPE_BYTES[datatype] <= 8 * len(body)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "INT64", "data": [1]}], "inputs": []}', 400, "twice"),
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "FP32", "data": [NaN]}]}', 400, "NaN"),
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "INT64", "data": [1' + b"0" * 5000 + b"]}]}", 400, "JSON"),
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "INT64", "data": [1]}], "extra": 1}', 400, "unknown field"),
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "INT64", "parameters": {"shared_memory_region": "r"}}]}',
+     403, "shared memory"),
+    (b'{"inputs": [], "outputs": [{"name": "IMAGE", "parameters": {"shared_memory_region": "r"}}]}', 403,
+     "shared memory"),
+    (b'{"inputs": [{"name": "S", "shape": [4], "datatype": "INT64", "parameters": {"binary_data_size": 32}}]}', 400,
+     "binary bytes"),
+    (b'{"inputs": [{"name": "S", "shape": [1], "datatype": "INT64"}]}', 400, "needs 'data'"),
+    (b'{"inputs": [], "parameters": {"timeout": -1}}', 400, "timeout"),
+    (b'\xef\xbb\xbf{"inputs": []}', 400, "JSON"),
+    (b'{"inputs": [{"name": "\xff", "shape": [1], "datatype": "INT64", "data": [1]}]}', 400, "UTF-8"),
+])
+def test_requests_that_read_two_ways_or_reach_closed_apis_are_refused(body, status, message):
+    with pytest.raises(Refused, match=message) as err:
+        check_request(body)
+    assert err.value.status == status
