@@ -272,3 +272,22 @@ def test_interleaved_alternates_blocks():
     assert order[2:] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2), ("a", 3), ("b", 2), ("b", 3),
                          ("a", 4), ("b", 4)]
     assert all(len(s.latencies_s) == 5 and s.wall_s == pytest.approx(sum(s.latencies_s)) for s in series.values())
+
+
+def test_guard_bench_reports_both_paths_from_one_served_process(exported_repository, tmp_path):
+    """boot_serve.bench.guard on the default served stack: every path answered every request, the
+    overhead is the ratio of the reported p50s, and the report, Markdown and plot are written."""
+    from boot_serve.bench import guard
+
+    out = tmp_path / "guard"
+    assert guard.main(["--repository", str(exported_repository), "--concurrency", "1", "--requests", "4",
+                       "--rounds", "1", "--warmup", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["results"]
+    for path in guard.PATHS:
+        assert row[path]["count"] == 4 and row[path]["errors"] == 0 and row[path]["p50_ms"] > 0, (path, row[path])
+    for proto in ("http", "grpc"):
+        ratio = row[f"{proto} guarded"]["p50_ms"] / row[f"{proto} direct"]["p50_ms"] - 1
+        assert row[f"{proto} p50 overhead"] == pytest.approx(ratio)
+    assert "text-cache hit" in (out / "report.md").read_text()
+    assert Image.open(out / "latency.png").size[0] > 0
