@@ -34,9 +34,6 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
 
-    def __reduce__(self):  # crosses process boundaries (boot_serve.guard_workers)
-        return Refused, (self.status, str(self))
-
 
 # --------------------------------------------------------------------------------------------
 # Routes: an allow-list over Triton's endpoints

@@ -113,7 +113,6 @@ class Guard:
         return self._loop is not None and time.monotonic() - self.heartbeat < within
 
     def start(self) -> Guard:
-        self._checkers.warm()
         self._thread = threading.Thread(target=self._run, name="boot-http-guard", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -129,7 +128,6 @@ class Guard:
             loop.call_soon_threadsafe(server.close)
         if thread is not None:
             thread.join(timeout=10)
-        self._checkers.close()
 
     def __enter__(self) -> Guard:
         return self.start()
@@ -149,12 +147,14 @@ class Guard:
             self._started.set()
             return
         self.port = self._server.sockets[0].getsockname()[1]
+        await self._checkers.start()
         self._loop = loop
         beat = loop.create_task(self._beat())
         self._started.set()
         with contextlib.suppress(asyncio.CancelledError):
             await self._server.serve_forever()
         beat.cancel()
+        await self._checkers.close()
 
     async def _beat(self) -> None:
         while True:
