@@ -12,7 +12,8 @@ Service inference.GRPCInferenceService; boot_serve.access is the shared policy:
 
 Each request message is parsed with the protobuf classes tritonclient ships
 (tritonclient.grpc.service_pb2): one that does not parse is refused with INVALID_ARGUMENT, one
-naming a model that is not served with NOT_FOUND, and Triton gets the message re-serialized from
+naming a model that is not served with NOT_FOUND, an inference request with a tensor in shared
+memory with PERMISSION_DENIED (registration is closed; HTTP answers it 403), and Triton gets the message re-serialized from
 what was parsed (unknown fields dropped, `reserialize`), under the canonical method path, with only
 the metadata `forwarded_metadata` lists (the operator key for ModelStatistics, Triton's documented
 `triton_grpc_error` stream option).
@@ -106,6 +107,11 @@ def reserialize(name: str, data: bytes, models: tuple[str, ...] | None) -> bytes
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                       f"the {name} request is not a valid {cls.DESCRIPTOR.full_name} message") from err
     message.DiscardUnknownFields()
+    if cls is service_pb2.ModelInferRequest and any(
+            key.startswith("shared_memory_") for tensor in (*message.inputs, *message.outputs)
+            for key in tensor.parameters):
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      "shared memory is closed on this server: send tensors in the request")
     model = getattr(message, field) if field else ""
     if models is not None and (model or name != "ModelStatistics") and field and model not in models:
         raise Refused(grpc.StatusCode.NOT_FOUND,

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from boot_serve import access
+from boot_serve import access, grpc_policy
 from boot_serve.grpc_guard import GrpcGuard
 from boot_serve.grpc_policy import TRITON_KEY_METADATA, client_address
 from tests.grpc_guard_helpers import KEY, MODEL, _held_stream, _stream_error, call, infer_request, path
@@ -226,3 +226,15 @@ def test_the_old_constructor_form_and_repeated_stops(fake):
     g.stop()
     g.stop()
     assert call(g.url, "ServerLive", timeout=2)[0] == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("where", ["inputs", "outputs"])
+def test_tensors_in_shared_memory_are_refused_before_triton(where):
+    request = service_pb2.ModelInferRequest(model_name="boot_txt2img")
+    tensor = getattr(request, where).add(name="SEED")
+    tensor.parameters["shared_memory_region"].string_param = "r"
+    with pytest.raises(grpc_policy.Refused, match="shared memory is closed") as err:
+        grpc_policy.reserialize("ModelInfer", request.SerializeToString(), ("boot_txt2img",))
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+    tensor.parameters.clear()
+    assert grpc_policy.reserialize("ModelInfer", request.SerializeToString(), ("boot_txt2img",))
