@@ -6,7 +6,9 @@ For each handoff time t: the student's signal y_t = g(ε, t, c) gives x̂_t = α
 teacher finishes from x̂_t on its 50-step DDIM grid (steps at or below t), and the judge scores the
 images (eval-split captions, seeds 1,000,000 + i, guidance 4). t = T is the teacher alone; t = 0 is
 the student's own one-step image. A drop between two times says the student's trajectory is off there.
-Prints a Markdown table: handoff t, accuracy, single-object and two-object accuracy.
+Prints a Markdown table: handoff t, accuracy, single-object and two-object accuracy, and (with t = 0
+among the times) the captions each handoff gets right and the student's own image does not, and the
+reverse, with the exact sign test of the difference (the same captions and noise for every t).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from boot.contract import seed_noise_tensor as seed_noise
 from boot.contract import to_uint8
 from boot.pipeline import BootPipeline
 from boot.samplers import TeacherSampler
+from distill.compare import sign_test
 from shapes_world import world
 from shapes_world.judge import judge
 
@@ -52,15 +55,22 @@ def main(argv: list[str] | None = None) -> None:
     captions = world.sample_captions(args.n, 0, "eval")
     seeds = [1_000_000 + i for i in range(args.n)]
     two = np.array([len(world.parse(c).objects) == 2 for c in captions])
-    print("| handoff t | accuracy | single | two objects |\n|---|---|---|---|")
-    for t in (int(x) for x in args.t.split(",")):
+    times = [int(x) for x in args.t.split(",")]
+    verdicts = {}
+    for t in sorted(times, key=lambda t: t != 0):  # the student's own image first: the others are paired with it
         ok = []
         for lo in range(0, args.n, 48):
             images = handoff_images(student, teacher, captions[lo:lo + 48], seeds[lo:lo + 48], t, args.guidance)
             ok += [judge(c, im) for c, im in zip(captions[lo:lo + 48], images)]
-        ok = np.array(ok)
-        print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% |",
-              flush=True)
+        verdicts[t] = np.array(ok)
+    own = verdicts.get(0)
+    print("| handoff t | accuracy | single | two objects | vs the student's own: gains / losses, sign test p |\n"
+          "|---|---|---|---|---|")
+    for t in times:
+        ok = verdicts[t]
+        paired = "" if own is None or t == 0 else \
+            f"{int((ok & ~own).sum())} / {int((own & ~ok).sum())}, p = {sign_test(int((ok & ~own).sum()), int((own & ~ok).sum())):.2g}"
+        print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% | {paired} |")
 
 
 if __name__ == "__main__":
