@@ -13,8 +13,9 @@ Service inference.GRPCInferenceService; boot_serve.access is the shared policy:
 Each request message is parsed with the protobuf classes tritonclient ships
 (tritonclient.grpc.service_pb2): one that does not parse is refused with INVALID_ARGUMENT, one
 naming a model that is not served with NOT_FOUND, an inference request with a tensor in shared
-memory with PERMISSION_DENIED (registration is closed; HTTP answers it 403), and Triton gets the message re-serialized from
-what was parsed (unknown fields dropped, `reserialize`), under the canonical method path, with only
+memory with PERMISSION_DENIED (registration is closed; HTTP answers it 403), and Triton gets the
+message re-serialized from what was parsed (unknown fields dropped, `reserialize`), under the
+canonical method path, with only
 the metadata `forwarded_metadata` lists (the operator key for ModelStatistics, Triton's documented
 `triton_grpc_error` stream option).
 """

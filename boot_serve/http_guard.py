@@ -21,7 +21,8 @@ Answered here, each with `{"error": "..."}` (the body Triton gives its own error
   does not balance, nests deeper than `max_json_depth`, or is not a request boot_serve.infer_schema
   reads (a shape promising more elements than the request holds, a key twice, an unknown field);
 - 403: a closed API (shared memory, repository, trace, logging), a tensor in shared memory, or
-  statistics without the operator key; 404: a path outside the allow-list or a model not served; 405: a wrong method;
+  statistics without the operator key; 404: a path outside the allow-list or a model not served;
+  405: a wrong method;
 - 408: a request head not complete within `head_timeout` s, or a request within `read_timeout` s;
 - 413: a body (or what it inflates to) over `max_body_bytes`, decided as early as possible;
 - 415: a Content-Encoding other than gzip, deflate, identity; 417: an Expect other than 100-continue;

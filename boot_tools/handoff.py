@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| handoff t | accuracy | single | two objects | vs the student's own: gains / losses, sign test p |\n"
           "|---|---|---|---|---|")
     for t in times:
-        ok = verdicts[t]
-        paired = "" if own is None or t == 0 else \
-            f"{int((ok & ~own).sum())} / {int((own & ~ok).sum())}, p = {sign_test(int((ok & ~own).sum()), int((own & ~ok).sum())):.2g}"
-        print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% | {paired} |")
+        ok, paired = verdicts[t], ""
+        if own is not None and t != 0:
+            gains, losses = int((ok & ~own).sum()), int((own & ~ok).sum())
+            paired = f"{gains} / {losses}, p = {sign_test(gains, losses):.2g}"
+        print(f"| {t} | {100 * ok.mean():.1f}% | {100 * ok[~two].mean():.1f}% | {100 * ok[two].mean():.1f}% "
+              f"| {paired} |")
 
 
 if __name__ == "__main__":
