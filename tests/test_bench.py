@@ -291,3 +291,11 @@ def test_guard_bench_reports_both_paths_from_one_served_process(exported_reposit
         assert row[f"{proto} p50 overhead"] == pytest.approx(ratio)
     assert "text-cache hit" in (out / "report.md").read_text()
     assert Image.open(out / "latency.png").size[0] > 0
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:1", "http://127.0.0.1:1/metrics"])
+def test_an_unreadable_metrics_url_is_a_readable_error(url):
+    from boot_serve.bench.stats import MetricsError, text_cache_counts
+
+    with pytest.raises(MetricsError, match=r"cannot read the server's metrics .* http://HOST:PORT/metrics"):
+        text_cache_counts(url)

@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         from boot_serve.bench.inprocess import main as in_process
 
         return in_process(argv)
+    from boot_serve.bench.stats import MetricsError
     from boot_serve.client import ClientError
     from boot_serve.triton_configs import RepositoryError
     from boot_serve.triton_process import ServerError
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args, argv)
-    except (BenchError, ClientError, FileNotFoundError, ServerError, RepositoryError) as err:
+    except (BenchError, MetricsError, ClientError, FileNotFoundError, ServerError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((args.out / "bench.md").read_text())

@@ -96,15 +96,24 @@ def parse_text_cache(text: str) -> dict[str, float]:
     return out
 
 
+class MetricsError(Exception):
+    """The server's Prometheus endpoint could not be read."""
+
+
 def text_cache_counts(metrics_url: str | None, timeout: float = 10.0) -> dict[str, float] | None:
     """The server's text-state cache counters now, None without a metrics URL or when its metrics have
     none (a variant without the cache, or with the cache off: text_cache_bytes 0)."""
     if not metrics_url:
         return None
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
-        text = response.read().decode()
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ValueError, OSError) as err:
+        raise MetricsError(f"cannot read the server's metrics at {metrics_url!r} ({err}); give --metrics-url as "
+                           "http://HOST:PORT/metrics") from None
     return parse_text_cache(text) if "boot_text_cache_" in text else None
 
 
