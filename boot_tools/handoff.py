@@ -4,7 +4,7 @@
 
 For each handoff time t: the student's signal y_t = g(ε, t, c) gives x̂_t = α_t·y_t + σ_t·ε, the
 teacher finishes from x̂_t on its 50-step DDIM grid (steps at or below t), and the judge scores the
-images (eval-split captions, seeds 1,000,000 + i, guidance 4). t = T is the teacher alone; t = 0 is
+images (--split captions, eval by default; seeds 1,000,000 + i, guidance 4). t = T is the teacher alone; t = 0 is
 the student's own one-step image. A drop between two times says the student's trajectory is off there.
 Prints a Markdown table: handoff t, accuracy, single-object and two-object accuracy, and (with t = 0
 among the times) the captions each handoff gets right and the student's own image does not, and the
@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="student folder")
     p.add_argument("--teacher", default="pretrained/shapes-teacher", help="teacher folder")
-    p.add_argument("--n", type=int, default=96, help="eval-split captions (default 96)")
+    p.add_argument("--n", type=int, default=96, help="captions (default 96)")
+    p.add_argument("--split", default="eval", choices=world.SPLITS,
+                   help="caption split: eval (held out), seen, unseen (held-out compositions) (default eval)")
     p.add_argument("--t", default="999,899,799,599,399,199,99,0", help="handoff times")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
     args = p.parse_args(argv)
     student = BootPipeline.from_pretrained(args.student).generator.student
     teacher = TeacherSampler(args.teacher, 50)
-    captions = world.sample_captions(args.n, 0, "eval")
+    captions = world.sample_captions(args.n, 0, args.split)
     seeds = [1_000_000 + i for i in range(args.n)]
     two = np.array([len(world.parse(c).objects) == 2 for c in captions])
     times = [int(x) for x in args.t.split(",")]
