@@ -19,6 +19,7 @@ loop (distill/loop.py) draws (ε, c, w, t), reduces and steps. Notation as in bo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,12 +71,17 @@ class BootLoss:
     teacher finishing its own sampler from the student's ŷ_t, rather than through the last
     F/Δ bootstrap hops, where a student's errors pile up most (docs/ablations.md). The caller
     draws such t from (F − Δ, F], whose ŷ_t the ordinary hops from (F, F + Δ] train.
+
+    With boundary_fraction f < 1, L_BC is computed on the first m = ceil(f·b) samples of the (randomly
+    drawn) batch only and weighted b/m there, so the batch mean of the loss keeps its expectation while
+    the teacher's call at T and the student's T branch cost m rows instead of b.
     """
 
     delta_steps: int = 20  # Δ
     beta: float = 1.0  # β
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
+    boundary_fraction: float = 1.0  # share of the batch whose L_BC is computed (the first ceil(f·b) samples)
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
     @property
@@ -103,15 +109,20 @@ class BootLoss:
             g_s = student(noise, s, cond, w, *pooled_args(pooled))
             l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
             return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
-        # 2. Boundary target: the teacher at T on pure noise.
+        # 2. Boundary target: the teacher at T on pure noise (on the first m samples).
+        m = min(len(t), max(1, math.ceil(self.boundary_fraction * len(t))))
         with torch.no_grad():
-            f_T = teacher(noise, T, cond, uncond, w, *pooled_args(pooled), *pooled_args(uncond_pooled))
+            f_T = teacher(noise[:m], T[:m], cond[:m], None if uncond is None else uncond[:m], w[:m],
+                          *pooled_args(None if pooled is None else pooled[:m]),
+                          *pooled_args(None if uncond_pooled is None else uncond_pooled[:m]))
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
-        pred = student(torch.cat([noise, noise]), torch.cat([s, T]), torch.cat([cond, cond]),
-                       torch.cat([w, w]), *pooled_args(None if pooled is None else torch.cat([pooled, pooled])))
-        g_s, g_T = pred.chunk(2)
+        pred = student(torch.cat([noise, noise[:m]]), torch.cat([s, T[:m]]), torch.cat([cond, cond[:m]]),
+                       torch.cat([w, w[:m]]),
+                       *pooled_args(None if pooled is None else torch.cat([pooled, pooled[:m]])))
+        g_s, g_T = pred[:len(t)], pred[len(t):]
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-        l_bc = (g_T - f_T).pow(2).mean(dims)
+        l_bc = torch.zeros_like(l_bs)
+        l_bc[:m] = (g_T - f_T).pow(2).mean(dims) * (len(t) / m)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
 
 

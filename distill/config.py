@@ -46,6 +46,7 @@ class RunConfig:
     grad_clip: float = 1.0
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     beta: float = 1.0  # β: weight of the boundary loss
+    boundary_fraction: float = 1.0  # share of each batch whose boundary loss is computed (weighted 1/share)
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
     final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)
     final_fraction: float = 0.25  # with F > 0: share of each batch drawn as final hops, t in (F - Δ, F]

@@ -69,8 +69,8 @@ from distill.loop import train
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--grad-clip", "--delta", "--beta",
-                        "--final-hop", "--refine", "--ema", "--guidance-min", "--guidance-max", "--guidance-scale",
-                        "--num-prompts", "--compact"),
+                        "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
+                        "--guidance-max", "--guidance-scale", "--num-prompts", "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
                                                                   "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
@@ -107,6 +107,10 @@ def parser() -> Parser:
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
+    a("--boundary-fraction", type=float, default=d.boundary_fraction,
+      help=f"share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
+           f"the teacher's call at T and the student's T branch cost that share of the batch "
+           f"(default {d.boundary_fraction})")
     a("--solver-steps", type=int, default=d.solver_steps,
       help=f"K, teacher DDIM steps that make one bootstrap target from t to s; K > 1 lets a larger Δ keep "
            f"the teacher's step size (default {d.solver_steps}, the paper's single step)")
@@ -240,7 +244,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, solver_steps=args.solver_steps,
+        beta=args.beta, boundary_fraction=args.boundary_fraction, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -270,7 +274,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.refine == 0 or (cfg.final_hop > 0 and cfg.init_from is not None),
          "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),
-        (cfg.beta >= 0, "--beta must be >= 0"), (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
+        (cfg.beta >= 0, "--beta must be >= 0"),
+        (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
+        (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
         (cfg.target == "online" or cfg.ema > 0, "--target ema needs --ema > 0"),

@@ -172,6 +172,37 @@ def test_boot_loss_matches_hand_computation(zero_snr, solver_steps, final_hop):
         assert loss["loss"][i].item() == pytest.approx(l_bs + 0.5 * l_bc, rel=1e-4)
 
 
+@pytest.mark.parametrize("fraction,m", [(0.5, 2), (0.3, 2), (0.01, 1)])
+def test_boundary_fraction_computes_the_boundary_on_the_first_samples_and_keeps_its_expectation(fraction, m):
+    """--boundary-fraction f: L_BC on the first ceil(f·b) samples only, weighted b/m there; L_BS unchanged;
+    the teacher and the student are called at T on those m samples alone."""
+    sched = schedule_of(True)
+    calls = []
+
+    class Counting(LinearX0UNet):
+        def forward(self, x, t, cond):
+            calls.append(int((t == sched.T).sum()))
+            return super().forward(x, t, cond)
+
+    teacher = TeacherX0(Counting(), sched, "sample")
+    student, target = ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn((4, 1, 2, 2), generator=gen)
+    cond, uncond = torch.randn((4, 4, 5), generator=gen), torch.randn((4, 4, 5), generator=gen)
+    t, w = torch.tensor([999, 400, 35, 12]), torch.tensor([1.0, 3.0, 2.0, 5.5])
+    full = BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise, cond, uncond, w, t)
+    calls.clear()
+    part = BootLoss(delta_steps=20, beta=0.5, boundary_fraction=fraction)(
+        student, target, teacher, noise, cond, uncond, w, t)
+    assert calls[-1] == 2 * m  # the boundary's CFG pair at T on m samples (the t = 999 hop's call is separate)
+    torch.testing.assert_close(part["bootstrap"], full["bootstrap"])
+    torch.testing.assert_close(part["boundary"][:m], full["boundary"][:m] * 4 / m)
+    assert (part["boundary"][m:] == 0).all()
+    torch.testing.assert_close(part["loss"], part["bootstrap"] + 0.5 * part["boundary"])
+    part["loss"].mean().backward()
+    assert student.p.grad is not None and student.q.grad is not None
+
+
 class Trajectory(nn.Module):
     """g(ε, t, c, w): the signal of the closed-form teacher's own DDIM trajectory from ε at T, on the grid
     T, T − h, T − 2h, ..., 0, computed here in float64 from the DDIM step in signal space,
