@@ -96,13 +96,15 @@ BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", 
 
 
 PRESETS: dict[str, dict] = {
-    # 2 CPU cores, shipped 7M-parameter teacher. A step costs about 7 teacher forwards at batch 32
-    # for batch 24 (target g(ε,t), 2 CFG teacher calls, online g at (s, T) forward + backward),
-    # i.e. 1.1-2.2 s depending on how fast that forward is (a 2-core machine's measured range).
-    # Batch 16 x 600 steps is 7-15 min; the 15-minute cap keeps the whole command, with the
-    # 50-step teacher reference and the 64-caption evaluation, inside 20 minutes on a slow day.
-    "quick": dict(steps=600, batch_size=16, lr=2e-5, warmup=50, ema=0.99, num_prompts=4096,
-                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0, val_every=0),
+    # 2 CPU cores, shipped 7M-parameter teacher. A step at batch 16 is a target student forward, the teacher's
+    # CFG pair at t, the teacher's pair at T on a quarter of the batch (boundary_fraction) and the online
+    # student's forward and backward at s and T: 0.6-0.9 s on 2 cores, so 1,200 steps take 12-18 min and the
+    # 15-minute cap keeps the whole command, with the 50-step teacher reference and the 64-caption
+    # evaluation, inside 20 minutes on a slow day. lr 1e-4 and the quarter boundary: docs/ablations.md,
+    # "What does the quick preset's quarter hour buy?".
+    "quick": dict(steps=1200, batch_size=16, lr=1e-4, warmup=50, ema=0.99, num_prompts=4096,
+                  checkpoint_every=100, sample_every=100, eval_n=64, max_minutes=15.0, val_every=0,
+                  boundary_fraction=0.25),
     # The quality recipe (hours on CPU, minutes on a GPU).
     # lr 1e-4 at batch 128: 80.3% where lr 2e-5 gave 72.7% after the same 6.2 GPU minutes
     # (docs/ablations.md, "Learning rate and solver steps"); the validation picks the exported step.
@@ -118,7 +120,7 @@ PRESETS: dict[str, dict] = {
 
 
 # Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
-PRESET_EXTRAS = ("final_hop", "refine", "val_n")
+PRESET_EXTRAS = ("final_hop", "refine", "val_n", "boundary_fraction")
 
 
 def preset_values(name: str) -> dict:

@@ -107,10 +107,10 @@ def parser() -> Parser:
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
-    a("--boundary-fraction", type=float, default=d.boundary_fraction,
-      help=f"share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
-           f"the teacher's call at T and the student's T branch cost that share of the batch "
-           f"(default {d.boundary_fraction})")
+    a("--boundary-fraction", type=float,
+      help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
+           "the teacher's call at T and the student's T branch cost that share of the batch "
+           f"{preset_help('boundary_fraction')}")
     a("--solver-steps", type=int, default=d.solver_steps,
       help=f"K, teacher DDIM steps that make one bootstrap target from t to s; K > 1 lets a larger Δ keep "
            f"the teacher's step size (default {d.solver_steps}, the paper's single step)")
@@ -244,7 +244,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, boundary_fraction=args.boundary_fraction, solver_steps=args.solver_steps,
+        beta=args.beta, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,

@@ -48,6 +48,8 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--guidance-scale", "9"], "outside"),
     (["--target", "ema", "--ema", "0"], "--target ema needs --ema > 0"),
     (["--ema", "1"], "--ema must be in"),
+    (["--boundary-fraction", "0"], "--boundary-fraction must be in (0, 1]"),
+    (["--boundary-fraction", "1.5"], "--boundary-fraction must be in (0, 1]"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
     (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
