@@ -134,6 +134,15 @@ class ScaledNoise(nn.Module):
         return self.p * noise + self.q * (t.float() / self.T).view(-1, 1, 1, 1)
 
 
+def loss_case():
+    """Two scalar students and a batch of 4 (t from T to a final hop) for the closed-form loss tests."""
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn((4, 1, 2, 2), generator=gen)
+    cond, uncond = torch.randn((4, 4, 5), generator=gen), torch.randn((4, 4, 5), generator=gen)
+    t, w = torch.tensor([999, 400, 35, 12]), torch.tensor([1.0, 3.0, 2.0, 5.5])
+    return ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4), noise, cond, uncond, t, w
+
+
 @pytest.mark.parametrize("final_hop", [0, 40])
 @pytest.mark.parametrize("solver_steps", [1, 3])
 @pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
@@ -141,11 +150,7 @@ def test_boot_loss_matches_hand_computation(zero_snr, solver_steps, final_hop):
     sched = schedule_of(zero_snr)
     abar = ddim("sample", zero_snr).alphas_cumprod.double().numpy()
     teacher = TeacherX0(LinearX0UNet(), sched, "sample")
-    student, target = ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4)
-    gen = torch.Generator().manual_seed(2)
-    noise = torch.randn((4, 1, 2, 2), generator=gen)
-    cond, uncond = torch.randn((4, 4, 5), generator=gen), torch.randn((4, 4, 5), generator=gen)
-    t, w = torch.tensor([999, 400, 35, 12]), torch.tensor([1.0, 3.0, 2.0, 5.5])
+    student, target, noise, cond, uncond, t, w = loss_case()
     loss = BootLoss(delta_steps=20, beta=0.5, solver_steps=solver_steps, final_hop=final_hop)(
         student, target, teacher, noise, cond, uncond, w, t)
     ab = lambda u: (math.sqrt(abar[u]), math.sqrt(1 - abar[u]))  # noqa: E731  (α_u, σ_u)
@@ -185,11 +190,7 @@ def test_boundary_fraction_computes_the_boundary_on_the_first_samples_and_keeps_
             return super().forward(x, t, cond)
 
     teacher = TeacherX0(Counting(), sched, "sample")
-    student, target = ScaledNoise(0.3, 0.2), ScaledNoise(0.5, -0.4)
-    gen = torch.Generator().manual_seed(2)
-    noise = torch.randn((4, 1, 2, 2), generator=gen)
-    cond, uncond = torch.randn((4, 4, 5), generator=gen), torch.randn((4, 4, 5), generator=gen)
-    t, w = torch.tensor([999, 400, 35, 12]), torch.tensor([1.0, 3.0, 2.0, 5.5])
+    student, target, noise, cond, uncond, t, w = loss_case()
     full = BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise, cond, uncond, w, t)
     calls.clear()
     part = BootLoss(delta_steps=20, beta=0.5, boundary_fraction=fraction)(
