@@ -74,7 +74,9 @@ class BootLoss:
 
     With boundary_fraction f < 1, L_BC is computed on the first m = ceil(f·b) samples of the (randomly
     drawn) batch only and weighted b/m there, so the batch mean of the loss keeps its expectation while
-    the teacher's call at T and the student's T branch cost m rows instead of b.
+    the teacher's call at T and the student's T branch cost m rows instead of b. A caller holding a slice
+    of a larger batch passes those weights instead (`boundary`, per sample: 0 where L_BC is not computed;
+    boundary_weights gives them for a whole batch), so every process count picks the same samples.
     """
 
     delta_steps: int = 20  # Δ
@@ -92,7 +94,8 @@ class BootLoss:
     def __call__(self, student: Student, target: Student, teacher: TeacherX0, noise: torch.Tensor,
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                  t: torch.Tensor, pooled: torch.Tensor | None = None,
-                 uncond_pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 uncond_pooled: torch.Tensor | None = None,
+                 boundary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         sched = teacher.schedule
         # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
         # final hop; with F = 0 there is none, since t >= 1).
@@ -109,21 +112,29 @@ class BootLoss:
             g_s = student(noise, s, cond, w, *pooled_args(pooled))
             l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
             return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
-        # 2. Boundary target: the teacher at T on pure noise (on the first m samples).
-        m = min(len(t), max(1, math.ceil(self.boundary_fraction * len(t))))
+        # 2. Boundary target: the teacher at T on pure noise, on the samples whose L_BC weight is not 0.
+        weight = boundary_weights(len(t), self.boundary_fraction) if boundary is None else boundary
+        i = weight.nonzero().squeeze(1)
+        sub = lambda x: None if x is None else x[i]  # noqa: E731
         with torch.no_grad():
-            f_T = teacher(noise[:m], T[:m], cond[:m], None if uncond is None else uncond[:m], w[:m],
-                          *pooled_args(None if pooled is None else pooled[:m]),
-                          *pooled_args(None if uncond_pooled is None else uncond_pooled[:m]))
+            f_T = teacher(noise[i], T[i], cond[i], sub(uncond), w[i], *pooled_args(sub(pooled)),
+                          *pooled_args(sub(uncond_pooled))) if len(i) else None
         # 3. Online student at s and at T (one batched call); the only graph with gradients.
-        pred = student(torch.cat([noise, noise[:m]]), torch.cat([s, T[:m]]), torch.cat([cond, cond[:m]]),
-                       torch.cat([w, w[:m]]),
-                       *pooled_args(None if pooled is None else torch.cat([pooled, pooled[:m]])))
+        cat = lambda x: None if x is None else torch.cat([x, x[i]])  # noqa: E731
+        pred = student(cat(noise), torch.cat([s, T[i]]), cat(cond), cat(w), *pooled_args(cat(pooled)))
         g_s, g_T = pred[:len(t)], pred[len(t):]
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
         l_bc = torch.zeros_like(l_bs)
-        l_bc[:m] = (g_T - f_T).pow(2).mean(dims) * (len(t) / m)
+        if len(i):
+            l_bc[i] = (g_T - f_T).pow(2).mean(dims) * weight[i].to(l_bs.dtype)
         return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
+
+
+def boundary_weights(n: int, fraction: float) -> torch.Tensor:
+    """Per-sample weights of L_BC for a batch of n with BootLoss(boundary_fraction): n/m on the first
+    m = ceil(fraction·n) samples, 0 on the rest (all 1 at fraction 1)."""
+    m = min(n, max(1, math.ceil(fraction * n)))
+    return torch.cat([torch.full((m,), n / m), torch.zeros(n - m)])
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from boot.loss import boundary_weights
 from distill.config import RunConfig
 
 
@@ -19,6 +20,7 @@ class Batch:
     noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
     t: torch.Tensor  # (B,) long, uniform in [1, T] (with --final-hop: see draw_batch)
     w: torch.Tensor  # (B,) guidance scale
+    boundary: torch.Tensor  # (B,) weight of L_BC, 0 where it is not computed (boot.loss.boundary_weights)
 
     def shard(self, rank: int, world: int) -> Batch:
         """This rank's contiguous slice of the global batch."""
@@ -45,7 +47,7 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
         final = torch.rand(b, generator=gen) < cfg.final_fraction
         t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
         t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
-    return Batch(prompt, noise, t, w)
+    return Batch(prompt, noise, t, w, boundary_weights(b, cfg.boundary_fraction))
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:

@@ -194,7 +194,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     for step in bar:
         # 1. This rank's slice of the global batch of `step` (--refine: of the stored final hops).
         r = refine.rows(cfg, step, dist) if refine is not None else None
-        b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r]) if refine is not None else
+        b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r], torch.zeros(len(r)))
+             if refine is not None else
              draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
         cond = states(b.prompt)
         pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
@@ -205,7 +206,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
                      if refine is not None else
                      loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
-                             pooled_c, pooled_u))
+                             pooled_c, pooled_u, boundary=b.boundary.to(dev)))
         loss = terms["loss"].mean()
         # 2'. --dmd-weight: + λ·L_DM on the one-step image x̂ = g(ε, 0, c, w) (boot/dmd.py), t and n from the
         #     step's own stream of draws.

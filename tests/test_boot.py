@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from boot.loss import BootLoss, FinalHopRegression, bootstrap_target
+from boot.loss import BootLoss, FinalHopRegression, bootstrap_target, boundary_weights
 from boot.method import (
     TIME_COND_PROJ_DIM,
     NoiseSchedule,
@@ -200,6 +200,13 @@ def test_boundary_fraction_computes_the_boundary_on_the_first_samples_and_keeps_
     torch.testing.assert_close(part["boundary"][:m], full["boundary"][:m] * 4 / m)
     assert (part["boundary"][m:] == 0).all()
     torch.testing.assert_close(part["loss"], part["bootstrap"] + 0.5 * part["boundary"])
+    # A process holding half the batch with the whole batch's weights computes the same per-sample losses
+    # (the second half holds no boundary sample when m <= 2: no call at T there).
+    weights = boundary_weights(4, fraction)
+    halves = [BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise[j], cond[j], uncond[j], w[j], t[j],
+                                                 boundary=weights[j])
+              for j in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(torch.cat([h["loss"] for h in halves]), part["loss"])
     part["loss"].mean().backward()
     assert student.p.grad is not None and student.q.grad is not None
 
