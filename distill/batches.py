@@ -5,6 +5,7 @@ learning-rate schedule."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from distill.config import RunConfig
 class Batch:
     prompt: torch.Tensor  # (B,) index into the prompt list
     noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
-    t: torch.Tensor  # (B,) long, uniform in [1, T] (with --final-hop: see draw_batch)
+    t: torch.Tensor  # (B,) long in [1, T]: uniform, or ceil(T·u^γ) (--t-power), or see draw_batch (--final-hop)
     w: torch.Tensor  # (B,) guidance scale
     boundary: torch.Tensor  # (B,) weight of L_BC, 0 where it is not computed (boot.loss.boundary_weights)
 
@@ -41,7 +42,8 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
     b = cfg.batch_size
     prompt = torch.randint(0, n_prompts, (b,), generator=gen)
     noise = torch.randn((b, *latent_shape), generator=gen)
-    t = torch.randint(1, T + 1, (b,), generator=gen)
+    t = (torch.randint(1, T + 1, (b,), generator=gen) if cfg.t_power == 1 else
+         (T * torch.rand(b, generator=gen, dtype=torch.float64) ** cfg.t_power).ceil().long().clamp(1, T))
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
     if cfg.final_hop:  # final hops from (F - Δ, F] (their y_t trained by the hops from (F, F + Δ]), the rest (F, T]
         final = torch.rand(b, generator=gen) < cfg.final_fraction
@@ -51,5 +53,10 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    """Linear warmup over `warmup` steps, then constant, or a cosine from lr to 0 at step `steps`."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return cfg.lr
 

@@ -14,6 +14,9 @@ DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
 
 
+LR_SCHEDULES = ("constant", "cosine")  # the learning rate after the warmup (distill.batches.lr_at)
+
+
 N_SAMPLES = 8  # fixed prompts in the sample grid
 # Where a new "diffusers-guidance" student's condition projection learns (docs/ablations.md, "Which conditioning
 # lets plain diffusers run the student"): sinusoid = as a "sinusoid" student, written converted to the diffusers
@@ -42,9 +45,11 @@ class RunConfig:
     steps: int = 600
     batch_size: int = 24  # global batch, split across ranks
     lr: float = 2e-5
-    warmup: int = 50  # linear LR warmup steps, constant afterwards
+    warmup: int = 50  # linear LR warmup steps, then the lr_schedule
+    lr_schedule: str = "constant"  # after the warmup: "constant", or "cosine" down to 0 at the last step
     grad_clip: float = 1.0
     delta: int = 20  # Δ: s = max(t - Δ, 0)
+    t_power: float = 1.0  # t = ceil(T·u^γ), u ~ U(0, 1): γ = 1 is uniform, γ > 1 draws low t more often
     beta: float = 1.0  # β: weight of the boundary loss
     boundary_fraction: float = 1.0  # share of each batch whose boundary loss is computed (weighted 1/share)
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
@@ -120,7 +125,7 @@ PRESETS: dict[str, dict] = {
 
 
 # Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
-PRESET_EXTRAS = ("final_hop", "refine", "val_n", "boundary_fraction")
+PRESET_EXTRAS = ("final_hop", "refine", "val_n", "boundary_fraction", "lr_schedule", "t_power")
 
 
 def preset_values(name: str) -> dict:

@@ -96,8 +96,9 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
     # Fields newer than the checkpoint: what the code that wrote it did (condition_space: it trained the
     # diffusers form directly), else today's default.
     defaults = {**dataclasses.asdict(RunConfig()), **PREDATING}
+    free = set(BOOKKEEPING) - ({"steps"} if cfg.lr_schedule != "constant" else set())  # a cosine ends at --steps
     changed = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in BOOKKEEPING and stored.get(k, defaults[k]) != v]
+               if k not in free and stored.get(k, defaults[k]) != v]
     if changed:
         diff = ", ".join(f"{k} {stored.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume: {diff} differ from the checkpoint {last}; use the same flags or a new --work")

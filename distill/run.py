@@ -24,8 +24,9 @@ PSNR of its images against the teacher's 50-step DDIM images from the same noise
 prompts the judge's accuracy; --keep best (the default when validating) exports the best step by
 --select (psnr, the default, for any teacher; judge for the shapes world), not the last.
 
-Resuming with a larger --steps continues the same run: the learning rate is constant after warmup,
-so 600 steps + 400 resumed steps equal 1000 uninterrupted ones.
+Resuming with a larger --steps continues the same run where the learning rate is constant after warmup
+(--lr-schedule constant): 600 steps + 400 resumed steps equal 1000 uninterrupted ones. A cosine schedule
+depends on --steps, so its run resumes only with the same --steps.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from distill.config import (
     CONDITION_SPACES,
     DEFAULT_TEACHER,
     GRAMMAR,
+    LR_SCHEDULES,
     PRESETS,
     REFERENCE_STEPS,
     VAL_SEED0,
@@ -68,7 +70,8 @@ from distill.loop import train
 # --help lists the product's flags (those in no group); --help-all also these groups, the last of which holds
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
-    "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--grad-clip", "--delta", "--beta",
+    "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
+                        "--delta", "--t-power", "--beta",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--num-prompts", "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
@@ -103,9 +106,14 @@ def parser() -> Parser:
     a("--steps", type=int, help=f"optimizer steps {preset_help('steps')}")
     a("--batch-size", type=int, help=f"global batch, split across processes {preset_help('batch_size')}")
     a("--lr", type=float, help=f"AdamW learning rate {preset_help('lr')}")
-    a("--warmup", type=int, help=f"linear warmup steps, constant LR afterwards {preset_help('warmup')}")
+    a("--warmup", type=int, help=f"linear warmup steps, then --lr-schedule {preset_help('warmup')}")
+    a("--lr-schedule", choices=LR_SCHEDULES,
+      help="learning rate after the warmup: constant, or cosine from --lr down to 0 at --steps "
+           f"{preset_help('lr_schedule')}")
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
+    a("--t-power", type=float, help="γ: t = ceil(T·u^γ) with u uniform in (0, 1); 1 draws t uniformly, above 1 "
+      f"more of the hops near the image (P(t <= τ) = (τ/T)^(1/γ)); not with --final-hop {preset_help('t_power')}")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
@@ -276,6 +284,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),
         (cfg.beta >= 0, "--beta must be >= 0"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
+        (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
+        (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),
         (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),

@@ -237,6 +237,28 @@ def test_global_batch_is_sharded_not_redrawn():
     assert full.t.min() >= 1 and full.t.max() <= 999 and full.w.min() >= 1.0 and full.w.max() <= 6.0
 
 
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step():
+    cfg = config.RunConfig(lr=1e-4, warmup=10, steps=110, lr_schedule="cosine")
+    lrs = [batches.lr_at(cfg, step) for step in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([1e-4 * (k + 1) / 10 for k in range(10)])
+    assert lrs[10] == pytest.approx(1e-4) and lrs[60] == pytest.approx(0.5e-4)  # halfway through the cosine
+    assert lrs[-1] == pytest.approx(1e-4 * 0.5 * (1 + np.cos(np.pi * 99 / 100))) and lrs[-1] < 1e-7
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    flat = config.RunConfig(lr=1e-4, warmup=10, steps=110)
+    assert [batches.lr_at(flat, step) for step in range(10, 110)] == [1e-4] * 100
+
+
+def test_t_power_draws_the_hops_near_the_image_more_often():
+    """--t-power γ: t = ceil(T·u^γ), so P(t <= τ) = (τ/T)^(1/γ); prompts and noise are drawn as without it."""
+    plain = batches.draw_batch(config.RunConfig(batch_size=20000, seed=3), 4, 10, (1, 1, 1), 1000)
+    b = batches.draw_batch(config.RunConfig(batch_size=20000, seed=3, t_power=2.0), 4, 10, (1, 1, 1), 1000)
+    assert b.t.dtype == torch.long and b.t.min() >= 1 and b.t.max() <= 1000
+    for tau in (20, 100, 500):
+        assert (b.t <= tau).float().mean().item() == pytest.approx((tau / 1000) ** 0.5, abs=0.012)
+        assert (plain.t <= tau).float().mean().item() == pytest.approx(tau / 1000, abs=0.012)
+    assert torch.equal(b.noise, plain.noise) and torch.equal(b.prompt, plain.prompt)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="torch 2.13 CPU inductor: compiled student gradients differ from eager by ~47% "

@@ -50,6 +50,9 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--ema", "1"], "--ema must be in"),
     (["--boundary-fraction", "0"], "--boundary-fraction must be in (0, 1]"),
     (["--boundary-fraction", "1.5"], "--boundary-fraction must be in (0, 1]"),
+    (["--t-power", "0.5"], "--t-power must be in [1, 4]"),
+    (["--t-power", "2", "--final-hop", "100"], "--t-power needs --final-hop 0"),
+    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
     (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
@@ -71,6 +74,28 @@ def test_resume_refuses_a_changed_recipe(baseline, setup, tmp_path, capsys):
     argv[argv.index("--delta") + 1] = "50"
     err = _error(argv, capsys)
     assert "delta 100 -> 50" in err
+
+
+def test_a_cosine_run_resumes_only_with_its_steps(baseline, setup, tmp_path, capsys):
+    """A constant learning rate lets --steps grow on resume; a cosine schedule ends at --steps, so a resume
+    that changes it is refused before any weight loads."""
+    root, teacher, prompts = setup
+    import shutil
+
+    shutil.copytree(baseline[0] / "work", tmp_path / "work")
+    for meta_path in (tmp_path / "work" / "checkpoints").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["meta"]["config"]["lr_schedule"] = "cosine"
+        meta_path.write_text(json.dumps(meta))
+    argv = _cli(root, teacher, prompts, "x", ["--resume", "--lr-schedule", "cosine"])
+    argv[argv.index("--work") + 1] = str(tmp_path / "work")
+    steps = argv[argv.index("--steps") + 1]
+    argv[argv.index("--steps") + 1] = str(int(steps) + 3)
+    err = _error(argv, capsys)
+    assert f"steps {steps} -> {int(steps) + 3} differ from the checkpoint" in err
+    at = argv.index("--lr-schedule")
+    err = _error(argv[:at] + argv[at + 2:], capsys)  # a constant resume of a cosine run: refused for the schedule
+    assert "lr_schedule 'cosine' -> 'constant'" in err
 
 
 def test_a_checkpoint_predating_the_condition_space_resumes_as_the_diffusers_form(baseline, setup, tmp_path, capsys):
