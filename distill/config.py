@@ -64,6 +64,9 @@ class RunConfig:
     guidance_min: float = 1.0
     guidance_max: float = 6.0
     guidance_scale: float | None = None  # recommended w; None: the teacher's
+    # At the end of the run the recommended w is chosen by --select among w + each offset (clamped into the trained
+    # range), on the validation prompts; () keeps w.
+    guidance_offsets: tuple[float, ...] = ()
     ema: float = 0.99  # EMA decay; 0 disables EMA (the student is the online network)
     target: str = "online"  # network giving the stop-gradient bootstrap target ŷ_t
     seed: int = 0
@@ -97,7 +100,8 @@ class RunConfig:
 
 # Flags left out of the resume check: they do not change the weights of step k.
 BOOKKEEPING = ("steps", "preset", "checkpoint_every", "sample_every", "eval_n", "gradient_checkpointing", "compile",
-               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select")
+               "max_minutes", "val_every", "val_n", "keep", "ema_device", "refine_chunk", "memory_budget", "select",
+               "guidance_offsets")
 
 
 PRESETS: dict[str, dict] = {
@@ -125,7 +129,7 @@ PRESETS: dict[str, dict] = {
 
 
 # Keys only some presets set; elsewhere their RunConfig defaults (and flags) apply.
-PRESET_EXTRAS = ("final_hop", "refine", "val_n", "boundary_fraction", "lr_schedule", "t_power")
+PRESET_EXTRAS = ("final_hop", "refine", "val_n", "boundary_fraction", "lr_schedule", "t_power", "guidance_offsets")
 
 
 def preset_values(name: str) -> dict:

@@ -34,8 +34,10 @@ from distill.monitor import (
     Samples,
     Validation,
     append_jsonl,
+    choose_guidance,
     evaluate_student,
     final_losses,
+    guidance_candidates,
     make_pipeline,
     plot_loss,
     sample_prompt_list,
@@ -262,7 +264,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             break
     bar.close()
     if dist.main:
-        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0, val)
+        finish(cfg, teacher, exported, prompts_info, samples, done, w_rec, dist, out, work, time.time() - t0, prompts,
+               val)
     return out
 
 
@@ -286,7 +289,7 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, unet: torch.nn.Module, lr: f
 
 
 def finish(cfg: RunConfig, teacher: Teacher, exported: Student, prompts_info: dict, samples: Samples | None,
-           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float,
+           done: int, w_rec: float, dist: Dist, out: Path, work: Path, wall: float, prompts: list[str],
            val: Validation | None = None) -> None:
     """Rank 0 after training: last sample grid, student folder, losses and evaluation summary, all of the student
     as the folder holds it (saved_form)."""
@@ -306,7 +309,14 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: Student, prompts_info: di
                   f"last step {done}: {val.describe(val.records[-1])})")
     exported.to(dist.device)  # an EMA kept on the CPU renders on the training device from here on
     saved = saved_form(exported, cfg)  # the validation scored this same form of the kept step's weights
+    w_teacher = w_rec  # the guidance of every teacher reference of the run
+    if cfg.guidance_offsets:
+        w_rec, extra["guidance_selection"] = choose_guidance(cfg, teacher, make_pipeline(teacher, saved.student, cfg,
+                                                                                         w_rec), w_rec, work, prompts)
+        print(f"recommended guidance by {cfg.select}: w = {w_rec:g} (of {guidance_candidates(cfg, w_teacher)})")
     pipe = make_pipeline(teacher, saved.student, cfg, w_rec)
+    if samples is not None:
+        samples.w = w_rec  # the last grid at the recommended guidance, beside the teacher's at its own
     psnr = samples.save(pipe, steps) if samples is not None else None
     losses = final_losses(log_path)
     meta = student_meta(cfg, teacher, prompts_info, steps, w_rec, {
@@ -321,7 +331,7 @@ def finish(cfg: RunConfig, teacher: Teacher, exported: Student, prompts_info: di
         print(f"sample grid PSNR vs teacher-{config.REFERENCE_STEPS} ({len(samples.prompts)} images): {psnr:.2f} dB "
               f"-> {work / 'samples.png'}")
     if cfg.prompts == GRAMMAR and cfg.eval_n:
-        summary = evaluate_student(cfg, teacher, pipe, w_rec, work)
+        summary = evaluate_student(cfg, teacher, pipe, w_rec, work, teacher_w=w_teacher)
         update_student_meta(out, evaluation=summary)
         print(f"student-1 accuracy {100 * summary['student_accuracy']:.1f}% vs teacher-{config.REFERENCE_STEPS} "
               f"{100 * summary[f'teacher{config.REFERENCE_STEPS}_accuracy']:.1f}%, PSNR vs teacher "

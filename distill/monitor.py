@@ -85,6 +85,43 @@ class Samples:
         os.replace(tmp, path)
 
 
+def validation_set(cfg: RunConfig, prompts: list[str]) -> tuple[list[str], list[int]]:
+    """The validation's --val-n prompts and noise seeds: eval-split captions of their own draw (seed + 1) for
+    grammar runs, prompts of the file otherwise; never the --eval-n report's."""
+    from distill import selection
+    from shapes_world import world
+
+    captions = (world.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
+                else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
+    return captions, [VAL_SEED0 + i for i in range(cfg.val_n)]
+
+
+def guidance_candidates(cfg: RunConfig, w: float) -> list[float]:
+    """w + each of --guidance-offsets, clamped into the trained range, distinct, in order."""
+    return sorted({min(max(w + o, cfg.guidance_min), cfg.guidance_max) for o in cfg.guidance_offsets})
+
+
+def choose_guidance(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path,
+                    prompts: list[str]) -> tuple[float, dict]:
+    """The recommended guidance among guidance_candidates(cfg, w) by the --select rule on the validation prompts
+    and noise: PSNR against the teacher's 50-step images at w (the validation's cached reference), or the judge's
+    accuracy. Returns the chosen w and boot.json's guidance_selection record."""
+    from distill import selection
+
+    captions, seeds = validation_set(cfg, prompts)
+    reference = (selection.TeacherReference(teacher.folder, config.REFERENCE_STEPS, work / "val_teacher.safetensors"
+                                            ).images(captions, seeds, w) if cfg.select == "psnr" else None)
+    rows = selection.guidance_table(pipe, reference, captions, seeds, guidance_candidates(cfg, w),
+                                    judged=cfg.prompts == GRAMMAR)
+    best = selection.pick(rows, cfg.select)
+    key = selection.METRIC[cfg.select]
+    return best["guidance_scale"], {
+        "rule": cfg.select, "metric": key, "value": best[key], "teacher_steps": config.REFERENCE_STEPS,
+        "teacher_guidance_scale": w, "n": len(captions), "noise_seeds": f"{VAL_SEED0} + i",
+        "prompts": {"split": "eval", "seed": cfg.seed + 1} if cfg.prompts == GRAMMAR else cfg.prompts,
+        "scales": rows}
+
+
 class Validation:
     """Periodic validation of the exported student on fixed prompts and noise seeds (val.jsonl,
     val.png), keeping the weights of the best step by the --select rule in `work/best/` for
@@ -97,11 +134,8 @@ class Validation:
 
     def __init__(self, cfg: RunConfig, w: float, work: Path, start: int, teacher: Path, prompts: list[str]):
         from distill import selection
-        from shapes_world import world
 
-        self.captions = (world.sample_captions(cfg.val_n, cfg.seed + 1, "eval") if cfg.prompts == GRAMMAR
-                         else selection.validation_prompts(prompts, cfg.val_n, cfg.seed + 1))
-        self.seeds = [VAL_SEED0 + i for i in range(cfg.val_n)]
+        self.captions, self.seeds = validation_set(cfg, prompts)
         self.judged = cfg.prompts == GRAMMAR
         self.rule, self.key = cfg.select, selection.METRIC[cfg.select]
         self.w, self.work, self.log, self.best_dir = w, work, work / "val.jsonl", work / "best"
@@ -181,22 +215,27 @@ class Validation:
         plt.close(fig)
 
 
-def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path) -> dict:
-    """Judge accuracy of student-1 and teacher-50 on held-out grammar captions (same noise)."""
+def evaluate_student(cfg: RunConfig, teacher: Teacher, pipe, w: float, work: Path,
+                     teacher_w: float | None = None) -> dict:
+    """Judge accuracy of student-1 at w and teacher-50 at teacher_w (default w) on held-out grammar captions
+    (same noise)."""
     from distill import evaluate
     from shapes_world import world
 
+    teacher_w = w if teacher_w is None else teacher_w
     captions = world.sample_captions(cfg.eval_n, cfg.seed, "eval")
     seeds = [SAMPLE_SEED0 + i for i in range(cfg.eval_n)]
-    ref = evaluate.TeacherSampler(teacher.folder, config.REFERENCE_STEPS, w,
+    ref = evaluate.TeacherSampler(teacher.folder, config.REFERENCE_STEPS, teacher_w,
                                   parts=(teacher.text, teacher.unet, teacher.vae))
-    t_res, t_images = evaluate.evaluate(ref, captions, seeds, w)
+    t_res, t_images = evaluate.evaluate(ref, captions, seeds, teacher_w)
     s_res, s_images = evaluate.evaluate(pipe, captions, seeds, w, reference=t_images)
-    title = f"BOOT student vs teacher, {cfg.eval_n} eval-split captions, guidance {w}"
+    title = f"BOOT student vs teacher, {cfg.eval_n} eval-split captions, guidance {w:g}" + (
+        f" (teacher {teacher_w:g})" if teacher_w != w else "")
     evaluate.write_report([s_res, t_res], {s_res.name: s_images, t_res.name: t_images}, captions,
                           work / "eval", title)
     print(evaluate.markdown([s_res, t_res], title))
-    return {"captions": cfg.eval_n, "guidance_scale": w, "student_accuracy": s_res.accuracy,
+    return {"captions": cfg.eval_n, "guidance_scale": w, "teacher_guidance_scale": teacher_w,
+            "student_accuracy": s_res.accuracy,
             f"teacher{config.REFERENCE_STEPS}_accuracy": t_res.accuracy,
             "psnr_vs_teacher": s_res.psnr_vs_reference, "report": str(work / "eval" / "report.md")}
 

@@ -73,7 +73,8 @@ FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
                         "--delta", "--t-power", "--beta",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
-                        "--guidance-max", "--guidance-scale", "--num-prompts", "--compact"),
+                        "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
+                        "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
                                                                   "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
@@ -84,6 +85,16 @@ FLAG_GROUPS = {
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
                                       "--conditioning", "--guidance-band", "--condition-space", "--target"),
 }
+
+
+def _offsets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(-16 <= v <= 16 for v in values):
+        raise argparse.ArgumentTypeError(f"offsets must lie in [-16, 16], got {text!r}")
+    return values
 
 
 def parser() -> Parser:
@@ -164,6 +175,11 @@ def parser() -> Parser:
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
       help="recommended guidance stored in boot.json, used for samples and evaluation (default: the teacher's)")
+    a("--guidance-offsets", type=_offsets, metavar="O1,O2,...",
+      help="at the end, choose the recommended guidance among w + each offset (w: --guidance-scale or the "
+           "teacher's; clamped into the trained range) by the --select rule on the validation prompts, so the "
+           "evaluation, samples and boot.json use it; the teacher's references stay at w; 0 alone keeps w "
+           f"{preset_help('guidance_offsets')}")
     a("--ema", type=float, help=f"EMA decay of the exported weights, 0 = no EMA {preset_help('ema')}")
     a("--target", choices=["online", "ema"], default=d.target,
       help=f"network giving the stop-gradient bootstrap target ŷ_t (default {d.target})")

@@ -132,19 +132,21 @@ def pick(records: list[dict], rule: str) -> dict | None:
 # --------------------------------------------------------------------------------------------
 # The recommended guidance
 # --------------------------------------------------------------------------------------------
-def guidance_table(student, reference: list[Image.Image], prompts: list[str], seeds: list[int],
+def guidance_table(student, reference: list[Image.Image] | None, prompts: list[str], seeds: list[int],
                    scales: list[float], judged: bool, batch: int = 64) -> list[dict]:
-    """One record per w: the student's PSNR against the reference images (and the judge's accuracy)."""
+    """One record per w: the student's PSNR against the reference images (None without them) and, `judged`,
+    the judge's accuracy."""
     rows = []
     for w in scales:
         images = [im for lo in range(0, len(prompts), batch)
                   for im in student(prompts[lo:lo + batch], seeds[lo:lo + batch], w)]
-        row = {"guidance_scale": w, METRIC["psnr"]: mean_psnr(images, reference)}
+        row = {"guidance_scale": w, METRIC["psnr"]: mean_psnr(images, reference) if reference is not None else None}
         if judged:
             row.update(judge_scores(prompts, images))
         rows.append(row)
-        print(f"w = {w:g}: PSNR vs teacher {row[METRIC['psnr']]:.2f} dB"
-              + (f", judge accuracy {100 * row['accuracy']:.1f}%" if judged else ""), flush=True)
+        print(f"w = {w:g}: " + ", ".join(
+            ([f"PSNR vs teacher {row[METRIC['psnr']]:.2f} dB"] if reference is not None else [])
+            + ([f"judge accuracy {100 * row['accuracy']:.1f}%"] if judged else [])), flush=True)
     return rows
 
 

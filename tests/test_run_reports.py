@@ -64,11 +64,13 @@ def _in_process(argv) -> str:
     return buf.getvalue()
 
 
-def _fresh_evaluation(student: Path, teacher: Path, w: float, out: Path, subprocess_: bool = True) -> dict:
-    """`python -m distill.evaluate` of the written folder on the run's captions, seeds and guidance (in this
-    process with `subprocess_` False: the same command, its imports already paid)."""
+def _fresh_evaluation(student: Path, teacher: Path, w: float | None, out: Path, subprocess_: bool = True) -> dict:
+    """`python -m distill.evaluate` of the written folder on the run's captions, seeds and guidance (w None: each
+    model at its own recommended one) (in this process with `subprocess_` False: the same command, its imports
+    already paid)."""
     argv = ["--student", str(student), "--teacher", str(teacher), "--steps", str(config.REFERENCE_STEPS),
-            "--n", str(EVAL_N), "--seed", str(SEED), "--guidance", str(w), "--out", str(out)]
+            "--n", str(EVAL_N), "--seed", str(SEED), *(["--guidance", str(w)] if w is not None else []),
+            "--out", str(out)]
     if subprocess_:
         proc = subprocess.run([sys.executable, "-m", "distill.evaluate", *argv], cwd=ROOT, env=ENV,
                               capture_output=True, text=True)
@@ -163,6 +165,44 @@ def test_every_form_reports_what_its_folder_does(teacher, tmp_path, monkeypatch,
                            "--sample-every", "0", *FORMS[form]])
     w = json.loads((out / "boot.json").read_text())["guidance_scale"]
     _check_reports(teacher, out, work, printed, _fresh_evaluation(out, teacher, w, tmp_path / "fresh", False))
+
+
+def test_the_recommended_guidance_chosen_at_the_end_is_what_the_folder_and_its_report_use(teacher, tmp_path,
+                                                                                             monkeypatch):
+    """--guidance-offsets: the judge passes only the validation images at the last candidate w, so the run
+    recommends it (boot.json guidance_scale and guidance_selection), evaluates the student there and the teacher
+    at its own guidance, and a fresh `distill.evaluate` of the folder (each model at its own guidance) gives the
+    same report."""
+    from boot.samplers import TeacherSampler
+
+    calls = {"n": 0}
+
+    def judge(caption, image):  # validation at steps 0, 2, 4, then the candidates w - 0.5, w, w + 0.5
+        calls["n"] += 1
+        return calls["n"] > 5 * VAL_N
+
+    monkeypatch.setattr("shapes_world.judge.judge", judge)
+    out, work = tmp_path / "student", tmp_path / "work"
+    printed = _in_process(["--teacher", str(teacher), "--out", str(out), "--work", str(work), *FLAGS,
+                           "--keep", "last", "--sample-every", "0", "--guidance-offsets=-0.5,0,0.5"])
+    assert calls["n"] == 6 * VAL_N
+    meta = json.loads((out / "boot.json").read_text())
+    w_teacher = TeacherSampler(teacher, 1).default_guidance
+    assert 1.5 <= w_teacher <= 4.5  # inside the trained range [1, 5] with both neighbours
+    chosen = meta["guidance_selection"]
+    assert [r["guidance_scale"] for r in chosen["scales"]] == [w_teacher - 0.5, w_teacher, w_teacher + 0.5]
+    assert [r["accuracy"] for r in chosen["scales"]] == [0.0, 0.0, 1.0] and chosen["rule"] == "judge"
+    assert meta["guidance_scale"] == w_teacher + 0.5 and chosen["value"] == 1.0
+    assert chosen["teacher_guidance_scale"] == w_teacher and chosen["prompts"] == {"split": "eval", "seed": SEED + 1}
+    assert f"recommended guidance by judge: w = {w_teacher + 0.5:g}" in printed
+    ev = meta["evaluation"]
+    assert ev["guidance_scale"] == w_teacher + 0.5 and ev["teacher_guidance_scale"] == w_teacher
+    fresh = _fresh_evaluation(out, teacher, None, tmp_path / "fresh", False)
+    student, teacher50 = fresh["student-1"], fresh[f"teacher-{config.REFERENCE_STEPS}"]
+    assert ev["student_accuracy"] == student["accuracy"] and ev["psnr_vs_teacher"] == student["psnr_vs_reference"]
+    assert ev[f"teacher{config.REFERENCE_STEPS}_accuracy"] == teacher50["accuracy"]
+    ours = {r["name"]: r for r in json.loads((work / "eval" / "report.json").read_text())["results"]}
+    assert ours["student-1"]["correct"] == student["correct"]
 
 
 # --------------------------------------------------------------------------------------------
