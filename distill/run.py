@@ -319,6 +319,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.keep == "last" or cfg.val_every > 0, "--keep best needs --val-every > 0"),
         (cfg.val_every == 0 or cfg.prompts == GRAMMAR or cfg.select != "judge",
          "--select judge judges grammar captions; it needs the shapes grammar prompts (no --prompts)"),
+        (not cfg.guidance_offsets or cfg.prompts == GRAMMAR or cfg.select != "judge",
+         "--guidance-offsets with --select judge judges grammar captions; it needs the shapes grammar prompts (no "
+         "--prompts)"),
         (cfg.dmd_weight >= 0, "--dmd-weight must be >= 0"),
         (cfg.dmd_fake_updates >= 1, "--dmd-fake-updates must be >= 1"),
         (cfg.dmd_fake_lr > 0, "--dmd-fake-lr must be > 0"),

@@ -118,6 +118,13 @@ def test_a_checkpoint_predating_the_condition_space_resumes_as_the_diffusers_for
     assert "resumed" in _in_process(argv)
 
 
+def test_a_guidance_choice_by_the_judge_needs_grammar_prompts(tiny_teacher, capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    err = _error(["--teacher", str(tiny_teacher), "--prompts", str(tmp_path / "p.txt"), "--work", str(tmp_path),
+                  "--guidance-offsets", "0,0.5", "--select", "judge"], capsys)
+    assert "--guidance-offsets with --select judge judges grammar captions" in err
+
+
 def test_compile_is_refused_on_the_cpu(tiny_teacher, capsys, tmp_path):
     err = _error(["--teacher", str(tiny_teacher), "--num-prompts", "4", "--work", str(tmp_path), "--compile",
                   "--device", "cpu"], capsys)
