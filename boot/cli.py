@@ -66,3 +66,25 @@ class Parser(argparse.ArgumentParser):
 def flags(parser: argparse.ArgumentParser) -> set[str]:
     """Every option string the parser accepts (for checks that --help-all lists them all)."""
     return {s for a in parser._actions for s in a.option_strings}
+
+
+def number_list(kind: type = float, low: float | None = None, high: float | None = None, unique: bool = False):
+    """An argparse type for "V1,V2,...": a list of at least one `kind` (blank items skipped), each in
+    [low, high] where given; `unique` sorts them and drops repeats. Every error names the text it got."""
+    what = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of the comma-separated {what}, got {text!r}")
+        if (low is not None and min(values) < low) or (high is not None and max(values) > high):
+            bounds = f"[{low}, {high}]" if low is not None and high is not None else (
+                f">= {low}" if low is not None else f"<= {high}")
+            raise argparse.ArgumentTypeError(f"every value must be {'in ' if '[' in bounds else ''}{bounds}, "
+                                             f"got {text!r}")
+        return sorted(set(values)) if unique else values
+
+    return parse

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from boot.cli import Parser
+from boot.cli import Parser, number_list
 from boot.contract import seed_noise_tensor as seed_noise  # noqa: F401  (evaluation's name for it)
 from boot.contract import to_uint8  # noqa: F401
 from boot.samplers import TeacherSampler  # noqa: F401  (re-exported)
@@ -210,13 +210,6 @@ def _plot_sweep(rows: dict[str, list[dict]], path: Path, n: int) -> None:
     plt.close(fig)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def parser() -> Parser:
     summary, details = __doc__.split("\n\nEvery generator", 1)
     p = Parser(prog="python -m distill.evaluate", description=summary, details="Every generator" + details,
@@ -241,7 +234,7 @@ def parser() -> Parser:
     expert.add_argument("--reference-steps", type=int, default=50,
                    help="teacher steps whose images are the PSNR reference (default 50; 0 = none)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default runs/eval)")
-    p.add_argument("--guidance-sweep", type=_floats, default=None, metavar="W1,W2,...",
+    p.add_argument("--guidance-sweep", type=number_list(), default=None, metavar="W1,W2,...",
                    help="instead of the step comparison: accuracy of the student (if given) and of the teacher "
                         "at --sweep-steps over these guidance scales -> guidance.{json,md,png}")
     expert.add_argument("--sweep-steps", type=int, default=50, help="teacher DDIM steps in the sweep (default 50)")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from boot.cli import Parser
+from boot.cli import Parser, number_list
 from boot.compact import RULES as COMPACT_RULES
 from boot.folders import check_model_folder
 from boot.method import (
@@ -85,16 +85,6 @@ FLAG_GROUPS = {
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
                                       "--conditioning", "--guidance-band", "--condition-space", "--target"),
 }
-
-
-def _offsets(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(-16 <= v <= 16 for v in values):
-        raise argparse.ArgumentTypeError(f"offsets must lie in [-16, 16], got {text!r}")
-    return values
 
 
 def parser() -> Parser:
@@ -175,7 +165,7 @@ def parser() -> Parser:
     a("--guidance-max", type=float, default=d.guidance_max, help=f"highest w trained (default {d.guidance_max})")
     a("--guidance-scale", type=float, default=None,
       help="recommended guidance stored in boot.json, used for samples and evaluation (default: the teacher's)")
-    a("--guidance-offsets", type=_offsets, metavar="O1,O2,...",
+    a("--guidance-offsets", type=number_list(float, -16, 16), metavar="O1,O2,...",
       help="at the end, choose the recommended guidance among w + each offset (w: --guidance-scale or the "
            "teacher's; clamped into the trained range) by the --select rule on the validation prompts, so the "
            "evaluation, samples and boot.json use it; the teacher's references stay at w; 0 alone keeps w "
@@ -282,6 +272,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         dmd_weight=args.dmd_weight, dmd_fake_updates=args.dmd_fake_updates, dmd_fake_lr=args.dmd_fake_lr,
         dmd_t_min=args.dmd_t_range[0], dmd_t_max=args.dmd_t_range[1], dmd_start=args.dmd_start,
     )
+    cfg.guidance_offsets = tuple(cfg.guidance_offsets)
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from boot.cli import number_list
+
 RULES = ("psnr", "judge")
 METRIC = {"psnr": "psnr_vs_teacher", "judge": "accuracy"}  # the record key each rule maximises
 PSNR_CAP = 99.0  # dB given to an image equal to its reference (PSNR is infinite there)
@@ -150,16 +152,6 @@ def guidance_table(student, reference: list[Image.Image] | None, prompts: list[s
     return rows
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
 def main(argv: list[str] | None = None) -> dict:
     from boot.folders import STUDENT_META, read_meta
     from distill import config, loading, student_folder
@@ -171,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student", type=Path, required=True, help="student folder (boot.json, unet/, ...)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="teacher folder (default: the one the student's boot.json names)")
-    p.add_argument("--guidance", type=_floats, required=True, metavar="W1,W2,...", help="guidance scales to score")
+    p.add_argument("--guidance", type=number_list(), required=True, metavar="W1,W2,...",
+                   help="guidance scales to score")
     p.add_argument("--prompts", type=Path, default=None,
                    help="UTF-8 file, one prompt per line (default: --n captions of the shapes grammar's --split)")
     p.add_argument("--split", choices=world.SPLITS, default="eval", help="grammar split (default eval)")

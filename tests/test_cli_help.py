@@ -58,3 +58,33 @@ def test_distil_help_shows_the_product_flags_and_hides_the_expert_ones(capsys, m
     assert not {"--dmd-weight", "--lora-rank", "--parameterization", "--solver-steps"} & shown
     for title in run.FLAG_GROUPS:  # each group's title, in the footer or as a section of --help-all
         assert title.split(" (")[0] in " ".join(short.split())
+
+
+@pytest.mark.parametrize("command,flag,bad,message", [
+    ("distill.run", "--guidance-offsets", "0.5,x", "expected comma-separated numbers, got '0.5,x'"),
+    ("distill.run", "--guidance-offsets=-20,0", None, "every value must be in [-16, 16], got '-20,0'"),
+    ("distill.selection", "--guidance", " , ", "expected at least one of the comma-separated numbers, got ' , '"),
+    ("distill.evaluate", "--guidance-sweep", "", "expected at least one of the comma-separated numbers, got ''"),
+    ("boot_serve.bench", "--concurrency", "1,0", "every value must be >= 1, got '1,0'"),
+    ("boot_serve.bench.inprocess", "--batches", "2.5", "expected comma-separated integers, got '2.5'"),
+])
+def test_every_list_flag_refuses_a_bad_list_with_one_line_naming_it(command, flag, bad, message, capsys):
+    """The commands' comma-separated flags share one parser (boot.cli.number_list): a bad list exits 2
+    before anything loads, naming the flag and the text it got."""
+    module = importlib.import_module(command)
+    argv = [flag] if bad is None else [flag, bad]
+    parse = (module.parser().parse_args if hasattr(module, "parser")
+             else getattr(module, "parse_args", getattr(module, "main", None)))
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag.split("=")[0] in err and message in err
+
+
+def test_a_list_flag_parses_blanks_repeats_and_bounds_as_documented():
+    from boot.cli import number_list
+
+    assert number_list(float, -16, 16)("-0.5, 0,,0.5") == [-0.5, 0.0, 0.5]
+    assert number_list(int, 1, unique=True)("8,1,1,4") == [1, 4, 8]
+    assert number_list(float, 1, 6)("1,6") == [1.0, 6.0]

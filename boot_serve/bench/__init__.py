@@ -57,7 +57,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from boot.cli import Parser
+from boot.cli import Parser, number_list
 from boot_serve import access
 from boot_serve.access import new_key
 from boot_serve.bench.loadgen import FIRST_SEED, PROMPT_OFFSET, BenchError
@@ -75,16 +75,6 @@ from boot_serve.bench.measure import (
 )
 from boot_serve.bench.report import headlines, markdown, plot, ranking
 from boot_serve.bench.servers import started_servers
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or levels[0] < 1:
-        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
-    return levels
 
 
 def _variants(text: str) -> list[str]:
@@ -125,7 +115,7 @@ def parser() -> Parser:
                         help="start one tritonserver per repository variant on --repository and measure them side "
                              "by side, e.g. cpu-onehop,cpu-ensemble")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http", help="Triton protocol (default http)")
-    p.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8],
+    p.add_argument("--concurrency", type=number_list(int, 1, unique=True), default=[1, 2, 4, 8],
                    help="concurrency levels, comma-separated (default 1,2,4,8)")
     p.add_argument("--requests", type=_positive(int), default=64,
                    help="measured requests per level and per in-process pipeline (default 64)")

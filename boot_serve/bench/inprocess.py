@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from boot.cli import number_list
 from boot_serve.bench.machine import hardware, load_average, versions
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -349,16 +350,6 @@ def plot(report: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _batches(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m boot_serve.bench --in-process", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", type=Path, default=None, help="the student's teacher folder, for the ratio")
     p.add_argument("--sd15", action="store_true", help="also an SD-1.5-architecture student at 512x512, random weights")
     p.add_argument("--sd15-tiny", action="store_true", help="the same with small networks (smoke runs)")
-    p.add_argument("--batches", type=_batches, default=[1, 4, 16, 64], help="batch sizes (default 1,4,16,64)")
+    p.add_argument("--batches", type=number_list(int, 1, unique=True), default=[1, 4, 16, 64],
+                   help="batch sizes (default 1,4,16,64)")
     p.add_argument("--requests", type=int, default=50, help="timed calls per row (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before each row (default 5)")
     p.add_argument("--teacher-requests", type=int, default=5, help="timed teacher samples (default 5)")
