@@ -81,10 +81,9 @@ def number_list(kind: type = float, low: float | None = None, high: float | None
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one of the comma-separated {what}, got {text!r}")
         if (low is not None and min(values) < low) or (high is not None and max(values) > high):
-            bounds = f"[{low}, {high}]" if low is not None and high is not None else (
-                f">= {low}" if low is not None else f"<= {high}")
-            raise argparse.ArgumentTypeError(f"every value must be {'in ' if '[' in bounds else ''}{bounds}, "
-                                             f"got {text!r}")
+            rule = (f"in [{low}, {high}]" if low is not None and high is not None
+                    else f">= {low}" if low is not None else f"<= {high}")
+            raise argparse.ArgumentTypeError(f"every value must be {rule}, got {text!r}")
         return sorted(set(values)) if unique else values
 
     return parse
