@@ -87,3 +87,11 @@ def number_list(kind: type = float, low: float | None = None, high: float | None
         return sorted(set(values)) if unique else values
 
     return parse
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """An argparse type for "A,B,...": at least one non-blank name, blanks around each stripped."""
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one comma-separated name, got {text!r}")
+    return names

@@ -76,6 +76,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     compact: str | None = None  # a block-removal rule for a student smaller than the teacher (boot.compact.RULES)
     lora_rank: int = 0  # R > 0: LoRA adapters of rank R + the condition projection train, the rest is frozen
+    freeze: tuple[str, ...] = ()  # UNet parameters whose names contain one of these stay at their starting values
     text_states: str = "fp32"  # text states cached in fp32, fp16, or encoded per batch ("on-the-fly")
     ema_device: str = "same"  # where the EMA copy lives: the training device, or "cpu"
     refine_chunk: int = 0  # --refine targets per chunk (0: from the memory budget on a GPU, 64 on the CPU)

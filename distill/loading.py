@@ -208,6 +208,23 @@ def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | No
     return Student(unet.train(), schedule, teacher.prediction_type, parameterization, teacher.time_ids)
 
 
+def freeze_parameters(unet: torch.nn.Module, patterns: tuple[str, ...]) -> int:
+    """Keep every trainable UNet parameter whose name contains one of `patterns` at its starting value
+    (requires_grad off, so the optimizer never sees it); the number of weights frozen. A pattern that names no
+    trainable parameter is refused with the names it could have meant."""
+    trainable = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    for pattern in patterns:
+        if not any(pattern in name for name, _ in trainable):
+            example = next((name for name, _ in trainable if "attn2" in name), trainable[0][0] if trainable else "")
+            raise ValueError(f"--freeze {pattern!r} names no trainable UNet parameter (names look like {example!r})")
+    frozen = 0
+    for name, p in trainable:
+        if any(pattern in name for pattern in patterns):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 @torch.no_grad()
 def encode_prompts(text, prompts: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states once per distinct prompt: (states (N_distinct, L, D), row of each prompt (N,))."""

@@ -29,7 +29,7 @@ from distill import config, memory, precision
 from distill.batches import Batch, draw_batch, lr_at, step_generator
 from distill.config import BOOKKEEPING, GRAMMAR, RunConfig
 from distill.distributed import Dist, all_mean
-from distill.loading import Teacher, build_student, recommended_guidance
+from distill.loading import Teacher, build_student, freeze_parameters, recommended_guidance
 from distill.monitor import (
     Samples,
     Validation,
@@ -133,6 +133,10 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     projected = (cfg.guidance_min, cfg.guidance_max) if cfg.condition_space == "projected" else None
     student = build_student(teacher, schedule, cfg.init_from, cfg.parameterization, cfg.lora_rank,
                             training_conditioning(cfg), cfg.guidance_band, projected, cfg.compact).to(dev)
+    if cfg.freeze:
+        frozen = freeze_parameters(student.unet, cfg.freeze)
+        if dist.main:
+            print(f"--freeze {','.join(cfg.freeze)}: {frozen:,} UNet weights kept at their starting values")
     if dist.main:
         lineage(cfg, work, 0, fresh=not args.resume or checkpoint.latest(work / "checkpoints") is None)
     ema = (copy.deepcopy(student).to(dev if cfg.ema_device == "same" else "cpu").eval().requires_grad_(False)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from boot.cli import Parser, number_list
+from boot.cli import Parser, name_list, number_list
 from boot.compact import RULES as COMPACT_RULES
 from boot.folders import check_model_folder
 from boot.method import (
@@ -83,7 +83,7 @@ FLAG_GROUPS = {
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
     "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
-                                      "--conditioning", "--guidance-band", "--condition-space", "--target"),
+                                      "--conditioning", "--guidance-band", "--condition-space", "--target", "--freeze"),
 }
 
 
@@ -173,6 +173,9 @@ def parser() -> Parser:
     a("--ema", type=float, help=f"EMA decay of the exported weights, 0 = no EMA {preset_help('ema')}")
     a("--target", choices=["online", "ema"], default=d.target,
       help=f"network giving the stop-gradient bootstrap target ŷ_t (default {d.target})")
+    a("--freeze", type=name_list, default=d.freeze, metavar="NAMES",
+      help="comma-separated parts of UNet parameter names (e.g. attn2.to_k,attn2.to_v: how the cross-attention "
+           "reads the text) whose weights stay at their starting values (default: none)")
     a("--num-prompts", type=int, help=f"grammar captions when --prompts is not given {preset_help('num_prompts')}")
     a("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
     a("--resume", action="store_true", help="continue from the newest checkpoint in --work (default: start fresh)")
@@ -265,7 +268,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         guidance_min=args.guidance_min, guidance_max=args.guidance_max,
         guidance_scale=args.guidance_scale, target=args.target, seed=args.seed,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        teacher_dtype=args.teacher_dtype, compact=args.compact, lora_rank=args.lora_rank, text_states=args.text_states,
+        teacher_dtype=args.teacher_dtype, compact=args.compact, lora_rank=args.lora_rank, freeze=args.freeze,
+        text_states=args.text_states,
         ema_device=args.ema_device, refine_chunk=args.refine_chunk, memory_budget=args.memory_budget,
         compile=args.compile, init_from=str(args.init_from) if args.init_from else None,
         keep=keep, select=args.select,
@@ -298,6 +302,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),
         (cfg.target == "online" or cfg.ema > 0, "--target ema needs --ema > 0"),
         (cfg.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (not cfg.freeze or cfg.lora_rank == 0, "--freeze needs --lora-rank 0 (a LoRA student freezes every weight)"),
         (cfg.refine_chunk >= 0, "--refine-chunk must be >= 0"),
         (cfg.memory_budget >= 0, "--memory-budget must be >= 0"),
         (cfg.ema_device == "same" or cfg.target == "online",

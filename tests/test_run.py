@@ -363,3 +363,25 @@ def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, caps
     assert second["steps_total"] == prior["steps"] + 2
     err = _error(_cli(root, teacher, prompts, "y", ["--init-from", str(tmp_path / "none")]), capsys)
     assert "--init-from" in err and "no unet/ folder there" in err
+
+
+def test_freeze_keeps_the_named_weights_at_the_teachers_and_trains_the_rest(setup, tmp_path, capsys):
+    root, teacher, prompts = setup
+    argv = _cli(root, teacher, prompts, "x", ["--freeze", "attn2.to_k, attn2.to_v", "--steps", "2", "--lr", "1e-2"])
+    argv[argv.index("--out") + 1], argv[argv.index("--work") + 1] = str(tmp_path / "s"), str(tmp_path / "w")
+    printed = _in_process(argv)
+    theirs = load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))
+    written = load_file(str(tmp_path / "s" / "unet" / "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in theirs if "attn2.to_k" in k or "attn2.to_v" in k]
+    assert frozen and all(torch.equal(written[k], theirs[k]) for k in frozen)
+    moved = [k for k in theirs if "attn2.to_q" in k or "conv1" in k]
+    assert moved and all(not torch.equal(written[k], theirs[k]) for k in moved)
+    count = sum(theirs[k].numel() for k in frozen)
+    assert f"{count:,} UNet weights kept at their starting values" in printed
+    meta = json.loads((tmp_path / "s" / "boot.json").read_text())
+    assert meta["hyperparameters"]["freeze"] == ["attn2.to_k", "attn2.to_v"]
+    # A name that matches nothing, or a LoRA student (which freezes every weight anyway), is refused in one line.
+    err = _error(_cli(root, teacher, prompts, "y", ["--freeze", "atn2", "--steps", "1"]), capsys)
+    assert err.strip().splitlines()[-1].startswith("error: --freeze 'atn2' names no trainable UNet parameter")
+    err = _error(_cli(root, teacher, prompts, "z", ["--freeze", "attn2.to_k", "--lora-rank", "2"]), capsys)
+    assert "--freeze needs --lora-rank 0" in err
