@@ -211,7 +211,7 @@ def build_student(teacher: Teacher, schedule: NoiseSchedule, init_from: str | No
 def freeze_parameters(unet: torch.nn.Module, patterns: tuple[str, ...]) -> int:
     """Keep every trainable UNet parameter whose name contains one of `patterns` at its starting value
     (requires_grad off, so the optimizer never sees it); the number of weights frozen. A pattern that names no
-    trainable parameter is refused with the names it could have meant."""
+    trainable parameter is refused, with an example of the names there are."""
     trainable = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
     for pattern in patterns:
         if not any(pattern in name for name, _ in trainable):
