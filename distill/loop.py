@@ -97,10 +97,11 @@ def resume_or_reset(cfg: RunConfig, resume: bool, ckpt_dir: Path, modules: dict,
     stored = json.loads((last / "meta.json").read_text())["meta"]["config"]  # checked before any weight loads
     # Fields newer than the checkpoint: what the code that wrote it did (condition_space: it trained the
     # diffusers form directly), else today's default.
-    defaults = {**dataclasses.asdict(RunConfig()), **PREDATING}
+    # Both sides as the checkpoint's JSON holds them (a tuple flag reads back as a list).
+    as_stored = lambda config: json.loads(json.dumps(dataclasses.asdict(config)))  # noqa: E731
+    defaults = {**as_stored(RunConfig()), **PREDATING}
     free = set(BOOKKEEPING) - ({"steps"} if cfg.lr_schedule != "constant" else set())  # a cosine ends at --steps
-    changed = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in free and stored.get(k, defaults[k]) != v]
+    changed = [k for k, v in as_stored(cfg).items() if k not in free and stored.get(k, defaults[k]) != v]
     if changed:
         diff = ", ".join(f"{k} {stored.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume: {diff} differ from the checkpoint {last}; use the same flags or a new --work")

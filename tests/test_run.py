@@ -380,6 +380,12 @@ def test_freeze_keeps_the_named_weights_at_the_teachers_and_trains_the_rest(setu
     assert f"{count:,} UNet weights kept at their starting values" in printed
     meta = json.loads((tmp_path / "s" / "boot.json").read_text())
     assert meta["hyperparameters"]["freeze"] == ["attn2.to_k", "attn2.to_v"]
+    # It resumes under the same flag, and the frozen weights stay the teacher's.
+    printed = _in_process([*argv, "--steps", "3", "--resume"])
+    assert "resumed" in printed and "(step 2)" in printed
+    written = load_file(str(tmp_path / "s" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert json.loads((tmp_path / "s" / "boot.json").read_text())["steps"] == 3
+    assert all(torch.equal(written[k], theirs[k]) for k in frozen)
     # A name that matches nothing, or a LoRA student (which freezes every weight anyway), is refused in one line.
     err = _error(_cli(root, teacher, prompts, "y", ["--freeze", "atn2", "--steps", "1"]), capsys)
     assert err.strip().splitlines()[-1].startswith("error: --freeze 'atn2' names no trainable UNet parameter")
