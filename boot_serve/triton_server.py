@@ -143,6 +143,7 @@ class TritonServer:
             f"--grpc-address={self.grpc_host}", f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.metrics_host}", f"--metrics-port={self.ports['metrics']}",
             "--allow-metrics=true",
+            "--rate-limit=execution_count",  # the order of preference among a model's CPU copies (triton_configs)
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout}",
             *self.extra_args,

@@ -121,8 +121,10 @@ def test_instance_groups_across_gpus(variant, tmp_path):
         (group,) = configs[name].instance_group
         assert (group.kind, group.count, list(group.gpus)) == (group.KIND_GPU, 2, [0, 1, 3])
         assert triton_repo.parse_config(triton_repo.render(configs[name], variant)) == configs[name]
-    (pre,) = configs["preprocess"].instance_group  # Python preprocessing stays on the CPU
-    assert list(pre.gpus) == []
+    pre = configs["preprocess"].instance_group  # Python preprocessing stays on the CPU: one group per copy
+    cpu = pre[0].KIND_CPU
+    assert [(g.kind, g.count, list(g.gpus), g.rate_limiter.priority) for g in pre] == [
+        (cpu, 1, [], 1), (cpu, 1, [], 1000)]
     for bad in [(), (0, 0), (-1,)]:
         with pytest.raises(ValueError, match="distinct GPU ids"):
             triton_repo.model_configs(manifest, variant, gpus=bad)

@@ -276,7 +276,7 @@ def test_many_distinct_prompts_never_exceed_the_bound(servers, variant, bound, m
                     assert value <= bound // _entry_bytes(manifest), (instance, value)
     assert _total(metrics, "evictions") > 0
     assert {instance for (name, instance) in metrics if name == "boot_text_cache_bytes"} <= {
-        f"{SERVED[variant]}_0_{k}" for k in range(2)}
+        f"{SERVED[variant]}_{k}_0" for k in range(2)}  # one instance group per copy (triton_configs._cpu_copies)
 
 
 @pytest.mark.parametrize("variant", SERVED)
@@ -291,6 +291,23 @@ def test_concurrent_clients_with_overlapping_prompts_get_uncached_images(servers
         assert differ == [], f"{len(differ)} images differ from the uncached server's"
     after = _metrics(servers[variant])
     assert _total(after, "hits") - _total(before, "hits") > 0
+
+
+def test_one_copy_serves_at_low_load_and_both_under_load(servers):
+    """cpu-onehop's two copies: requests one at a time all go to the preferred copy (its weights stay in the CPU's
+    caches), concurrent ones reach the second too. The text-state cache's misses, labelled by instance, show
+    which copy ran each new prompt."""
+    server = servers["cpu-onehop"]  # prompts no other test sends: each one a miss, counted by the copy that ran it
+    misses = lambda m: {i: v for (n, i), v in m.items() if n == "boot_text_cache_misses"}  # noqa: E731
+    before = misses(_metrics(server))
+    _images(server, PROMPTS[130:150], list(range(20)))
+    sequential = {i: v - before.get(i, 0.0) for i, v in misses(_metrics(server)).items()}
+    assert sorted(sequential.values(), reverse=True)[:2] in ([20.0, 0.0], [20.0]), sequential
+    before = misses(_metrics(server))
+    _images(server, PROMPTS[150:198], list(range(48)), concurrency=16)
+    loaded = {i: v - before.get(i, 0.0) for i, v in misses(_metrics(server)).items()}
+    assert sum(loaded.values()) == 48 and sorted(loaded) == ["boot_txt2img_0_0", "boot_txt2img_1_0"], loaded
+    assert min(loaded.values()) > 0, loaded
 
 
 def test_cache_off_by_config(servers):
@@ -315,3 +332,33 @@ def test_bench_reports_the_hit_rate_and_unique_prompts_all_miss(exported_reposit
         assert [r["text_cache"]["hits"] for r in runs] == [0, 0, 0]
         assert [r["text_cache"]["misses"] for r in runs] == [5, 5, 5]
     assert "text-cache hit rate" in (out / "bench.md").read_text() and "0.00 (0/5)" in (out / "bench.md").read_text()
+
+
+def test_bench_unique_prompts_miss_on_a_server_that_served_them_before(exported_repository, tmp_path_factory):
+    """A second `--prompts unique` run against the same server gets prompts of its own (the run's tag); with
+    the tag repeated, its hits are reported and the overhead headline is not judged."""
+    from boot_serve import bench
+
+    server = _server(exported_repository, tmp_path_factory, "cpu-onehop", 64 << 20)
+    key = tmp_path_factory.mktemp("key") / "operator-key"
+    key.write_text(server.operator_key)
+    try:
+        def run(out, *tag):
+            code = bench.main(["--url", server.http_url, "--metrics-url", server.metrics_url, "--operator-key-file",
+                               str(key), "--concurrency", "1", "--requests", "5", "--warmup", "1", "--prompts",
+                               "unique", "--repository", str(server.repository), "--out", str(out), *tag])
+            assert code == 0
+            return json.loads((out / "bench.json").read_text())
+
+        out = tmp_path_factory.mktemp("bench")
+        reports = [run(out / "a", "--run-tag", "123456"), run(out / "b"), run(out / "c", "--run-tag", "123456")]
+    finally:
+        server.stop()
+    hits = [[*(r["text_cache"]["hits"] for r in report["servers"][0]["served"]),
+             report["overhead_ab"]["served"]["cpu-onehop"]["text_cache"]["hits"]] for report in reports]
+    assert hits == [[0, 0], [0, 0], [5, 5]]  # the measured requests of each run (run c: every prompt of run a again)
+    assert "123456" in reports[0]["config"]["prompts"] and "123456" not in reports[1]["config"]["prompts"]
+    overhead = [[h for h in r["headlines"] if h["metric"] == "serving_overhead_c1"][0] for r in reports]
+    assert overhead[0]["met"] is not None and overhead[2]["met"] is None
+    assert not reports[0]["warnings"] or "text-state cache" not in " ".join(reports[0]["warnings"])
+    assert sum("text-state cache" in w for w in reports[2]["warnings"]) == 2
