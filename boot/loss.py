@@ -54,12 +54,13 @@ def bootstrap_target(target: Student, teacher: TeacherX0, noise: torch.Tensor, c
 
 @dataclass
 class BootLoss:
-    """L = L_BS + β·L_BC (docs/method.md), per sample.
+    """L = L_BS + β·L_BC (+ L_A on anchor rows) (docs/method.md), per sample.
 
         ŷ_t  = stopgrad(g_target(ε, t, c))
         tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
         L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)
         L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
+        L_A  = λ_A·‖g(ε, 0, c) − stopgrad(DDIM_K_A(ε, c, w))‖²   (anchor rows only)
 
     With solver_steps K > 1 the target is the same signal-ODE step taken as K teacher DDIM steps
     t = u_0 > u_1 > ... > u_K = s (evenly spaced): y ← y + δ(u_k, u_k+1)·(f_w(α_u·y + σ_u·ε, u_k) − y),
@@ -77,6 +78,12 @@ class BootLoss:
     the teacher's call at T and the student's T branch cost m rows instead of b. A caller holding a slice
     of a larger batch passes those weights instead (`boundary`, per sample: 0 where L_BC is not computed;
     boundary_weights gives them for a whole batch), so every process count picks the same samples.
+
+    Anchor rows (`anchor`, per-sample weights λ_A, 0 elsewhere; distill.batches.anchor_weights) also
+    train the one-step image directly: g(ε, 0, c, w) against the teacher's own anchor_steps-step DDIM
+    sample from the same noise (bootstrap_target from T to 0), so the image is pulled towards the
+    teacher's ODE endpoint on a few rows of every batch rather than only through the chain of hops
+    down to it (data-free: the targets are the teacher's samples; docs/ablations.md).
     """
 
     delta_steps: int = 20  # Δ
@@ -84,6 +91,7 @@ class BootLoss:
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target
     final_hop: int = 0  # F: t <= F hops straight to s = 0 (0: off, the paper's hops everywhere)
     boundary_fraction: float = 1.0  # share of the batch whose L_BC is computed (the first ceil(f·b) samples)
+    anchor_steps: int = 8  # K_A: teacher DDIM steps from T to 0 in an anchor row's target
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
 
     @property
@@ -95,7 +103,8 @@ class BootLoss:
                  cond: torch.Tensor, uncond: torch.Tensor | None, w: torch.Tensor,
                  t: torch.Tensor, pooled: torch.Tensor | None = None,
                  uncond_pooled: torch.Tensor | None = None,
-                 boundary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 boundary: torch.Tensor | None = None,
+                 anchor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         sched = teacher.schedule
         # Per sample: the target time s and the teacher steps n of its target (K, or ceil(F·K/Δ) on a
         # final hop; with F = 0 there is none, since t >= 1).
@@ -103,31 +112,38 @@ class BootLoss:
         s = torch.where(final, 0, (t - self.delta_steps).clamp_min(0))
         n = torch.where(final, self.final_steps, torch.full_like(t, self.solver_steps))
         T = torch.full_like(t, sched.T)
-        # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
+        dims = tuple(range(1, noise.ndim))
+        # Rows of the one batched student call (the only graph with gradients): every sample at s, then the
+        # boundary rows at T, then the anchor rows at 0.
+        weight = ((boundary_weights(len(t), self.boundary_fraction) if boundary is None else boundary)
+                  if self.beta else torch.zeros(len(t))).to(t.device)
+        anchor = torch.zeros(len(t), device=t.device) if anchor is None else anchor.to(t.device)
+        i, a = weight.nonzero().squeeze(1), anchor.nonzero().squeeze(1)
+        sub = lambda x, rows: None if x is None else x[rows]  # noqa: E731
         with torch.no_grad():
+            # 1. Bootstrap target: from the (stop-gradient) target student's ŷ_t, n teacher DDIM steps to s.
             tgt = bootstrap_target(target, teacher, noise, cond, uncond, w, t, s, n, pooled, uncond_pooled)
             d = sched.delta(t, s)
-        dims = tuple(range(1, noise.ndim))
-        if self.beta == 0:  # no boundary term: neither its teacher call nor the student's T branch is computed
-            g_s = student(noise, s, cond, w, *pooled_args(pooled))
-            l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-            return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
-        # 2. Boundary target: the teacher at T on pure noise, on the samples whose L_BC weight is not 0.
-        weight = boundary_weights(len(t), self.boundary_fraction) if boundary is None else boundary
-        i = weight.nonzero().squeeze(1)
-        sub = lambda x: None if x is None else x[i]  # noqa: E731
-        with torch.no_grad():
-            f_T = teacher(noise[i], T[i], cond[i], sub(uncond), w[i], *pooled_args(sub(pooled)),
-                          *pooled_args(sub(uncond_pooled))) if len(i) else None
-        # 3. Online student at s and at T (one batched call); the only graph with gradients.
-        cat = lambda x: None if x is None else torch.cat([x, x[i]])  # noqa: E731
-        pred = student(cat(noise), torch.cat([s, T[i]]), cat(cond), cat(w), *pooled_args(cat(pooled)))
-        g_s, g_T = pred[:len(t)], pred[len(t):]
+            # 2. Boundary target: the teacher at T on pure noise, on the samples whose L_BC weight is not 0.
+            f_T = teacher(noise[i], T[i], cond[i], sub(uncond, i), w[i], *pooled_args(sub(pooled, i)),
+                          *pooled_args(sub(uncond_pooled, i))) if len(i) else None
+            # 3. Anchor target: the teacher's own K_A-step DDIM from T to 0 (the target student's ŷ_T only sets
+            #    where it starts, α_T·ŷ_T + σ_T·ε, which is ε itself for a zero-terminal-SNR teacher).
+            y_A = bootstrap_target(target, teacher, noise[a], cond[a], sub(uncond, a), w[a], T[a],
+                                   torch.zeros_like(T[a]), torch.full_like(T[a], self.anchor_steps),
+                                   sub(pooled, a), sub(uncond_pooled, a)) if len(a) else None
+        rows = torch.cat([torch.arange(len(t), device=t.device), i, a])
+        times = torch.cat([s, T[i], torch.zeros_like(T[a])])
+        pred = student(noise[rows], times, cond[rows], w[rows], *pooled_args(sub(pooled, rows)))
+        g_s, g_T, g_0 = pred[:len(t)], pred[len(t):len(t) + len(i)], pred[len(t) + len(i):]
         l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
-        l_bc = torch.zeros_like(l_bs)
+        l_bc, l_a = torch.zeros_like(l_bs), torch.zeros_like(l_bs)
         if len(i):
             l_bc[i] = (g_T - f_T).pow(2).mean(dims) * weight[i].to(l_bs.dtype)
-        return {"loss": l_bs + self.beta * l_bc, "bootstrap": l_bs.detach(), "boundary": l_bc.detach()}
+        if len(a):
+            l_a[a] = (g_0 - y_A).pow(2).mean(dims) * anchor[a].to(l_bs.dtype)
+        return {"loss": l_bs + self.beta * l_bc + l_a, "bootstrap": l_bs.detach(), "boundary": l_bc.detach(),
+                "anchor": l_a.detach()}
 
 
 def boundary_weights(n: int, fraction: float) -> torch.Tensor:

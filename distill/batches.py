@@ -22,6 +22,7 @@ class Batch:
     t: torch.Tensor  # (B,) long in [1, T]: uniform, or ceil(T·u^γ) (--t-power), or see draw_batch (--final-hop)
     w: torch.Tensor  # (B,) guidance scale
     boundary: torch.Tensor  # (B,) weight of L_BC, 0 where it is not computed (boot.loss.boundary_weights)
+    anchor: torch.Tensor  # (B,) weight of the anchor term L_A, 0 where it is not computed (anchor_weights)
 
     def shard(self, rank: int, world: int) -> Batch:
         """This rank's contiguous slice of the global batch."""
@@ -49,7 +50,14 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
         final = torch.rand(b, generator=gen) < cfg.final_fraction
         t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
         t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
-    return Batch(prompt, noise, t, w, boundary_weights(b, cfg.boundary_fraction))
+    return Batch(prompt, noise, t, w, boundary_weights(b, cfg.boundary_fraction),
+                 anchor_weights(b, cfg.anchors, cfg.anchor_weight))
+
+
+def anchor_weights(n: int, rows: int, weight: float) -> torch.Tensor:
+    """Per-sample weights of the anchor term (boot.loss.BootLoss `anchor`): `weight` on the first `rows`
+    samples of a batch of n (its draws are random, so any rows would do), 0 on the rest."""
+    return torch.cat([torch.full((min(rows, n),), float(weight)), torch.zeros(max(n - rows, 0))])
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:

@@ -97,6 +97,11 @@ class RunConfig:
     dmd_t_min: float = 0.02  # t of the DMD gradient and the fake model's loss ~ U{t_min·T..t_max·T}
     dmd_t_max: float = 0.98
     dmd_start: int = 0  # the term (and the fake model's training) starts at this step
+    # Anchor rows (boot.loss.BootLoss, docs/ablations.md): on `anchors` rows of each batch the one-step image is also
+    # regressed on the teacher's own anchor_steps-step DDIM sample from the same noise, weighted anchor_weight.
+    anchors: int = 0  # rows per global batch, 0 = off
+    anchor_steps: int = 8
+    anchor_weight: float = 1.0
 
 
 # Flags left out of the resume check: they do not change the weights of step k.

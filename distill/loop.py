@@ -153,7 +153,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     # (boot.method.update_scale); the rate applied, κ·lr, is the one logged.
     kappa = student.update_scale
     loss_fn = BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
-                       final_hop=cfg.final_hop, boundary_fraction=cfg.boundary_fraction)
+                       final_hop=cfg.final_hop, boundary_fraction=cfg.boundary_fraction, anchor_steps=cfg.anchor_steps)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
     refine_loss = FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
@@ -201,10 +201,13 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="boot", disable=not dist.main)
     for step in bar:
         # 1. This rank's slice of the global batch of `step` (--refine: of the stored final hops).
-        r = refine.rows(cfg, step, dist) if refine is not None else None
-        b = (Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r], torch.zeros(len(r)))
-             if refine is not None else
-             draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank, dist.world))
+        if refine is not None:
+            r = refine.rows(cfg, step, dist)
+            idle = torch.zeros(len(r))  # a refinement has no boundary or anchor rows
+            b = Batch(refine.prompt[r], refine.noise[r], refine.t[r], refine.w[r], idle, idle)
+        else:
+            r, b = None, draw_batch(cfg, step, len(prompts), teacher.latent_shape, schedule.T).shard(dist.rank,
+                                                                                                      dist.world)
         cond = states(b.prompt)
         pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
@@ -214,7 +217,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
             terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
                      if refine is not None else
                      loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
-                             pooled_c, pooled_u, boundary=b.boundary.to(dev)))
+                             pooled_c, pooled_u, boundary=b.boundary.to(dev), anchor=b.anchor.to(dev)))
         loss = terms["loss"].mean()
         # 2'. --dmd-weight: + λ·L_DM on the one-step image x̂ = g(ε, 0, c, w) (boot/dmd.py), t and n from the
         #     step's own stream of draws.
@@ -238,11 +241,14 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         done = step + 1
         out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
         flag = torch.tensor(float(out_of_time) * dist.world, device=dev)
+        anchor = terms["anchor"].mean() if "anchor" in terms else torch.zeros((), device=dev)
         *logged, stop = all_mean(torch.stack([loss.detach(), terms["bootstrap"].mean(), terms["boundary"].mean(),
-                                              flag]).float(), dist).tolist()
+                                              anchor, flag]).float(), dist).tolist()
         last = done == cfg.steps or stop > 0
         if dist.main:
-            record = dict(zip(("loss", "bootstrap", "boundary"), logged))
+            record = dict(zip(("loss", "bootstrap", "boundary", "anchor"), logged))
+            if not cfg.anchors:
+                del record["anchor"]
             if fake is not None:  # this rank's values (DMD runs on one process)
                 record.update(dmd=float(dm["loss"].detach().mean()) if dmd_on else 0.0, fake=fake_loss)
             bar.set_postfix(loss=f"{record['loss']:.4f}", bs=f"{record['bootstrap']:.4f}",

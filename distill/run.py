@@ -77,6 +77,7 @@ FLAG_GROUPS = {
                         "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
                                                                   "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
+    "anchors of the one-step image (boot/loss.py)": ("--anchors", "--anchor-steps", "--anchor-weight"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
                                                  "--lora-rank", "--text-states", "--ema-device", "--refine-chunk",
                                                  "--memory-budget", "--compile"),
@@ -222,6 +223,14 @@ def parser() -> Parser:
     a("--dmd-t-range", type=float, nargs=2, default=(d.dmd_t_min, d.dmd_t_max), metavar=("MIN", "MAX"),
       help="with --dmd-weight: t of the DMD gradient and of the fake model's loss, uniform in [MIN·T, MAX·T] "
            f"(fractions of the teacher's T) (default {d.dmd_t_min:g} {d.dmd_t_max:g})")
+    a("--anchors", type=int, default=d.anchors, metavar="M",
+      help="M rows of every global batch also regress the one-step image g(ε, 0, c, w) on the teacher's own "
+           "--anchor-steps-step DDIM sample from the same noise (a data-free target; boot/loss.py), weighted "
+           f"--anchor-weight; each row costs 2·--anchor-steps teacher evaluations; 0 = off (default {d.anchors})")
+    a("--anchor-steps", type=int, default=d.anchor_steps,
+      help=f"with --anchors: the teacher's DDIM steps from T to 0 in an anchor's target (default {d.anchor_steps})")
+    a("--anchor-weight", type=float, default=d.anchor_weight,
+      help=f"with --anchors: λ_A, the weight of an anchor row's squared error (default {d.anchor_weight:g})")
     a("--dmd-start", type=int, default=d.dmd_start,
       help=f"with --dmd-weight: the first step the term (and the fake model's training) runs (default {d.dmd_start})")
     a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
@@ -275,6 +284,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         keep=keep, select=args.select,
         dmd_weight=args.dmd_weight, dmd_fake_updates=args.dmd_fake_updates, dmd_fake_lr=args.dmd_fake_lr,
         dmd_t_min=args.dmd_t_range[0], dmd_t_max=args.dmd_t_range[1], dmd_start=args.dmd_start,
+        anchors=args.anchors, anchor_steps=args.anchor_steps, anchor_weight=args.anchor_weight,
     )
     cfg.guidance_offsets = tuple(cfg.guidance_offsets)
     checks = [
@@ -325,6 +335,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.dmd_start >= 0, "--dmd-start must be >= 0"),
         (cfg.dmd_weight == 0 or cfg.refine == 0,
          "--dmd-weight needs the teacher in the loop; --refine trains on stored targets without it"),
+        (0 <= cfg.anchors <= cfg.batch_size, "--anchors must be in [0, --batch-size]"),
+        (cfg.anchor_steps >= 1, "--anchor-steps must be >= 1"), (cfg.anchor_weight > 0, "--anchor-weight must be > 0"),
+        (cfg.anchors == 0 or cfg.refine == 0,
+         "--anchors needs the teacher in the loop; --refine trains on stored targets without it"),
         (cfg.init_from is None or (Path(cfg.init_from) / "unet").is_dir(),
          f"--init-from {cfg.init_from}: no unet/ folder there (a student folder is expected)"),
     ]

@@ -211,6 +211,42 @@ def test_boundary_fraction_computes_the_boundary_on_the_first_samples_and_keeps_
     assert student.p.grad is not None and student.q.grad is not None
 
 
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_anchor_rows_regress_the_image_on_the_teachers_ddim_sample(zero_snr):
+    """--anchors: on the rows with an anchor weight λ, L_A = λ·mean((g(ε, 0) − y)²), y the teacher's own K-step DDIM
+    sample from x_T = α_T·ŷ_T + σ_T·ε, here stepped in x-space (x0 and ε predictions) and read as the signal
+    (x_0 − σ_0·ε)/α_0; L_BS and L_BC are those of the same batch without anchors."""
+    sched = schedule_of(zero_snr)
+    abar = ddim("sample", zero_snr).alphas_cumprod.double().numpy()
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    student, target, noise, cond, uncond, t, w = loss_case()
+    anchor = torch.tensor([0.0, 2.0, 0.0, 3.0])
+    plain = BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise, cond, uncond, w, t)
+    out = BootLoss(delta_steps=20, beta=0.5, anchor_steps=4)(student, target, teacher, noise, cond, uncond, w, t,
+                                                             anchor=anchor)
+    for key in ("bootstrap", "boundary"):
+        torch.testing.assert_close(out[key], plain[key])
+    e = noise.double().numpy()
+    m_c, m_u = cond.double().mean((1, 2)).numpy(), uncond.double().mean((1, 2)).numpy()
+    ab = lambda u: (math.sqrt(abar[u]), math.sqrt(1 - abar[u]))  # noqa: E731  (α_u, σ_u)
+    for i in (1, 3):
+        shift = m_u[i] + w[i].item() * (m_c[i] - m_u[i])
+        a_T, s_T = ab(999)
+        x = a_T * (0.5 * e[i] - 0.4) + s_T * e[i]  # the target student's ŷ_T = 0.5·ε − 0.4 sets x_T
+        for u, v in ((999, 750), (750, 500), (500, 250), (250, 0)):
+            (a_u, s_u), (a_v, s_v) = ab(u), ab(v)
+            x0 = LinearX0UNet.A * x + shift
+            x = a_v * x0 + s_v * (x - a_u * x0) / s_u
+        a_0, s_0 = ab(0)
+        y = (x - s_0 * e[i]) / a_0
+        expected = anchor[i].item() * np.mean((0.3 * e[i] - y) ** 2)  # the student's g(ε, 0) = 0.3·ε
+        assert out["anchor"][i].item() == pytest.approx(expected, rel=1e-4)
+    assert out["anchor"][0] == 0 and out["anchor"][2] == 0
+    torch.testing.assert_close(out["loss"], plain["loss"] + out["anchor"])
+    grads = [torch.autograd.grad(r["loss"].sum(), student.p)[0] for r in (plain, out)]
+    assert grads[1] != grads[0]  # the anchor rows' error reaches the student's weights
+
+
 class Trajectory(nn.Module):
     """g(ε, t, c, w): the signal of the closed-form teacher's own DDIM trajectory from ε at T, on the grid
     T, T − h, T − 2h, ..., 0, computed here in float64 from the DDIM step in signal space,
