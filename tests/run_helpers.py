@@ -37,6 +37,23 @@ def _cli(root, teacher, prompts, name, extra=()):
             "--work", str(root / name / "work"), *FLAGS, *extra]
 
 
+def teacher_and_prompts(root: Path, prompts: list[str]) -> tuple[Path, Path, Path]:
+    """(root, a tiny random teacher under it, a file of `prompts`) for a module's runs."""
+    from tests.tiny import make_tiny_teacher
+
+    teacher = make_tiny_teacher(root / "teacher")
+    file = root / "prompts.txt"
+    file.write_text("\n".join(prompts) + "\n")
+    return root, teacher, file
+
+
+def recipe_cli(setup: tuple[Path, Path, Path], name: str, flags: list[str], extra=()) -> list[str]:
+    """The command line of run `name` under setup's root (teacher_and_prompts) with a module's recipe `flags`."""
+    root, teacher, prompts = setup
+    return ["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(root / name / "student"),
+            "--work", str(root / name / "work"), *flags, *extra]
+
+
 def _run(cmd, **kw):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
 

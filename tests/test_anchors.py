@@ -12,8 +12,7 @@ import torch
 
 from distill import run
 from distill.batches import anchor_weights
-from tests.run_helpers import _in_process, _tensors
-from tests.tiny import make_tiny_teacher
+from tests.run_helpers import _in_process, _tensors, recipe_cli, teacher_and_prompts
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle",
            "a large yellow square"]
@@ -24,17 +23,11 @@ FLAGS = ["--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("anchors")
-    teacher = make_tiny_teacher(root / "teacher")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return root, teacher, prompts
+    return teacher_and_prompts(tmp_path_factory.mktemp("anchors"), PROMPTS)
 
 
 def _cli(setup, name, extra=()):
-    root, teacher, prompts = setup
-    return ["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(root / name / "student"),
-            "--work", str(root / name / "work"), *FLAGS, *extra]
+    return recipe_cli(setup, name, FLAGS, extra)
 
 
 @pytest.fixture(scope="module")

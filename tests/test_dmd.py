@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from boot import checkpoint, dmd
 from boot.method import NoiseSchedule, TeacherX0
 from distill import run
-from tests.run_helpers import _in_process  # run.main in-process, single-threaded
-from tests.tiny import LATENT, make_tiny_teacher, scheduler_config, tiny_unet
+from tests.run_helpers import _in_process, recipe_cli, teacher_and_prompts  # run.main in-process, single-threaded
+from tests.tiny import LATENT, scheduler_config, tiny_unet
 
 PROMPTS = ["a red circle", "a blue square at the top", "a green triangle left of a white circle",
            "a large yellow square"]
@@ -93,17 +93,11 @@ def test_timesteps_stay_in_the_range():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dmd")
-    teacher = make_tiny_teacher(root / "teacher")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return root, teacher, prompts
+    return teacher_and_prompts(tmp_path_factory.mktemp("dmd"), PROMPTS)
 
 
 def _cli(setup, name, extra=()):
-    root, teacher, prompts = setup
-    return ["--teacher", str(teacher), "--prompts", str(prompts), "--out", str(root / name / "student"),
-            "--work", str(root / name / "work"), *FLAGS, *extra]
+    return recipe_cli(setup, name, FLAGS, extra)
 
 
 @pytest.fixture(scope="module")
