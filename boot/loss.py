@@ -58,7 +58,7 @@ class BootLoss:
 
         ŷ_t  = stopgrad(g_target(ε, t, c))
         tgt  = ŷ_t + δ·(f_w(α_t·ŷ_t + σ_t·ε, t, c) − ŷ_t)
-        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)
+        L_BS = ‖g(ε, s, c) − stopgrad(tgt)‖² / δ²,   δ = δ(t, s)   (c_p / δ^p with delta_power p ≠ 2)
         L_BC = ‖g(ε, T, c) − stopgrad(f_w(ε, T, c))‖²
         L_A  = λ_A·‖g(ε, 0, c) − stopgrad(DDIM_K_A(ε, c, w))‖²   (anchor rows only)
 
@@ -79,6 +79,12 @@ class BootLoss:
     of a larger batch passes those weights instead (`boundary`, per sample: 0 where L_BC is not computed;
     boundary_weights gives them for a whole batch), so every process count picks the same samples.
 
+    With delta_power p ≠ 2 the hop at t is weighted c_p/δ^p instead of the paper's 1/δ², where c_p makes the
+    mean weight over t = 1..T the same as 1/δ²'s: the hops share the same total weight against L_BC, spread
+    differently over t. 1/δ² is about 2 on the last hop (t <= Δ to s = 0) and up to about 220 in the middle
+    of the trajectory (the shapes teacher, Δ = 20), so under a gradient clip that is always active the last
+    hop gets a small share of every step; p = 1 or 0 moves weight towards it (docs/ablations.md).
+
     Anchor rows (`anchor`, per-sample weights λ_A, 0 elsewhere; distill.batches.anchor_weights) also
     train the one-step image directly: g(ε, 0, c, w) against the teacher's own anchor_steps-step DDIM
     sample from the same noise (bootstrap_target from T to 0), so the image is pulled towards the
@@ -93,6 +99,18 @@ class BootLoss:
     boundary_fraction: float = 1.0  # share of the batch whose L_BC is computed (the first ceil(f·b) samples)
     anchor_steps: int = 8  # K_A: teacher DDIM steps from T to 0 in an anchor row's target
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
+    delta_power: float = 2.0  # p: the hop at t weighted c_p/δ^p (2: the paper's 1/δ², c_2 = 1)
+
+    def hop_divisor(self, schedule: NoiseSchedule, d: torch.Tensor) -> torch.Tensor:
+        """δ^p/c_p for hops with step δ = d, the squared error's divisor (δ² at p = 2, the paper's),
+        c_p from the ordinary hops t = 1..T of `schedule`."""
+        d = d.clamp_min(self.min_delta)
+        if self.delta_power == 2:
+            return d.pow(2)
+        t = torch.arange(1, schedule.T + 1, device=schedule.alpha.device)
+        every = schedule.delta(t, (t - self.delta_steps).clamp_min(0)).double().clamp_min(self.min_delta)
+        c = every.pow(-2).mean() / every.pow(-self.delta_power).mean()
+        return d.pow(self.delta_power) / c.to(d.dtype)
 
     @property
     def final_steps(self) -> int:
@@ -136,7 +154,7 @@ class BootLoss:
         times = torch.cat([s, T[i], torch.zeros_like(T[a])])
         pred = student(noise[rows], times, cond[rows], w[rows], *pooled_args(sub(pooled, rows)))
         g_s, g_T, g_0 = pred[:len(t)], pred[len(t):len(t) + len(i)], pred[len(t) + len(i):]
-        l_bs = (g_s - tgt).pow(2).mean(dims) / d.clamp_min(self.min_delta).pow(2)
+        l_bs = (g_s - tgt).pow(2).mean(dims) / self.hop_divisor(sched, d)
         l_bc, l_a = torch.zeros_like(l_bs), torch.zeros_like(l_bs)
         if len(i):
             l_bc[i] = (g_T - f_T).pow(2).mean(dims) * weight[i].to(l_bs.dtype)

@@ -51,6 +51,7 @@ class RunConfig:
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     t_power: float = 1.0  # t = ceil(T·u^γ), u ~ U(0, 1): γ = 1 is uniform, γ > 1 draws low t more often
     beta: float = 1.0  # β: weight of the boundary loss
+    delta_power: float = 2.0  # p: a hop from t weighted c_p/δ^p (boot.loss.BootLoss; 2 = the paper's 1/δ²)
     boundary_fraction: float = 1.0  # share of each batch whose boundary loss is computed (weighted 1/share)
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
     final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)

@@ -71,7 +71,7 @@ from distill.loop import train
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
-                        "--delta", "--t-power", "--beta",
+                        "--delta", "--t-power", "--beta", "--delta-power",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
                         "--compact"),
@@ -117,6 +117,9 @@ def parser() -> Parser:
     a("--t-power", type=float, help="γ: t = ceil(T·u^γ) with u uniform in (0, 1); 1 draws t uniformly, above 1 "
       f"more of the hops near the image (P(t <= τ) = (τ/T)^(1/γ)); not with --final-hop {preset_help('t_power')}")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
+    a("--delta-power", type=float, default=d.delta_power,
+      help="p: weight each bootstrap hop c_p/δ^p, c_p keeping the hops' mean weight over t that of the paper's "
+           f"1/δ² (lower p moves weight towards the last hops; boot/loss.py) (default {d.delta_power:g})")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
            "the teacher's call at T and the student's T branch cost that share of the batch "
@@ -270,7 +273,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, solver_steps=args.solver_steps,
+        beta=args.beta, delta_power=args.delta_power, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -304,6 +307,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
          "--refine needs --final-hop F and --init-from STUDENT (it refines a distilled student's last hop)"),
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),
         (cfg.beta >= 0, "--beta must be >= 0"),
+        (0 <= cfg.delta_power <= 4, "--delta-power must be in [0, 4]"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),

@@ -211,6 +211,35 @@ def test_boundary_fraction_computes_the_boundary_on_the_first_samples_and_keeps_
     assert student.p.grad is not None and student.q.grad is not None
 
 
+@pytest.mark.parametrize("power", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_delta_power_reweights_the_hops_and_keeps_their_mean_weight(zero_snr, power):
+    """--delta-power p: L_BS of the hop at t is the squared error times c_p/δ^p, c_p = mean_t δ⁻² / mean_t δ^-p
+    over the ordinary hops t = 1..T (δ from t to max(t − Δ, 0)); L_BC is untouched."""
+    sched = schedule_of(zero_snr)
+    abar = ddim("sample", zero_snr).alphas_cumprod.double().numpy()
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    student, target, noise, cond, uncond, t, w = loss_case()
+    paper = BootLoss(delta_steps=20, beta=0.5)(student, target, teacher, noise, cond, uncond, w, t)
+    out = BootLoss(delta_steps=20, beta=0.5, delta_power=power)(student, target, teacher, noise, cond, uncond, w, t)
+
+    def delta(u, v):
+        return 1 - math.sqrt((1 - abar[v]) * abar[u] / (abar[v] * (1 - abar[u])))
+
+    every = np.array([max(delta(u, max(u - 20, 0)), 1e-3) for u in range(1, 1000)])
+    c = np.mean(every ** -2.0) / np.mean(every ** -power)
+    for i, ti in enumerate(t.tolist()):
+        d = max(delta(ti, max(ti - 20, 0)), 1e-3)
+        squared_error = paper["bootstrap"][i].item() * d**2
+        assert out["bootstrap"][i].item() == pytest.approx(squared_error * c / d**power, rel=1e-4)
+    torch.testing.assert_close(out["boundary"], paper["boundary"])
+    torch.testing.assert_close(out["loss"], out["bootstrap"] + 0.5 * out["boundary"])
+    if power == 0:  # every hop weighted alike
+        ratios = out["bootstrap"] / (paper["bootstrap"] * torch.tensor([delta(u, max(u - 20, 0)) ** 2 for u in
+                                                                        t.tolist()], dtype=torch.float32))
+        torch.testing.assert_close(ratios, ratios[:1].expand(4), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
 def test_anchor_rows_regress_the_image_on_the_teachers_ddim_sample(zero_snr):
     """--anchors: on the rows with an anchor weight λ, L_A = λ·mean((g(ε, 0) − y)²), y the teacher's own K-step DDIM
