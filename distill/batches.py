@@ -19,7 +19,8 @@ from distill.config import RunConfig
 class Batch:
     prompt: torch.Tensor  # (B,) index into the prompt list
     noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
-    t: torch.Tensor  # (B,) long in [1, T]: uniform, or ceil(T·u^γ) (--t-power), or see draw_batch (--final-hop)
+    t: torch.Tensor  # (B,) long in [1, T]: uniform (on [t_floor, T] with --t-sweep), or ceil(T·u^γ) (--t-power),
+    #                  or see draw_batch (--final-hop)
     w: torch.Tensor  # (B,) guidance scale
     boundary: torch.Tensor  # (B,) weight of L_BC, 0 where it is not computed (boot.loss.boundary_weights)
     anchor: torch.Tensor  # (B,) weight of the anchor term L_A, 0 where it is not computed (anchor_weights)
@@ -43,7 +44,7 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
     b = cfg.batch_size
     prompt = torch.randint(0, n_prompts, (b,), generator=gen)
     noise = torch.randn((b, *latent_shape), generator=gen)
-    t = (torch.randint(1, T + 1, (b,), generator=gen) if cfg.t_power == 1 else
+    t = (torch.randint(t_floor(cfg, step, T), T + 1, (b,), generator=gen) if cfg.t_power == 1 else
          (T * torch.rand(b, generator=gen, dtype=torch.float64) ** cfg.t_power).ceil().long().clamp(1, T))
     w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
     if cfg.final_hop:  # final hops from (F - Δ, F] (their y_t trained by the hops from (F, F + Δ]), the rest (F, T]
@@ -52,6 +53,14 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
         t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
     return Batch(prompt, noise, t, w, boundary_weights(b, cfg.boundary_fraction),
                  anchor_weights(b, cfg.anchors, cfg.anchor_weight))
+
+
+def t_floor(cfg: RunConfig, step: int, T: int) -> int:
+    """The lowest t drawn at `step`: 1, or with --t-sweep N a floor that falls from T to 1 over the first N
+    steps (T − floor(T·(step + 1)/N)), so the hops near T, where the chain starts, are trained first."""
+    if not cfg.t_sweep or step >= cfg.t_sweep:
+        return 1
+    return max(1, T - T * (step + 1) // cfg.t_sweep)
 
 
 def anchor_weights(n: int, rows: int, weight: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ class RunConfig:
     grad_clip: float = 1.0
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     t_power: float = 1.0  # t = ceil(T·u^γ), u ~ U(0, 1): γ = 1 is uniform, γ > 1 draws low t more often
+    t_sweep: int = 0  # N > 0: over the first N steps t is drawn on [t_floor, T], the floor falling from T to 1
     beta: float = 1.0  # β: weight of the boundary loss
     delta_power: float = 2.0  # p: a hop from t weighted c_p/δ^p (boot.loss.BootLoss; 2 = the paper's 1/δ²)
     boundary_fraction: float = 1.0  # share of each batch whose boundary loss is computed (weighted 1/share)

@@ -71,7 +71,7 @@ from distill.loop import train
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
-                        "--delta", "--t-power", "--beta", "--delta-power",
+                        "--delta", "--t-power", "--t-sweep", "--beta", "--delta-power",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
                         "--compact"),
@@ -116,6 +116,10 @@ def parser() -> Parser:
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--t-power", type=float, help="γ: t = ceil(T·u^γ) with u uniform in (0, 1); 1 draws t uniformly, above 1 "
       f"more of the hops near the image (P(t <= τ) = (τ/T)^(1/γ)); not with --final-hop {preset_help('t_power')}")
+    a("--t-sweep", type=int, default=d.t_sweep, metavar="N",
+      help="over the first N steps draw t uniformly on [floor, T], the floor falling from T to 1, so the chain "
+           "is trained from its start at T downwards; then on [1, T] (0 = off; not with --t-power or --final-hop) "
+           f"(default {d.t_sweep})")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
     a("--delta-power", type=float, default=d.delta_power,
       help="p: weight each bootstrap hop c_p/δ^p, c_p keeping the hops' mean weight over t that of the paper's "
@@ -273,7 +277,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, delta_power=args.delta_power, solver_steps=args.solver_steps,
+        beta=args.beta, delta_power=args.delta_power, t_sweep=args.t_sweep, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -311,6 +315,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),
+        (cfg.t_sweep >= 0, "--t-sweep must be >= 0"),
+        (cfg.t_sweep == 0 or (cfg.t_power == 1 and cfg.final_hop == 0),
+         "--t-sweep needs --t-power 1 and --final-hop 0 (they draw t their own ways)"),
         (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
         (0 <= cfg.guidance_min <= cfg.guidance_max <= 16,
          "need 0 <= --guidance-min <= --guidance-max <= 16 (the student's guidance embedding range)"),

@@ -259,6 +259,23 @@ def test_t_power_draws_the_hops_near_the_image_more_often():
     assert torch.equal(b.noise, plain.noise) and torch.equal(b.prompt, plain.prompt)
 
 
+def test_t_sweep_draws_from_a_floor_that_falls_from_T_then_uniformly():
+    """--t-sweep N: at step k < N, t is uniform on [T − floor(T·(k + 1)/N), T] (at least 1); from step N on, and
+    without the flag, on [1, T] with the very same draws; prompts and noise never change."""
+    cfg = config.RunConfig(batch_size=20000, seed=3, t_sweep=100)
+    plain_cfg = config.RunConfig(batch_size=20000, seed=3)
+    for step, floor in ((0, 990), (49, 500), (98, 10), (99, 1)):
+        b = batches.draw_batch(cfg, step, 10, (1, 1, 1), 1000)
+        plain = batches.draw_batch(plain_cfg, step, 10, (1, 1, 1), 1000)
+        assert batches.t_floor(cfg, step, 1000) == floor
+        assert b.t.min().item() == floor and b.t.max().item() == 1000
+        assert b.t.float().mean().item() == pytest.approx((floor + 1000) / 2, abs=6)
+        assert torch.equal(b.noise, plain.noise) and torch.equal(b.prompt, plain.prompt)
+    for step in (100, 500):
+        assert torch.equal(batches.draw_batch(cfg, step, 10, (1, 1, 1), 1000).t,
+                           batches.draw_batch(plain_cfg, step, 10, (1, 1, 1), 1000).t)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="torch 2.13 CPU inductor: compiled student gradients differ from eager by ~47% "
