@@ -71,7 +71,7 @@ from distill.loop import train
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
-                        "--delta", "--t-power", "--t-sweep", "--beta", "--delta-power",
+                        "--delta", "--t-power", "--beta",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
                         "--compact"),
@@ -83,8 +83,9 @@ FLAG_GROUPS = {
                                                  "--memory-budget", "--compile"),
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
-    "ablations (docs/ablations.md)": ("--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
-                                      "--conditioning", "--guidance-band", "--condition-space", "--target", "--freeze"),
+    "ablations (docs/ablations.md)": ("--delta-power", "--t-sweep", "--solver-steps", "--final-fraction",
+                                      "--refine-space", "--parameterization", "--conditioning", "--guidance-band",
+                                      "--condition-space", "--target", "--freeze"),
 }
 
 
