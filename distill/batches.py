@@ -70,10 +70,14 @@ def anchor_weights(n: int, rows: int, weight: float) -> torch.Tensor:
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    """Linear warmup over `warmup` steps, then constant, or a cosine from lr to 0 at step `steps`."""
+    """Linear warmup over `warmup` steps, then constant, a cosine from lr to 0 at step `steps`, or constant until
+    the last `cooldown` fraction of the steps and linear from lr down to 0 over it (lr·(steps − step)/n there)."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    if cfg.lr_schedule == "cooldown":
+        n = max(1, round(cfg.cooldown * cfg.steps))
+        return cfg.lr * min(1.0, (cfg.steps - step) / n)
     return cfg.lr
 

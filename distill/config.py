@@ -14,7 +14,7 @@ DEFAULT_TEACHER = Path("pretrained/shapes-teacher")
 GRAMMAR = "shapes-grammar"
 
 
-LR_SCHEDULES = ("constant", "cosine")  # the learning rate after the warmup (distill.batches.lr_at)
+LR_SCHEDULES = ("constant", "cosine", "cooldown")  # the learning rate after the warmup (distill.batches.lr_at)
 
 
 N_SAMPLES = 8  # fixed prompts in the sample grid
@@ -46,7 +46,8 @@ class RunConfig:
     batch_size: int = 24  # global batch, split across ranks
     lr: float = 2e-5
     warmup: int = 50  # linear LR warmup steps, then the lr_schedule
-    lr_schedule: str = "constant"  # after the warmup: "constant", or "cosine" down to 0 at the last step
+    lr_schedule: str = "constant"  # after the warmup: "constant", "cosine" down to 0 at the last step, or "cooldown"
+    cooldown: float = 0.2  # "cooldown": constant, then linear down to 0 over this last fraction of the steps
     grad_clip: float = 1.0
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     t_power: float = 1.0  # t = ceil(T·u^γ), u ~ U(0, 1): γ = 1 is uniform, γ > 1 draws low t more often

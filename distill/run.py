@@ -70,7 +70,7 @@ from distill.loop import train
 # --help lists the product's flags (those in no group); --help-all also these groups, the last of which holds
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
-    "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--grad-clip",
+    "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--cooldown", "--grad-clip",
                         "--delta", "--t-power", "--beta",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
@@ -111,8 +111,11 @@ def parser() -> Parser:
     a("--lr", type=float, help=f"AdamW learning rate {preset_help('lr')}")
     a("--warmup", type=int, help=f"linear warmup steps, then --lr-schedule {preset_help('warmup')}")
     a("--lr-schedule", choices=LR_SCHEDULES,
-      help="learning rate after the warmup: constant, or cosine from --lr down to 0 at --steps "
-           f"{preset_help('lr_schedule')}")
+      help="learning rate after the warmup: constant, cosine from --lr down to 0 at --steps, or cooldown "
+           f"(constant, then linear down to 0 over the last --cooldown of the steps) {preset_help('lr_schedule')}")
+    a("--cooldown", type=float, default=d.cooldown, metavar="FRACTION",
+      help=f"with --lr-schedule cooldown: the last fraction of --steps over which the rate falls to 0 "
+           f"(default {d.cooldown})")
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--t-power", type=float, help="γ: t = ceil(T·u^γ) with u uniform in (0, 1); 1 draws t uniformly, above 1 "
@@ -278,7 +281,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, delta_power=args.delta_power, t_sweep=args.t_sweep, solver_steps=args.solver_steps,
+        beta=args.beta, cooldown=args.cooldown, delta_power=args.delta_power, t_sweep=args.t_sweep,
+        solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -298,6 +302,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
+        (0 < cfg.cooldown <= 1, "--cooldown must be in (0, 1]"),
         (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (cfg.delta >= 1, "--delta must be >= 1"),
         (1 <= cfg.solver_steps <= cfg.delta, "--solver-steps must be in [1, --delta]"),
         (cfg.final_hop == 0 or cfg.final_hop >= cfg.delta, "--final-hop must be 0 (off) or >= --delta"),

@@ -248,6 +248,15 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step():
     assert [batches.lr_at(flat, step) for step in range(10, 110)] == [1e-4] * 100
 
 
+def test_cooldown_schedule_holds_the_rate_then_falls_linearly_over_the_last_fraction():
+    cfg = config.RunConfig(lr=1e-4, warmup=10, steps=110, lr_schedule="cooldown", cooldown=0.2)  # the last 22 steps
+    lrs = [batches.lr_at(cfg, step) for step in range(cfg.steps)]
+    assert lrs[:10] == pytest.approx([1e-4 * (k + 1) / 10 for k in range(10)])
+    assert lrs[10:88] == [1e-4] * 78
+    assert lrs[88:] == pytest.approx([1e-4 * (110 - step) / 22 for step in range(88, 110)])
+    assert lrs[-1] == pytest.approx(1e-4 / 22) and all(a > b for a, b in zip(lrs[88:], lrs[89:]))
+
+
 def test_t_power_draws_the_hops_near_the_image_more_often():
     """--t-power γ: t = ceil(T·u^γ), so P(t <= τ) = (τ/T)^(1/γ); prompts and noise are drawn as without it."""
     plain = batches.draw_batch(config.RunConfig(batch_size=20000, seed=3), 4, 10, (1, 1, 1), 1000)

@@ -56,6 +56,7 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--t-sweep", "100", "--t-power", "2"], "--t-sweep needs --t-power 1 and --final-hop 0"),
     (["--t-power", "2", "--final-hop", "100"], "--t-power needs --final-hop 0"),
     (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
+    (["--lr-schedule", "cooldown", "--cooldown", "0"], "--cooldown must be in (0, 1]"),
     (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--final-hop", "10"], "--final-hop must be 0 (off) or >= --delta"),
     (["--final-hop", "40", "--final-fraction", "1"], "--final-fraction must be in (0, 1)"),
