@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -106,22 +107,49 @@ def test_a_student_learning_in_the_sinusoid_space_is_saved_as_the_exact_diffuser
     assert float((fit - target)[:, slow].norm() / target[:, slow].norm()) < 1e-3
 
 
-def test_a_new_student_trains_as_a_sinusoid_one_and_is_written_in_the_diffusers_form(setup):
-    """The default: checkpoints hold the "sinusoid" training form; the folder is a "diffusers-guidance" one
-    (plain diffusers runs it), converted with the fit recorded; --conditioning sinusoid writes it unconverted."""
+@pytest.fixture(scope="module")
+def default_run(setup):
+    """The run recipe with the default condition space (trained as a "sinusoid" student, written converted)."""
     root, teacher, prompts = setup
     cli = _cli(root, teacher, prompts, "default")
     at = cli.index("--condition-space")
-    _in_process(cli[:at] + cli[at + 2:])  # the default condition space
-    student = root / "default" / "student"
+    _in_process(cli[:at] + cli[at + 2:])
+    return root / "default"
+
+
+def test_a_new_student_trains_as_a_sinusoid_one_and_is_written_in_the_diffusers_form(setup, default_run):
+    """The default: checkpoints hold the "sinusoid" training form; the folder is a "diffusers-guidance" one
+    (plain diffusers runs it), converted with the fit recorded; --conditioning sinusoid writes it unconverted."""
+    root, teacher, prompts = setup
+    student = default_run / "student"
     record = json.loads((student / "boot.json").read_text())["conditioning"]
     assert record["kind"] == DEFAULT_CONDITIONING and (student / "model_index.json").is_file()
     assert record["trained_as"]["kind"] == LEGACY_CONDITIONING
     assert 0 < record["trained_as"]["fit"]["relative_residual"] < 0.2  # 0.017 for the quick students
-    last = checkpoint.latest(root / "default" / "work" / "checkpoints")
+    last = checkpoint.latest(default_run / "work" / "checkpoints")
     weights = load_file(str(last / "tensors.safetensors"))
     assert weights["unet.time_embedding.cond_proj.weight"].shape[1] == TIME_COND_PROJ_DIM
     assert not any("time_weight" in k for k in weights)  # the training form is the sinusoid one
     _in_process(_cli(root, teacher, prompts, "legacy", ("--conditioning", "sinusoid")))
     legacy = json.loads((root / "legacy" / "student" / "boot.json").read_text())["conditioning"]
     assert legacy["kind"] == LEGACY_CONDITIONING and "trained_as" not in legacy
+
+
+def test_a_soup_of_a_checkpoint_is_written_in_the_form_of_the_runs_folder(default_run, tmp_path):
+    """boot_tools.soup converts a checkpoint's weights as the run converts its student: the EMA of the last step
+    gives the run's own folder bit for bit; --online the online student, converted the same way."""
+    from boot_tools import soup
+
+    student, last = default_run / "student", checkpoint.latest(default_run / "work" / "checkpoints")
+    written = load_file(str(student / "unet/diffusion_pytorch_model.safetensors"))
+    soup.main([str(tmp_path / "ema"), str(student), str(last)])
+    ema = load_file(str(tmp_path / "ema/unet/diffusion_pytorch_model.safetensors"))
+    assert ema.keys() == written.keys() and all(torch.equal(ema[k], written[k]) for k in written)
+    soup.main([str(tmp_path / "online"), str(student), str(last), "--online"])
+    online = load_file(str(tmp_path / "online/unet/diffusion_pytorch_model.safetensors"))
+    trained = checkpoint.module_state(last, "unet")
+    converted = ("time_embedding.cond_proj.weight", "time_embedding.linear_1.bias")
+    assert all(torch.equal(online[k], trained[k]) for k in written if k not in converted)  # the rest as trained
+    assert not any(torch.equal(online[k], trained[k]) for k in converted)  # converted like the folder's
+    assert not torch.equal(online["conv_in.weight"], written["conv_in.weight"])  # not the EMA
+    assert json.loads((tmp_path / "online/boot.json").read_text())["soup_checkpoint_weights"] == "online"
