@@ -125,9 +125,9 @@ def parser() -> Parser:
            "is trained from its start at T downwards; then on [1, T] (0 = off; not with --t-power or --final-hop) "
            f"(default {d.t_sweep})")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
-    a("--delta-power", type=float, default=d.delta_power,
+    a("--delta-power", type=float,
       help="p: weight each bootstrap hop c_p/δ^p, c_p keeping the hops' mean weight over t that of the paper's "
-           f"1/δ² (lower p moves weight towards the last hops; boot/loss.py) (default {d.delta_power:g})")
+           f"1/δ² (p = 2; lower p moves weight towards the last hops; boot/loss.py) {preset_help('delta_power')}")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
            "the teacher's call at T and the student's T branch cost that share of the batch "
@@ -281,7 +281,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, cooldown=args.cooldown, delta_power=args.delta_power, t_sweep=args.t_sweep,
+        beta=args.beta, cooldown=args.cooldown, t_sweep=args.t_sweep,
         solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,

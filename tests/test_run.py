@@ -248,6 +248,14 @@ def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step():
     assert [batches.lr_at(flat, step) for step in range(10, 110)] == [1e-4] * 100
 
 
+def test_the_quick_preset_weights_the_hops_by_one_over_delta_and_the_others_keep_the_papers_weight():
+    p = run.parser()
+    cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
+    assert cfg().delta_power == 1.0 and cfg("--delta-power", "2").delta_power == 2.0
+    assert cfg("--preset", "full").delta_power == 2.0 == config.RunConfig().delta_power
+    assert config.preset_values("refine")["delta_power"] == 2.0
+
+
 def test_cooldown_schedule_holds_the_rate_then_falls_linearly_over_the_last_fraction():
     cfg = config.RunConfig(lr=1e-4, warmup=10, steps=110, lr_schedule="cooldown", cooldown=0.2)  # the last 22 steps
     lrs = [batches.lr_at(cfg, step) for step in range(cfg.steps)]
