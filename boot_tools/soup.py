@@ -7,8 +7,9 @@ in float32, of the SOURCEs: student folders (their unet/) or `distill.run` check
 (checkpoints/step-N: their EMA weights, or with --online the online student's), each put in the form its
 run writes a student folder in first (distill.student_folder.saved_form: a LoRA student merged, a student
 trained in the sinusoid space converted to the diffusers conditioning it is saved in), so that a
-checkpoint's EMA at the run's last step gives the run's own folder bit for bit. Sources must share the UNet
-architecture; averaging only makes sense for students fine-tuned from a common start (docs/ablations.md).
+checkpoint's EMA at the run's last step gives the run's own folder (bit for bit at the run's thread count).
+Sources must share the UNet architecture; averaging only makes sense for students fine-tuned from a common
+start (docs/ablations.md).
 boot.json gains a "soup" entry naming the sources.
 """
 
