@@ -196,11 +196,12 @@ class FinalHopRegression:
                  w: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                  pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         zero = torch.zeros_like(t)
-        g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
+        x0 = g_0 = student(noise, zero, cond, w, *pooled_args(pooled))
         if self.decode is not None:
             with torch.no_grad():
                 y = self.decode(y)
             g_0 = self.decode(g_0)
         d = schedule.delta(t, zero)
         l_bs = (g_0 - y).pow(2).mean(tuple(range(1, g_0.ndim))) / d.clamp_min(self.min_delta).pow(2)
-        return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs)}
+        # "x0": the one-step image in latent space, with its graph (a distribution-matching term reuses it)
+        return {"loss": l_bs, "bootstrap": l_bs.detach(), "boundary": torch.zeros_like(l_bs), "x0": x0}

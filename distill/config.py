@@ -99,7 +99,8 @@ class RunConfig:
     dmd_fake_lr: float = 1e-4  # the fake model's AdamW learning rate
     dmd_t_min: float = 0.02  # t of the DMD gradient and the fake model's loss ~ U{t_min·T..t_max·T}
     dmd_t_max: float = 0.98
-    dmd_start: int = 0  # the term (and the fake model's training) starts at this step
+    dmd_start: int = 0  # the term starts at this step
+    dmd_fake_warmup: int = 0  # steps the fake model trains alone on the student's x̂ before the term starts
     # Anchor rows (boot.loss.BootLoss, docs/ablations.md): on `anchors` rows of each batch the one-step image is also
     # regressed on the teacher's own anchor_steps-step DDIM sample from the same noise, weighted anchor_weight.
     anchors: int = 0  # rows per global batch, 0 = off

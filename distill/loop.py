@@ -222,13 +222,19 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         loss = terms["loss"].mean()
         # 2'. --dmd-weight: + λ·L_DM on the one-step image x̂ = g(ε, 0, c, w) (boot/dmd.py), t and n from the
         #     step's own stream of draws.
+        #     --dmd-fake-warmup: for the steps before, the fake model alone learns the student's x̂.
         dmd_on = fake is not None and step >= cfg.dmd_start
-        if dmd_on:
+        fake_on = fake is not None and step >= cfg.dmd_start - cfg.dmd_fake_warmup
+        if fake_on:
             gen = step_generator(cfg.seed, step, stream=1)
             t_dm = boot_dmd.draw_timesteps(cfg.dmd_t_min, cfg.dmd_t_max, schedule.T, len(t), gen).to(dev)
             n_dm = torch.randn(noise.shape, generator=gen).to(dev)
+            # a refinement's loss has just made x̂ from the same noise: its graph is reused, not recomputed
+            with precision.autocast(dev, cfg.mixed_precision), torch.set_grad_enabled(dmd_on):
+                x_hat = (terms["x0"] if "x0" in terms
+                         else net(noise, torch.zeros_like(t), cond, w, *pooled_args(pooled_c)))
+        if dmd_on:
             with precision.autocast(dev, cfg.mixed_precision):
-                x_hat = net(noise, torch.zeros_like(t), cond, w, *pooled_args(pooled_c))
                 dm = dm_loss(x_hat, teacher_x0, fake, cond, uncond.expand(len(t), -1, -1), w, t_dm, n_dm,
                              pooled_c, pooled_u)
             loss = loss + cfg.dmd_weight * dm["loss"].mean()
@@ -237,7 +243,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         optimizer_step(loss, opt, scaler, student.unet, lr, cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
-        fake_loss = fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c) if dmd_on else 0.0
+        fake_loss = fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c) if fake_on else 0.0
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1
         out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes

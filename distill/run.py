@@ -76,7 +76,8 @@ FLAG_GROUPS = {
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
                         "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
-                                                                  "--dmd-fake-lr", "--dmd-t-range", "--dmd-start"),
+                                                                  "--dmd-fake-lr", "--dmd-t-range", "--dmd-start",
+                                                                  "--dmd-fake-warmup"),
     "anchors of the one-step image (boot/loss.py)": ("--anchors", "--anchor-steps", "--anchor-weight"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
                                                  "--lora-rank", "--text-states", "--ema-device", "--refine-chunk",
@@ -243,7 +244,11 @@ def parser() -> Parser:
     a("--anchor-weight", type=float, default=d.anchor_weight,
       help=f"with --anchors: λ_A, the weight of an anchor row's squared error (default {d.anchor_weight:g})")
     a("--dmd-start", type=int, default=d.dmd_start,
-      help=f"with --dmd-weight: the first step the term (and the fake model's training) runs (default {d.dmd_start})")
+      help=f"with --dmd-weight: the first step the term runs (default {d.dmd_start})")
+    a("--dmd-fake-warmup", type=int, default=d.dmd_fake_warmup, metavar="N",
+      help="with --dmd-weight: the fake model trains alone on the student's own x̂ for the N steps before "
+           "--dmd-start, so the term starts from a fake model of the student, not of the teacher "
+           f"(default {d.dmd_fake_warmup})")
     a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
     a("--checkpoint-every", type=int, help=f"steps between checkpoints {preset_help('checkpoint_every')}")
     a("--sample-every", type=int,
@@ -296,6 +301,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         keep=keep, select=args.select,
         dmd_weight=args.dmd_weight, dmd_fake_updates=args.dmd_fake_updates, dmd_fake_lr=args.dmd_fake_lr,
         dmd_t_min=args.dmd_t_range[0], dmd_t_max=args.dmd_t_range[1], dmd_start=args.dmd_start,
+        dmd_fake_warmup=args.dmd_fake_warmup,
         anchors=args.anchors, anchor_steps=args.anchor_steps, anchor_weight=args.anchor_weight,
     )
     cfg.guidance_offsets = tuple(cfg.guidance_offsets)
@@ -350,8 +356,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.dmd_fake_lr > 0, "--dmd-fake-lr must be > 0"),
         (0 < cfg.dmd_t_min <= cfg.dmd_t_max <= 1, "--dmd-t-range needs 0 < MIN <= MAX <= 1"),
         (cfg.dmd_start >= 0, "--dmd-start must be >= 0"),
-        (cfg.dmd_weight == 0 or cfg.refine == 0,
-         "--dmd-weight needs the teacher in the loop; --refine trains on stored targets without it"),
+        (0 <= cfg.dmd_fake_warmup <= cfg.dmd_start, "--dmd-fake-warmup N needs 0 <= N <= --dmd-start"),
         (0 <= cfg.anchors <= cfg.batch_size, "--anchors must be in [0, --batch-size]"),
         (cfg.anchor_steps >= 1, "--anchor-steps must be >= 1"), (cfg.anchor_weight > 0, "--anchor-weight must be > 0"),
         (cfg.anchors == 0 or cfg.refine == 0,

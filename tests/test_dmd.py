@@ -139,6 +139,21 @@ def test_dmd_start_delays_the_term(setup):
     assert [r["dmd"] > 0 for r in records] == [False, False, True]
 
 
+def test_dmd_fake_warmup_trains_the_fake_model_alone_before_the_term(setup):
+    _in_process(_cli(setup, "warm", ["--dmd-start", "2", "--dmd-fake-warmup", "1"]))
+    work = setup[0] / "warm" / "work"
+    records = [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    assert [r["dmd"] > 0 for r in records] == [False, False, True]
+    assert [r["fake"] > 0 for r in records] == [False, True, True]
+    # Step 1's fake update happened, the student's step did not see it: the same student as without the warm-up.
+    late = setup[0] / "late" / "work" / "checkpoints" / "step-00000002" / "tensors.safetensors"
+    if not late.exists():
+        _in_process(_cli(setup, "late", ["--dmd-start", "2"]))
+    ref, got = load_file(str(late)), load_file(str(work / "checkpoints" / "step-00000002" / "tensors.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref if k.startswith("unet."))
+    assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("fake."))
+
+
 def test_a_checkpoint_without_the_fake_optimizer_is_refused(tmp_path):
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
@@ -157,6 +172,7 @@ def test_a_checkpoint_without_the_fake_optimizer_is_refused(tmp_path):
     (["--dmd-t-range", "0.9", "0.1"], "--dmd-t-range needs 0 < MIN <= MAX <= 1"),
     (["--dmd-t-range", "0", "0.5"], "--dmd-t-range needs 0 < MIN <= MAX <= 1"),
     (["--dmd-start", "-1"], "--dmd-start must be >= 0"),
+    (["--dmd-start", "2", "--dmd-fake-warmup", "3"], "--dmd-fake-warmup N needs 0 <= N <= --dmd-start"),
 ])
 def test_bad_dmd_flags(setup, flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

@@ -92,6 +92,28 @@ def test_refine_trains_g0_on_stored_final_hop_targets(refined, baseline, setup):
     assert max((after[k] - start[k]).abs().max().item() for k in start) > 1e-4
 
 
+def test_refine_with_distribution_matching_adds_the_term_on_the_same_targets(refined, baseline, setup):
+    """--refine with --dmd-weight: the stored regression targets plus DMD's term on the same one-step image (the
+    teacher stays loaded for it); the targets are the plain refinement's, the weights move elsewhere."""
+    import shutil
+
+    work = setup[0] / "refine-dmd" / "work"
+    work.mkdir(parents=True)
+    shutil.copy(refined[0] / "work" / "final_hop_targets.safetensors", work)
+    _in_process(_refine_cli(setup, baseline, "refine-dmd", ["--dmd-weight", "1", "--dmd-fake-lr", "1e-3"]))
+    torch.testing.assert_close(_targets(work), _targets(refined[0] / "work"), rtol=0, atol=0)
+    losses, plain = _losses(work), _losses(refined[0] / "work")
+    assert all(r["dmd"] > 0 and r["fake"] > 0 and r["boundary"] == 0 for r in losses)
+    assert losses[0]["bootstrap"] == pytest.approx(plain[0]["bootstrap"], rel=1e-6)  # same start, same targets
+    assert all(r["loss"] > r["bootstrap"] for r in losses)  # + λ·L_DM
+    meta = json.loads((setup[0] / "refine-dmd" / "student" / "boot.json").read_text())["hyperparameters"]
+    assert (meta["refine"], meta["dmd_weight"]) == (12, 1.0)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    mine = load_file(str(setup[0] / "refine-dmd" / "student" / unet))
+    theirs = load_file(str(refined[0] / "student" / unet))
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) > 1e-6
+
+
 def test_refine_resumes_to_the_same_weights_and_reuses_only_matching_targets(refined, baseline, setup):
     import shutil
 
