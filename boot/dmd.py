@@ -10,7 +10,10 @@ image x̂ = g_θ(ε, 0, c, w) to the teacher's, without data (docs/method.md, "D
     L_DM = ½·‖x̂ − stopgrad(x̂ − grad)‖²  (mean over C, H, W),  so ∂L_DM/∂x̂ = grad / (C·H·W)
 
 The fake model starts as a trainable copy of the teacher's UNet, read as the teacher reads it (boot.method.to_x0),
-conditional only, and follows the student (two time-scale update, DMD2 §4.2): `updates` AdamW steps per student
+conditional only (f_φ = the teacher's f_1 at the start), or with `guided` through CFG of its own conditional and
+unconditional branches at the sample's w (f_φ = the teacher's f_w = real at the start, so the term starts at 0 for a
+student that already matches the guided teacher, instead of pushing x̂ along (w − 1)·(f_c − f_u)), and follows the
+student (two time-scale update, DMD2 §4.2): `updates` AdamW steps per student
 step, each on the batch's detached x̂ with fresh t and n:
 
     L_fake = ‖f_φ(α_t·sg(x̂) + σ_t·n, t, c) − sg(x̂)‖²  (mean over C, H, W)                        (DMD eq. 9)
@@ -27,33 +30,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from boot.method import NoiseSchedule, TeacherX0, bcast, to_x0
-from boot.sdxl import unet_kwargs
+from boot.method import NoiseSchedule, TeacherX0, bcast, guided_x0
 
 
 class FakeX0(nn.Module):
-    """f_φ(x_t, t, c): a trainable x0-predictor of the student's output distribution (conditional only).
+    """f_φ(x_t, t, c, w): a trainable x0-predictor of the student's output distribution.
 
     Built from the teacher (`from_teacher`): a float32 copy of its UNet, read with the teacher's prediction type,
-    so that f_φ = the teacher's conditional x0-prediction at initialisation."""
+    so that f_φ = the teacher's conditional x0-prediction at initialisation, or with `guided` its CFG
+    prediction at w (two branches per call)."""
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 time_ids: torch.Tensor | None = None):
+                 time_ids: torch.Tensor | None = None, guided: bool = False):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.prediction_type = prediction_type
+        self.guided = guided
         self.register_buffer("time_ids", time_ids, persistent=False)
 
     @classmethod
-    def from_teacher(cls, teacher: TeacherX0) -> FakeX0:
+    def from_teacher(cls, teacher: TeacherX0, guided: bool = False) -> FakeX0:
         unet = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
-        return cls(unet, teacher.schedule, teacher.prediction_type, teacher.time_ids)
+        return cls(unet, teacher.schedule, teacher.prediction_type, teacher.time_ids, guided)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                pooled: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.unet(x_t, t, cond, **unet_kwargs(pooled, self.time_ids)).sample.float()
-        return to_x0(out, x_t, t, self.schedule, self.prediction_type)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None = None,
+                uncond: torch.Tensor | None = None, w: torch.Tensor | None = None,
+                uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.guided:
+            return guided_x0(self, x_t, t, cond, None, 1.0, pooled)
+        if uncond is None or w is None:
+            raise ValueError("a guided fake model needs the unconditional states and w")
+        return guided_x0(self, x_t, t, cond, uncond, w, pooled, uncond_pooled)
 
 
 def draw_timesteps(t_min: float, t_max: float, T: int, b: int, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +100,7 @@ class DistributionMatchingLoss:
         with torch.no_grad():
             x_t = diffuse(teacher.schedule, x.detach(), t, n)
             real = teacher(x_t, t, cond, uncond, w, pooled, uncond_pooled)
-            fake_x0 = fake(x_t, t, cond, pooled)
+            fake_x0 = fake(x_t, t, cond, pooled, uncond, w, uncond_pooled)
             grad = self.gradient(x.detach(), real, fake_x0, self.min_norm)
         dims = tuple(range(1, x.ndim))
         loss = 0.5 * (x - (x.detach() - grad)).pow(2).mean(dims)
@@ -105,9 +113,10 @@ class FakeScoreLoss:
     samples, L = ‖f_φ(α_t·sg(x̂) + σ_t·n, t, c) − sg(x̂)‖² (mean over C, H, W)."""
 
     def __call__(self, fake: FakeX0, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, n: torch.Tensor,
-                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+                 pooled: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                 w: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
         x = x.detach()
-        pred = fake(diffuse(fake.schedule, x, t, n), t, cond, pooled)
+        pred = fake(diffuse(fake.schedule, x, t, n), t, cond, pooled, uncond, w, uncond_pooled)
         return (pred - x).pow(2).mean(tuple(range(1, x.ndim)))
 
 
@@ -122,13 +131,14 @@ class FakeScoreUpdate:
     grad_clip: float = 1.0
 
     def __call__(self, fake: FakeX0, opt: torch.optim.Optimizer, x: torch.Tensor, cond: torch.Tensor,
-                 gen: torch.Generator, pooled: torch.Tensor | None = None) -> float:
+                 gen: torch.Generator, pooled: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                 w: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> float:
         loss_fn, losses = FakeScoreLoss(), []
         x = x.detach()
         for _ in range(self.updates):
             t = draw_timesteps(self.t_min, self.t_max, fake.schedule.T, x.shape[0], gen).to(x.device)
             n = torch.randn(x.shape, generator=gen).to(x.device)
-            loss = loss_fn(fake, x, cond, t, n, pooled).mean()
+            loss = loss_fn(fake, x, cond, t, n, pooled, uncond, w, uncond_pooled).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip:

@@ -170,22 +170,28 @@ class TeacherX0(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float,
                 pooled: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
-        # The frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
-        # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
-        # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
-        dtype = next(self.unet.parameters(), x_t).dtype  # (a parameterless stand-in runs at x_t's)
-        if uncond is None:
-            out = self.unet(x_t.to(dtype), t, cond.to(dtype),
-                            **unet_kwargs(pooled, self.time_ids, dtype)).sample.float()
-            return to_x0(out, x_t, t, self.schedule, self.prediction_type)
-        # One batched call for the conditional and unconditional branches.
-        both = None if pooled is None else torch.cat([pooled, uncond_pooled])
-        out = self.unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), torch.cat([cond, uncond]).to(dtype),
-                        **unet_kwargs(both, self.time_ids, dtype)).sample.float()
-        f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), self.schedule,
-                         self.prediction_type).chunk(2)
-        w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
-        return f_u + bcast(w, f_u) * (f_c - f_u)
+        return guided_x0(self, x_t, t, cond, uncond, guidance_scale, pooled, uncond_pooled)
+
+
+def guided_x0(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+              uncond: torch.Tensor | None, guidance_scale: torch.Tensor | float,
+              pooled: torch.Tensor | None = None, uncond_pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """The x0-prediction of `model`'s UNet (with its schedule, prediction_type and time_ids) with CFG at
+    guidance_scale, or conditional only where uncond is None; with the graph where grad is enabled."""
+    # A frozen UNet may be held in half precision (distill.run --teacher-dtype): inputs go in at its
+    # dtype, its output comes back in fp32 before the x0 read (an epsilon read at T multiplies
+    # rounding by σ_T/α_T ≈ 14.6 on SD's schedule).
+    dtype = next(model.unet.parameters(), x_t).dtype  # (a parameterless stand-in runs at x_t's)
+    if uncond is None:
+        out = model.unet(x_t.to(dtype), t, cond.to(dtype), **unet_kwargs(pooled, model.time_ids, dtype)).sample.float()
+        return to_x0(out, x_t, t, model.schedule, model.prediction_type)
+    # One batched call for the conditional and unconditional branches.
+    both = None if pooled is None else torch.cat([pooled, uncond_pooled])
+    out = model.unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), torch.cat([cond, uncond]).to(dtype),
+                     **unet_kwargs(both, model.time_ids, dtype)).sample.float()
+    f_c, f_u = to_x0(out, torch.cat([x_t, x_t]), torch.cat([t, t]), model.schedule, model.prediction_type).chunk(2)
+    w = guidance_scale if torch.is_tensor(guidance_scale) else torch.full_like(t, guidance_scale, dtype=x_t.dtype)
+    return f_u + bcast(w, f_u) * (f_c - f_u)
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class RunConfig:
     dmd_t_max: float = 0.98
     dmd_start: int = 0  # the term starts at this step
     dmd_fake_warmup: int = 0  # steps the fake model trains alone on the student's x̂ before the term starts
+    dmd_fake: str = "conditional"  # the fake model's start and form: the teacher's conditional x0, or its CFG at w
     # Anchor rows (boot.loss.BootLoss, docs/ablations.md): on `anchors` rows of each batch the one-step image is also
     # regressed on the teacher's own anchor_steps-step DDIM sample from the same noise, weighted anchor_weight.
     anchors: int = 0  # rows per global batch, 0 = off

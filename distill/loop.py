@@ -163,7 +163,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     #      (boot/dmd.py); it lives in the checkpoints beside the student ("fake", optimizer "fake").
     fake = fake_opt = None
     if cfg.dmd_weight > 0:
-        fake = boot_dmd.FakeX0.from_teacher(teacher_x0).to(dev)
+        fake = boot_dmd.FakeX0.from_teacher(teacher_x0, guided=cfg.dmd_fake == "guided").to(dev)
         fake_opt = torch.optim.AdamW(fake.unet.parameters(), lr=cfg.dmd_fake_lr, weight_decay=0.0)
     dm_loss = boot_dmd.DistributionMatchingLoss()
     fake_update = boot_dmd.FakeScoreUpdate(cfg.dmd_fake_updates, cfg.dmd_t_min, cfg.dmd_t_max, cfg.grad_clip)
@@ -243,7 +243,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         optimizer_step(loss, opt, scaler, student.unet, lr, cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
-        fake_loss = fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c) if fake_on else 0.0
+        fake_loss = (fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c, uncond.expand(len(t), -1, -1), w,
+                                 pooled_u) if fake_on else 0.0)
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1
         out_of_time = dist.main and cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes

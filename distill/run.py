@@ -77,7 +77,7 @@ FLAG_GROUPS = {
                         "--compact"),
     "distribution matching of the one-step image (boot/dmd.py)": ("--dmd-weight", "--dmd-fake-updates",
                                                                   "--dmd-fake-lr", "--dmd-t-range", "--dmd-start",
-                                                                  "--dmd-fake-warmup"),
+                                                                  "--dmd-fake-warmup", "--dmd-fake"),
     "anchors of the one-step image (boot/loss.py)": ("--anchors", "--anchor-steps", "--anchor-weight"),
     "memory and precision (SD-scale teachers)": ("--mixed-precision", "--teacher-dtype", "--gradient-checkpointing",
                                                  "--lora-rank", "--text-states", "--ema-device", "--refine-chunk",
@@ -249,6 +249,10 @@ def parser() -> Parser:
       help="with --dmd-weight: the fake model trains alone on the student's own x̂ for the N steps before "
            "--dmd-start, so the term starts from a fake model of the student, not of the teacher "
            f"(default {d.dmd_fake_warmup})")
+    a("--dmd-fake", choices=("conditional", "guided"), default=d.dmd_fake,
+      help="with --dmd-weight: the fake model starts as the teacher's conditional x0-prediction, or as its CFG "
+           "prediction at the sample's w (two branches a call: the term starts at 0 for a student that matches the "
+           f"guided teacher) (default {d.dmd_fake})")
     a("--device", default="auto", help="auto, cpu, cuda (default auto: cuda if available)")
     a("--checkpoint-every", type=int, help=f"steps between checkpoints {preset_help('checkpoint_every')}")
     a("--sample-every", type=int,
@@ -301,7 +305,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         keep=keep, select=args.select,
         dmd_weight=args.dmd_weight, dmd_fake_updates=args.dmd_fake_updates, dmd_fake_lr=args.dmd_fake_lr,
         dmd_t_min=args.dmd_t_range[0], dmd_t_max=args.dmd_t_range[1], dmd_start=args.dmd_start,
-        dmd_fake_warmup=args.dmd_fake_warmup,
+        dmd_fake_warmup=args.dmd_fake_warmup, dmd_fake=args.dmd_fake,
         anchors=args.anchors, anchor_steps=args.anchor_steps, anchor_weight=args.anchor_weight,
     )
     cfg.guidance_offsets = tuple(cfg.guidance_offsets)

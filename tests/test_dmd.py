@@ -86,6 +86,27 @@ def test_fake_update_lowers_its_loss_on_a_fixed_batch():
     assert not any(p.requires_grad for p in teacher.unet.parameters())  # the teacher stays frozen
 
 
+def test_a_guided_fake_starts_at_the_guided_teacher_and_learns_through_its_cfg():
+    schedule, teacher, cond, uncond, x, t, n = _parts(3)
+    fake = dmd.FakeX0.from_teacher(teacher, guided=True)
+    w = torch.tensor([1.5, 3.0, 5.0])
+    x_req = x.clone().requires_grad_(True)
+    out = dmd.DistributionMatchingLoss()(x_req, teacher, fake, cond, uncond, w, t, n)
+    out["loss"].sum().backward()
+    assert float(out["grad_norm"].max()) == 0.0 and float(x_req.grad.abs().max()) == 0.0  # fake = real at w
+    plain = dmd.DistributionMatchingLoss()(x, teacher, dmd.FakeX0.from_teacher(teacher), cond, uncond, w, t, n)
+    assert float(plain["grad_norm"].min()) > 1e-3  # the conditional fake pushes along (w − 1)·(f_c − f_u)
+    with pytest.raises(ValueError, match="needs the unconditional states and w"):
+        fake(x, t, cond)
+    # Its update trains both branches through the CFG combination at each sample's w.
+    opt = torch.optim.AdamW(fake.unet.parameters(), lr=1e-3, weight_decay=0.0)
+    loss_fn, target = dmd.FakeScoreLoss(), 0.5 * torch.tanh(x)
+    before = float(loss_fn(fake, target, cond, t, n, None, uncond, w).detach().mean())
+    dmd.FakeScoreUpdate(updates=10, t_min=0.1, t_max=0.9)(fake, opt, target, cond, torch.Generator().manual_seed(0),
+                                                            None, uncond, w)
+    assert float(loss_fn(fake, target, cond, t, n, None, uncond, w).detach().mean()) < 0.8 * before
+
+
 def test_timesteps_stay_in_the_range():
     t = dmd.draw_timesteps(0.02, 0.98, 999, 10_000, torch.Generator().manual_seed(0))
     assert int(t.min()) == 20 and int(t.max()) == 979
@@ -152,6 +173,14 @@ def test_dmd_fake_warmup_trains_the_fake_model_alone_before_the_term(setup):
     ref, got = load_file(str(late)), load_file(str(work / "checkpoints" / "step-00000002" / "tensors.safetensors"))
     assert all(torch.equal(ref[k], got[k]) for k in ref if k.startswith("unet."))
     assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("fake."))
+
+
+def test_run_with_a_guided_fake_records_it(setup):
+    _in_process(_cli(setup, "guided", ["--dmd-fake", "guided"]))
+    meta = json.loads((setup[0] / "guided" / "student" / "boot.json").read_text())["hyperparameters"]
+    assert meta["dmd_fake"] == "guided"
+    records = [json.loads(line) for line in (setup[0] / "guided" / "work" / "loss.jsonl").read_text().splitlines()]
+    assert records[0]["dmd"] == 0.0 and all(r["dmd"] > 0 for r in records[1:])  # 0 until the fake moves
 
 
 def test_a_checkpoint_without_the_fake_optimizer_is_refused(tmp_path):
