@@ -86,6 +86,14 @@ class BootLoss:
     hop gets a small share of every step; p = 1 or 0 moves weight towards it. The quick preset takes p = 1
     (over five seeds +2.6 points, +5.2 on the held-out compositions); p = 0 and 3 lost (docs/ablations.md).
 
+    With huber_c c > 0 each sample's L_BS (its squared error already divided by δ^p/c_p) and L_BC are the
+    pseudo-Huber sqrt(e + c²) − c of their squared error e instead of e itself: quadratic below e ≈ c², the
+    error's norm above, so a sample's pull on the step grows with its error only up to about c. A batch's
+    hop errors are heavy-tailed (a trained quick student's: median e about 0.04, the largest of 16 up to
+    1.5-3.5, so one or two samples make most of the mean), and under a gradient clip that is always active
+    those few samples set the direction of every step; the pseudo-Huber loss of improved consistency
+    training (Song & Dhariwal 2023) takes that dominance away (docs/ablations.md).
+
     Anchor rows (`anchor`, per-sample weights λ_A, 0 elsewhere; distill.batches.anchor_weights) also
     train the one-step image directly: g(ε, 0, c, w) against the teacher's own anchor_steps-step DDIM
     sample from the same noise (bootstrap_target from T to 0), so the image is pulled towards the
@@ -101,6 +109,7 @@ class BootLoss:
     anchor_steps: int = 8  # K_A: teacher DDIM steps from T to 0 in an anchor row's target
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
     delta_power: float = 2.0  # p: the hop at t weighted c_p/δ^p (2: the paper's 1/δ², c_2 = 1)
+    huber_c: float = 0.0  # c > 0: each sample's L_BS and L_BC as sqrt(e + c²) − c of its squared error e (0: e)
 
     def hop_divisor(self, schedule: NoiseSchedule, d: torch.Tensor) -> torch.Tensor:
         """δ^p/c_p for hops with step δ = d, the squared error's divisor (δ² at p = 2, the paper's),
@@ -112,6 +121,11 @@ class BootLoss:
         every = schedule.delta(t, (t - self.delta_steps).clamp_min(0)).double().clamp_min(self.min_delta)
         c = every.pow(-2).mean() / every.pow(-self.delta_power).mean()
         return d.pow(self.delta_power) / c.to(d.dtype)
+
+    def robust(self, e: torch.Tensor) -> torch.Tensor:
+        """Per-sample squared errors e as the loss: e itself, or with huber_c c > 0 sqrt(e + c²) − c."""
+        c = self.huber_c
+        return e if c <= 0 else (e + c * c).sqrt() - c
 
     @property
     def final_steps(self) -> int:
@@ -155,10 +169,10 @@ class BootLoss:
         times = torch.cat([s, T[i], torch.zeros_like(T[a])])
         pred = student(noise[rows], times, cond[rows], w[rows], *pooled_args(sub(pooled, rows)))
         g_s, g_T, g_0 = pred[:len(t)], pred[len(t):len(t) + len(i)], pred[len(t) + len(i):]
-        l_bs = (g_s - tgt).pow(2).mean(dims) / self.hop_divisor(sched, d)
+        l_bs = self.robust((g_s - tgt).pow(2).mean(dims) / self.hop_divisor(sched, d))
         l_bc, l_a = torch.zeros_like(l_bs), torch.zeros_like(l_bs)
         if len(i):
-            l_bc[i] = (g_T - f_T).pow(2).mean(dims) * weight[i].to(l_bs.dtype)
+            l_bc[i] = self.robust((g_T - f_T).pow(2).mean(dims)) * weight[i].to(l_bs.dtype)
         if len(a):
             l_a[a] = (g_0 - y_A).pow(2).mean(dims) * anchor[a].to(l_bs.dtype)
         return {"loss": l_bs + self.beta * l_bc + l_a, "bootstrap": l_bs.detach(), "boundary": l_bc.detach(),

@@ -154,7 +154,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     kappa = student.update_scale
     loss_fn = BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                        final_hop=cfg.final_hop, boundary_fraction=cfg.boundary_fraction, anchor_steps=cfg.anchor_steps,
-                       delta_power=cfg.delta_power)
+                       delta_power=cfg.delta_power, huber_c=cfg.huber_c)
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
     refine_loss = FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)
@@ -212,12 +212,13 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         cond = states(b.prompt)
         pooled_c, pooled_u = pooled_pair(states.pooled(b.prompt), uncond_pooled, len(b.prompt))
         noise, t, w = b.noise.to(dev), b.t.to(dev), b.w.to(dev)
+        uncond_b = uncond.expand(len(t), -1, -1)  # the unconditional states, one row per sample (a view)
         # 2. L = L_BS + β·L_BC; gradients only through the online student's s and T branches
         #    (--refine: L_BS of the final hop against its stored target, the s = 0 branch only).
         with precision.autocast(dev, cfg.mixed_precision):
             terms = (refine_loss(net, schedule, noise, cond, w, t, refine.y[r].to(dev), pooled_c)
                      if refine is not None else
-                     loss_fn(net, target, teacher_x0, noise, cond, uncond.expand(len(t), -1, -1), w, t,
+                     loss_fn(net, target, teacher_x0, noise, cond, uncond_b, w, t,
                              pooled_c, pooled_u, boundary=b.boundary.to(dev), anchor=b.anchor.to(dev)))
         loss = terms["loss"].mean()
         # 2'. --dmd-weight: + λ·L_DM on the one-step image x̂ = g(ε, 0, c, w) (boot/dmd.py), t and n from the
@@ -235,7 +236,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
                          else net(noise, torch.zeros_like(t), cond, w, *pooled_args(pooled_c)))
         if dmd_on:
             with precision.autocast(dev, cfg.mixed_precision):
-                dm = dm_loss(x_hat, teacher_x0, fake, cond, uncond.expand(len(t), -1, -1), w, t_dm, n_dm,
+                dm = dm_loss(x_hat, teacher_x0, fake, cond, uncond_b, w, t_dm, n_dm,
                              pooled_c, pooled_u)
             loss = loss + cfg.dmd_weight * dm["loss"].mean()
         # 3. AdamW with clipping, then EMA; with DMD, then the fake model's updates on this step's x̂.
@@ -243,7 +244,7 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         optimizer_step(loss, opt, scaler, student.unet, lr, cfg.grad_clip)
         if ema is not None:
             update_ema(ema.unet, student.unet, cfg.ema, step)
-        fake_loss = (fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c, uncond.expand(len(t), -1, -1), w,
+        fake_loss = (fake_update(fake, fake_opt, x_hat, cond, gen, pooled_c, uncond_b, w,
                                  pooled_u) if fake_on else 0.0)
         # 4. Logs (averaged over ranks), samples, checkpoints; rank 0's clock decides an early stop.
         done = step + 1

@@ -84,7 +84,7 @@ FLAG_GROUPS = {
                                                  "--memory-budget", "--compile"),
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
-    "ablations (docs/ablations.md)": ("--delta-power", "--t-sweep", "--solver-steps", "--final-fraction",
+    "ablations (docs/ablations.md)": ("--delta-power", "--huber-c", "--t-sweep", "--solver-steps", "--final-fraction",
                                       "--refine-space", "--parameterization", "--conditioning", "--guidance-band",
                                       "--condition-space", "--target", "--freeze"),
 }
@@ -129,6 +129,9 @@ def parser() -> Parser:
     a("--delta-power", type=float,
       help="p: weight each bootstrap hop c_p/δ^p, c_p keeping the hops' mean weight over t that of the paper's "
            f"1/δ² (p = 2; lower p moves weight towards the last hops; boot/loss.py) {preset_help('delta_power')}")
+    a("--huber-c", type=float, default=d.huber_c,
+      help="c > 0: each sample's L_BS and L_BC as the pseudo-Huber sqrt(e + c²) − c of its squared error e, "
+           f"so that a few large errors do not set each clipped step (boot/loss.py) (default {d.huber_c}: e)")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
            "the teacher's call at T and the student's T branch cost that share of the batch "
@@ -290,7 +293,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
-        beta=args.beta, cooldown=args.cooldown, t_sweep=args.t_sweep,
+        beta=args.beta, huber_c=args.huber_c, cooldown=args.cooldown, t_sweep=args.t_sweep,
         solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
@@ -328,6 +331,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.refine == 0 or cfg.refine >= cfg.batch_size, "--refine N needs N >= --batch-size"),
         (cfg.beta >= 0, "--beta must be >= 0"),
         (0 <= cfg.delta_power <= 4, "--delta-power must be in [0, 4]"),
+        (0 <= cfg.huber_c <= 10, "--huber-c must be in [0, 10]"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),

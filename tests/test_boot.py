@@ -240,6 +240,29 @@ def test_delta_power_reweights_the_hops_and_keeps_their_mean_weight(zero_snr, po
         torch.testing.assert_close(ratios, ratios[:1].expand(4), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("c", [0.05, 0.2, 1.0])
+def test_huber_c_takes_the_pseudo_huber_of_each_samples_squared_error(c):
+    """--huber-c c: each sample's L_BS (its squared error over δ^p/c_p) and L_BC become sqrt(e + c²) − c of the
+    squared-error loss e; the gradient of a large error then stops growing with it, while a small one keeps
+    the squared error's shape (about e / 2c)."""
+    sched = schedule_of(True)
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    student, target, noise, cond, uncond, t, w = loss_case()
+    plain = BootLoss(delta_steps=20, beta=0.5, delta_power=1.0)(student, target, teacher, noise, cond, uncond, w, t)
+    out = BootLoss(delta_steps=20, beta=0.5, delta_power=1.0, huber_c=c)(student, target, teacher, noise, cond,
+                                                                        uncond, w, t)
+    for key in ("bootstrap", "boundary"):
+        e = plain[key].double()
+        torch.testing.assert_close(out[key].double(), (e + c * c).sqrt() - c, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["loss"], out["bootstrap"] + 0.5 * out["boundary"])
+    robust = BootLoss(huber_c=c).robust
+    e = torch.tensor([1e-6, 1e-4, 4.0, 100.0], dtype=torch.float64, requires_grad=True)
+    robust(e).sum().backward()
+    assert e.grad[0].item() == pytest.approx(1 / (2 * c), rel=1e-3)  # quadratic regime: e / 2c
+    assert e.grad[3].item() < e.grad[2].item() < 1 / (2 * c)  # weight falls as 1 / (2 sqrt(e + c²))
+    assert BootLoss().robust(e) is e  # c = 0: the paper's squared error, untouched
+
+
 @pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
 def test_anchor_rows_regress_the_image_on_the_teachers_ddim_sample(zero_snr):
     """--anchors: on the rows with an anchor weight λ, L_A = λ·mean((g(ε, 0) − y)²), y the teacher's own K-step DDIM

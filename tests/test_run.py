@@ -425,3 +425,10 @@ def test_freeze_keeps_the_named_weights_at_the_teachers_and_trains_the_rest(setu
     assert err.strip().splitlines()[-1].startswith("error: --freeze 'atn2' names no trainable UNet parameter")
     err = _error(_cli(root, teacher, prompts, "z", ["--freeze", "attn2.to_k", "--lora-rank", "2"]), capsys)
     assert "--freeze needs --lora-rank 0" in err
+
+
+def test_huber_c_reaches_the_config():
+    p = run.parser()
+    cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
+    assert cfg().huber_c == 0.0 == config.RunConfig().huber_c
+    assert cfg("--huber-c", "0.2").huber_c == 0.2 and cfg("--preset", "full", "--huber-c", "1").huber_c == 1.0
