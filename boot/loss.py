@@ -89,10 +89,11 @@ class BootLoss:
     With huber_c c > 0 each sample's L_BS (its squared error already divided by δ^p/c_p) and L_BC are the
     pseudo-Huber sqrt(e + c²) − c of their squared error e instead of e itself: quadratic below e ≈ c², the
     error's norm above, so a sample's pull on the step grows with its error only up to about c. A batch's
-    hop errors are heavy-tailed (a trained quick student's: median e about 0.04, the largest of 16 up to
-    1.5-3.5, so one or two samples make most of the mean), and under a gradient clip that is always active
-    those few samples set the direction of every step; the pseudo-Huber loss of improved consistency
-    training (Song & Dhariwal 2023) takes that dominance away (docs/ablations.md).
+    hop errors are heavy-tailed (a trained quick student's: median e 0.02-0.07, the largest of 16 0.4-3.5,
+    so one or two samples make most of the mean), and under a gradient clip that is always active those
+    few samples set the direction of every step; the pseudo-Huber loss of improved consistency training
+    (Song & Dhariwal 2023) takes that dominance away. On the quick preset it traded two-object captions for
+    single ones at the same accuracy overall, so it is off by default (docs/ablations.md).
 
     Anchor rows (`anchor`, per-sample weights λ_A, 0 elsewhere; distill.batches.anchor_weights) also
     train the one-step image directly: g(ε, 0, c, w) against the teacher's own anchor_steps-step DDIM
