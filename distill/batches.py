@@ -20,7 +20,7 @@ class Batch:
     prompt: torch.Tensor  # (B,) index into the prompt list
     noise: torch.Tensor  # (B, C, h, w) ε, the trajectory's starting noise
     t: torch.Tensor  # (B,) long in [1, T]: uniform (on [t_floor, T] with --t-sweep), or ceil(T·u^γ) (--t-power),
-    #                  or see draw_batch (--final-hop)
+    #                  or see draw_batch (--final-hop); with --stratify one from each B-th of the range
     w: torch.Tensor  # (B,) guidance scale
     boundary: torch.Tensor  # (B,) weight of L_BC, 0 where it is not computed (boot.loss.boundary_weights)
     anchor: torch.Tensor  # (B,) weight of the anchor term L_A, 0 where it is not computed (anchor_weights)
@@ -44,15 +44,28 @@ def draw_batch(cfg: RunConfig, step: int, n_prompts: int, latent_shape: tuple[in
     b = cfg.batch_size
     prompt = torch.randint(0, n_prompts, (b,), generator=gen)
     noise = torch.randn((b, *latent_shape), generator=gen)
-    t = (torch.randint(t_floor(cfg, step, T), T + 1, (b,), generator=gen) if cfg.t_power == 1 else
-         (T * torch.rand(b, generator=gen, dtype=torch.float64) ** cfg.t_power).ceil().long().clamp(1, T))
-    w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
+    if cfg.stratify:  # one t and one w from each of b equal slices of their ranges, paired at random
+        lo = t_floor(cfg, step, T)
+        u_t, u_w = stratified(b, gen), stratified(b, gen)
+        t = ((lo + ((T - lo + 1) * u_t).floor().long()) if cfg.t_power == 1 else
+             (T * u_t ** cfg.t_power).ceil().long()).clamp(lo, T)
+        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * u_w.float()
+    else:
+        t = (torch.randint(t_floor(cfg, step, T), T + 1, (b,), generator=gen) if cfg.t_power == 1 else
+             (T * torch.rand(b, generator=gen, dtype=torch.float64) ** cfg.t_power).ceil().long().clamp(1, T))
+        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, generator=gen)
     if cfg.final_hop:  # final hops from (F - Δ, F] (their y_t trained by the hops from (F, F + Δ]), the rest (F, T]
         final = torch.rand(b, generator=gen) < cfg.final_fraction
         t_final = torch.randint(cfg.final_hop - cfg.delta + 1, cfg.final_hop + 1, (b,), generator=gen)
         t = torch.where(final, t_final, torch.randint(cfg.final_hop + 1, T + 1, (b,), generator=gen))
     return Batch(prompt, noise, t, w, boundary_weights(b, cfg.boundary_fraction),
                  anchor_weights(b, cfg.anchors, cfg.anchor_weight))
+
+
+def stratified(n: int, gen: torch.Generator) -> torch.Tensor:
+    """n draws in [0, 1), one uniform in each slice [k/n, (k+1)/n), in random order (float64): each is
+    uniform on [0, 1) like torch.rand's, but a batch covers the range evenly."""
+    return (torch.randperm(n, generator=gen).double() + torch.rand(n, generator=gen, dtype=torch.float64)) / n
 
 
 def t_floor(cfg: RunConfig, step: int, T: int) -> int:

@@ -49,9 +49,11 @@ class RunConfig:
     lr_schedule: str = "constant"  # after the warmup: "constant", "cosine" down to 0 at the last step, or "cooldown"
     cooldown: float = 0.2  # "cooldown": constant, then linear down to 0 over this last fraction of the steps
     grad_clip: float = 1.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (β1 stays 0.9)
     delta: int = 20  # Δ: s = max(t - Δ, 0)
     t_power: float = 1.0  # t = ceil(T·u^γ), u ~ U(0, 1): γ = 1 is uniform, γ > 1 draws low t more often
     t_sweep: int = 0  # N > 0: over the first N steps t is drawn on [t_floor, T], the floor falling from T to 1
+    stratify: bool = False  # each batch's t and w drawn one from each 1/B of their ranges (distill.batches)
     beta: float = 1.0  # β: weight of the boundary loss
     delta_power: float = 2.0  # p: a hop from t weighted c_p/δ^p (boot.loss.BootLoss; 2 = the paper's 1/δ²)
     huber_c: float = 0.0  # c > 0: L_BS and L_BC per sample as sqrt(e + c²) − c of the squared error e (0: e)

@@ -146,7 +146,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
         student.unet.enable_gradient_checkpointing()
     target = ema if cfg.target == "ema" else student
     exported = ema if ema is not None else student
-    opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in student.unet.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+                            betas=(0.9, cfg.adam_beta2))
     amp_dtype = precision.autocast_dtype(cfg.mixed_precision)
     scaler = torch.amp.GradScaler(dev.type) if amp_dtype == torch.float16 else None
     # κ = α_T/σ_T multiplies the learning rate of a teacher-at-T-scaled-lr student of an epsilon teacher, else 1

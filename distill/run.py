@@ -71,7 +71,7 @@ from distill.loop import train
 # flags that exist for the ablations of docs/ablations.md (and the stages that reproduce the shipped student).
 FLAG_GROUPS = {
     "training recipe": ("--steps", "--batch-size", "--lr", "--warmup", "--lr-schedule", "--cooldown", "--grad-clip",
-                        "--delta", "--t-power", "--beta",
+                        "--adam-beta2", "--delta", "--t-power", "--beta",
                         "--boundary-fraction", "--final-hop", "--refine", "--ema", "--guidance-min",
                         "--guidance-max", "--guidance-scale", "--guidance-offsets", "--num-prompts",
                         "--compact"),
@@ -84,9 +84,9 @@ FLAG_GROUPS = {
                                                  "--memory-budget", "--compile"),
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
-    "ablations (docs/ablations.md)": ("--delta-power", "--huber-c", "--t-sweep", "--solver-steps", "--final-fraction",
-                                      "--refine-space", "--parameterization", "--conditioning", "--guidance-band",
-                                      "--condition-space", "--target", "--freeze"),
+    "ablations (docs/ablations.md)": ("--delta-power", "--huber-c", "--t-sweep", "--stratify", "--solver-steps",
+                                      "--final-fraction", "--refine-space", "--parameterization", "--conditioning",
+                                      "--guidance-band", "--condition-space", "--target", "--freeze"),
 }
 
 
@@ -118,6 +118,8 @@ def parser() -> Parser:
       help=f"with --lr-schedule cooldown: the last fraction of --steps over which the rate falls to 0 "
            f"(default {d.cooldown})")
     a("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip, 0 = off (default {d.grad_clip})")
+    a("--adam-beta2", type=float, default=d.adam_beta2,
+      help=f"AdamW's second-moment decay β2 (β1 is 0.9); lower adapts faster (default {d.adam_beta2})")
     a("--delta", type=int, default=d.delta, help=f"Δ in teacher steps, s = max(t - Δ, 0) (default {d.delta})")
     a("--t-power", type=float, help="γ: t = ceil(T·u^γ) with u uniform in (0, 1); 1 draws t uniformly, above 1 "
       f"more of the hops near the image (P(t <= τ) = (τ/T)^(1/γ)); not with --final-hop {preset_help('t_power')}")
@@ -125,6 +127,10 @@ def parser() -> Parser:
       help="over the first N steps draw t uniformly on [floor, T], the floor falling from T to 1, so the chain "
            "is trained from its start at T downwards; then on [1, T] (0 = off; not with --t-power or --final-hop) "
            f"(default {d.t_sweep})")
+    a("--stratify", action="store_true",
+      help="draw each batch's t and w one from each 1/B of their ranges (B the batch), in random pairs, instead "
+           "of independently: the same distribution per sample, less variation between batches (with --final-hop "
+           "only w)")
     a("--beta", type=float, default=d.beta, help=f"β, weight of the boundary loss L_BC (default {d.beta})")
     a("--delta-power", type=float,
       help="p: weight each bootstrap hop c_p/δ^p, c_p keeping the hops' mean weight over t that of the paper's "
@@ -292,9 +298,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
     keep = args.keep or ("best" if pick("val_every") else "last")
     cfg = RunConfig(
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
-        preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip, delta=args.delta,
+        preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip,
+        adam_beta2=args.adam_beta2, delta=args.delta,
         beta=args.beta, huber_c=args.huber_c, cooldown=args.cooldown, t_sweep=args.t_sweep,
-        solver_steps=args.solver_steps,
+        stratify=args.stratify, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -316,7 +323,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
         (0 < cfg.cooldown <= 1, "--cooldown must be in (0, 1]"),
-        (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (cfg.delta >= 1, "--delta must be >= 1"),
+        (cfg.grad_clip >= 0, "--grad-clip must be >= 0"), (0 < cfg.adam_beta2 < 1, "--adam-beta2 must be in (0, 1)"),
+        (cfg.delta >= 1, "--delta must be >= 1"),
         (1 <= cfg.solver_steps <= cfg.delta, "--solver-steps must be in [1, --delta]"),
         (cfg.final_hop == 0 or cfg.final_hop >= cfg.delta, "--final-hop must be 0 (off) or >= --delta"),
         (0 < cfg.final_fraction < 1, "--final-fraction must be in (0, 1)"),

@@ -293,6 +293,26 @@ def test_t_sweep_draws_from_a_floor_that_falls_from_T_then_uniformly():
                            batches.draw_batch(plain_cfg, step, 10, (1, 1, 1), 1000).t)
 
 
+def test_stratify_draws_one_t_and_one_w_from_each_slice_of_their_ranges():
+    """--stratify: each batch of B holds one t from each B-th of [1, T] and one w from each B-th of the guidance
+    range, in random pairs; over many batches each is still uniform, and prompts and noise are drawn as without it."""
+    cfg = config.RunConfig(batch_size=16, seed=3, stratify=True)
+    plain_cfg = config.RunConfig(batch_size=16, seed=3)
+    ts, ws = [], []
+    for step in range(400):
+        b, plain = (batches.draw_batch(c, step, 10, (1, 1, 1), 1600) for c in (cfg, plain_cfg))
+        assert torch.equal(b.noise, plain.noise) and torch.equal(b.prompt, plain.prompt)
+        assert sorted(((b.t - 1) // 100).tolist()) == list(range(16))  # T = 1600: slices of 100
+        assert sorted(((b.w - 1.0) / (5.0 / 16)).floor().long().tolist()) == list(range(16))
+        ts.append(b.t), ws.append(b.w)
+    t, w = torch.cat(ts).float(), torch.cat(ws)
+    assert t.min() >= 1 and t.max() <= 1600 and t.mean().item() == pytest.approx(800.5, abs=8)
+    assert (t <= 37).float().mean().item() == pytest.approx(37 / 1600, abs=0.006)  # uniform within a slice
+    assert w.mean().item() == pytest.approx(3.5, abs=0.03)
+    pairs = torch.stack([(torch.stack(ts) - 1) // 100, ((torch.stack(ws) - 1) / (5 / 16)).floor()], -1)
+    assert torch.unique(pairs.reshape(-1, 2), dim=0).shape[0] > 200  # t's and w's slices are not paired in order
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="torch 2.13 CPU inductor: compiled student gradients differ from eager by ~47% "
@@ -365,12 +385,14 @@ def test_sd_style_teacher_with_grammar_prompts_and_evaluation(tmp_path, capsys):
 
 def test_max_minutes_stops_early_and_records_the_steps_done(setup, tmp_path):
     root, teacher, prompts = setup
-    argv = _cli(root, teacher, prompts, "x", ["--max-minutes", "1e-6", "--steps", "50"])
+    argv = _cli(root, teacher, prompts, "x", ["--max-minutes", "1e-6", "--steps", "50", "--adam-beta2", "0.95"])
     argv[argv.index("--out") + 1], argv[argv.index("--work") + 1] = str(tmp_path / "s"), str(tmp_path / "w")
     printed = _in_process(argv)
     assert "stopped at step 1 of 50" in printed
     assert json.loads((tmp_path / "s" / "boot.json").read_text())["steps"] == 1
     assert checkpoint.latest(tmp_path / "w" / "checkpoints").name == "step-00000001"
+    meta = json.loads((checkpoint.latest(tmp_path / "w" / "checkpoints") / "meta.json").read_text())
+    assert [g["betas"] for g in meta["optimizer"]["param_groups"]] == [[0.9, 0.95]]  # --adam-beta2 reached AdamW
 
 
 def test_init_from_starts_from_the_given_student(baseline, setup, tmp_path, capsys):
@@ -432,3 +454,11 @@ def test_huber_c_reaches_the_config():
     cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
     assert cfg().huber_c == 0.0 == config.RunConfig().huber_c
     assert cfg("--huber-c", "0.2").huber_c == 0.2 and cfg("--preset", "full", "--huber-c", "1").huber_c == 1.0
+
+
+def test_stratify_and_adam_beta2_reach_the_config():
+    p = run.parser()
+    cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
+    assert cfg().stratify is False is config.RunConfig().stratify
+    assert cfg("--stratify").stratify is True and cfg("--preset", "full", "--stratify").stratify is True
+    assert cfg().adam_beta2 == 0.999 == config.RunConfig().adam_beta2 and cfg("--adam-beta2", "0.99").adam_beta2 == 0.99
