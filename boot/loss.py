@@ -111,6 +111,22 @@ class BootLoss:
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
     delta_power: float = 2.0  # p: the hop at t weighted c_p/δ^p (2: the paper's 1/δ², c_2 = 1)
     huber_c: float = 0.0  # c > 0: each sample's L_BS and L_BC as sqrt(e + c²) − c of its squared error e (0: e)
+    guidance_power: float = 0.0  # q > 0: each sample's L_BS and L_BC weighted c_q/w^q (0: unweighted)
+    guidance_range: tuple[float, float] = (1.0, 6.0)  # the w drawn, uniform on it: sets c_q
+
+    def guidance_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-sample c_q/w^q for guidance scales w, c_q = 1/E[w^-q] over w uniform on guidance_range, so the
+        mean weight is 1 (all 1 at q = 0)."""
+        q, (a, b) = self.guidance_power, self.guidance_range
+        if q == 0:
+            return torch.ones_like(w)
+        if b - a < 1e-9:
+            mean = a ** -q
+        elif abs(q - 1) < 1e-9:
+            mean = math.log(b / a) / (b - a)
+        else:
+            mean = (b ** (1 - q) - a ** (1 - q)) / ((1 - q) * (b - a))
+        return w.pow(-q) / mean
 
     def hop_divisor(self, schedule: NoiseSchedule, d: torch.Tensor) -> torch.Tensor:
         """δ^p/c_p for hops with step δ = d, the squared error's divisor (δ² at p = 2, the paper's),
@@ -176,6 +192,9 @@ class BootLoss:
             l_bc[i] = self.robust((g_T - f_T).pow(2).mean(dims)) * weight[i].to(l_bs.dtype)
         if len(a):
             l_a[a] = (g_0 - y_A).pow(2).mean(dims) * anchor[a].to(l_bs.dtype)
+        if self.guidance_power:
+            scale = self.guidance_weight(w.to(l_bs.dtype))
+            l_bs, l_bc = l_bs * scale, l_bc * scale
         return {"loss": l_bs + self.beta * l_bc + l_a, "bootstrap": l_bs.detach(), "boundary": l_bc.detach(),
                 "anchor": l_a.detach()}
 

@@ -155,7 +155,8 @@ def train(cfg: RunConfig, args, teacher: Teacher, prompts: list[str], prompts_in
     kappa = student.update_scale
     loss_fn = BootLoss(delta_steps=cfg.delta, beta=cfg.beta, solver_steps=cfg.solver_steps,
                        final_hop=cfg.final_hop, boundary_fraction=cfg.boundary_fraction, anchor_steps=cfg.anchor_steps,
-                       delta_power=cfg.delta_power, huber_c=cfg.huber_c)
+                       delta_power=cfg.delta_power, huber_c=cfg.huber_c,
+                       guidance_power=cfg.guidance_power, guidance_range=(cfg.guidance_min, cfg.guidance_max))
     refine = (final_hop_targets(cfg, teacher, teacher_x0, loss_fn, states, uncond, dist, work, uncond_pooled)
               if cfg.refine else None)
     refine_loss = FinalHopRegression(image_decoder(teacher) if cfg.refine_space == "image" else None)

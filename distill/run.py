@@ -84,9 +84,9 @@ FLAG_GROUPS = {
                                                  "--memory-budget", "--compile"),
     "monitoring and the kept step": ("--checkpoint-every", "--sample-every", "--eval-n", "--max-minutes",
                                      "--val-every", "--val-n", "--keep", "--select"),
-    "ablations (docs/ablations.md)": ("--delta-power", "--huber-c", "--t-sweep", "--stratify", "--solver-steps",
-                                      "--final-fraction", "--refine-space", "--parameterization", "--conditioning",
-                                      "--guidance-band", "--condition-space", "--target", "--freeze"),
+    "ablations (docs/ablations.md)": ("--delta-power", "--huber-c", "--guidance-power", "--t-sweep", "--stratify",
+                                      "--solver-steps", "--final-fraction", "--refine-space", "--parameterization",
+                                      "--conditioning", "--guidance-band", "--condition-space", "--target", "--freeze"),
 }
 
 
@@ -138,6 +138,10 @@ def parser() -> Parser:
     a("--huber-c", type=float, default=d.huber_c,
       help="c > 0: each sample's L_BS and L_BC as the pseudo-Huber sqrt(e + c²) − c of its squared error e, "
            f"so that a few large errors do not set each clipped step (boot/loss.py) (default {d.huber_c}: e)")
+    a("--guidance-power", type=float, default=d.guidance_power,
+      help="q > 0: weight each sample's L_BS and L_BC c_q/w^q, c_q keeping the mean weight 1 over the guidance "
+           "range: the teacher's guided targets, and so the errors, grow with w, and unweighted the highest w "
+           f"make most of every clipped step (boot/loss.py) (default {d.guidance_power}: off)")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
            "the teacher's call at T and the student's T branch cost that share of the batch "
@@ -300,8 +304,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         teacher=str(args.teacher), prompts=str(args.prompts) if args.prompts else GRAMMAR,
         preset=args.preset, **{k: pick(k) for k in preset}, grad_clip=args.grad_clip,
         adam_beta2=args.adam_beta2, delta=args.delta,
-        beta=args.beta, huber_c=args.huber_c, cooldown=args.cooldown, t_sweep=args.t_sweep,
-        stratify=args.stratify, solver_steps=args.solver_steps,
+        beta=args.beta, huber_c=args.huber_c, guidance_power=args.guidance_power, cooldown=args.cooldown,
+        t_sweep=args.t_sweep, stratify=args.stratify, solver_steps=args.solver_steps,
         final_fraction=args.final_fraction, refine_space=args.refine_space,
         parameterization=args.parameterization, conditioning=args.conditioning, guidance_band=args.guidance_band,
         condition_space=args.condition_space,
@@ -340,6 +344,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.beta >= 0, "--beta must be >= 0"),
         (0 <= cfg.delta_power <= 4, "--delta-power must be in [0, 4]"),
         (0 <= cfg.huber_c <= 10, "--huber-c must be in [0, 10]"),
+        (0 <= cfg.guidance_power <= 4, "--guidance-power must be in [0, 4]"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),

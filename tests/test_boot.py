@@ -263,6 +263,27 @@ def test_huber_c_takes_the_pseudo_huber_of_each_samples_squared_error(c):
     assert BootLoss().robust(e) is e  # c = 0: the paper's squared error, untouched
 
 
+@pytest.mark.parametrize("q", [1.0, 2.0, 0.5])
+def test_guidance_power_weights_each_sample_by_w_to_the_minus_q_with_mean_weight_one(q):
+    """--guidance-power q: each sample's L_BS and L_BC are multiplied by c_q/w^q, c_q making the weight's mean
+    over w uniform on the guidance range 1; q = 0 leaves every sample as it was."""
+    sched = schedule_of(True)
+    teacher = TeacherX0(LinearX0UNet(), sched, "sample")
+    student, target, noise, cond, uncond, t, w = loss_case()
+    w = torch.linspace(1.5, 5.5, len(t))
+    plain = BootLoss(delta_steps=20, beta=0.5, delta_power=1.0)(student, target, teacher, noise, cond, uncond, w, t)
+    weighted = BootLoss(delta_steps=20, beta=0.5, delta_power=1.0, guidance_power=q, guidance_range=(1.0, 6.0))
+    out = weighted(student, target, teacher, noise, cond, uncond, w, t)
+    scale = weighted.guidance_weight(w)
+    torch.testing.assert_close(scale[1:] / scale[:-1], (w[1:] / w[:-1]).pow(-q))
+    for key in ("bootstrap", "boundary"):
+        torch.testing.assert_close(out[key], plain[key] * scale)
+    torch.testing.assert_close(out["loss"], out["bootstrap"] + 0.5 * out["boundary"])
+    grid = torch.linspace(1.0, 6.0, 200001, dtype=torch.float64)
+    assert weighted.guidance_weight(grid).mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(BootLoss().guidance_weight(w), torch.ones_like(w))
+
+
 @pytest.mark.parametrize("zero_snr", SCHEDULES.values(), ids=SCHEDULES.keys())
 def test_anchor_rows_regress_the_image_on_the_teachers_ddim_sample(zero_snr):
     """--anchors: on the rows with an anchor weight λ, L_A = λ·mean((g(ε, 0) − y)²), y the teacher's own K-step DDIM

@@ -456,9 +456,10 @@ def test_huber_c_reaches_the_config():
     assert cfg("--huber-c", "0.2").huber_c == 0.2 and cfg("--preset", "full", "--huber-c", "1").huber_c == 1.0
 
 
-def test_stratify_and_adam_beta2_reach_the_config():
+def test_stratify_adam_beta2_and_guidance_power_reach_the_config():
     p = run.parser()
     cfg = lambda *argv: run.config_from_args(p.parse_args(list(argv)), p)  # noqa: E731
     assert cfg().stratify is False is config.RunConfig().stratify
     assert cfg("--stratify").stratify is True and cfg("--preset", "full", "--stratify").stratify is True
     assert cfg().adam_beta2 == 0.999 == config.RunConfig().adam_beta2 and cfg("--adam-beta2", "0.99").adam_beta2 == 0.99
+    assert cfg().guidance_power == 0.0 and cfg("--guidance-power", "2").guidance_power == 2.0
