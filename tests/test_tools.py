@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"setup.sh", "quickstart.sh", "main_job.sh", "test.sh", "gpu_bench.sh"}
-PYTHON_TOOLS = ["gpu_scale", "halve_unet", "handoff", "pack_states", "soup"]
+PYTHON_TOOLS = ["gpu_scale", "halve_unet", "handoff", "hop_errors", "pack_states", "soup"]
 GPU_JOBS = sorted((ROOT / "boot_tools/gpu").glob("*.sh"))
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -109,3 +109,36 @@ def test_soup_is_the_mean_of_its_sources(tmp_path):
     assert json.loads((tmp_path / "out/boot.json").read_text())["soup"] == [str(s) for s in sources]
     with pytest.raises(SystemExit, match="exists"):
         soup.main([str(tmp_path / "out"), str(sources[0]), str(sources[1])])
+
+
+def test_hop_errors_shares_add_up_and_match_the_loss_the_run_computes(capsys):
+    """boot_tools.hop_errors on the shipped student: each table's shares add up to the whole, and a sample's L_BS
+    is BootLoss's at that student (the quick preset's c_1/δ weight)."""
+    from boot.loss import BootLoss
+    from boot.method import NoiseSchedule, TeacherX0
+    from boot.pipeline import BootPipeline
+    from boot.samplers import TeacherSampler
+    from boot_tools import hop_errors
+
+    hop_errors.main([str(ROOT / "pretrained/shapes-boot"), "--teacher", str(ROOT / "pretrained/shapes-teacher"),
+                     "--n", "24", "--batch", "12"])
+    out = capsys.readouterr().out
+    for title in ("t", "w"):
+        block = out.split(f"| {title} | samples")[1].split("\n\n")[0]
+        rows = [line.split("|") for line in block.splitlines()[2:] if line.startswith("|")]
+        assert sum(int(r[2]) for r in rows) == 24
+        assert sum(float(r[5].strip(" %")) for r in rows) == pytest.approx(100.0, abs=0.3)
+    assert "the largest 5% hold" in out
+    student = BootPipeline.from_pretrained(str(ROOT / "pretrained/shapes-boot")).generator.student
+    teacher = TeacherSampler(ROOT / "pretrained/shapes-teacher", 50)
+    captions = ["a red circle", "a blue square left of a green triangle"]
+    t, w, loss = hop_errors.hop_losses(student, teacher, captions, 3, 1.0, (1.0, 6.0), 2)
+    schedule = NoiseSchedule.from_scheduler_config(teacher.scheduler.config)
+    f = TeacherX0(teacher.unet, schedule, teacher.scheduler.config.prediction_type)
+    noise = hop_errors.seed_noise([3 * 1_000_003 + i for i in range(2)], teacher.latent_shape, 1.0)
+    with torch.no_grad():
+        direct = BootLoss(delta_power=1.0, beta=0.0)(student, student, f, noise, teacher.text.encode(captions),
+                                                     teacher.text.unconditional()[0].expand(2, -1, -1),
+                                                     torch.from_numpy(w), torch.from_numpy(t))["bootstrap"]
+    np.testing.assert_allclose(loss, direct.double().numpy(), rtol=1e-5)
+    assert 1 <= t.min() and t.max() <= schedule.T and 1.0 <= w.min() and w.max() <= 6.0
