@@ -111,7 +111,7 @@ class BootLoss:
     min_delta: float = 1e-3  # floor on δ in the 1/δ² weight
     delta_power: float = 2.0  # p: the hop at t weighted c_p/δ^p (2: the paper's 1/δ², c_2 = 1)
     huber_c: float = 0.0  # c > 0: each sample's L_BS and L_BC as sqrt(e + c²) − c of its squared error e (0: e)
-    guidance_power: float = 0.0  # q > 0: each sample's L_BS and L_BC weighted c_q/w^q (0: unweighted)
+    guidance_power: float = 0.0  # q != 0: each sample's L_BS and L_BC weighted c_q/w^q (0: unweighted)
     guidance_range: tuple[float, float] = (1.0, 6.0)  # the w drawn, uniform on it: sets c_q
 
     def guidance_weight(self, w: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ class RunConfig:
     beta: float = 1.0  # β: weight of the boundary loss
     delta_power: float = 2.0  # p: a hop from t weighted c_p/δ^p (boot.loss.BootLoss; 2 = the paper's 1/δ²)
     huber_c: float = 0.0  # c > 0: L_BS and L_BC per sample as sqrt(e + c²) − c of the squared error e (0: e)
-    guidance_power: float = 0.0  # q > 0: L_BS and L_BC per sample weighted c_q/w^q (boot.loss.BootLoss; 0: off)
+    guidance_power: float = 0.0  # q != 0: L_BS and L_BC per sample weighted c_q/w^q (boot.loss.BootLoss; 0: off)
     boundary_fraction: float = 1.0  # share of each batch whose boundary loss is computed (weighted 1/share)
     solver_steps: int = 1  # K: teacher DDIM steps inside one bootstrap target (t -> s)
     final_hop: int = 0  # F: t <= F hops straight to 0 through ceil(F·K/Δ) teacher steps (0: off)

@@ -139,9 +139,10 @@ def parser() -> Parser:
       help="c > 0: each sample's L_BS and L_BC as the pseudo-Huber sqrt(e + c²) − c of its squared error e, "
            f"so that a few large errors do not set each clipped step (boot/loss.py) (default {d.huber_c}: e)")
     a("--guidance-power", type=float, default=d.guidance_power,
-      help="q > 0: weight each sample's L_BS and L_BC c_q/w^q, c_q keeping the mean weight 1 over the guidance "
+      help="q != 0: weight each sample's L_BS and L_BC c_q/w^q, c_q keeping the mean weight 1 over the guidance "
            "range: the teacher's guided targets, and so the errors, grow with w, and unweighted the highest w "
-           f"make most of every clipped step (boot/loss.py) (default {d.guidance_power}: off)")
+           "make most of every clipped step; q > 0 evens that out, q < 0 leans further on high w (boot/loss.py) "
+           f"(default {d.guidance_power}: off)")
     a("--boundary-fraction", type=float,
       help="share of each batch whose L_BC is computed, weighted 1/share so its expectation is kept; below 1 "
            "the teacher's call at T and the student's T branch cost that share of the batch "
@@ -344,7 +345,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (cfg.beta >= 0, "--beta must be >= 0"),
         (0 <= cfg.delta_power <= 4, "--delta-power must be in [0, 4]"),
         (0 <= cfg.huber_c <= 10, "--huber-c must be in [0, 10]"),
-        (0 <= cfg.guidance_power <= 4, "--guidance-power must be in [0, 4]"),
+        (-4 <= cfg.guidance_power <= 4, "--guidance-power must be in [-4, 4]"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),

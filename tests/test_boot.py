@@ -263,7 +263,7 @@ def test_huber_c_takes_the_pseudo_huber_of_each_samples_squared_error(c):
     assert BootLoss().robust(e) is e  # c = 0: the paper's squared error, untouched
 
 
-@pytest.mark.parametrize("q", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("q", [1.0, 2.0, 0.5, -1.0])
 def test_guidance_power_weights_each_sample_by_w_to_the_minus_q_with_mean_weight_one(q):
     """--guidance-power q: each sample's L_BS and L_BC are multiplied by c_q/w^q, c_q making the weight's mean
     over w uniform on the guidance range 1; q = 0 leaves every sample as it was."""
