@@ -346,6 +346,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ru
         (0 <= cfg.delta_power <= 4, "--delta-power must be in [0, 4]"),
         (0 <= cfg.huber_c <= 10, "--huber-c must be in [0, 10]"),
         (-4 <= cfg.guidance_power <= 4, "--guidance-power must be in [-4, 4]"),
+        (cfg.guidance_power == 0 or cfg.guidance_min > 0, "--guidance-power needs --guidance-min > 0"),
         (0 < cfg.boundary_fraction <= 1, "--boundary-fraction must be in (0, 1]"),
         (1 <= cfg.t_power <= 4, "--t-power must be in [1, 4]"),
         (cfg.t_power == 1 or cfg.final_hop == 0, "--t-power needs --final-hop 0 (the final hop draws t its own way)"),

@@ -55,6 +55,7 @@ def test_missing_prompts_file_and_teacher(tmp_path, tiny_teacher, capsys):
     (["--huber-c", "-0.1"], "--huber-c must be in [0, 10]"),
     (["--adam-beta2", "1"], "--adam-beta2 must be in (0, 1)"),
     (["--guidance-power", "-5"], "--guidance-power must be in [-4, 4]"),
+    (["--guidance-power", "1", "--guidance-min", "0"], "--guidance-power needs --guidance-min > 0"),
     (["--t-sweep", "-1"], "--t-sweep must be >= 0"),
     (["--t-sweep", "100", "--t-power", "2"], "--t-sweep needs --t-power 1 and --final-hop 0"),
     (["--t-power", "2", "--final-hop", "100"], "--t-power needs --final-hop 0"),
